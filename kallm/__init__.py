@@ -1,0 +1,34 @@
+"""kallm: retrofit Hugging Face causal LMs with Kolmogorov-Arnold Network feedforwards."""
+
+from .core import (
+    Basis,
+    KANFeedForward,
+    KANLinear,
+    RecurrenceBasis,
+    intermediate_size_for_budget,
+    list_bases,
+    register_basis,
+    register_with_transformers,
+)
+from .loading import load_model, push_to_hub
+from .surgery import retrofit, set_trainable, summary, supported_model_types
+
+register_with_transformers()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Basis",
+    "KANFeedForward",
+    "KANLinear",
+    "RecurrenceBasis",
+    "intermediate_size_for_budget",
+    "list_bases",
+    "load_model",
+    "push_to_hub",
+    "register_basis",
+    "retrofit",
+    "set_trainable",
+    "summary",
+    "supported_model_types",
+]

@@ -1,0 +1,24 @@
+"""kallm's portable core: bases, KAN layers, the fused op, config and model classes.
+
+Every module in this folder imports only torch, transformers and its siblings, because
+``save_pretrained`` copies these files next to each checkpoint so that
+``trust_remote_code=True`` users can load it without kallm installed.
+"""
+
+from .bases import Basis, RecurrenceBasis, list_bases, make_basis, register_basis
+from .configuration_kallm import KAN_CONFIG_CLASSES, KAN_SCHEMA_VERSION, validate_kan_config
+from .kan_function import KANLinearFunction, kan_linear
+from .layers import KANFeedForward, KANLinear, intermediate_size_for_budget
+from .modeling_kallm import KAN_MODEL_CLASSES, KANModelMixin
+
+
+def register_with_transformers() -> None:
+    """Make ``AutoConfig``/``AutoModelForCausalLM`` know the retrofitted families, and make
+    ``save_pretrained`` write ``auto_map`` plus this folder's code next to the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for config_class, model_class in KAN_MODEL_CLASSES.items():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+        config_class.register_for_auto_class()
+        model_class.register_for_auto_class("AutoModelForCausalLM")

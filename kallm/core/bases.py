@@ -1,0 +1,526 @@
+"""Basis families for KAN layers.
+
+A basis turns one bounded input ``t`` (in (-1, 1), see ``layers.py``) into ``K`` feature
+values ``phi_1(t) .. phi_K(t)``. A KAN layer learns one coefficient per (input, output,
+feature), so each edge function is ``f_io(t) = sum_k w_iok * phi_k(t)``.
+
+Every basis returns its features as a list of ``K`` tensors shaped like ``t``. The fused
+op (``kan_function.py``) concatenates them along the last dimension, which gives the
+"blocked by degree" layout its single matrix multiply expects.
+
+A constant feature (``P_0 = 1`` and its kin) is never returned: it would cost
+``in * out`` coefficients to express what one bias per output already does.
+
+This file is part of kallm's portable core: plain torch, sibling imports only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+
+class Basis:
+    """A family of univariate feature functions.
+
+    Subclasses set ``name`` and implement ``values``. Implementing
+    ``values_and_derivatives`` as well lets the fused op skip autograd in its backward
+    pass; bases without it (or with learnable parameters) are differentiated by a local
+    autograd recompute, which is slower but still saves only the layer input.
+    """
+
+    name: str = ""
+    #: options the constructor accepts besides ``degree``; used for error messages.
+    option_names: tuple[str, ...] = ()
+
+    def __init__(self, degree: int):
+        if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
+            raise ValueError(f"basis {self.name!r}: degree must be an integer >= 1, got {degree!r}")
+        self.degree = degree
+
+    @property
+    def num_features(self) -> int:
+        """Features per input (``K``)."""
+        return self.degree
+
+    def parameter_shapes(self, in_features: int) -> list[tuple[int, ...]]:
+        """Shapes of the basis' own learnable tensors (most bases have none)."""
+        return []
+
+    def initial_parameters(self, in_features: int) -> list[torch.Tensor]:
+        return [torch.zeros(shape) for shape in self.parameter_shapes(in_features)]
+
+    def values(self, t: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    # Bases that know their derivatives override this and set ``has_derivatives``.
+    has_derivatives = False
+
+    def values_and_derivatives(self, t: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The constructor arguments, for configs and model cards."""
+        return {"basis": self.name, "degree": self.degree}
+
+    def mean_square(self) -> float:
+        """``sum_k E[phi_k(tanh z)^2]`` for ``z ~ N(0, 1)``: drives the variance-preserving init."""
+        z = math.sqrt(2.0) * torch.erfinv(torch.linspace(-1.0, 1.0, 4003, dtype=torch.float64)[1:-1])
+        t = torch.tanh(z).unsqueeze(-1)
+        params = [p.to(torch.float64) for p in self.initial_parameters(1)]
+        return float(sum(v.pow(2).mean() for v in self.values(t, params)))
+
+
+# --------------------------------------------------------------------------- polynomials
+
+
+class RecurrenceBasis(Basis):
+    """Orthogonal-style polynomials ``P_1 .. P_degree`` from a three-term recurrence.
+
+    ``P_0 = p0`` (a constant, folded into the layer bias), ``P_1 = a0 * t + b0`` and
+    ``P_{n+1} = (a_n t + b_n) P_n - c_n P_{n-1}``. Differentiating the recurrence gives
+    ``P'_{n+1} = a_n P_n + (a_n t + b_n) P'_n - c_n P'_{n-1}``, so values and derivatives
+    come out of one loop with no trigonometric functions (whose derivative is infinite at
+    the domain's ends).
+    """
+
+    has_derivatives = True
+
+    def first(self) -> tuple[float, float, float]:
+        """``(p0, a0, b0)``: ``P_0 = p0`` and ``P_1 = a0 * t + b0``."""
+        raise NotImplementedError
+
+    def step(self, n: int) -> tuple[float, float, float]:
+        """``(a_n, b_n, c_n)`` producing ``P_{n+1}`` from ``P_n`` and ``P_{n-1}``."""
+        raise NotImplementedError
+
+    def values(self, t, params):
+        return self._run(t, with_derivatives=False)[0]
+
+    def values_and_derivatives(self, t):
+        return self._run(t, with_derivatives=True)
+
+    def _run(self, t, with_derivatives):
+        p0, a0, b0 = self.first()
+        previous, current = None, t * a0 + b0 if b0 else t * a0
+        d_previous, d_current = None, None
+        if with_derivatives:
+            d_current = torch.full_like(t, a0)
+        values, derivatives = [current], [d_current]
+        for n in range(1, self.degree):
+            a, b, c = self.step(n)
+            factor = t * a + b if b else t * a
+            lower = previous if previous is not None else p0
+            nxt = factor * current - c * lower
+            if with_derivatives:
+                d_lower = d_previous if d_previous is not None else 0.0
+                d_next = a * current + factor * d_current - c * d_lower
+                d_previous, d_current = d_current, d_next
+                derivatives.append(d_next)
+            previous, current = current, nxt
+            values.append(nxt)
+        return values, derivatives
+
+
+class Chebyshev1(RecurrenceBasis):
+    """Chebyshev, first kind: ``T_1 = t``, ``T_{n+1} = 2t T_n - T_{n-1}``."""
+
+    name = "cheby1"
+
+    def first(self):
+        return 1.0, 1.0, 0.0
+
+    def step(self, n):
+        return 2.0, 0.0, 1.0
+
+
+class Chebyshev2(RecurrenceBasis):
+    """Chebyshev, second kind: ``U_1 = 2t``, ``U_{n+1} = 2t U_n - U_{n-1}``."""
+
+    name = "cheby2"
+
+    def first(self):
+        return 1.0, 2.0, 0.0
+
+    def step(self, n):
+        return 2.0, 0.0, 1.0
+
+
+class Legendre(RecurrenceBasis):
+    """Legendre: ``P_1 = t``, ``(n+1) P_{n+1} = (2n+1) t P_n - n P_{n-1}``."""
+
+    name = "legendre"
+
+    def first(self):
+        return 1.0, 1.0, 0.0
+
+    def step(self, n):
+        return (2 * n + 1) / (n + 1), 0.0, n / (n + 1)
+
+
+class Gegenbauer(RecurrenceBasis):
+    """Gegenbauer ``C^(alpha)``: ``C_1 = 2 alpha t``,
+    ``(n+1) C_{n+1} = 2 (n + alpha) t C_n - (n + 2 alpha - 1) C_{n-1}``; alpha > -1/2, != 0."""
+
+    name = "gegenbauer"
+    option_names = ("alpha",)
+
+    def __init__(self, degree, alpha: float = 1.5):
+        super().__init__(degree)
+        if not alpha > -0.5 or alpha == 0:
+            raise ValueError(f"basis 'gegenbauer': alpha must be > -0.5 and != 0, got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def first(self):
+        return 1.0, 2.0 * self.alpha, 0.0
+
+    def step(self, n):
+        return 2 * (n + self.alpha) / (n + 1), 0.0, (n + 2 * self.alpha - 1) / (n + 1)
+
+    def describe(self):
+        return {**super().describe(), "alpha": self.alpha}
+
+
+class Jacobi(RecurrenceBasis):
+    """Jacobi ``P^(alpha, beta)``, alpha, beta > -1:
+    ``P_1 = (alpha + 1) + (alpha + beta + 2) (t - 1) / 2`` and, with ``m = n + 1`` and
+    ``s = alpha + beta``,
+    ``2m (m+s) (2m+s-2) P_m = (2m+s-1) [(2m+s)(2m+s-2) t + alpha^2 - beta^2] P_{m-1}
+    - 2 (m+alpha-1)(m+beta-1)(2m+s) P_{m-2}``."""
+
+    name = "jacobi"
+    option_names = ("alpha", "beta")
+
+    def __init__(self, degree, alpha: float = 1.0, beta: float = 1.0):
+        super().__init__(degree)
+        if not (alpha > -1 and beta > -1):
+            raise ValueError(f"basis 'jacobi': alpha and beta must be > -1, got alpha={alpha!r}, beta={beta!r}")
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def first(self):
+        a, b = self.alpha, self.beta
+        return 1.0, (a + b + 2) / 2, (a - b) / 2
+
+    def step(self, n):
+        a, b = self.alpha, self.beta
+        m, s = n + 1, self.alpha + self.beta
+        denominator = 2 * m * (m + s) * (2 * m + s - 2)
+        slope = (2 * m + s - 1) * (2 * m + s) * (2 * m + s - 2) / denominator
+        offset = (2 * m + s - 1) * (a * a - b * b) / denominator
+        lower = 2 * (m + a - 1) * (m + b - 1) * (2 * m + s) / denominator
+        return slope, offset, lower
+
+    def describe(self):
+        return {**super().describe(), "alpha": self.alpha, "beta": self.beta}
+
+
+class Hermite(RecurrenceBasis):
+    """Hermite (physicists'): ``H_1 = 2t``, ``H_{n+1} = 2t H_n - 2n H_{n-1}``."""
+
+    name = "hermite"
+
+    def first(self):
+        return 1.0, 2.0, 0.0
+
+    def step(self, n):
+        return 2.0, 0.0, 2.0 * n
+
+
+class Laguerre(RecurrenceBasis):
+    """Laguerre: ``L_1 = 1 - t``, ``(n+1) L_{n+1} = (2n + 1 - t) L_n - n L_{n-1}``."""
+
+    name = "laguerre"
+
+    def first(self):
+        return 1.0, -1.0, 1.0
+
+    def step(self, n):
+        return -1.0 / (n + 1), (2 * n + 1) / (n + 1), n / (n + 1)
+
+
+class Bessel(RecurrenceBasis):
+    """Bessel polynomials: ``y_1 = 1 + t``, ``y_{n+1} = (2n + 1) t y_n + y_{n-1}``."""
+
+    name = "bessel"
+
+    def first(self):
+        return 1.0, 1.0, 1.0
+
+    def step(self, n):
+        return 2.0 * n + 1, 0.0, -1.0
+
+
+class Fibonacci(RecurrenceBasis):
+    """Fibonacci polynomials by degree: ``P_0 = 1, P_1 = t``, ``P_{n+1} = t P_n + P_{n-1}``."""
+
+    name = "fibonacci"
+
+    def first(self):
+        return 1.0, 1.0, 0.0
+
+    def step(self, n):
+        return 1.0, 0.0, -1.0
+
+
+class Lucas(RecurrenceBasis):
+    """Lucas polynomials: ``L_0 = 2, L_1 = t``, ``L_{n+1} = t L_n + L_{n-1}``."""
+
+    name = "lucas"
+
+    def first(self):
+        return 2.0, 1.0, 0.0
+
+    def step(self, n):
+        return 1.0, 0.0, -1.0
+
+
+# ---------------------------------------------------------------- local bases
+
+
+class BSpline(Basis):
+    """Uniform B-splines of order ``degree`` (piecewise polynomials of that degree) on
+    ``grid_size`` equal intervals covering [-1, 1], extended by ``degree`` knots each side.
+
+    ``K = grid_size + degree`` features. Cox-de Boor recursion with spacing ``h``:
+    ``B_{j,p} = ((t - k_j) B_{j,p-1} + (k_{j+p+1} - t) B_{j+1,p-1}) / (p h)`` and
+    ``B'_{j,p} = (B_{j,p-1} - B_{j+1,p-1}) / h``. The splines sum to one on the domain, but
+    none is constant, so nothing is folded.
+    """
+
+    name = "bspline"
+    option_names = ("grid_size",)
+    has_derivatives = True
+
+    def __init__(self, degree, grid_size: int = 5):
+        super().__init__(degree)
+        if not isinstance(grid_size, int) or grid_size < 1:
+            raise ValueError(f"basis 'bspline': grid_size must be an integer >= 1, got {grid_size!r}")
+        self.grid_size = grid_size
+        self.spacing = 2.0 / grid_size
+
+    @property
+    def num_features(self):
+        return self.grid_size + self.degree
+
+    def _knot(self, j):
+        return -1.0 + (j - self.degree) * self.spacing
+
+    def _splines(self, t, order):
+        count = self.grid_size + 2 * self.degree
+        splines = [((t >= self._knot(j)) & (t < self._knot(j + 1))).to(t.dtype) for j in range(count)]
+        for p in range(1, order + 1):
+            scale = 1.0 / (p * self.spacing)
+            splines = [
+                ((t - self._knot(j)) * splines[j] + (self._knot(j + p + 1) - t) * splines[j + 1]) * scale
+                for j in range(len(splines) - 1)
+            ]
+        return splines
+
+    def values(self, t, params):
+        return self._splines(t, self.degree)
+
+    def values_and_derivatives(self, t):
+        lower = self._splines(t, self.degree - 1)
+        values = [
+            ((t - self._knot(j)) * lower[j] + (self._knot(j + self.degree + 1) - t) * lower[j + 1])
+            / (self.degree * self.spacing)
+            for j in range(len(lower) - 1)
+        ]
+        derivatives = [(lower[j] - lower[j + 1]) / self.spacing for j in range(len(lower) - 1)]
+        return values, derivatives
+
+    def describe(self):
+        return {**super().describe(), "grid_size": self.grid_size}
+
+
+class RadialBasis(Basis):
+    """Gaussian radial basis functions: ``degree`` centres ``c_j`` evenly spaced on
+    [-1, 1], ``phi_j(t) = exp(-((t - c_j) / w)^2)`` with ``w = width * spacing``;
+    ``phi'_j = -2 (t - c_j) / w^2 * phi_j``."""
+
+    name = "rbf"
+    option_names = ("width",)
+    has_derivatives = True
+
+    def __init__(self, degree, width: float = 1.0):
+        super().__init__(degree)
+        if not width > 0:
+            raise ValueError(f"basis 'rbf': width must be > 0, got {width!r}")
+        self.width = float(width)
+        spacing = 2.0 / (degree - 1) if degree > 1 else 2.0
+        self.scale = self.width * spacing
+        self.centres = [-1.0 + j * spacing for j in range(degree)] if degree > 1 else [0.0]
+
+    def values(self, t, params):
+        return [torch.exp(-((t - c) / self.scale).square()) for c in self.centres]
+
+    def values_and_derivatives(self, t):
+        values = self.values(t, [])
+        derivatives = [v * (t - c) * (-2.0 / self.scale**2) for v, c in zip(values, self.centres)]
+        return values, derivatives
+
+    def describe(self):
+        return {**super().describe(), "width": self.width}
+
+
+class Rational(Basis):
+    """Safe Pade-style rational functions: ``phi_k(t) = t^k / Q(t)`` for ``k = 0..degree``
+    with one learnable denominator per input channel,
+    ``Q(t) = 1 + |sum_{j=1..m} b_j t^j|`` (``m = denominator_degree``, default ``degree``).
+    ``Q >= 1`` everywhere, so the denominator can never reach zero. ``b`` starts at zero
+    (plain polynomials); ``K = degree + 1`` features (``1/Q`` is not constant once ``b``
+    moves, so it is kept). Differentiated by the fused op's local autograd recompute.
+    """
+
+    name = "rational"
+    option_names = ("denominator_degree",)
+
+    def __init__(self, degree, denominator_degree: int | None = None):
+        super().__init__(degree)
+        m = degree if denominator_degree is None else denominator_degree
+        if not isinstance(m, int) or m < 1:
+            raise ValueError(f"basis 'rational': denominator_degree must be an integer >= 1, got {m!r}")
+        self.denominator_degree = m
+
+    @property
+    def num_features(self):
+        return self.degree + 1
+
+    def parameter_shapes(self, in_features):
+        return [(self.denominator_degree, in_features)]
+
+    def values(self, t, params):
+        (b,) = params
+        power, denominator_poly = t, torch.zeros_like(t)
+        for j in range(self.denominator_degree):
+            denominator_poly = denominator_poly + b[j] * power
+            power = power * t
+        inverse_q = 1.0 / (1.0 + denominator_poly.abs())
+        features, power = [inverse_q], inverse_q
+        for _ in range(self.degree):
+            power = power * t
+            features.append(power)
+        return features
+
+    def describe(self):
+        return {**super().describe(), "denominator_degree": self.denominator_degree}
+
+
+# ------------------------------------------------------------------ composition
+
+
+class ParallelBasis(Basis):
+    """Several bases side by side on the same input. Their features are concatenated, so
+    the layer output is the sum of one KAN layer per basis, computed by one matrix multiply."""
+
+    name = "parallel"
+
+    def __init__(self, members: list[Basis]):
+        if len(members) < 2:
+            raise ValueError("a parallel basis needs at least two members")
+        self.members = members
+        self.degree = max(m.degree for m in members)
+        self.has_derivatives = all(m.has_derivatives and not m.parameter_shapes(1) for m in members)
+
+    @property
+    def num_features(self):
+        return sum(m.num_features for m in self.members)
+
+    def parameter_shapes(self, in_features):
+        return [shape for m in self.members for shape in m.parameter_shapes(in_features)]
+
+    def initial_parameters(self, in_features):
+        return [p for m in self.members for p in m.initial_parameters(in_features)]
+
+    def _split(self, params):
+        start = 0
+        for m in self.members:
+            count = len(m.parameter_shapes(1))
+            yield m, params[start : start + count]
+            start += count
+
+    def values(self, t, params):
+        return [v for m, own in self._split(params) for v in m.values(t, own)]
+
+    def values_and_derivatives(self, t):
+        values, derivatives = [], []
+        for m in self.members:
+            v, d = m.values_and_derivatives(t)
+            values += v
+            derivatives += d
+        return values, derivatives
+
+    def describe(self):
+        return {"basis": "+".join(m.name for m in self.members), "members": [m.describe() for m in self.members]}
+
+
+# --------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Callable[..., Basis]] = {}
+
+
+def register_basis(name: str, factory: Callable[..., Basis], *, overwrite: bool = False) -> None:
+    """Make ``factory(degree, **options)`` selectable as ``basis=name``.
+
+    ``factory`` is usually a ``Basis`` subclass. Names may not contain ``+`` or ``>``
+    (they compose bases: ``"cheby2+rbf"`` runs both side by side, ``"cheby2>legendre"``
+    chains layers in a ``KANFeedForward``).
+    """
+    if not isinstance(name, str) or not name or any(ch in name for ch in "+> "):
+        raise ValueError(f"basis name must be a non-empty string without '+', '>' or spaces, got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"basis {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(factory):
+        raise TypeError(f"basis factory for {name!r} must be callable, got {type(factory).__name__}")
+    _REGISTRY[name] = factory
+
+
+def list_bases() -> list[str]:
+    """Names accepted by ``basis=``."""
+    return list(_REGISTRY)
+
+
+def make_basis(spec: str, degree: int = 2, **options) -> Basis:
+    """Build a basis from a name such as ``"cheby2"`` or a parallel spec ``"cheby2+rbf"``.
+
+    Options a member does not take are ignored for parallel specs (so ``grid_size`` can
+    ride along with ``"bspline+cheby2"``) and rejected for single bases.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"basis must be a string, got {type(spec).__name__}")
+    names = spec.split("+")
+    for name in names:
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown basis {name!r}; valid choices: {', '.join(list_bases())}")
+    if len(names) == 1:
+        return _build(names[0], degree, options, strict=True)
+    used = set()
+    members = []
+    for name in names:
+        members.append(_build(name, degree, options, strict=False))
+        used.update(getattr(_REGISTRY[name], "option_names", ()))
+    unused = set(options) - used
+    if unused:
+        raise ValueError(f"options {sorted(unused)} are not taken by any basis in {spec!r}")
+    return ParallelBasis(members)
+
+
+def _build(name, degree, options, strict):
+    factory = _REGISTRY[name]
+    accepted = getattr(factory, "option_names", None)
+    if accepted is not None:
+        unknown = set(options) - set(accepted)
+        if unknown and strict:
+            raise ValueError(
+                f"basis {name!r} does not take options {sorted(unknown)}; "
+                f"valid options: {', '.join(accepted) if accepted else 'none besides degree'}"
+            )
+        options = {k: v for k, v in options.items() if k in accepted}
+    return factory(degree, **options)
+
+
+for _cls in (Chebyshev1, Chebyshev2, Legendre, Jacobi, Gegenbauer, Hermite, Laguerre, Bessel,
+             Fibonacci, Lucas, BSpline, RadialBasis, Rational):
+    register_basis(_cls.name, _cls)

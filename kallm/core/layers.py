@@ -1,0 +1,194 @@
+"""KAN layers: ``KANLinear`` and the MLP replacement ``KANFeedForward``.
+
+Part of kallm's portable core: plain torch, sibling imports only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .bases import Basis, make_basis
+from .kan_function import kan_linear
+
+INPUT_MAPS = ("affine", "tanh")
+
+
+class KANLinear(nn.Module):
+    """``y_o = b_o + sum_i sum_k w_oik * phi_k(t_i)``, a learnable univariate function per edge.
+
+    Args:
+        in_features, out_features: sizes, like ``nn.Linear``.
+        basis: a name from ``kallm.list_bases()`` or a parallel spec such as ``"cheby2+rbf"``.
+        degree: polynomial degree (for ``bspline`` the spline order, for ``rbf`` the number
+            of centres, for ``rational`` the numerator degree).
+        input_map: how inputs reach the bounded domain of the basis, per token so that no
+            output depends on other tokens: ``"affine"`` is ``t = tanh(scale * x + shift)``
+            with a learnable scale and shift per input channel (initialised to 1 and 0, and
+            set from data by function-preserving init); ``"tanh"`` is ``t = tanh(x)``.
+        **basis_options: options of the basis (``alpha``, ``beta``, ``grid_size``, ...).
+
+    Parameters: ``out * in * K`` coefficients (``K = basis.num_features``; ``degree`` for
+    the polynomial bases), ``out`` biases (the folded constant basis function), ``2 * in``
+    for the affine input map, plus the basis' own (``rational``: ``m * in``).
+
+    Initialisation (variance preserving): coefficients ``~ N(0, 1 / (in * S))`` with
+    ``S = sum_k E[phi_k(tanh z)^2]``, ``z ~ N(0, 1)``, and zero bias, so a unit-variance
+    input gives an output of variance close to one.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        basis: str = "cheby2",
+        degree: int = 2,
+        input_map: str = "affine",
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        **basis_options,
+    ):
+        super().__init__()
+        _check_size("in_features", in_features)
+        _check_size("out_features", out_features)
+        if input_map not in INPUT_MAPS:
+            raise ValueError(f"unknown input_map {input_map!r}; valid choices: {', '.join(INPUT_MAPS)}")
+        if dtype is not None and not torch.empty((), dtype=dtype).is_floating_point():
+            raise TypeError(f"KANLinear needs a floating point dtype, got {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.input_map = input_map
+        self.basis: Basis = make_basis(basis, degree, **basis_options)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, self.basis.num_features * in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        if input_map == "affine":
+            self.input_scale = nn.Parameter(torch.empty(in_features, **factory))
+            self.input_shift = nn.Parameter(torch.empty(in_features, **factory))
+        else:
+            self.input_scale = self.input_shift = None
+        self.basis_parameters = nn.ParameterList(
+            [nn.Parameter(torch.empty(shape, **factory)) for shape in self.basis.parameter_shapes(in_features)]
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # torch.nn.init is looked up at call time so that transformers' loading guard,
+        # which patches it, never re-initialises weights it has just loaded.
+        std = 1.0 / math.sqrt(self.in_features * self.basis.mean_square())
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        if self.input_scale is not None:
+            nn.init.ones_(self.input_scale)
+            nn.init.zeros_(self.input_shift)
+        for param, initial in zip(self.basis_parameters, self.basis.initial_parameters(self.in_features)):
+            if not getattr(param, "_is_hf_initialized", False) and param.device.type != "meta":
+                param.copy_(initial)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(
+                f"KANLinear expects inputs whose last dimension is in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"KANLinear needs a floating point input, got {x.dtype}")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"KANLinear got input of dtype {x.dtype} but its weights are {self.weight.dtype}; "
+                f"cast one to the other (module.to(dtype)) or run under torch.autocast"
+            )
+        leading = x.shape[:-1]
+        y = kan_linear(
+            x.reshape(-1, self.in_features),
+            self.weight,
+            self.bias,
+            self.input_scale,
+            self.input_shift,
+            self.basis,
+            list(self.basis_parameters),
+        )
+        return y.reshape(*leading, self.out_features)
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.basis.describe().items() if k not in ("members",))
+        return f"in_features={self.in_features}, out_features={self.out_features}, {options}, input_map={self.input_map}"
+
+    @staticmethod
+    def count_parameters(in_features, out_features, basis="cheby2", degree=2, input_map="affine", bias=True, **options):
+        """Parameter count of a ``KANLinear`` with these arguments, without building it."""
+        built = make_basis(basis, degree, **options)
+        count = out_features * in_features * built.num_features + (out_features if bias else 0)
+        count += 2 * in_features if input_map == "affine" else 0
+        count += sum(math.prod(shape) for shape in built.parameter_shapes(in_features))
+        return count
+
+
+class KANFeedForward(nn.Module):
+    """Drop-in replacement for a transformer MLP: ``hidden -> intermediate -> hidden``.
+
+    ``basis`` names one basis for both layers, or chains stages with ``>``:
+    ``"cheby2>legendre"`` maps hidden -> intermediate with Chebyshev-2 features and back
+    with Legendre ones; ``"a>b>c"`` adds an intermediate -> intermediate stage. Each stage
+    may itself be a parallel spec (``"cheby2+rbf"``). No activation sits between stages:
+    every KAN layer is non-linear on its own. Works on any leading shape.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, basis: str = "cheby2", degree: int = 2, **options):
+        super().__init__()
+        _check_size("hidden_size", hidden_size)
+        _check_size("intermediate_size", intermediate_size)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.layers = nn.ModuleList(
+            KANLinear(n_in, n_out, stage, degree, **options)
+            for stage, (n_in, n_out) in zip(_stages(basis), _stage_sizes(hidden_size, intermediate_size, basis))
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+    @staticmethod
+    def count_parameters(hidden_size, intermediate_size, basis="cheby2", degree=2, **options):
+        return sum(
+            KANLinear.count_parameters(n_in, n_out, stage, degree, **options)
+            for stage, (n_in, n_out) in zip(_stages(basis), _stage_sizes(hidden_size, intermediate_size, basis))
+        )
+
+
+def intermediate_size_for_budget(hidden_size: int, budget: int, basis: str = "cheby2", degree: int = 2, **options) -> int:
+    """Largest intermediate size whose ``KANFeedForward`` has at most ``budget`` parameters."""
+    _check_size("hidden_size", hidden_size)
+    fixed = KANFeedForward.count_parameters(hidden_size, 0, basis, degree, **options)
+    per_unit = KANFeedForward.count_parameters(hidden_size, 1, basis, degree, **options) - fixed
+    size = (budget - fixed) // per_unit
+    if size < 1:
+        smallest = fixed + per_unit
+        raise ValueError(f"a parameter budget of {budget} is too small: the smallest KANFeedForward "
+                         f"(intermediate_size=1) with basis {basis!r}, degree {degree} has {smallest}")
+    return int(size)
+
+
+def _stages(basis):
+    if not isinstance(basis, str):
+        raise TypeError(f"basis must be a string, got {type(basis).__name__}")
+    stages = basis.split(">")
+    if any(not s for s in stages):
+        raise ValueError(f"malformed basis spec {basis!r}: empty stage around '>'")
+    return stages if len(stages) > 1 else stages * 2
+
+
+def _stage_sizes(hidden_size, intermediate_size, basis):
+    n = len(_stages(basis))
+    sizes = [hidden_size] + [intermediate_size] * (n - 1) + [hidden_size]
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+def _check_size(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

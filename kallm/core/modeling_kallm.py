@@ -1,0 +1,242 @@
+"""Causal LM classes of retrofitted models.
+
+Each class subclasses its base family's class unchanged and, after the base model is
+built, swaps the feedforward of the blocks listed in ``config.kan_config`` for
+``KANFeedForward`` modules. ``from_pretrained`` therefore rebuilds the exact architecture
+before it loads weights, with or without kallm installed (``trust_remote_code=True``
+loads this folder's copy, which ``save_pretrained`` writes next to the weights).
+
+Part of kallm's portable core: plain torch + transformers, sibling imports only.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+from transformers import (
+    Gemma2ForCausalLM,
+    GemmaForCausalLM,
+    GPT2LMHeadModel,
+    GPTNeoXForCausalLM,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    OPTForCausalLM,
+    Phi3ForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
+
+from .configuration_kallm import (
+    KAGemma2Config,
+    KAGemmaConfig,
+    KAGPT2Config,
+    KAGPTNeoXConfig,
+    KALlamaConfig,
+    KAMistralConfig,
+    KAOPTConfig,
+    KAPhi3Config,
+    KAQwen2Config,
+    KAQwen3Config,
+    validate_kan_config,
+)
+from .layers import KANFeedForward, KANLinear
+
+
+def build_kan_feedforward(kan_config: dict) -> KANFeedForward:
+    """The ``KANFeedForward`` that ``kan_config`` prescribes (same for every listed block)."""
+    return KANFeedForward(
+        kan_config["hidden_size"],
+        kan_config["intermediate_size"],
+        basis=kan_config["basis"],
+        degree=kan_config["degree"],
+        **kan_config["layer_options"],
+    )
+
+
+def install_kan_feedforwards(model: nn.Module, kan_config: dict, layers=None) -> list[int]:
+    """Replace the feedforward of ``layers`` (default: all of ``kan_config["layers"]``)."""
+    blocks = model.get_submodule(kan_config["blocks_path"])
+    indices = kan_config["layers"] if layers is None else layers
+    for index in indices:
+        if not 0 <= index < len(blocks):
+            raise ValueError(f"kan_config lists block {index}, but the model has {len(blocks)} blocks")
+        block = blocks[index]
+        reference = next(getattr(block, kan_config["mlp_attribute"]).parameters(), None)
+        feedforward = build_kan_feedforward(kan_config)
+        if reference is not None and reference.device.type != "meta":
+            feedforward.to(device=reference.device, dtype=reference.dtype)
+        setattr(block, kan_config["mlp_attribute"], feedforward)
+        for name in kan_config["bypassed_attributes"]:
+            setattr(block, name, nn.Identity())
+    return list(indices)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    seen, total = set(), 0
+    for param in module.parameters():
+        if id(param) in seen or (trainable_only and not param.requires_grad):
+            continue
+        seen.add(id(param))
+        total += param.numel()
+    return total
+
+
+def model_card(model: nn.Module) -> str:
+    """A README.md for a saved retrofitted model."""
+    kan = model.config.kan_config
+    kan_params = sum(count_parameters(m) for m in model.modules() if isinstance(m, KANFeedForward))
+    options = ", ".join(f"{k}={v!r}" for k, v in kan["layer_options"].items()) or "defaults"
+    name = model.__class__.__name__
+    return f"""---
+library_name: transformers
+tags: [kallm, kan, kolmogorov-arnold]
+base_model: {kan["base_model"]}
+---
+# {kan["base_model"]} with KAN feedforwards
+
+This model is `{kan["base_model"]}` with the feedforward (MLP) of decoder blocks
+{kan["layers"]} replaced by Kolmogorov-Arnold Network feedforwards, made with kallm.
+
+| | |
+|---|---|
+| base model | `{kan["base_model"]}` ({kan["base_model_type"]}) |
+| retrofitted blocks | {kan["layers"]} |
+| basis | `{kan["basis"]}`, degree {kan["degree"]} |
+| KAN feedforward sizes | {kan["hidden_size"]} -> {kan["intermediate_size"]} -> {kan["hidden_size"]} |
+| layer options | {options} |
+| parameters | {count_parameters(model):,} in all, {kan_params:,} in KAN feedforwards |
+
+## Load it
+
+With kallm installed (`pip install kallm`):
+
+```python
+import kallm  # registers the {name} class with transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")
+tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+```
+
+Without kallm, the modeling code saved next to the weights is used:
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
+```
+"""
+
+
+class KANModelMixin:
+    """What every retrofitted causal LM class adds to its base class."""
+
+    def _install_kan_from_config(self):
+        validate_kan_config(self.config.kan_config)
+        if self.config.kan_config is not None:
+            install_kan_feedforwards(self, self.config.kan_config)
+
+    def _init_weights(self, module):
+        # transformers calls this for modules whose weights were not loaded; base classes
+        # do not know KAN layers, so they would be left uninitialised.
+        if isinstance(module, KANLinear):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process and self.config.kan_config is not None:
+            with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as card:
+                card.write(model_card(self))
+        return result
+
+
+class KALlamaForCausalLM(KANModelMixin, LlamaForCausalLM):
+    config_class = KALlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_kan_from_config()
+
+
+class KAMistralForCausalLM(KANModelMixin, MistralForCausalLM):
+    config_class = KAMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_kan_from_config()
+
+
+class KAQwen2ForCausalLM(KANModelMixin, Qwen2ForCausalLM):
+    config_class = KAQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_kan_from_config()
+
+
+class KAQwen3ForCausalLM(KANModelMixin, Qwen3ForCausalLM):
+    config_class = KAQwen3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_kan_from_config()
+
+
+class KAGemmaForCausalLM(KANModelMixin, GemmaForCausalLM):
+    config_class = KAGemmaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_kan_from_config()
+
+
+class KAGemma2ForCausalLM(KANModelMixin, Gemma2ForCausalLM):
+    config_class = KAGemma2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_kan_from_config()
+
+
+class KAPhi3ForCausalLM(KANModelMixin, Phi3ForCausalLM):
+    config_class = KAPhi3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_kan_from_config()
+
+
+class KAGPT2LMHeadModel(KANModelMixin, GPT2LMHeadModel):
+    config_class = KAGPT2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_kan_from_config()
+
+
+class KAGPTNeoXForCausalLM(KANModelMixin, GPTNeoXForCausalLM):
+    config_class = KAGPTNeoXConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_kan_from_config()
+
+
+class KAOPTForCausalLM(KANModelMixin, OPTForCausalLM):
+    config_class = KAOPTConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_kan_from_config()
+
+
+#: retrofitted config class -> retrofitted causal LM class
+KAN_MODEL_CLASSES = {
+    cls.config_class: cls
+    for cls in (
+        KALlamaForCausalLM, KAMistralForCausalLM, KAQwen2ForCausalLM, KAQwen3ForCausalLM,
+        KAGemmaForCausalLM, KAGemma2ForCausalLM, KAPhi3ForCausalLM, KAGPT2LMHeadModel,
+        KAGPTNeoXForCausalLM, KAOPTForCausalLM,
+    )
+}

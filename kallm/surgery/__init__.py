@@ -1,0 +1,5 @@
+"""Model surgery: architecture adapters, retrofit, trainable policies."""
+
+from .adapters import ADAPTERS, ArchitectureAdapter, supported_model_types
+from .retrofit import retrofit, retrofitted_layers
+from .trainable import POLICIES, set_trainable, summary

