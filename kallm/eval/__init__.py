@@ -1,0 +1,1 @@
+"""Evaluation: BIG-Bench Hard, perplexity, held-out chat loss."""

@@ -1,0 +1,76 @@
+"""Perplexity of a causal LM on plain text (sliding windows, no overlap by default)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def load_text(source: str, split: str = "test", column: str = "text") -> str:
+    """Text from a local file, or from a hub dataset given as ``"name"`` or ``"name:config"``."""
+    path = Path(source)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.suffix or source.startswith((".", "/")):
+        raise FileNotFoundError(f"text file not found: {source}")
+    from datasets import load_dataset
+
+    name, _, config = source.partition(":")
+    dataset = load_dataset(name, config or None, split=split)
+    return "\n".join(dataset[column])
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, max_length: int = 512, stride: int | None = None,
+               max_tokens: int | None = None, batch_size: int = 4) -> dict:
+    """Token-level perplexity of ``text``.
+
+    The text is tokenized once and cut into windows of ``max_length`` tokens that start
+    every ``stride`` tokens (default ``max_length``: disjoint windows); each token is
+    scored once, in the window where it has the most context. ``max_tokens`` caps the
+    tokens scored, for quick runs. Returns ``{"perplexity", "nll", "tokens"}``.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    stride = stride or max_length
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be between 1 and max_length={max_length}, got {stride}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if max_tokens is not None:
+        ids = ids[: max_tokens + 1]
+    if ids.numel() < 2:
+        raise ValueError("the text has fewer than 2 tokens; nothing to score")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    windows = []  # (start, first scored position within window)
+    scored_until = 0
+    for start in range(0, ids.numel() - 1, stride):
+        end = min(start + max_length, ids.numel())
+        windows.append((start, end, max(scored_until - start, 0)))
+        scored_until = end
+        if end == ids.numel():
+            break
+    total_nll, total_tokens = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        width = max(end - start for start, end, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        labels = torch.full_like(input_ids, -100)
+        attention = torch.zeros_like(input_ids)
+        for row, (start, end, skip) in enumerate(batch):
+            input_ids[row, : end - start] = ids[start:end]
+            attention[row, : end - start] = 1
+            labels[row, max(skip, 1) : end - start] = ids[start + max(skip, 1) : end]
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+        targets = labels[:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += int((targets != -100).sum())
+    model.train(was_training)
+    mean = total_nll / total_tokens
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
