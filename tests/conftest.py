@@ -83,3 +83,30 @@ def real_model_available():
 def smollm2(real_model_available):
     """The real SmolLM2-135M-Instruct (float32), loaded once per session; do not mutate it."""
     return kallm.load_model("smollm2-135m-instruct")
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_tokenizer():
+    """A character-level tokenizer (vocab < 128) with a ChatML chat template, built offline."""
+    from tokenizers import Tokenizer, decoders, models
+
+    specials = ["<pad>", "<s>", "<|im_end|>", "<unk>", "<|im_start|>"]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {token: index for index, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.add_special_tokens(specials)
+    backend.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()

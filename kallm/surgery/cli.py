@@ -1,0 +1,58 @@
+"""``kallm retrofit``: load a model, retrofit it, print its parameter table, save (and push)."""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from ..loading import DEFAULT_MODEL, load_model, push_to_hub
+from .retrofit import retrofit
+from .trainable import set_trainable, summary
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """``["alpha=0.5", "input_map=tanh"]`` -> ``{"alpha": 0.5, "input_map": "tanh"}``."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option takes KEY=VALUE, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, folder, .gguf file or bundled name")
+    parser.add_argument("--out", required=True, help="folder to save the retrofitted model and tokenizer to")
+    parser.add_argument("--last-n", type=int, default=5, help="retrofit the last N decoder blocks")
+    parser.add_argument("--layers", type=int, nargs="+", help="explicit block indices (overrides --last-n)")
+    parser.add_argument("--basis", default="cheby2", help="basis name, 'a+b' (parallel) or 'a>b' (sequential)")
+    parser.add_argument("--degree", type=int, default=2)
+    parser.add_argument("--intermediate-size", type=int, help="KAN inner size (default: half the MLP's parameters)")
+    parser.add_argument("--kind", default="kan", help="kan, or linear for the re-initialised MLP baseline")
+    parser.add_argument("--init", default="random", help="random, or fit to the replaced MLPs (function preserving)")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="layer/basis option, repeatable")
+    parser.add_argument("--trainable", default="tail+embeddings", help="policy used for the trainable column")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the saved folder to this Hub repo")
+
+
+def run(args) -> int:
+    options = parse_options(args.option)
+    print(f"Loading {args.model} ...")
+    model, tokenizer = load_model(args.model)
+    print(f"Retrofitting ({args.kind}, basis {args.basis}, degree {args.degree}, init {args.init}) ...")
+    extra = {"init": args.init, "tokenizer": tokenizer} if args.init != "random" else {}
+    retrofit(
+        model, last_n=args.last_n, layers=args.layers, basis=args.basis, degree=args.degree,
+        intermediate_size=args.intermediate_size, kind=args.kind, **extra, **options,
+    )
+    set_trainable(model, args.trainable)
+    summary(model)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"\nSaved to {args.out}. Load it with AutoModelForCausalLM.from_pretrained({args.out!r}) "
+          f"(after `import kallm`) or with trust_remote_code=True.")
+    if args.push_to_hub:
+        print(f"Pushed: {push_to_hub(model, args.push_to_hub, tokenizer=tokenizer)}")
+    return 0
