@@ -6,6 +6,7 @@ import argparse
 
 import yaml
 
+from ..core.layers import KANFeedForward
 from ..loading import DEFAULT_MODEL, load_model, push_to_hub
 from .retrofit import retrofit
 from .trainable import set_trainable, summary
@@ -39,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     options = parse_options(args.option)
+    # Check the layer settings before spending time on loading the model.
+    KANFeedForward.count_parameters(2, 2, args.basis, args.degree, **options)
     print(f"Loading {args.model} ...")
     model, tokenizer = load_model(args.model)
     print(f"Retrofitting ({args.kind}, basis {args.basis}, degree {args.degree}, init {args.init}) ...")
