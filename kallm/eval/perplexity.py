@@ -9,17 +9,22 @@ import torch
 
 
 def load_text(source: str, split: str = "test", column: str = "text") -> str:
-    """Text from a local file, or from a hub dataset given as ``"name"`` or ``"name:config"``."""
+    """Text from a local file, or from a hub dataset given as ``"name"`` or ``"name:config"``
+    (the ``column`` of ``split``, one row per line)."""
     path = Path(source)
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    if path.suffix or source.startswith((".", "/")):
+    if path.suffix or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"text file not found: {source}")
     from datasets import load_dataset
 
     name, _, config = source.partition(":")
     dataset = load_dataset(name, config or None, split=split)
-    return "\n".join(dataset[column])
+    if column not in dataset.column_names:
+        raise ValueError(f"{source} has no column {column!r}; columns: {', '.join(dataset.column_names)}")
+    # Rows such as WikiText's already end with their newline; joining them with another
+    # would change the text being scored.
+    return "".join(row if row.endswith("\n") else row + "\n" for row in dataset[column])
 
 
 @torch.no_grad()
@@ -28,24 +33,24 @@ def perplexity(model, tokenizer, text: str, max_length: int = 512, stride: int |
     """Token-level perplexity of ``text``.
 
     The text is tokenized once and cut into windows of ``max_length`` tokens that start
-    every ``stride`` tokens (default ``max_length``: disjoint windows); each token is
-    scored once, in the window where it has the most context. ``max_tokens`` caps the
-    tokens scored, for quick runs. Returns ``{"perplexity", "nll", "tokens"}``.
+    every ``stride`` tokens. The default stride, ``max_length - 1``, makes consecutive
+    windows share one token, so every token but the first is scored exactly once; a smaller
+    stride gives each scored token more context (a sliding window), each token being scored
+    once, in the window where it has the most context. ``max_tokens`` caps the tokens
+    scored, for quick runs. Returns ``{"perplexity", "nll", "tokens"}``.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    stride = stride or max_length
-    if not 1 <= stride <= max_length:
-        raise ValueError(f"stride must be between 1 and max_length={max_length}, got {stride}")
+    stride = stride or max_length - 1
+    if not 1 <= stride < max_length:
+        raise ValueError(f"stride must be between 1 and max_length - 1 = {max_length - 1}, got {stride}")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     if max_tokens is not None:
         ids = ids[: max_tokens + 1]
     if ids.numel() < 2:
         raise ValueError("the text has fewer than 2 tokens; nothing to score")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    windows = []  # (start, first scored position within window)
+    windows = []  # (start, end, first scored position within the window)
     scored_until = 0
     for start in range(0, ids.numel() - 1, stride):
         end = min(start + max_length, ids.numel())
@@ -53,11 +58,22 @@ def perplexity(model, tokenizer, text: str, max_length: int = 512, stride: int |
         scored_until = end
         if end == ids.numel():
             break
+    was_training = model.training
+    model.eval()
+    try:
+        total_nll, total_tokens = _score_windows(model, ids, windows, batch_size, tokenizer.pad_token_id or 0, device)
+    finally:
+        model.train(was_training)
+    mean = total_nll / total_tokens
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
+
+
+def _score_windows(model, ids, windows, batch_size, pad, device) -> tuple[float, int]:
     total_nll, total_tokens = 0.0, 0
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
         width = max(end - start for start, end, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         labels = torch.full_like(input_ids, -100)
         attention = torch.zeros_like(input_ids)
         for row, (start, end, skip) in enumerate(batch):
@@ -71,6 +87,4 @@ def perplexity(model, tokenizer, text: str, max_length: int = 512, stride: int |
         )
         total_nll += float(nll)
         total_tokens += int((targets != -100).sum())
-    model.train(was_training)
-    mean = total_nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    return total_nll, total_tokens

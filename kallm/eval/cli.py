@@ -1,0 +1,69 @@
+"""``kallm eval``: BIG-Bench Hard, perplexity and held-out chat loss of a model."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..loading import DEFAULT_MODEL
+    from .bbh import DEFAULT_HUB_DATASET, MODES
+    from .evaluate import DEFAULT_TEXT, TASKS
+
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"hub id, folder (kallm checkpoints included), .gguf file or bundled name "
+                             f"(default {DEFAULT_MODEL})")
+    parser.add_argument("--tasks", default="bbh,perplexity", help=f"comma-separated, from: {', '.join(TASKS)}")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--bbh-dir", help="local folder of BBH task JSON files (<task>.json)")
+    source.add_argument("--bbh-dataset", help=f"hub dataset id of BBH (default {DEFAULT_HUB_DATASET})")
+    parser.add_argument("--bbh-tasks", help="comma-separated BBH task names (default: every task present)")
+    parser.add_argument("--limit", type=int, help="first N examples of each BBH task")
+    parser.add_argument("--mode", choices=MODES, default="generate",
+                        help="generate: greedy reply, extracted answer (the research's way); "
+                             "loglik: most likely of the closed answer set (cheaper; skips free-form tasks)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap in generate mode")
+    parser.add_argument("--text", default=DEFAULT_TEXT,
+                        help=f"perplexity text: a file or hub_id[:config] (default {DEFAULT_TEXT})")
+    parser.add_argument("--max-length", type=int, default=512, help="perplexity window in tokens")
+    parser.add_argument("--max-tokens", type=int, help="score at most this many tokens of the perplexity text")
+    parser.add_argument("--chat-data", help="held-out conversations for chat_loss (JSONL/JSON/parquet or hub id)")
+    parser.add_argument("--chat-limit", type=int, help="first N conversations of --chat-data")
+    parser.add_argument("--out", help="folder for results.json, results.md and bbh_examples.jsonl")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..loading import load_model
+    from .bbh import load_bbh
+    from .evaluate import evaluate, parse_tasks, to_markdown, write_results
+
+    # Bad task names, folders or BBH selections fail before the model loads.
+    tasks = parse_tasks(args.tasks)
+    bbh_source = args.bbh_dir or args.bbh_dataset
+    if "bbh" in tasks:
+        bbh_source = load_bbh(bbh_source, args.bbh_tasks, args.limit)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype))
+    model.to(device)
+    results = evaluate(
+        model, tokenizer, tasks, bbh_source=bbh_source, bbh_tasks=args.bbh_tasks,
+        limit=args.limit, mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        text=args.text, max_length=args.max_length, max_tokens=args.max_tokens, chat_data=args.chat_data,
+        chat_limit=args.chat_limit, progress=not args.quiet,
+    )
+    results["model"] = args.model
+    print(to_markdown(results))
+    if args.out:
+        paths = write_results(results, args.out)
+        print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return 0
