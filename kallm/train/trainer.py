@@ -1,0 +1,291 @@
+"""``kallm.train.train``: fine-tune (or heal) a model on chat data with transformers' Trainer.
+
+Runs as is on one device and under ``accelerate launch`` / ``torchrun`` on several (DDP,
+or FSDP through an accelerate config): transformers' Trainer reads the launcher's
+environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ..surgery.trainable import POLICIES, set_trainable
+from .data import TRUNCATION, ChatCollator, prepare_chat_dataset
+from .distill import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "train_result.json"
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (``kallm train`` flags map one to one)."""
+
+    output_dir: str = "kallm-train"
+    #: which parameters train: a ``kallm.set_trainable`` policy
+    trainable: str = "tail+embeddings"
+    #: optimizer steps; -1 trains for ``epochs`` instead
+    max_steps: int = -1
+    epochs: float = 1.0
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    #: warmup steps, or a fraction of all steps when below 1
+    warmup: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    #: per device; the effective batch is batch_size * grad_accum * number of processes
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024
+    #: "truncate" long conversations at max_length, or "skip" them
+    truncation: str = "truncate"
+    #: pack several conversations into each row of max_length tokens
+    packing: bool = False
+    #: batch conversations of similar length together (less padding; no effect with packing)
+    group_by_length: bool = False
+    #: dataset split for hub datasets, and how many rows to read (None: all)
+    split: str = "train"
+    limit: int | None = None
+    #: with a teacher: loss = alpha * KL(teacher || student) * T^2 + (1 - alpha) * cross-entropy
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = 500
+    #: checkpoints kept (oldest deleted first); None keeps all
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    seed: int = 42
+    #: resume from this checkpoint folder, or True for the latest one in output_dir
+    resume: str | bool | None = None
+    #: processes for tokenization (datasets.map)
+    num_proc: int | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (self.trainable in POLICIES, f"trainable must be one of {', '.join(POLICIES)}, got {self.trainable!r}"),
+            (self.truncation in TRUNCATION, f"truncation must be one of {', '.join(TRUNCATION)}, "
+                                            f"got {self.truncation!r}"),
+            (self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, "
+                                              f"got {self.lr_scheduler!r}"),
+            (not (self.bf16 and self.fp16), "choose at most one of bf16 and fp16"),
+            (0.0 <= self.distill_alpha <= 1.0, f"distill_alpha must be in [0, 1], got {self.distill_alpha}"),
+            (self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}"),
+            (self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.max_steps == -1 or self.max_steps >= 1, f"max_steps must be >= 1 (or -1), got {self.max_steps}"),
+            (self.max_steps != -1 or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
+            (self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1"),
+            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns (also written to ``output_dir/train_result.json``)."""
+
+    output_dir: str
+    #: transformers' final train metrics (train_loss, train_runtime, ...) and the last logged loss
+    metrics: dict
+    #: ``DataStats.as_dict()``: rows kept, skipped by reason, truncated, tokens
+    data: dict
+    trainable_parameters: int
+    global_step: int
+    world_size: int
+    metrics_file: str
+    log_history: list[dict] = field(default_factory=list)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every log event (loss, learning rate, ...) as one JSON line to a file.
+
+    On resume, lines logged after the resumed checkpoint's step are dropped first, so the
+    file reads like one uninterrupted run.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        kept = []
+        if state.global_step > 0 and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step:
+                    kept.append(line + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(kept), encoding="utf-8")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def training_arguments(config: TrainConfig) -> TrainingArguments:
+    """transformers' ``TrainingArguments`` for ``config``."""
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        max_steps=config.max_steps,
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        train_sampling_strategy="group_by_length" if config.group_by_length and not config.packing else "random",
+        length_column_name="length",
+        bf16=config.bf16,
+        fp16=config.fp16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to="none",
+        disable_tqdm=not config.progress_bar,
+    )
+
+
+def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=None,
+          callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+    """Train ``model`` on the chat dataset ``data``; returns a ``TrainResult``.
+
+    ``data``: a local JSONL/JSON/parquet file or folder, a hub dataset id, a
+    ``datasets.Dataset`` or a list of rows, each with a ``messages`` list (see
+    ``kallm.train.data``). Only assistant tokens are targets. Trainable parameters follow
+    ``kallm.set_trainable(model, config.trainable)``. With ``teacher`` (usually the original,
+    un-retrofitted model), the loss mixes in a KL divergence to the teacher's next-token
+    distribution (``config.distill_alpha``, ``config.distill_temperature``).
+
+    Checkpoints go to ``output_dir/checkpoint-N`` every ``save_steps``; the final model and
+    the tokenizer to ``output_dir`` (``kallm.load_model(output_dir)`` reloads them), the log
+    to ``output_dir/metrics.jsonl`` and a summary to ``output_dir/train_result.json``.
+    """
+    config = config or TrainConfig()
+    resume = _resume_checkpoint(config)
+    if teacher is not None:
+        _check_teacher(model, teacher)
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    trainable = set_trainable(model, config.trainable)
+    if config.packing:
+        check_packing_support(model)
+    model.config.use_cache = False  # no KV cache in training; it would also hide packed sequences
+
+    args = training_arguments(config)
+    with args.main_process_first(desc="preparing the training data"):
+        dataset, stats = prepare_chat_dataset(
+            data, tokenizer, max_length=config.max_length, truncation=config.truncation, packing=config.packing,
+            split=config.split, limit=config.limit, num_proc=config.num_proc,
+        )
+    metrics_file = Path(config.output_dir) / METRICS_FILE
+    trainer_class, extra = Trainer, {}
+    if teacher is not None:
+        trainer_class = DistillationTrainer
+        extra = dict(teacher=teacher, alpha=config.distill_alpha, temperature=config.distill_temperature)
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=dataset, data_collator=ChatCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer, callbacks=[MetricsFileCallback(metrics_file), *(callbacks or [])], **extra,
+    )
+    if trainer.is_world_process_zero():
+        logger.info("training %s trainable parameters (%s) on %s", f"{trainable:,}", config.trainable,
+                    stats.describe())
+    output = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(config.output_dir)
+    model.config.use_cache = True
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metrics = dict(output.metrics)
+    if losses:
+        metrics["last_logged_loss"] = losses[-1]
+    result = TrainResult(
+        output_dir=config.output_dir, metrics=metrics, data=stats.as_dict(), trainable_parameters=trainable,
+        global_step=trainer.state.global_step, world_size=args.world_size, metrics_file=str(metrics_file),
+        log_history=list(trainer.state.log_history),
+    )
+    if trainer.is_world_process_zero():
+        summary = {**asdict(result), "config": asdict(config)}
+        summary.pop("log_history")
+        (Path(config.output_dir) / RESULT_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return result
+
+
+def _resume_checkpoint(config: TrainConfig):
+    if config.resume in (None, False):
+        return None
+    if config.resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = config.output_dir
+        last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+        if last is None:
+            raise FileNotFoundError(f"resume=True, but {folder} holds no checkpoint-N folder to resume from")
+        return last
+    if not os.path.isdir(config.resume):
+        raise FileNotFoundError(f"checkpoint to resume from not found: {config.resume}")
+    return str(config.resume)
+
+
+def _check_teacher(model, teacher):
+    student_vocab = model.get_output_embeddings().weight.shape[0]
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if student_vocab != teacher_vocab:
+        raise ValueError(f"the teacher's vocabulary ({teacher_vocab} tokens) differs from the student's "
+                         f"({student_vocab}); distillation needs the same tokenizer")
+    if teacher is model:
+        raise ValueError("the teacher must be a separate model (e.g. the original, un-retrofitted one)")
+
+
+@torch.no_grad()
+def check_packing_support(model, atol: float = 1e-4):
+    """Raise ``ValueError`` unless ``model`` keeps packed sequences apart.
+
+    Packing relies on the model building attention masks from restarting ``position_ids``;
+    families that ignore them would let conversations attend to each other. Checked with
+    two short random sequences, packed and alone.
+    """
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randint(3, vocab, (1, 5), generator=generator).to(device)
+    second = torch.randint(3, vocab, (1, 4), generator=generator).to(device)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits
+        alone = model(input_ids=second, use_cache=False).logits
+    finally:
+        model.train(was_training)
+    if not torch.allclose(packed[:, 5:].float(), alone.float(), atol=atol, rtol=1e-3):
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(f"{kind} models do not separate packed sequences by position_ids; train without "
+                         f"packing (group_by_length reduces padding instead)")
