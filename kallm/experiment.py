@@ -1,0 +1,326 @@
+"""``kallm experiment CONFIG.yaml``: train and evaluate several arms over seeds, then
+write ``results.md``, ``results.json`` and plots.
+
+A config names the model, the retrofit, the arms, the seeds, the data, the training and
+the evaluation settings (see ``configs/``). ``${VAR}`` in string values is replaced by the
+environment variable ``VAR`` (e.g. ``${KALLM_DATA_DIR}``), so recipes stay portable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import re
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .eval.evaluate import evaluate
+from .loading import DEFAULT_MODEL, load_model
+from .surgery.retrofit import retrofit
+from .surgery.trainable import set_trainable
+from .train.trainer import TrainConfig, train
+
+ARM_KINDS = ("baseline", "linear", "kan")
+INITS = ("random", "fit")
+
+
+@dataclass
+class Arm:
+    """One experimental condition.
+
+    kind: ``baseline`` (the untouched model, evaluated only), ``linear`` (the MLPs of the
+    retrofitted blocks re-initialised, the research's "linear restart") or ``kan``.
+    init: for ``kan``, ``random`` or ``fit`` (function-preserving). distill: train with the
+    original model as teacher.
+    """
+
+    name: str
+    kind: str = "kan"
+    init: str = "random"
+    distill: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ARM_KINDS:
+            raise ValueError(f"arm {self.name!r}: unknown kind {self.kind!r}; valid choices: {', '.join(ARM_KINDS)}")
+        if self.init not in INITS:
+            raise ValueError(f"arm {self.name!r}: unknown init {self.init!r}; valid choices: {', '.join(INITS)}")
+        if self.kind != "kan" and self.init != "random":
+            raise ValueError(f"arm {self.name!r}: init='fit' applies to kind 'kan' only")
+        if self.kind == "baseline" and self.distill:
+            raise ValueError(f"arm {self.name!r}: the baseline is not trained, so it cannot distill")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    arms: list[Arm]
+    data: str | None = None
+    model: str = DEFAULT_MODEL
+    out: str = "runs/experiment"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    #: keyword arguments of kallm.retrofit (last_n, basis, degree, layer options, ...)
+    retrofit: dict = field(default_factory=lambda: {"last_n": 5, "basis": "cheby2", "degree": 2})
+    #: TrainConfig fields (output_dir and seed are set per run)
+    train: dict = field(default_factory=dict)
+    #: keyword arguments of kallm.eval.evaluate.evaluate (tasks, bbh_source, mode, limit, ...)
+    eval: dict = field(default_factory=lambda: {"tasks": ["bbh"]})
+
+    def __post_init__(self):
+        if not self.arms:
+            raise ValueError("an experiment needs at least one arm")
+        names = [arm.name for arm in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique, got {names}")
+        if not self.seeds:
+            raise ValueError("an experiment needs at least one seed")
+        if self.data is None and any(arm.kind != "baseline" for arm in self.arms):
+            raise ValueError("trained arms need 'data' (a chat dataset: local file or hub id)")
+        reserved = {"output_dir", "seed"} & set(self.train)
+        if reserved:
+            raise ValueError(f"train settings {sorted(reserved)} are set per run by the experiment; remove them")
+        TrainConfig(**self.train)  # fail on a bad setting now, not after the first arm
+
+
+def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
+    """Read and validate a YAML experiment config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment config not found: {path}")
+    raw = _expand_env(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    known = {f.name for f in fields(ExperimentConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"unknown experiment keys {sorted(unknown)}; valid keys: {', '.join(sorted(known))}")
+    arms = raw.get("arms") or {}
+    if not isinstance(arms, dict):
+        raise ValueError("'arms' must map arm names to settings, e.g. {kan: {kind: kan, init: fit}}")
+    raw["arms"] = [Arm(name=name, **(settings or {})) for name, settings in arms.items()]
+    raw.setdefault("name", path.stem)
+    return ExperimentConfig(**raw)
+
+
+def _expand_env(value):
+    if isinstance(value, dict):
+        return {key: _expand_env(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(item) for item in value]
+    if isinstance(value, str):
+        def substitute(match):
+            name = match.group(1)
+            if name not in os.environ:
+                raise ValueError(f"the experiment config uses ${{{name}}}, but the environment variable {name} is not set")
+            return os.environ[name]
+
+        return re.sub(r"\$\{(\w+)\}", substitute, value)
+    return value
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA's allocator peak on GPU, else the process RSS
+    sampled every 50 ms (CPU has no allocator statistics)."""
+
+    def __enter__(self):
+        self.peak_bytes = 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+            self._stop.wait(0.05)
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+        return False
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_arm(config: ExperimentConfig, arm: Arm, seed: int) -> dict:
+    """Build, train and evaluate one arm with one seed; returns its record."""
+    seed_everything(seed)
+    run_dir = Path(config.out) / arm.name / f"seed{seed}"
+    model, tokenizer = load_model(config.model)
+    teacher = copy.deepcopy(model).eval() if arm.distill else None
+    record = {"arm": arm.name, "seed": seed, "kind": arm.kind, "init": arm.init, "distill": arm.distill}
+    started = time.perf_counter()
+    if arm.kind != "baseline":
+        extra = {"init": "fit", "tokenizer": tokenizer} if arm.init == "fit" else {}
+        retrofit(model, kind=arm.kind, **extra, **config.retrofit)
+    record["retrofit_seconds"] = round(time.perf_counter() - started, 1)
+    if arm.kind == "baseline":
+        record["trainable_parameters"] = 0
+        record["train_seconds"] = 0.0
+        record["peak_memory_bytes"] = None
+        record["losses"] = []
+    else:
+        train_config = TrainConfig(**{**config.train, "output_dir": str(run_dir), "seed": seed})
+        with PeakMemory() as memory:
+            result = train(model, tokenizer, config.data, train_config, teacher=teacher)
+        record["trainable_parameters"] = result.trainable_parameters
+        record["train_seconds"] = round(result.metrics.get("train_runtime", 0.0), 1)
+        record["peak_memory_bytes"] = memory.peak_bytes
+        record["losses"] = [(entry["step"], entry["loss"]) for entry in result.log_history if "loss" in entry]
+    del teacher
+    set_trainable(model, "all")
+    model.eval()
+    record["eval"] = evaluate(model, tokenizer, progress=False, **config.eval)
+    return record
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per arm: metrics as mean and standard deviation over seeds."""
+    rows = []
+    for arm in dict.fromkeys(record["arm"] for record in records):
+        runs = [record for record in records if record["arm"] == arm]
+        row = {"arm": arm, "seeds": [run["seed"] for run in runs],
+               "trainable_parameters": runs[0]["trainable_parameters"]}
+        metrics = {
+            "bbh_accuracy": [run["eval"]["bbh"]["average"] for run in runs if "bbh" in run["eval"]],
+            "perplexity": [run["eval"]["perplexity"]["perplexity"] for run in runs if "perplexity" in run["eval"]],
+            "chat_loss": [run["eval"]["chat_loss"]["loss"] for run in runs if "chat_loss" in run["eval"]],
+            "train_seconds": [run["train_seconds"] for run in runs],
+            "peak_memory_bytes": [run["peak_memory_bytes"] for run in runs if run["peak_memory_bytes"] is not None],
+        }
+        for name, values in metrics.items():
+            values = [value for value in values if value is not None]
+            row[name] = _mean_std(values) if values else None
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values):
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def to_markdown(config: ExperimentConfig, rows: list[dict]) -> str:
+    def cell(stat, scale=1.0, digits=1, suffix=""):
+        if stat is None:
+            return "-"
+        return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}{suffix}"
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    memory_label = "peak GPU memory" if torch.cuda.is_available() else "peak RSS"
+    lines = [
+        f"# Experiment {config.name}", "",
+        f"Model `{config.model}`, retrofit {config.retrofit}, seeds {config.seeds}, data `{config.data}`, "
+        f"training {config.train}, evaluation {config.eval}; run on {device}. Values are mean ± std over seeds.", "",
+        f"| arm | trainable params | BBH accuracy | perplexity | chat loss | {memory_label} | train time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['arm']} | {row['trainable_parameters']:,} | {cell(row['bbh_accuracy'], 100, 1, '%')} | "
+            f"{cell(row['perplexity'], digits=2)} | {cell(row['chat_loss'], digits=3)} | "
+            f"{cell(row['peak_memory_bytes'], 1 / 2**30, 2, ' GiB')} | {cell(row['train_seconds'], 1, 0, ' s')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(records: list[dict], rows: list[dict], out: Path) -> list[Path]:
+    """``loss_curves.png`` (training loss per arm and seed) and ``accuracy.png`` (BBH
+    accuracy per arm with its standard deviation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    figure, axis = plt.subplots(figsize=(7, 4))
+    colors = {}
+    for record in records:
+        if not record["losses"]:
+            continue
+        label = None if record["arm"] in colors else record["arm"]  # one legend entry per arm
+        color = colors.setdefault(record["arm"], f"C{len(colors)}")
+        steps, losses = zip(*record["losses"])
+        axis.plot(steps, losses, color=color, alpha=0.8, label=label)
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss")
+    axis.set_title("Training loss per arm (one line per seed)")
+    if colors:
+        axis.legend()
+    figure.tight_layout()
+    paths.append(out / "loss_curves.png")
+    figure.savefig(paths[-1], dpi=110)
+    plt.close(figure)
+
+    scored = [row for row in rows if row["bbh_accuracy"] is not None]
+    if scored:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        means = [100 * row["bbh_accuracy"]["mean"] for row in scored]
+        errors = [100 * row["bbh_accuracy"]["std"] for row in scored]
+        axis.bar([row["arm"] for row in scored], means, yerr=errors, capsize=4, color="tab:blue")
+        axis.set_ylabel("BBH accuracy (%)")
+        axis.set_title("BBH accuracy per arm (mean ± std over seeds)")
+        plt.setp(axis.get_xticklabels(), rotation=20, ha="right")
+        figure.tight_layout()
+        paths.append(out / "accuracy.png")
+        figure.savefig(paths[-1], dpi=110)
+        plt.close(figure)
+    return paths
+
+
+def run_experiment(config: ExperimentConfig) -> dict:
+    """Run every arm for every seed (the untrained baseline once), then write the report."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for arm in config.arms:
+        for seed in config.seeds[:1] if arm.kind == "baseline" else config.seeds:
+            print(f"=== arm {arm.name}, seed {seed}", flush=True)
+            records.append(run_arm(config, arm, seed))
+            (out / "runs.json").write_text(json.dumps(records, indent=2, default=str) + "\n", encoding="utf-8")
+    rows = summarize(records)
+    report = to_markdown(config, rows)
+    (out / "results.md").write_text(report, encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps({"config": asdict(config), "arms": rows, "runs": records}, indent=2, default=str) + "\n",
+        encoding="utf-8",
+    )
+    plots = plot_results(records, rows, out)
+    print(report)
+    return {"rows": rows, "runs": records, "report": str(out / "results.md"), "plots": [str(p) for p in plots]}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML experiment config (see configs/)")
+    parser.add_argument("--out", help="override the config's output folder")
+
+
+def run(args) -> int:
+    config = load_experiment(args.config)
+    if args.out:
+        config.out = args.out
+    run_experiment(config)
+    return 0

@@ -1,0 +1,118 @@
+"""kallm experiment: config loading and validation, a tiny end-to-end run with every arm."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_tiny_tokenizer, tiny_model
+
+from kallm.experiment import load_experiment, run_experiment, summarize
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A tiny model + tokenizer folder, chat data, a two-task BBH folder and a text file."""
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    chat = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i} it is."}]}
+            for i in range(16)]
+    chat.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    bbh = tmp_path / "bbh"
+    bbh.mkdir()
+    (bbh / "boolean_expressions.json").write_text(json.dumps({"examples": [
+        {"input": "True and False is", "target": "False"}, {"input": "not False is", "target": "True"}]}))
+    (bbh / "navigate.json").write_text(json.dumps({"examples": [
+        {"input": "Take 1 step. Options:\n- Yes\n- No", "target": "No"}]}))
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    return tmp_path, model_dir, chat, bbh, text
+
+
+def write_config(tmp_path, **overrides):
+    config = {"name": "tiny", "arms": {"base": {"kind": "baseline"}}, **overrides}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_tiny_experiment_runs_every_arm_and_writes_the_report(workspace, monkeypatch):
+    tmp_path, model_dir, chat, bbh, text = workspace
+    monkeypatch.setenv("TINY_DATA", str(tmp_path))
+    path = write_config(
+        tmp_path,
+        model=str(model_dir), out=str(tmp_path / "out"), seeds=[0, 1], data="${TINY_DATA}/chat.jsonl",
+        retrofit={"last_n": 1, "basis": "cheby2", "degree": 2},
+        arms={"base": {"kind": "baseline"}, "linear": {"kind": "linear"}, "kan": {"kind": "kan", "distill": True}},
+        train={"max_steps": 2, "batch_size": 4, "max_length": 64, "logging_steps": 1, "progress_bar": False},
+        eval={"tasks": ["bbh", "perplexity", "chat_loss"], "bbh_source": str(bbh), "mode": "loglik",
+              "text": str(text), "max_length": 32, "chat_data": str(chat), "chat_limit": 4},
+    )
+    config = load_experiment(path)
+    assert config.data == str(chat)
+    result = run_experiment(config)
+
+    runs = result["runs"]
+    assert [(r["arm"], r["seed"]) for r in runs] == [
+        ("base", 0), ("linear", 0), ("linear", 1), ("kan", 0), ("kan", 1)]
+    rows = {row["arm"]: row for row in result["rows"]}
+    assert rows["base"]["trainable_parameters"] == 0
+    assert rows["kan"]["trainable_parameters"] > 0 and rows["linear"]["trainable_parameters"] > 0
+    assert rows["kan"]["bbh_accuracy"]["n"] == 2 and 0.0 <= rows["kan"]["bbh_accuracy"]["mean"] <= 1.0
+    assert all(len(run["losses"]) == 2 for run in runs if run["arm"] != "base")
+
+    out = tmp_path / "out"
+    report = (out / "results.md").read_text()
+    for arm in rows:
+        assert f"| {arm} |" in report
+    assert json.loads((out / "results.json").read_text())["arms"][0]["arm"] == "base"
+    for png in ("loss_curves.png", "accuracy.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summarize_reports_mean_and_sample_std_over_seeds():
+    def run(arm, seed, accuracy):
+        return {"arm": arm, "seed": seed, "trainable_parameters": 7, "train_seconds": 1.0, "peak_memory_bytes": None,
+                "eval": {"bbh": {"average": accuracy}}}
+
+    (row,) = summarize([run("a", 0, 0.4), run("a", 1, 0.6)])
+    assert row["bbh_accuracy"]["mean"] == pytest.approx(0.5)
+    assert row["bbh_accuracy"]["std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert row["perplexity"] is None and row["peak_memory_bytes"] is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"colour": "blue"}, "unknown experiment keys"),
+        ({"arms": {"x": {"kind": "mlp"}}}, "unknown kind 'mlp'"),
+        ({"arms": {"x": {"kind": "linear", "init": "fit"}}}, "applies to kind 'kan' only"),
+        ({"arms": {"x": {"kind": "kan"}}}, "trained arms need 'data'"),
+        ({"data": "${KALLM_SURELY_UNSET_VARIABLE}/x.jsonl"}, "KALLM_SURELY_UNSET_VARIABLE is not set"),
+        ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "train": {"seed": 3}}, "set per run"),
+        ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "train": {"trainable": "most"}}, "trainable must be"),
+        ({"seeds": []}, "at least one seed"),
+    ],
+)
+def test_bad_configs_are_refused_with_a_clear_message(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_experiment(write_config(tmp_path, **overrides))
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="experiment config not found"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+def test_shipped_recipes_load(monkeypatch):
+    monkeypatch.setenv("KALLM_DATA_DIR", "/data")
+    small = load_experiment(CONFIGS / "cpu-small.yaml")
+    research = load_experiment(CONFIGS / "research.yaml")
+    assert small.data == "/data/chat/oasst_en100/all_paths.jsonl"
+    assert [arm.name for arm in research.arms][:2] == ["baseline", "linear-restart"] and research.seeds == [0, 1, 2]
