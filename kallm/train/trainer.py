@@ -121,16 +121,17 @@ class MetricsFileCallback(TrainerCallback):
     file reads like one uninterrupted run.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, resume_step: int = 0):
         self.path = Path(path)
+        self.resume_step = resume_step
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         kept = []
-        if state.global_step > 0 and self.path.is_file():
+        if self.resume_step > 0 and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= state.global_step:
+                if line.strip() and json.loads(line).get("step", 0) <= self.resume_step:
                     kept.append(line + "\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(kept), encoding="utf-8")
@@ -160,7 +161,9 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
         length_column_name="length",
         bf16=config.bf16,
         fp16=config.fp16,
-        gradient_checkpointing=config.gradient_checkpointing,
+        # transformers refuses bf16 without a GPU unless told that CPU is intended; CPU autocast handles it.
+        use_cpu=config.bf16 and not torch.cuda.is_available(),
+        activation_checkpointing=config.gradient_checkpointing,
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
@@ -213,7 +216,7 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         extra = dict(teacher=teacher, alpha=config.distill_alpha, temperature=config.distill_temperature)
     trainer = trainer_class(
         model=model, args=args, train_dataset=dataset, data_collator=ChatCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, callbacks=[MetricsFileCallback(metrics_file), *(callbacks or [])], **extra,
+        processing_class=tokenizer, callbacks=[MetricsFileCallback(metrics_file, _checkpoint_step(resume)), *(callbacks or [])], **extra,
     )
     if trainer.is_world_process_zero():
         logger.info("training %s trainable parameters (%s) on %s", f"{trainable:,}", config.trainable,
@@ -252,6 +255,13 @@ def _resume_checkpoint(config: TrainConfig):
     if not os.path.isdir(config.resume):
         raise FileNotFoundError(f"checkpoint to resume from not found: {config.resume}")
     return str(config.resume)
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    if checkpoint is None:
+        return 0
+    state = Path(checkpoint) / "trainer_state.json"
+    return json.loads(state.read_text(encoding="utf-8"))["global_step"] if state.is_file() else 0
 
 
 def _check_teacher(model, teacher):
