@@ -1,0 +1,213 @@
+"""``kallm demo``: the main job, end to end on the bundled SmolLM2-135M-Instruct, offline.
+
+1. Generate chat data with the original model (its replies to prompts kallm ships).
+2. Retrofit the last 5 blocks with function-preserving init, calibrated on that data.
+3. Heal briefly by distillation from the original model.
+4. Measure perplexity and chat loss on held-out generated conversations (and WikiText /
+   a BBH subset when ``--text`` / ``--bbh-dir`` or ``$KALLM_DATA_DIR`` provide them)
+   for the original, the fitted and the healed model.
+5. Save, reload in a fresh Python process through ``AutoModelForCausalLM`` with
+   ``trust_remote_code=True``, and reply to a prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .eval.evaluate import evaluate
+from .loading import DEFAULT_MODEL, load_model
+from .surgery.retrofit import retrofit
+from .surgery.trainable import summary
+from .train.trainer import TrainConfig, train
+
+PROMPTS = (
+    "Explain why the sky looks blue during the day.",
+    "Give me three tips for keeping houseplants healthy.",
+    "What is the difference between weather and climate?",
+    "Write a short poem about a rainy morning.",
+    "How do vaccines help the body fight disease?",
+    "Summarize the water cycle in a few sentences.",
+    "What are some good habits for studying effectively?",
+    "Describe how a bicycle works.",
+    "Why do we have seasons on Earth?",
+    "Suggest a simple recipe for a vegetable soup.",
+    "What does a computer's processor do?",
+    "How can I improve my sleep?",
+    "Explain what photosynthesis is to a ten-year-old.",
+    "What are the main causes of ocean tides?",
+    "Give two arguments for learning a second language.",
+    "How does a refrigerator keep food cold?",
+    "What is a prime number? Give examples.",
+    "Describe the life cycle of a butterfly.",
+    "Why is regular exercise good for the heart?",
+    "What should I pack for a weekend hiking trip?",
+    "Explain how a rainbow forms.",
+    "What is the role of bees in agriculture?",
+    "How do I write a polite email asking for a deadline extension?",
+    "What is the difference between a virus and a bacterium?",
+    "Describe a typical day of a lighthouse keeper.",
+    "Why does ice float on water?",
+    "List some ways to reduce plastic waste at home.",
+    "How does the moon change its shape over a month?",
+    "What is gravity?",
+    "Give me a short story opening about a lost key.",
+    "How do airplanes stay in the air?",
+    "What makes a good team leader?",
+)
+QUESTION = "What is the capital of France?"
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts, max_new_tokens: int = 96, batch_size: int = 8) -> list[str]:
+    """Greedy replies of ``model`` to single-turn chat ``prompts`` (batched, left padded)."""
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    replies = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [
+                tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True)
+                for p in prompts[start:start + batch_size]
+            ]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+            replies += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    return [reply.strip() for reply in replies]
+
+
+def conversations(prompts, replies) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
+            for p, r in zip(prompts, replies)]
+
+
+def write_jsonl(rows, path: Path) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def measure(model, tokenizer, held_out: Path, args) -> dict:
+    tasks = ["chat_loss"] + (["perplexity"] if args.text else []) + (["bbh"] if args.bbh_dir else [])
+    results = evaluate(
+        model, tokenizer, tasks, chat_data=str(held_out), text=args.text, max_tokens=args.text_tokens,
+        bbh_source=args.bbh_dir, bbh_tasks=args.bbh_tasks, limit=args.bbh_limit, mode="loglik", progress=False,
+    )
+    row = {"chat_loss": results["chat_loss"]["loss"]}
+    if "perplexity" in results:
+        row["perplexity"] = results["perplexity"]["perplexity"]
+    if "bbh" in results:
+        row["bbh"] = results["bbh"]["average"]
+    return row
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    columns = [("chat_loss", "held-out chat loss", "{:.3f}"), ("perplexity", "WikiText-2 perplexity", "{:.2f}"),
+               ("bbh", "BBH accuracy (loglik)", "{:.1%}")]
+    columns = [c for c in columns if any(c[0] in row for row in rows.values())]
+    lines = ["| model | " + " | ".join(c[1] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(c[2].format(row[c[0]]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+RELOAD_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, question = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder)
+ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)
+out = model.generate(**ids, max_new_tokens=40, do_sample=False)
+print(type(model).__name__, "|", tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+"""
+
+
+def reload_and_reply(folder: Path, question: str) -> str:
+    """Load ``folder`` in a fresh interpreter that never imports kallm (remote code path)."""
+    result = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(folder), question], capture_output=True,
+                            text=True, cwd=folder, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"reloading {folder} in a fresh process failed:\n{result.stderr[-2000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data_dir = os.environ.get("KALLM_DATA_DIR")
+    wikitext = Path(data_dir, "text/wikitext2/wiki.test.raw") if data_dir else None
+    bbh = Path(data_dir, "bbh/bbh") if data_dir else None
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--out", default="runs/demo", help="working folder; the healed model goes to OUT/model")
+    parser.add_argument("--last-n", type=int, default=5)
+    parser.add_argument("--basis", default="cheby2")
+    parser.add_argument("--degree", type=int, default=2)
+    parser.add_argument("--heal-steps", type=int, default=30, help="distillation steps (0 skips healing)")
+    parser.add_argument("--held-out", type=int, default=8, help="generated conversations kept for evaluation")
+    parser.add_argument("--text", default=str(wikitext) if wikitext and wikitext.is_file() else None,
+                        help="text file for perplexity (default: WikiText-2 test under $KALLM_DATA_DIR, if set)")
+    parser.add_argument("--text-tokens", type=int, default=2048, help="tokens of --text scored")
+    parser.add_argument("--bbh-dir", default=str(bbh) if bbh and bbh.is_dir() else None,
+                        help="BBH task folder (default: $KALLM_DATA_DIR/bbh/bbh, if set)")
+    parser.add_argument("--bbh-tasks", default="boolean_expressions,navigate,sports_understanding,web_of_lies,"
+                        "causal_judgement", help="BBH tasks to score (comma-separated)")
+    parser.add_argument("--bbh-limit", type=int, default=12, help="examples per BBH task")
+    parser.add_argument("--question", default=QUESTION)
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.held_out >= len(PROMPTS):
+        raise ValueError(f"--held-out must be below the {len(PROMPTS)} shipped prompts")
+    print(f"[1/6] Loading {args.model} ...", flush=True)
+    model, tokenizer = load_model(args.model)
+    original = copy.deepcopy(model).eval()
+
+    print(f"[2/6] Generating {len(PROMPTS)} conversations with the original model ...", flush=True)
+    data = conversations(PROMPTS, generate_replies(model, tokenizer, list(PROMPTS)))
+    train_file = write_jsonl(data[args.held_out:], out / "generated_train.jsonl")
+    held_out = write_jsonl(data[:args.held_out], out / "generated_held_out.jsonl")
+    rows = {"original": measure(original, tokenizer, held_out, args)}
+
+    print(f"[3/6] Retrofitting the last {args.last_n} blocks ({args.basis}, degree {args.degree}) with "
+          f"function-preserving init ...", flush=True)
+    calibration = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in data[args.held_out:]]
+    retrofit(model, last_n=args.last_n, basis=args.basis, degree=args.degree, init="fit",
+             calibration=calibration, tokenizer=tokenizer)
+    rows["retrofitted, fit init"] = measure(model, tokenizer, held_out, args)
+
+    if args.heal_steps > 0:
+        print(f"[4/6] Healing: {args.heal_steps} distillation steps from the original model ...", flush=True)
+        config = TrainConfig(output_dir=str(out / "heal"), max_steps=args.heal_steps, batch_size=4, max_length=256,
+                             learning_rate=2e-4, warmup=0.1, trainable="retrofitted", logging_steps=5,
+                             save_steps=10_000, distill_alpha=0.9)
+        train(model, tokenizer, str(train_file), config, teacher=original)
+        model.eval()
+        rows[f"+ {args.heal_steps} healing steps"] = measure(model, tokenizer, held_out, args)
+    del original
+    summary(model)
+    print("\n" + format_table(rows) + "\n", flush=True)
+
+    folder = out / "model"
+    print(f"[5/6] Saving to {folder} ...", flush=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (out / "demo_results.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    (out / "demo_results.md").write_text(format_table(rows) + "\n", encoding="utf-8")
+
+    print("[6/6] Reloading in a fresh process (AutoModelForCausalLM, trust_remote_code=True) ...", flush=True)
+    print(f"    Q: {args.question}\n    {reload_and_reply(folder, args.question)}")
+    print(f"\nDone in {time.perf_counter() - started:.0f} s. Results: {out / 'demo_results.md'}")
+    return 0
