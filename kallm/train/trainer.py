@@ -161,8 +161,8 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
         length_column_name="length",
         bf16=config.bf16,
         fp16=config.fp16,
-        # transformers refuses bf16 without a GPU unless told that CPU is intended; CPU autocast handles it.
-        use_cpu=config.bf16 and not torch.cuda.is_available(),
+        # Said explicitly, CPU-only machines get gloo data parallelism under torchrun and bf16 autocast.
+        use_cpu=not _accelerator_available(),
         activation_checkpointing=config.gradient_checkpointing,
         save_strategy="steps",
         save_steps=config.save_steps,
@@ -171,6 +171,7 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in the forward pass
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
         disable_tqdm=not config.progress_bar,
@@ -255,6 +256,11 @@ def _resume_checkpoint(config: TrainConfig):
     if not os.path.isdir(config.resume):
         raise FileNotFoundError(f"checkpoint to resume from not found: {config.resume}")
     return str(config.resume)
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _checkpoint_step(checkpoint: str | None) -> int:
