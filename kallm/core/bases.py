@@ -1,12 +1,19 @@
 """Basis families for KAN layers.
 
-A basis turns one bounded input ``t`` (in (-1, 1), see ``layers.py``) into ``K`` feature
+A basis turns one bounded input ``t`` (in [-1, 1], see ``layers.py``) into ``K`` feature
 values ``phi_1(t) .. phi_K(t)``. A KAN layer learns one coefficient per (input, output,
 feature), so each edge function is ``f_io(t) = sum_k w_iok * phi_k(t)``.
 
-Every basis returns its features as a list of ``K`` tensors shaped like ``t``. The fused
-op (``kan_function.py``) concatenates them along the last dimension, which gives the
-"blocked by degree" layout its single matrix multiply expects.
+A basis answers three questions, the first required, the others optional speed-ups:
+
+- ``values(t, params)``: the ``K`` features as a list of tensors shaped like ``t``, built
+  by plain differentiable torch ops. The textbook formulation and the fused op's autograd
+  fallback use it.
+- ``write_values(t, params, out)``: the same values written into ``out``, ``K`` views of
+  the fused op's feature buffer, so that no list is concatenated (by default: ``values``
+  copied in).
+- ``derivatives(t, values)``: ``d phi_k / dt`` (tensors, or numbers where constant), which
+  lets the fused op's backward skip autograd. Bases that set ``has_derivatives`` provide it.
 
 A constant feature (``P_0 = 1`` and its kin) is never returned: it would cost
 ``in * out`` coefficients to express what one bias per output already does.
@@ -23,17 +30,19 @@ import torch
 
 
 class Basis:
-    """A family of univariate feature functions.
+    """A family of univariate feature functions; subclass it to add your own.
 
-    Subclasses set ``name`` and implement ``values``. Implementing
-    ``values_and_derivatives`` as well lets the fused op skip autograd in its backward
-    pass; bases without it (or with learnable parameters) are differentiated by a local
-    autograd recompute, which is slower but still saves only the layer input.
+    Subclasses set ``name`` (and ``option_names`` when their constructor takes options
+    besides ``degree``) and implement ``values``. Setting ``has_derivatives`` and
+    implementing ``derivatives`` lets the fused op differentiate without autograd; bases
+    without it (or with learnable parameters) are differentiated by a local autograd
+    recompute in the op's backward, which is slower but still saves only the layer input.
     """
 
     name: str = ""
-    #: options the constructor accepts besides ``degree``; used for error messages.
+    #: options the constructor accepts besides ``degree``; used to reject unknown ones.
     option_names: tuple[str, ...] = ()
+    has_derivatives = False
 
     def __init__(self, degree: int):
         if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
@@ -53,13 +62,22 @@ class Basis:
         return [torch.zeros(shape) for shape in self.parameter_shapes(in_features)]
 
     def values(self, t: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The ``num_features`` features of ``t``, each shaped like ``t``."""
+        raise NotImplementedError(f"basis {self.name!r} must implement values(t, params)")
 
-    # Bases that know their derivatives override this and set ``has_derivatives``.
-    has_derivatives = False
+    def write_values(self, t: torch.Tensor, params: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+        """Write the features into ``out`` (one view per feature, shaped like ``t``)."""
+        values = self.values(t, params)
+        if len(values) != len(out):
+            raise ValueError(
+                f"basis {self.name!r} returned {len(values)} features but its num_features is {len(out)}"
+            )
+        for slot, value in zip(out, values):
+            slot.copy_(value)
 
-    def values_and_derivatives(self, t: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        raise NotImplementedError
+    def derivatives(self, t: torch.Tensor, values: list[torch.Tensor]) -> list[torch.Tensor | float]:
+        """``d phi_k / dt`` given ``values`` from ``write_values``; a number where it is constant."""
+        raise NotImplementedError(f"basis {self.name!r} has no closed-form derivatives")
 
     def describe(self) -> dict:
         """The constructor arguments, for configs and model cards."""
@@ -67,23 +85,34 @@ class Basis:
 
     def mean_square(self) -> float:
         """``sum_k E[phi_k(tanh z)^2]`` for ``z ~ N(0, 1)``: drives the variance-preserving init."""
-        z = math.sqrt(2.0) * torch.erfinv(torch.linspace(-1.0, 1.0, 4003, dtype=torch.float64)[1:-1])
-        t = torch.tanh(z).unsqueeze(-1)
-        params = [p.to(torch.float64) for p in self.initial_parameters(1)]
-        return float(sum(v.pow(2).mean() for v in self.values(t, params)))
+        # On CPU even inside a meta-device context (transformers builds models under one in
+        # from_pretrained), since the result must be a real number.
+        with torch.device("cpu"):
+            z = math.sqrt(2.0) * torch.erfinv(torch.linspace(-1.0, 1.0, 4003, dtype=torch.float64)[1:-1])
+            t = torch.tanh(z).unsqueeze(-1)
+            params = [p.to(torch.float64) for p in self.initial_parameters(1)]
+            return float(sum(v.pow(2).mean() for v in self.values(t, params)))
+
+
+def _add_scaled(acc: torch.Tensor, x, alpha: float) -> None:
+    """``acc += alpha * x`` in place, for a tensor or a number ``x``."""
+    if isinstance(x, torch.Tensor):
+        acc.add_(x, alpha=alpha)
+    elif alpha * x:
+        acc.add_(alpha * x)
 
 
 # --------------------------------------------------------------------------- polynomials
 
 
 class RecurrenceBasis(Basis):
-    """Orthogonal-style polynomials ``P_1 .. P_degree`` from a three-term recurrence.
+    """Polynomials ``P_1 .. P_degree`` from a three-term recurrence.
 
     ``P_0 = p0`` (a constant, folded into the layer bias), ``P_1 = a0 * t + b0`` and
     ``P_{n+1} = (a_n t + b_n) P_n - c_n P_{n-1}``. Differentiating the recurrence gives
-    ``P'_{n+1} = a_n P_n + (a_n t + b_n) P'_n - c_n P'_{n-1}``, so values and derivatives
-    come out of one loop with no trigonometric functions (whose derivative is infinite at
-    the domain's ends).
+    ``P'_1 = a0`` and ``P'_{n+1} = a_n P_n + (a_n t + b_n) P'_n - c_n P'_{n-1}`` (with
+    ``P'_0 = 0``): values and derivatives need no trigonometric functions, whose derivative
+    is infinite at the ends of the domain. Subclasses give ``first`` and ``step``.
     """
 
     has_derivatives = True
@@ -97,31 +126,48 @@ class RecurrenceBasis(Basis):
         raise NotImplementedError
 
     def values(self, t, params):
-        return self._run(t, with_derivatives=False)[0]
-
-    def values_and_derivatives(self, t):
-        return self._run(t, with_derivatives=True)
-
-    def _run(self, t, with_derivatives):
         p0, a0, b0 = self.first()
-        previous, current = None, t * a0 + b0 if b0 else t * a0
-        d_previous, d_current = None, None
-        if with_derivatives:
-            d_current = torch.full_like(t, a0)
-        values, derivatives = [current], [d_current]
+        lower, current = p0, a0 * t + b0
+        values = [current]
         for n in range(1, self.degree):
             a, b, c = self.step(n)
-            factor = t * a + b if b else t * a
-            lower = previous if previous is not None else p0
-            nxt = factor * current - c * lower
-            if with_derivatives:
-                d_lower = d_previous if d_previous is not None else 0.0
-                d_next = a * current + factor * d_current - c * d_lower
-                d_previous, d_current = d_current, d_next
-                derivatives.append(d_next)
-            previous, current = current, nxt
-            values.append(nxt)
-        return values, derivatives
+            lower, current = current, (a * t + b) * current - c * lower
+            values.append(current)
+        return values
+
+    def write_values(self, t, params, out):
+        # The same recurrence as ``values``, accumulated in place in the op's buffer.
+        p0, a0, b0 = self.first()
+        torch.mul(t, a0, out=out[0])
+        _add_scaled(out[0], 1.0, b0)
+        lower = p0
+        for n in range(1, self.degree):
+            a, b, c = self.step(n)
+            current, slot = out[n - 1], out[n]
+            if isinstance(lower, torch.Tensor):
+                torch.mul(lower, -c, out=slot)
+            else:
+                slot.fill_(-c * lower)
+            slot.addcmul_(t, current, value=a)
+            _add_scaled(slot, current, b)
+            lower = current
+
+    def derivatives(self, t, values):
+        _, a0, _ = self.first()
+        d_lower, d_current = 0.0, a0
+        derivatives = [a0]
+        for n in range(1, self.degree):
+            a, b, c = self.step(n)
+            d_next = torch.mul(values[n - 1], a)
+            if isinstance(d_current, torch.Tensor):
+                d_next.addcmul_(t, d_current, value=a)
+            else:
+                d_next.add_(t, alpha=a * d_current)
+            _add_scaled(d_next, d_current, b)
+            _add_scaled(d_next, d_lower, -c)
+            d_lower, d_current = d_current, d_next
+            derivatives.append(d_next)
+        return derivatives
 
 
 class Chebyshev1(RecurrenceBasis):
@@ -295,7 +341,7 @@ class BSpline(Basis):
 
     def __init__(self, degree, grid_size: int = 5):
         super().__init__(degree)
-        if not isinstance(grid_size, int) or grid_size < 1:
+        if not isinstance(grid_size, int) or isinstance(grid_size, bool) or grid_size < 1:
             raise ValueError(f"basis 'bspline': grid_size must be an integer >= 1, got {grid_size!r}")
         self.grid_size = grid_size
         self.spacing = 2.0 / grid_size
@@ -304,32 +350,25 @@ class BSpline(Basis):
     def num_features(self):
         return self.grid_size + self.degree
 
-    def _knot(self, j):
-        return -1.0 + (j - self.degree) * self.spacing
-
     def _splines(self, t, order):
+        """All splines of ``order`` at once, shaped ``(*t.shape, grid_size + 2 * degree - order)``."""
         count = self.grid_size + 2 * self.degree
-        splines = [((t >= self._knot(j)) & (t < self._knot(j + 1))).to(t.dtype) for j in range(count)]
+        knots = torch.arange(count + 1, dtype=t.dtype, device=t.device) * self.spacing
+        knots = knots - (1.0 + self.degree * self.spacing)
+        u = t.unsqueeze(-1)
+        splines = ((u >= knots[:-1]) & (u < knots[1:])).to(t.dtype)
         for p in range(1, order + 1):
-            scale = 1.0 / (p * self.spacing)
-            splines = [
-                ((t - self._knot(j)) * splines[j] + (self._knot(j + p + 1) - t) * splines[j + 1]) * scale
-                for j in range(len(splines) - 1)
-            ]
+            rising = (u - knots[: -(p + 1)]) * splines[..., :-1]
+            falling = (knots[p + 1 :] - u) * splines[..., 1:]
+            splines = (rising + falling) * (1.0 / (p * self.spacing))
         return splines
 
     def values(self, t, params):
-        return self._splines(t, self.degree)
+        return list(self._splines(t, self.degree).unbind(-1))
 
-    def values_and_derivatives(self, t):
+    def derivatives(self, t, values):
         lower = self._splines(t, self.degree - 1)
-        values = [
-            ((t - self._knot(j)) * lower[j] + (self._knot(j + self.degree + 1) - t) * lower[j + 1])
-            / (self.degree * self.spacing)
-            for j in range(len(lower) - 1)
-        ]
-        derivatives = [(lower[j] - lower[j + 1]) / self.spacing for j in range(len(lower) - 1)]
-        return values, derivatives
+        return list(((lower[..., :-1] - lower[..., 1:]) * (1.0 / self.spacing)).unbind(-1))
 
     def describe(self):
         return {**super().describe(), "grid_size": self.grid_size}
@@ -349,17 +388,20 @@ class RadialBasis(Basis):
         if not width > 0:
             raise ValueError(f"basis 'rbf': width must be > 0, got {width!r}")
         self.width = float(width)
-        spacing = 2.0 / (degree - 1) if degree > 1 else 2.0
-        self.scale = self.width * spacing
-        self.centres = [-1.0 + j * spacing for j in range(degree)] if degree > 1 else [0.0]
+        self.spacing = 2.0 / (degree - 1) if degree > 1 else 2.0
+        self.first_centre = -1.0 if degree > 1 else 0.0
+        self.scale = self.width * self.spacing
+
+    def _offsets(self, t):
+        """``(t - c_j) / w`` for all centres, shaped ``(*t.shape, degree)``."""
+        centres = torch.arange(self.degree, dtype=t.dtype, device=t.device) * self.spacing + self.first_centre
+        return (t.unsqueeze(-1) - centres) * (1.0 / self.scale)
 
     def values(self, t, params):
-        return [torch.exp(-((t - c) / self.scale).square()) for c in self.centres]
+        return list(torch.exp(-self._offsets(t).square()).unbind(-1))
 
-    def values_and_derivatives(self, t):
-        values = self.values(t, [])
-        derivatives = [v * (t - c) * (-2.0 / self.scale**2) for v, c in zip(values, self.centres)]
-        return values, derivatives
+    def derivatives(self, t, values):
+        return list((self._offsets(t) * torch.stack(values, -1) * (-2.0 / self.scale)).unbind(-1))
 
     def describe(self):
         return {**super().describe(), "width": self.width}
@@ -444,13 +486,18 @@ class ParallelBasis(Basis):
     def values(self, t, params):
         return [v for m, own in self._split(params) for v in m.values(t, own)]
 
-    def values_and_derivatives(self, t):
-        values, derivatives = [], []
+    def _split_features(self, features):
+        start = 0
         for m in self.members:
-            v, d = m.values_and_derivatives(t)
-            values += v
-            derivatives += d
-        return values, derivatives
+            yield m, features[start : start + m.num_features]
+            start += m.num_features
+
+    def write_values(self, t, params, out):
+        for (m, own), (_, slots) in zip(self._split(params), self._split_features(out)):
+            m.write_values(t, own, slots)
+
+    def derivatives(self, t, values):
+        return [d for m, own in self._split_features(values) for d in m.derivatives(t, own)]
 
     def describe(self):
         return {"basis": "+".join(m.name for m in self.members), "members": [m.describe() for m in self.members]}
@@ -486,25 +533,40 @@ def make_basis(spec: str, degree: int = 2, **options) -> Basis:
     """Build a basis from a name such as ``"cheby2"`` or a parallel spec ``"cheby2+rbf"``.
 
     Options a member does not take are ignored for parallel specs (so ``grid_size`` can
-    ride along with ``"bspline+cheby2"``) and rejected for single bases.
+    ride along with ``"bspline+cheby2"``) but must be taken by at least one member; single
+    bases reject options they do not take.
     """
+    names = _split_spec(spec)
+    if len(names) == 1:
+        return _build(names[0], degree, options, strict=True)
+    _check_options_taken(spec, options)
+    return ParallelBasis([_build(name, degree, options, strict=False) for name in names])
+
+
+def accepted_options(spec: str) -> set[str] | None:
+    """Options (besides ``degree``) that some basis in ``spec`` takes; None if a factory does not say."""
+    accepted = [getattr(_REGISTRY[name], "option_names", None) for name in _split_spec(spec)]
+    return None if None in accepted else set().union(*accepted)
+
+
+def _split_spec(spec):
     if not isinstance(spec, str):
         raise TypeError(f"basis must be a string, got {type(spec).__name__}")
     names = spec.split("+")
     for name in names:
         if name not in _REGISTRY:
-            raise ValueError(f"unknown basis {name!r}; valid choices: {', '.join(list_bases())}")
-    if len(names) == 1:
-        return _build(names[0], degree, options, strict=True)
-    used = set()
-    members = []
-    for name in names:
-        members.append(_build(name, degree, options, strict=False))
-        used.update(getattr(_REGISTRY[name], "option_names", ()))
-    unused = set(options) - used
+            raise ValueError(f"unknown basis {name!r} in {spec!r}; valid choices: {', '.join(list_bases())}")
+    return names
+
+
+def _check_options_taken(spec, options):
+    accepted = accepted_options(spec)
+    unused = set() if accepted is None else set(options) - accepted
     if unused:
-        raise ValueError(f"options {sorted(unused)} are not taken by any basis in {spec!r}")
-    return ParallelBasis(members)
+        raise ValueError(
+            f"options {sorted(unused)} are not taken by any basis in {spec!r}; "
+            f"valid options: {', '.join(sorted(accepted)) or 'none besides degree'}"
+        )
 
 
 def _build(name, degree, options, strict):
@@ -518,7 +580,12 @@ def _build(name, degree, options, strict):
                 f"valid options: {', '.join(accepted) if accepted else 'none besides degree'}"
             )
         options = {k: v for k, v in options.items() if k in accepted}
-    return factory(degree, **options)
+    basis = factory(degree, **options)
+    if not isinstance(basis, Basis):
+        raise TypeError(f"the factory registered as basis {name!r} returned {type(basis).__name__}, not a Basis")
+    # The registered name is what rebuilds this basis from a config.
+    basis.name = name
+    return basis
 
 
 for _cls in (Chebyshev1, Chebyshev2, Legendre, Jacobi, Gegenbauer, Hermite, Laguerre, Bessel,

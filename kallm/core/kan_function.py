@@ -6,15 +6,20 @@
     F = [phi_1(t) | phi_2(t) | ... | phi_K(t)]      shape (N, K * in), blocked by feature
     y = F @ weight.T + bias                weight: (out, K * in)
 
+The basis writes its features straight into the blocks of one preallocated ``F``, so
+the weights are used as stored: no per-call permute, copy or concatenation.
+
 Memory: autograd on the textbook formulation keeps ``t``, every recurrence step and the
 stacked features alive until backward, several times the layer input at degree 2. This
 op saves only ``x`` (plus the parameters, which exist anyway) and recomputes ``t``,
 ``F`` and ``dF/dt`` in backward, so its activation memory equals an ``nn.Linear`` fed
 the same input. The recompute is elementwise work, cheap next to the matrix multiplies.
+Bases with closed-form derivatives are differentiated without autograd; the others (and
+bases with learnable parameters) by a local autograd pass over the recomputed features.
 
-Precision: the input map and basis math run in float32 whatever the input dtype; the
-matrix multiplies run in the autocast dtype when autocast is on (else the weight dtype)
-and accumulate in float32 inside the GEMM.
+Precision: the input map and basis math run in float32 whatever the input dtype (float64
+stays float64); the matrix multiplies run in the autocast dtype when autocast is on (else
+the weight dtype) and accumulate in float32 inside the GEMM.
 
 Part of kallm's portable core: plain torch, sibling imports only.
 """
@@ -27,14 +32,7 @@ from .bases import Basis
 
 
 def _math_dtype(x):
-    """float32 for half inputs, float64 stays float64 (for gradcheck and references)."""
     return torch.promote_types(x.dtype, torch.float32)
-
-
-def _input_map(xm, scale, shift):
-    if scale is None:
-        return torch.tanh(xm)
-    return torch.tanh(torch.addcmul(shift.to(xm.dtype), xm, scale.to(xm.dtype)))
 
 
 def _compute_dtype(x, weight):
@@ -44,6 +42,30 @@ def _compute_dtype(x, weight):
     return weight.dtype
 
 
+def _input_map(xm, scale, shift):
+    if scale is None:
+        return torch.tanh(xm)
+    return torch.addcmul(shift.to(xm.dtype), xm, scale.to(xm.dtype)).tanh_()
+
+
+def _feature_buffer(t, count):
+    """An ``(N, count * in)`` buffer and its ``count`` blocks, each an ``(N, in)`` view."""
+    rows, width = t.shape
+    buffer = t.new_empty(rows, count * width)
+    return buffer, list(buffer.view(rows, count, width).unbind(1))
+
+
+def _features(basis, t, params):
+    """``F`` and its blocks ``phi_k(t)``."""
+    if torch.compiler.is_compiling():
+        # The compiler fuses the concatenation by itself and cannot trace writes into views.
+        values = basis.values(t, params)
+        return torch.cat(values, dim=-1), values
+    features, blocks = _feature_buffer(t, basis.num_features)
+    basis.write_values(t, params, blocks)
+    return features, blocks
+
+
 class KANLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, basis: Basis, *basis_params):
@@ -51,9 +73,10 @@ class KANLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             math_dtype = _math_dtype(x)
             t = _input_map(x.to(math_dtype), scale, shift)
-            features = torch.cat(basis.values(t, [p.to(math_dtype) for p in basis_params]), dim=-1)
-            w = weight.to(compute_dtype)
+            features, _ = _features(basis, t, [p.to(math_dtype) for p in basis_params])
+            del t
             features = features.to(compute_dtype)
+            w = weight.to(compute_dtype)
             if bias is None:
                 y = features @ w.t()
             else:
@@ -70,61 +93,86 @@ class KANLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         need_t = needs[0] or (scale is not None and (needs[3] or needs[4]))
         need_params = any(needs[6:])
-        grad_y = grad_y.to(dtype)
         grad_x = grad_weight = grad_bias = grad_scale = grad_shift = None
         param_grads = [None] * len(basis_params)
 
         with torch.autocast(x.device.type, enabled=False):
+            grad_y = grad_y.to(dtype)
             math_dtype = _math_dtype(x)
             xm = x.to(math_dtype)
             t = _input_map(xm, scale, shift)
+            grad_blocks = None
+            if need_t or need_params:
+                grad_features = (grad_y @ weight.to(dtype)).to(math_dtype)
+                grad_blocks = grad_features.view(t.shape[0], basis.num_features, t.shape[1]).unbind(1)
+
             grad_t = None
-            if basis.has_derivatives and not need_params:
-                values, derivatives = basis.values_and_derivatives(t) if need_t else (basis.values(t, []), None)
-                features = torch.cat(values, dim=-1).to(dtype)
+            if basis.has_derivatives and not basis_params:
+                features, blocks = _features(basis, t, [])
                 if need_t:
-                    grad_features = grad_y @ weight.to(dtype)
-                    width = t.shape[-1]
-                    for k, derivative in enumerate(derivatives):
-                        term = grad_features[..., k * width : (k + 1) * width].to(math_dtype) * derivative
-                        grad_t = term if grad_t is None else grad_t.add_(term)
+                    grad_t = _chain(grad_blocks, basis.derivatives(t, blocks))
             else:
-                # Bases without closed-form derivatives (or with learnable parameters):
-                # differentiate the elementwise part locally; still nothing was saved.
-                with torch.enable_grad():
-                    t_leaf = t.detach().requires_grad_(need_t)
-                    params = [p.detach().to(math_dtype).requires_grad_(n) for p, n in zip(basis_params, needs[6:])]
-                    features_m = torch.cat(basis.values(t_leaf, params), dim=-1)
-                features = features_m.detach().to(dtype)
-                inputs = ([t_leaf] if need_t else []) + [p for p in params if p.requires_grad]
-                if inputs:
-                    grad_features = (grad_y @ weight.to(dtype)).to(math_dtype)
-                    grads = list(torch.autograd.grad(features_m, inputs, grad_features, allow_unused=True))
-                    if need_t:
-                        grad_t = grads.pop(0)
-                    for i, p in enumerate(params):
-                        if p.requires_grad:
-                            g = grads.pop(0)
-                            param_grads[i] = (torch.zeros_like(p) if g is None else g).to(basis_params[i].dtype)
+                features, grad_t, param_grads = _autograd_recompute(
+                    basis, t, basis_params, grad_blocks, need_t, needs[6:]
+                )
 
             if needs[1]:
-                flat_grad_y = grad_y.reshape(-1, grad_y.shape[-1])
-                grad_weight = (flat_grad_y.t() @ features.reshape(-1, features.shape[-1])).to(weight.dtype)
+                grad_weight = (grad_y.t() @ features.to(dtype)).to(weight.dtype)
             if bias is not None and needs[2]:
-                grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).to(math_dtype).sum(0).to(bias.dtype)
+                grad_bias = grad_y.to(math_dtype).sum(0).to(bias.dtype)
             if grad_t is not None:
-                grad_u = grad_t * (1.0 - t * t)
+                grad_u = torch.ops.aten.tanh_backward(grad_t, t)
                 if scale is None:
                     grad_x = grad_u.to(x.dtype) if needs[0] else None
                 else:
                     if needs[0]:
                         grad_x = (grad_u * scale.to(math_dtype)).to(x.dtype)
-                    reduce_dims = tuple(range(grad_u.dim() - 1))
                     if needs[3]:
-                        grad_scale = (grad_u * xm).sum(reduce_dims).to(scale.dtype)
+                        grad_scale = (grad_u * xm).sum(0).to(scale.dtype)
                     if needs[4]:
-                        grad_shift = grad_u.sum(reduce_dims).to(shift.dtype)
+                        grad_shift = grad_u.sum(0).to(shift.dtype)
         return (grad_x, grad_weight, grad_bias, grad_scale, grad_shift, None, *param_grads)
+
+
+def _chain(grad_blocks, derivatives):
+    """``sum_k dL/dphi_k * dphi_k/dt``, where a derivative may be a plain number."""
+    grad_t = None
+    for grad_block, derivative in zip(grad_blocks, derivatives):
+        if grad_t is None:
+            grad_t = grad_block * derivative
+        elif isinstance(derivative, torch.Tensor):
+            grad_t.addcmul_(grad_block, derivative)
+        else:
+            grad_t.add_(grad_block, alpha=derivative)
+    return grad_t
+
+
+def _autograd_recompute(basis, t, basis_params, grad_blocks, need_t, needs_params):
+    """The features, and the gradients with respect to ``t`` and each basis parameter (None
+    where not needed), by a local autograd pass over the recomputed basis values."""
+    with torch.enable_grad():
+        t_leaf = t.detach().requires_grad_(need_t)
+        params = [p.detach().to(t.dtype).requires_grad_(n) for p, n in zip(basis_params, needs_params)]
+        values = basis.values(t_leaf, params)
+    if len(values) != basis.num_features:
+        raise ValueError(
+            f"basis {basis.name!r} returned {len(values)} features but its num_features is {basis.num_features}"
+        )
+    features = torch.cat([value.detach() for value in values], dim=-1)
+
+    inputs = [t_leaf] * need_t + [p for p in params if p.requires_grad]
+    if not inputs:
+        return features, None, [None] * len(params)
+    # Features that do not depend on t or the parameters (a constant) contribute nothing.
+    pairs = [(value, grad) for value, grad in zip(values, grad_blocks) if value.requires_grad]
+    grads = [None] * len(inputs)
+    if pairs:
+        outputs, grad_outputs = zip(*pairs)
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+    grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
+    grad_t = grads.pop(0) if need_t else None
+    param_grads = [grads.pop(0).to(orig.dtype) if p.requires_grad else None for p, orig in zip(params, basis_params)]
+    return features, grad_t, param_grads
 
 
 def kan_linear(x, weight, bias, scale, shift, basis: Basis, basis_params=()):

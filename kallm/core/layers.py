@@ -10,10 +10,12 @@ import math
 import torch
 from torch import nn
 
-from .bases import Basis, make_basis
+from .bases import Basis, accepted_options, make_basis
 from .kan_function import kan_linear
 
 INPUT_MAPS = ("affine", "tanh")
+#: KANLinear arguments a KANFeedForward passes to every layer; the rest are basis options.
+LAYER_OPTIONS = ("input_map", "bias", "device", "dtype")
 
 
 class KANLinear(nn.Module):
@@ -54,8 +56,7 @@ class KANLinear(nn.Module):
         super().__init__()
         _check_size("in_features", in_features)
         _check_size("out_features", out_features)
-        if input_map not in INPUT_MAPS:
-            raise ValueError(f"unknown input_map {input_map!r}; valid choices: {', '.join(INPUT_MAPS)}")
+        _check_input_map(input_map)
         if dtype is not None and not torch.empty((), dtype=dtype).is_floating_point():
             raise TypeError(f"KANLinear needs a floating point dtype, got {dtype}")
         self.in_features, self.out_features = in_features, out_features
@@ -121,6 +122,7 @@ class KANLinear(nn.Module):
     @staticmethod
     def count_parameters(in_features, out_features, basis="cheby2", degree=2, input_map="affine", bias=True, **options):
         """Parameter count of a ``KANLinear`` with these arguments, without building it."""
+        _check_input_map(input_map)
         built = make_basis(basis, degree, **options)
         count = out_features * in_features * built.num_features + (out_features if bias else 0)
         count += 2 * in_features if input_map == "affine" else 0
@@ -144,8 +146,8 @@ class KANFeedForward(nn.Module):
         _check_size("intermediate_size", intermediate_size)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.layers = nn.ModuleList(
-            KANLinear(n_in, n_out, stage, degree, **options)
-            for stage, (n_in, n_out) in zip(_stages(basis), _stage_sizes(hidden_size, intermediate_size, basis))
+            KANLinear(n_in, n_out, stage, degree, **stage_options)
+            for stage, (n_in, n_out), stage_options in _plan(hidden_size, intermediate_size, basis, options)
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -156,39 +158,78 @@ class KANFeedForward(nn.Module):
     @staticmethod
     def count_parameters(hidden_size, intermediate_size, basis="cheby2", degree=2, **options):
         return sum(
-            KANLinear.count_parameters(n_in, n_out, stage, degree, **options)
-            for stage, (n_in, n_out) in zip(_stages(basis), _stage_sizes(hidden_size, intermediate_size, basis))
+            KANLinear.count_parameters(n_in, n_out, stage, degree, **stage_options)
+            for stage, (n_in, n_out), stage_options in _plan(hidden_size, intermediate_size, basis, options)
         )
 
 
 def intermediate_size_for_budget(hidden_size: int, budget: int, basis: str = "cheby2", degree: int = 2, **options) -> int:
-    """Largest intermediate size whose ``KANFeedForward`` has at most ``budget`` parameters."""
+    """Largest intermediate size whose ``KANFeedForward`` has at most ``budget`` parameters.
+
+    The count grows with the intermediate size (quadratically once a spec has three stages),
+    so the answer is found by bisection on ``KANFeedForward.count_parameters``.
+    """
     _check_size("hidden_size", hidden_size)
-    fixed = KANFeedForward.count_parameters(hidden_size, 0, basis, degree, **options)
-    per_unit = KANFeedForward.count_parameters(hidden_size, 1, basis, degree, **options) - fixed
-    size = (budget - fixed) // per_unit
-    if size < 1:
-        smallest = fixed + per_unit
-        raise ValueError(f"a parameter budget of {budget} is too small: the smallest KANFeedForward "
-                         f"(intermediate_size=1) with basis {basis!r}, degree {degree} has {smallest}")
-    return int(size)
+    if not isinstance(budget, int) or isinstance(budget, bool):
+        raise TypeError(f"budget must be an integer number of parameters, got {budget!r}")
+
+    def fits(size):
+        return KANFeedForward.count_parameters(hidden_size, size, basis, degree, **options) <= budget
+
+    if not fits(1):
+        smallest = KANFeedForward.count_parameters(hidden_size, 1, basis, degree, **options)
+        raise ValueError(
+            f"a parameter budget of {budget} is too small: the smallest KANFeedForward "
+            f"(intermediate_size=1) with basis {basis!r}, degree {degree} has {smallest}"
+        )
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:  # fits(low) and not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
-def _stages(basis):
+def _plan(hidden_size, intermediate_size, basis, options):
+    """``(stage spec, (in, out), KANLinear options)`` for each layer of a ``KANFeedForward``.
+
+    Layer options go to every layer. With stages of different bases, a basis option goes
+    to the stages that take it (``grid_size`` in ``"bspline>cheby2"``) and must be taken by
+    at least one; with one basis throughout, that basis checks the options itself.
+    """
     if not isinstance(basis, str):
         raise TypeError(f"basis must be a string, got {type(basis).__name__}")
     stages = basis.split(">")
     if any(not s for s in stages):
         raise ValueError(f"malformed basis spec {basis!r}: empty stage around '>'")
-    return stages if len(stages) > 1 else stages * 2
-
-
-def _stage_sizes(hidden_size, intermediate_size, basis):
-    n = len(_stages(basis))
-    sizes = [hidden_size] + [intermediate_size] * (n - 1) + [hidden_size]
-    return list(zip(sizes[:-1], sizes[1:]))
+    if len(stages) == 1:
+        stages = stages * 2
+    sizes = [hidden_size] + [intermediate_size] * (len(stages) - 1) + [hidden_size]
+    per_stage = [options] * len(stages)
+    if len(set(stages)) > 1:
+        layer_options = {k: v for k, v in options.items() if k in LAYER_OPTIONS}
+        basis_options = {k: v for k, v in options.items() if k not in LAYER_OPTIONS}
+        accepted = [accepted_options(stage) for stage in stages]
+        if None not in accepted:
+            unused = set(basis_options).difference(*accepted)
+            if unused:
+                raise ValueError(
+                    f"options {sorted(unused)} are not taken by any stage of {basis!r}; valid options: "
+                    f"{', '.join(sorted(set(LAYER_OPTIONS).union(*accepted)))}"
+                )
+        per_stage = [
+            {**layer_options, **{k: v for k, v in basis_options.items() if taken is None or k in taken}}
+            for taken in accepted
+        ]
+    return list(zip(stages, zip(sizes[:-1], sizes[1:]), per_stage))
 
 
 def _check_size(name, value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_input_map(input_map):
+    if input_map not in INPUT_MAPS:
+        raise ValueError(f"unknown input_map {input_map!r}; valid choices: {', '.join(INPUT_MAPS)}")
