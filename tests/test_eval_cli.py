@@ -1,0 +1,154 @@
+"""The evaluate() API, its markdown/JSON report, the ``kallm eval`` command, and the real model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from conftest import make_tiny_tokenizer
+from test_eval_bbh import TOY, chat_model, write_tasks
+
+from kallm.eval import cli, evaluate, to_markdown, write_results
+from kallm.eval.evaluate import parse_tasks
+
+TEXT = "A tiny text to score, long enough for a couple of windows of a few tokens each.\n"
+CHATS = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(row) + "\n" for row in CHATS))
+    return {"bbh": write_tasks(tmp_path / "bbh", TOY), "text": text, "chats": chats}
+
+
+def test_parse_tasks():
+    assert parse_tasks("bbh, perplexity,bbh") == ["bbh", "perplexity"]
+    assert parse_tasks(["chat_loss"]) == ["chat_loss"]
+    with pytest.raises(ValueError, match="unknown evaluation.*mmlu; choose from: bbh, perplexity, chat_loss"):
+        parse_tasks("bbh,mmlu")
+    with pytest.raises(ValueError, match="none given"):
+        parse_tasks(" , ")
+
+
+def test_evaluate_every_task_and_write_the_report(inputs, tmp_path):
+    model, tokenizer = chat_model("llama"), make_tiny_tokenizer()
+    results = evaluate(model, tokenizer, "bbh,perplexity,chat_loss", bbh_source=inputs["bbh"], limit=2,
+                       mode="loglik", text=str(inputs["text"]), max_length=16, chat_data=str(inputs["chats"]),
+                       batch_size=2, progress=False)
+    assert list(results) == ["model", "bbh", "perplexity", "chat_loss"]
+    assert results["bbh"]["mode"] == "loglik" and set(results["bbh"]["tasks"]) == {"boolean_expressions", "hyperbaton"}
+    assert results["bbh"]["tasks"]["boolean_expressions"]["total"] == 2  # limit
+    assert results["perplexity"]["tokens"] == len(TEXT) - 1 and results["perplexity"]["source"] == str(inputs["text"])
+    assert results["chat_loss"]["conversations"] == 2
+    assert all(results[task]["seconds"] >= 0 for task in ("bbh", "perplexity", "chat_loss"))
+
+    markdown = to_markdown(results)
+    accuracy = results["bbh"]["tasks"]["hyperbaton"]["accuracy"]
+    assert f"| hyperbaton | {100 * accuracy:.1f}% | {results['bbh']['tasks']['hyperbaton']['correct']} / 2 |" in markdown
+    assert f"| **average (2 tasks, macro)** | **{100 * results['bbh']['average']:.1f}%** | |" in markdown
+    assert "- object_counting: not scored (free-form answers" in markdown
+    assert f"| {inputs['text']} | {results['perplexity']['perplexity']:.2f} |" in markdown
+    assert f"| {inputs['chats']} | {results['chat_loss']['loss']:.4f} |" in markdown
+
+    paths = write_results(results, tmp_path / "out")
+    saved = json.loads(paths["json"].read_text())
+    assert "examples" not in saved["bbh"] and saved["bbh"]["tasks"] == results["bbh"]["tasks"]
+    assert saved["perplexity"] == results["perplexity"]
+    assert paths["markdown"].read_text() == markdown + "\n"
+    records = [json.loads(line) for line in paths["examples"].read_text().splitlines()]
+    assert records == results["bbh"]["examples"] and len(records) == 4
+
+
+def test_evaluate_errors(inputs):
+    model, tokenizer = chat_model("llama"), make_tiny_tokenizer()
+    with pytest.raises(ValueError, match="needs chat_data"):
+        evaluate(model, tokenizer, "chat_loss")
+    with pytest.raises(ValueError, match="unknown BBH mode 'fast'; choose one of: generate, loglik"):
+        evaluate(model, tokenizer, "bbh", bbh_source=inputs["bbh"], mode="fast")
+    with pytest.raises(ValueError, match="unknown BBH task"):
+        evaluate(model, tokenizer, "bbh", bbh_source=inputs["bbh"], bbh_tasks="snarks")
+    with pytest.raises(FileNotFoundError, match="text file not found"):
+        evaluate(model, tokenizer, "perplexity", text=str(inputs["text"]) + ".missing")
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    folder = tmp_path / "model"
+    chat_model("llama").save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_command_end_to_end(saved_model, inputs, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = cli.run(parse(["--model", str(saved_model), "--tasks", "bbh,perplexity,chat_loss",
+                          "--bbh-dir", str(inputs["bbh"]), "--bbh-tasks", "hyperbaton,boolean_expressions",
+                          "--limit", "1", "--max-new-tokens", "4", "--batch-size", "2", "--text", str(inputs["text"]),
+                          "--max-length", "16", "--chat-data", str(inputs["chats"]), "--out", str(out), "--quiet"]))
+    assert code == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["model"] == str(saved_model) and saved["bbh"]["mode"] == "generate"
+    assert list(saved["bbh"]["tasks"]) == ["hyperbaton", "boolean_expressions"]
+    assert all(entry["total"] == 1 for entry in saved["bbh"]["tasks"].values())
+    assert (out / "results.md").read_text().strip() in printed
+    assert len((out / "bbh_examples.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "bbh,mmlu"], "unknown evaluation"),
+    (["--tasks", "bbh", "--bbh-tasks", "nope"], "unknown BBH task"),
+    (["--tasks", "bbh", "--limit", "0"], "limit must be a positive"),
+])
+def test_command_rejects_bad_input_before_loading_the_model(argv, message, inputs, monkeypatch):
+    import kallm.loading
+
+    monkeypatch.setattr(kallm.loading, "load_model", lambda *a, **k: pytest.fail("the model should not load"))
+    with pytest.raises(ValueError, match=message):
+        cli.run(parse(["--bbh-dir", str(inputs["bbh"]), *argv]))
+
+
+def test_command_argument_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse(["--mode", "beam"])
+    error = capsys.readouterr().err
+    assert "invalid choice: 'beam'" in error and "generate" in error and "loglik" in error
+    with pytest.raises(SystemExit):
+        parse(["--bbh-dir", "a", "--bbh-dataset", "b"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no BBH task files"):
+        cli.run(parse(["--tasks", "bbh", "--bbh-dir", str(tmp_path / "empty")]))
+
+
+@pytest.mark.integration
+def test_real_model_on_two_bbh_tasks(smollm2, data_dir, tmp_path):
+    model, tokenizer = smollm2
+    tasks = "boolean_expressions,hyperbaton"
+    generated = evaluate(model, tokenizer, "bbh", bbh_source=data_dir / "bbh" / "bbh", bbh_tasks=tasks, limit=2,
+                         max_new_tokens=48, batch_size=4, progress=False)
+    bbh = generated["bbh"]
+    assert list(bbh["tasks"]) == tasks.split(",") and all(entry["total"] == 2 for entry in bbh["tasks"].values())
+    assert all(record["response"] for record in bbh["examples"])
+    # The instruct model answers in words the scorer understands.
+    assert sum(record["predicted"] is not None for record in bbh["examples"]) >= 3
+    paths = write_results(generated, tmp_path)
+    markdown = paths["markdown"].read_text()
+    assert "## BIG-Bench Hard (generate mode)" in markdown and "| boolean_expressions |" in markdown
+    assert json.loads(paths["json"].read_text())["bbh"]["average"] == pytest.approx(bbh["average"])
+
+    scored = evaluate(model, tokenizer, "bbh", bbh_source=data_dir / "bbh" / "bbh", bbh_tasks=tasks, limit=2,
+                      mode="loglik", progress=False)["bbh"]
+    assert all(entry["total"] == 2 for entry in scored["tasks"].values())
+    for record in scored["examples"]:
+        assert record["predicted"] in record["choices"] and all(lp < 0 for lp in record["logprobs"])
