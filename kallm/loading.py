@@ -62,7 +62,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     ``.gguf`` file (dequantized to float), or a bundled name (``smollm2-135m-instruct``).
     ``dtype`` defaults to float32; other keyword arguments go to ``from_pretrained``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     from .core import register_with_transformers
 
@@ -76,9 +76,15 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
             f"tokenizer.save_pretrained({source!r})"
         )
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **extra, **kwargs)
+    # GGUF weights are unpacked into plain float tensors, so that they can be retrofitted and trained.
+    dequantize = {"quantization_config": GgufConfig(dequantize=True)} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **extra, **dequantize, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     if gguf_file:
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            # Nothing is quantized any more; left tagged, transformers would refuse save_pretrained.
+            quantizer.remove_quantization_config(model)
         # Record where the weights came from (model cards, kan_config) instead of a temp path.
         model.config._name_or_path = name_or_path
     if tokenizer.pad_token is None:

@@ -252,20 +252,27 @@ for name, (folder, reference) in request["models"].items():
     with torch.no_grad():
         logits = model(ref["ids"]).logits
     state = model.state_dict()
-    results["models"][name] = {
+    entry = results["models"][name] = {
         "max_abs_diff": (logits - ref["logits"]).abs().max().item(),
         "module": type(model).__module__,
         "class": type(model).__name__,
         "kan_tensors_equal": all(torch.equal(state[k], v) for k, v in ref["kan_state"].items()),
         "tied": model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr(),
     }
-tokenizer = AutoTokenizer.from_pretrained(request["tokenizer_folder"], **load_kwargs)
-results["tokenizer_ids"] = tokenizer("w1 w5")["input_ids"]
-try:
-    AutoModelForCausalLM.from_pretrained(request["newer_schema"], **load_kwargs)
-    results["newer_schema_error"] = None
-except ValueError as error:
-    results["newer_schema_error"] = str(error)
+    if request.get("generate"):
+        tokenizer = AutoTokenizer.from_pretrained(folder, **load_kwargs)
+        output = model.generate(ref["ids"], max_new_tokens=request["generate"], do_sample=False)
+        entry["new_tokens"] = output[0, ref["ids"].shape[1]:].tolist()
+        entry["reply"] = tokenizer.decode(entry["new_tokens"], skip_special_tokens=True)
+if "tokenizer_folder" in request:
+    tokenizer = AutoTokenizer.from_pretrained(request["tokenizer_folder"], **load_kwargs)
+    results["tokenizer_ids"] = tokenizer("w1 w5")["input_ids"]
+if "newer_schema" in request:
+    try:
+        AutoModelForCausalLM.from_pretrained(request["newer_schema"], **load_kwargs)
+        results["newer_schema_error"] = None
+    except ValueError as error:
+        results["newer_schema_error"] = str(error)
 try:
     import kallm  # noqa: F811
     results["kallm_importable"] = True
@@ -275,13 +282,10 @@ print("\nRESULTS " + json.dumps(results))
 """
 
 
-def run_fresh_process(saved, tmp_path, block_kallm):
-    request = {
-        "block_kallm": block_kallm,
-        "models": {name: [str(saved[name][0]), str(saved[name][2])] for name in CASES},
-        "tokenizer_folder": str(saved[TOKENIZER_CASE][0]),
-        "newer_schema": str(saved["llama-newer-schema"][0]),
-    }
+def run_fresh_process(request, tmp_path):
+    """Run FRESH_PROCESS on ``request`` (models: name -> [folder, reference file]); its results."""
+    block_kallm = request["block_kallm"]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     if not block_kallm:
@@ -296,14 +300,23 @@ def run_fresh_process(saved, tmp_path, block_kallm):
     return json.loads(line[len("RESULTS "):])
 
 
+def _request(saved, block_kallm):
+    return {
+        "block_kallm": block_kallm,
+        "models": {name: [str(saved[name][0]), str(saved[name][2])] for name in CASES},
+        "tokenizer_folder": str(saved[TOKENIZER_CASE][0]),
+        "newer_schema": str(saved["llama-newer-schema"][0]),
+    }
+
+
 @pytest.fixture(scope="module")
 def without_kallm(saved, tmp_path_factory):
-    return run_fresh_process(saved, tmp_path_factory.mktemp("without_kallm"), block_kallm=True)
+    return run_fresh_process(_request(saved, block_kallm=True), tmp_path_factory.mktemp("without_kallm"))
 
 
 @pytest.fixture(scope="module")
 def with_kallm(saved, tmp_path_factory):
-    return run_fresh_process(saved, tmp_path_factory.mktemp("with_kallm"), block_kallm=False)
+    return run_fresh_process(_request(saved, block_kallm=False), tmp_path_factory.mktemp("with_kallm"))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -475,10 +488,12 @@ def test_load_model_reads_gguf_files(recorded_loads, tmp_path):
     gguf = tmp_path / "weights.Q4_1.gguf"
     gguf.write_bytes(b"GGUF")
     model, _ = kallm.load_model(str(gguf))
-    assert recorded_loads == [
-        ("model", str(tmp_path), {"dtype": torch.float32, "gguf_file": gguf.name}),
-        ("tokenizer", str(tmp_path), {"gguf_file": gguf.name}),
-    ]
+    (_, model_source, model_kwargs), tokenizer_call = recorded_loads
+    assert model_source == str(tmp_path)
+    # unpacked into plain float tensors, so the model can be retrofitted, trained and saved
+    assert model_kwargs.pop("quantization_config").dequantize is True
+    assert model_kwargs == {"dtype": torch.float32, "gguf_file": gguf.name}
+    assert tokenizer_call == ("tokenizer", str(tmp_path), {"gguf_file": gguf.name})
     assert model.config._name_or_path == str(gguf)
 
 
@@ -503,9 +518,10 @@ def test_bundled_name_resolves_to_the_packaged_gguf(recorded_loads, tmp_path, mo
     _fake_package(monkeypatch, tmp_path)
     assert kallm.loading.resolve_model("smollm2-135m-instruct") == (str(tmp_path), "SmolLM2-135M-Instruct.Q4_1.gguf")
     model, _ = kallm.load_model("smollm2-135m-instruct")
-    assert recorded_loads[0] == (
-        "model", str(tmp_path), {"dtype": torch.float32, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-    )
+    _, model_source, model_kwargs = recorded_loads[0]
+    assert model_source == str(tmp_path)
+    assert model_kwargs["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert model_kwargs["quantization_config"].dequantize is True
     assert model.config._name_or_path == "smollm2-135m-instruct"
     assert kallm.loading.DEFAULT_MODEL == "smollm2-135m-instruct"
 

@@ -1,0 +1,69 @@
+"""The real SmolLM2-135M-Instruct: retrofit its last 5 blocks, save it with its tokenizer,
+reload it in fresh processes (with kallm, and without kallm through trust_remote_code)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_checkpoint import CODE_FILES, run_fresh_process
+
+import kallm
+from kallm.core.layers import KANFeedForward
+
+pytestmark = pytest.mark.integration
+
+NEW_TOKENS = 8
+
+
+def test_real_smollm2_retrofit_save_and_reload(smollm2, tmp_path):
+    base, tokenizer = smollm2
+    model = kallm.retrofit(copy.deepcopy(base), last_n=5, basis="cheby2", degree=2).eval()
+
+    kan_config = model.config.kan_config
+    assert kan_config["layers"] == [25, 26, 27, 28, 29]
+    assert kan_config["base_model"] == "smollm2-135m-instruct"
+    assert sum(isinstance(m, KANFeedForward) for m in model.modules()) == 5
+    base_state, state = base.state_dict(), model.state_dict()
+    kept = [k for k in base_state if not any(k.startswith(f"model.layers.{i}.mlp.") for i in range(25, 30))]
+    assert len(kept) == len(base_state) - 5 * 3
+    for key in kept:
+        assert torch.equal(state[key], base_state[key]), key
+    # the research arms on the real weights
+    assert kallm.set_trainable(model, "tail+embeddings") == 39_371_298
+    linear = kallm.retrofit(copy.deepcopy(base), last_n=5, kind="linear")
+    assert kallm.set_trainable(linear, "tail+embeddings") == 46_012_608
+    del linear
+    model.requires_grad_(True)
+
+    folder = tmp_path / "smollm2-kan"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert {"model.safetensors", "config.json", "README.md", "tokenizer.json", *CODE_FILES} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert not list(folder.glob("*.bin"))
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+        expected_tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids.shape[1]:].tolist()
+    reference = tmp_path / "reference.pt"
+    kan_state = {k: v for k, v in state.items() if ".mlp.layers." in k}
+    torch.save({"ids": ids, "logits": logits, "kan_state": kan_state}, reference)
+
+    for block_kallm in (False, True):
+        request = {"block_kallm": block_kallm, "models": {"smollm2": [str(folder), str(reference)]},
+                   "generate": NEW_TOKENS}
+        result = run_fresh_process(request, tmp_path / f"process-{block_kallm}")["models"]["smollm2"]
+        assert result["class"] == "KALlamaForCausalLM"
+        assert result["module"].startswith("transformers_modules." if block_kallm else "kallm.")
+        assert result["max_abs_diff"] == 0.0
+        assert result["kan_tensors_equal"]
+        assert result["tied"]
+        # untrained KAN blocks: the reply is not sensible yet, but generation works end to end
+        assert result["new_tokens"] == expected_tokens
+        assert 1 <= len(result["new_tokens"]) <= NEW_TOKENS
+        assert isinstance(result["reply"], str)
