@@ -134,7 +134,8 @@ def test_clean_messages_reasons():
     assert clean_messages([{"role": "user"}]) == (None, "bad_message")
     assert clean_messages([{"role": "human", "content": "x"}]) == (None, "unknown_role")
     assert clean_messages([{"role": "user", "content": "x"}]) == (None, "no_assistant")
-    kept, reason = clean_messages([{"role": "user", "content": "x", "name": "u"}, {"role": "assistant", "content": "y"}])
+    messages = [{"role": "user", "content": "x", "name": "u"}, {"role": "assistant", "content": "y"}]
+    kept, reason = clean_messages(messages)
     assert reason is None and kept == [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
 
 

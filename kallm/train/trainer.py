@@ -202,7 +202,6 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     trainable = set_trainable(model, config.trainable)
     if config.packing:
         check_packing_support(model)
-    model.config.use_cache = False  # no KV cache in training; it would also hide packed sequences
 
     args = training_arguments(config)
     with args.main_process_first(desc="preparing the training data"):
@@ -215,16 +214,20 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     if teacher is not None:
         trainer_class = DistillationTrainer
         extra = dict(teacher=teacher, alpha=config.distill_alpha, temperature=config.distill_temperature)
+    callbacks = [MetricsFileCallback(metrics_file, _checkpoint_step(resume)), *(callbacks or [])]
     trainer = trainer_class(
         model=model, args=args, train_dataset=dataset, data_collator=ChatCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, callbacks=[MetricsFileCallback(metrics_file, _checkpoint_step(resume)), *(callbacks or [])], **extra,
+        processing_class=tokenizer, callbacks=callbacks, **extra,
     )
     if trainer.is_world_process_zero():
         logger.info("training %s trainable parameters (%s) on %s", f"{trainable:,}", config.trainable,
                     stats.describe())
-    output = trainer.train(resume_from_checkpoint=resume)
+    use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache would hide packed sequences
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        model.config.use_cache = use_cache
     trainer.save_model(config.output_dir)
-    model.config.use_cache = True
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = dict(output.metrics)
