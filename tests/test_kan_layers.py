@@ -404,7 +404,19 @@ class _Wave(Basis):
         return [torch.cos(k * frequency * t) - 1 for k in range(1, self.degree + 1)]
 
 
-@pytest.mark.parametrize("factory", [_Sine, _Wave])
+class _Power(Basis):
+    """Closed-form derivatives, one of them a plain number: skips autograd in backward."""
+
+    has_derivatives = True
+
+    def values(self, t, params):
+        return [t ** k for k in range(1, self.degree + 1)]
+
+    def derivatives(self, t, values):
+        return [1.0] + [k * values[k - 2] for k in range(2, self.degree + 1)]
+
+
+@pytest.mark.parametrize("factory", [_Sine, _Wave, _Power])
 def test_user_basis_works_end_to_end(registry, factory):
     register_basis("user", factory)
     assert "user" in kallm.list_bases()

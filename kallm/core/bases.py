@@ -12,8 +12,9 @@ A basis answers three questions, the first required, the others optional speed-u
 - ``write_values(t, params, out)``: the same values written into ``out``, ``K`` views of
   the fused op's feature buffer, so that no list is concatenated (by default: ``values``
   copied in).
-- ``derivatives(t, values)``: ``d phi_k / dt`` (tensors, or numbers where constant), which
-  lets the fused op's backward skip autograd. Bases that set ``has_derivatives`` provide it.
+- ``input_gradient(t, values, grads)``: ``dL/dt = sum_k dL/dphi_k * phi_k'(t)``, which
+  lets the fused op's backward skip autograd. Bases that set ``has_derivatives`` provide
+  it, usually by giving ``derivatives(t, values)`` (the ``phi_k'``).
 
 A constant feature (``P_0 = 1`` and its kin) is never returned: it would cost
 ``in * out`` coefficients to express what one bias per output already does.
@@ -34,9 +35,10 @@ class Basis:
 
     Subclasses set ``name`` (and ``option_names`` when their constructor takes options
     besides ``degree``) and implement ``values``. Setting ``has_derivatives`` and
-    implementing ``derivatives`` lets the fused op differentiate without autograd; bases
-    without it (or with learnable parameters) are differentiated by a local autograd
-    recompute in the op's backward, which is slower but still saves only the layer input.
+    implementing ``derivatives`` (or ``input_gradient``) lets the fused op differentiate
+    without autograd; bases without it (or with learnable parameters) are differentiated by
+    a local autograd recompute in the op's backward, which is slower but still saves only
+    the layer input.
     """
 
     name: str = ""
@@ -76,8 +78,20 @@ class Basis:
             slot.copy_(value)
 
     def derivatives(self, t: torch.Tensor, values: list[torch.Tensor]) -> list[torch.Tensor | float]:
-        """``d phi_k / dt`` given ``values`` from ``write_values``; a number where it is constant."""
+        """``d phi_k / dt`` given the ``values``; a number where it is constant."""
         raise NotImplementedError(f"basis {self.name!r} has no closed-form derivatives")
+
+    def input_gradient(self, t: torch.Tensor, values: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+        """``sum_k grads[k] * phi_k'(t)``, the gradient reaching ``t``; may overwrite ``grads``."""
+        grad_t = None
+        for grad, derivative in zip(grads, self.derivatives(t, values)):
+            if grad_t is None:
+                grad_t = grad * derivative
+            elif isinstance(derivative, torch.Tensor):
+                grad_t.addcmul_(grad, derivative)
+            else:
+                grad_t.add_(grad, alpha=derivative)
+        return grad_t
 
     def describe(self) -> dict:
         """The constructor arguments, for configs and model cards."""
@@ -94,14 +108,6 @@ class Basis:
             return float(sum(v.pow(2).mean() for v in self.values(t, params)))
 
 
-def _add_scaled(acc: torch.Tensor, x, alpha: float) -> None:
-    """``acc += alpha * x`` in place, for a tensor or a number ``x``."""
-    if isinstance(x, torch.Tensor):
-        acc.add_(x, alpha=alpha)
-    elif alpha * x:
-        acc.add_(alpha * x)
-
-
 # --------------------------------------------------------------------------- polynomials
 
 
@@ -109,10 +115,16 @@ class RecurrenceBasis(Basis):
     """Polynomials ``P_1 .. P_degree`` from a three-term recurrence.
 
     ``P_0 = p0`` (a constant, folded into the layer bias), ``P_1 = a0 * t + b0`` and
-    ``P_{n+1} = (a_n t + b_n) P_n - c_n P_{n-1}``. Differentiating the recurrence gives
-    ``P'_1 = a0`` and ``P'_{n+1} = a_n P_n + (a_n t + b_n) P'_n - c_n P'_{n-1}`` (with
-    ``P'_0 = 0``): values and derivatives need no trigonometric functions, whose derivative
-    is infinite at the ends of the domain. Subclasses give ``first`` and ``step``.
+    ``P_{n+1} = (a_n t + b_n) P_n - c_n P_{n-1}``; subclasses give ``first`` and ``step``.
+    No trigonometric function is involved, so nothing has an infinite derivative at the
+    ends of the domain (``cos(n acos t)`` does).
+
+    The backward pass runs the recurrence in reverse (its adjoint): with ``g_n = dL/dP_n``,
+    step ``n`` (from the top degree down) adds ``(a_n t + b_n) g_{n+1}`` to ``g_n``,
+    ``-c_n g_{n+1}`` to ``g_{n-1}`` and ``a_n P_n g_{n+1}`` to ``dL/dt``, and finally
+    ``dL/dt += a0 g_1``. That is the chain rule through
+    ``P'_{n+1} = a_n P_n + (a_n t + b_n) P'_n - c_n P'_{n-1}`` (``P'_1 = a0``, ``P'_0 = 0``)
+    without forming any ``P'_n``.
     """
 
     has_derivatives = True
@@ -136,38 +148,34 @@ class RecurrenceBasis(Basis):
         return values
 
     def write_values(self, t, params, out):
-        # The same recurrence as ``values``, accumulated in place in the op's buffer.
+        # The same recurrence as ``values``, written in place into the op's buffer.
         p0, a0, b0 = self.first()
         torch.mul(t, a0, out=out[0])
-        _add_scaled(out[0], 1.0, b0)
-        lower = p0
+        if b0:
+            out[0].add_(b0)
         for n in range(1, self.degree):
             a, b, c = self.step(n)
             current, slot = out[n - 1], out[n]
-            if isinstance(lower, torch.Tensor):
-                torch.mul(lower, -c, out=slot)
+            if n == 1:  # P_0 is the constant p0
+                torch.addcmul(t.new_full((), -c * p0), t, current, value=a, out=slot)
             else:
-                slot.fill_(-c * lower)
-            slot.addcmul_(t, current, value=a)
-            _add_scaled(slot, current, b)
-            lower = current
+                torch.mul(out[n - 2], -c, out=slot).addcmul_(t, current, value=a)
+            if b:
+                slot.add_(current, alpha=b)
 
-    def derivatives(self, t, values):
+    def input_gradient(self, t, values, grads):
+        # Accumulates dL/dt / a0 in grads[0] alongside g_1, then scales once: no extra buffer.
         _, a0, _ = self.first()
-        d_lower, d_current = 0.0, a0
-        derivatives = [a0]
-        for n in range(1, self.degree):
+        for n in range(self.degree - 1, 0, -1):
             a, b, c = self.step(n)
-            d_next = torch.mul(values[n - 1], a)
-            if isinstance(d_current, torch.Tensor):
-                d_next.addcmul_(t, d_current, value=a)
-            else:
-                d_next.add_(t, alpha=a * d_current)
-            _add_scaled(d_next, d_current, b)
-            _add_scaled(d_next, d_lower, -c)
-            d_lower, d_current = d_current, d_next
-            derivatives.append(d_next)
-        return derivatives
+            upper = grads[n]
+            grads[n - 1].addcmul_(t, upper, value=a)
+            if b:
+                grads[n - 1].add_(upper, alpha=b)
+            if n >= 2:
+                grads[n - 2].add_(upper, alpha=-c)
+            grads[0].addcmul_(values[n - 1], upper, value=a / a0)
+        return grads[0].mul_(a0)
 
 
 class Chebyshev1(RecurrenceBasis):
@@ -496,8 +504,12 @@ class ParallelBasis(Basis):
         for (m, own), (_, slots) in zip(self._split(params), self._split_features(out)):
             m.write_values(t, own, slots)
 
-    def derivatives(self, t, values):
-        return [d for m, own in self._split_features(values) for d in m.derivatives(t, own)]
+    def input_gradient(self, t, values, grads):
+        grad_t = None
+        for (m, own), (_, own_grads) in zip(self._split_features(values), self._split_features(grads)):
+            part = m.input_gradient(t, own, own_grads)
+            grad_t = part if grad_t is None else grad_t.add_(part)
+        return grad_t
 
     def describe(self):
         return {"basis": "+".join(m.name for m in self.members), "members": [m.describe() for m in self.members]}
