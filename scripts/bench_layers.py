@@ -8,9 +8,10 @@ At hidden size 576 (SmolLM2-135M) it compares, for each token count N:
 
 For each: parameters, median forward+backward time (the models run interleaved, and each
 ratio is the median of per-round ratios so that load shared by all three cancels),
-activation bytes saved for backward per token (``saved_tensors_hooks``; parameters and
-duplicates of one storage are not counted) and, on CUDA, the peak memory of one step above
-what was allocated before it. fp32 on CPU; bf16 as well on CUDA.
+activation bytes saved for backward per token (``saved_tensors_hooks``; parameters,
+duplicates of one storage and copies of weights, which do not grow with N, are not
+counted) and, on CUDA, the peak memory of one step above what was allocated before it.
+fp32 on CPU, at each ``--threads`` count; fp32 and bf16 on CUDA as well.
 
     python scripts/bench_layers.py                      # full run, writes docs/bench_layers.{json,md}
     python scripts/bench_layers.py --tokens 512 --repeats 5 --json '' --markdown ''   # quick look
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -90,6 +92,7 @@ def measure(models, tokens, dtype, device, repeats, warmup):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x = torch.randn(tokens, HIDDEN, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, HIDDEN, device=device, dtype=dtype)
+    half = x[: tokens // 2].detach().clone().requires_grad_()
     names = list(models)
     for _ in range(warmup):
         for name in names:
@@ -107,7 +110,10 @@ def measure(models, tokens, dtype, device, repeats, warmup):
             "parameters": sum(p.numel() for p in models[name].parameters()),
             "fwd_bwd_ms": 1e3 * statistics.median(times[name]),
             "ratio_vs_llama_mlp": statistics.median(ratios),
-            "saved_bytes_per_token": saved_bytes(models[name], x) / tokens,
+            # per-token slope between N/2 and N tokens: weight copies a model saves do not count
+            "saved_bytes_per_token": (saved_bytes(models[name], x) - saved_bytes(models[name], half))
+            / (tokens - half.shape[0]),
+            "saved_bytes": saved_bytes(models[name], x),
             "peak_memory_bytes": peak_memory(models[name], x, grad, device),
         })
     return rows
@@ -118,13 +124,13 @@ def markdown(rows, h) -> str:
         f"hidden 576; KAN intermediate h = {h}; saved-bytes target for the KAN FF in fp32: 4*(576+h) = "
         f"{4 * (HIDDEN + h)} bytes/token",
         "",
-        "| device | dtype | N | model | params | fwd+bwd ms | x LlamaMLP | saved bytes/token | peak GPU MiB |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "| device | threads | dtype | N | model | params | fwd+bwd ms | x LlamaMLP | saved bytes/token | peak GPU MiB |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.1f}"
         lines.append(
-            f"| {r['device']} | {r['dtype']} | {r['tokens']} | {r['model']} | {r['parameters']:,} | "
+            f"| {r['device']} | {r['threads'] or '-'} | {r['dtype']} | {r['tokens']} | {r['model']} | {r['parameters']:,} | "
             f"{r['fwd_bwd_ms']:.2f} | {r['ratio_vs_llama_mlp']:.2f} | {r['saved_bytes_per_token']:,.0f} | {peak} |"
         )
     return "\n".join(lines) + "\n"
@@ -137,25 +143,28 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--basis", default="cheby2")
     parser.add_argument("--degree", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                        help="CPU thread counts to measure (default: torch's choice)")
     parser.add_argument("--json", default=str(ROOT / "docs" / "bench_layers.json"), help="'' to skip")
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "bench_layers.md"), help="'' to skip")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    settings = [(torch.device("cpu"), torch.float32)]
+    settings = [(torch.device("cpu"), torch.float32, threads) for threads in args.threads]
     if torch.cuda.is_available():
-        settings += [(torch.device("cuda"), torch.float32), (torch.device("cuda"), torch.bfloat16)]
+        settings += [(torch.device("cuda"), dtype, args.threads[0]) for dtype in (torch.float32, torch.bfloat16)]
+    load_before = os.getloadavg()
     rows = []
-    for device, dtype in settings:
+    for device, dtype, threads in settings:
+        torch.set_num_threads(threads)
         torch.manual_seed(0)
         h, models = build_models(args.basis, args.degree)
         models = {name: model.to(device=device, dtype=dtype) for name, model in models.items()}
         for tokens in args.tokens:
-            rows += measure(models, tokens, dtype, device, args.repeats, args.warmup)
-            print(markdown([r for r in rows if r["tokens"] == tokens and r["device"] == device.type
-                            and r["dtype"] == str(dtype).removeprefix("torch.")], h), flush=True)
+            new_rows = measure(models, tokens, dtype, device, args.repeats, args.warmup)
+            for row in new_rows:
+                row["threads"] = threads if device.type == "cpu" else None
+            rows += new_rows
+            print(markdown(new_rows, h), flush=True)
 
     table = markdown(rows, h)
     print(table)
@@ -164,8 +173,10 @@ def main(argv=None) -> int:
         "basis": args.basis, "degree": args.degree, "repeats": args.repeats, "warmup": args.warmup,
         "saved_bytes_target_fp32": 4 * (HIDDEN + h),
         "environment": {
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "machine": platform.machine(),
+            "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
         "rows": rows,
     }

@@ -125,6 +125,12 @@ def test_only_the_requested_gradients_are_computed():
     reference = ReferenceKANLinear(layer)
     reference(x).sum().backward()
     torch.testing.assert_close(layer.input_scale.grad, reference.input_scale.grad)
+    # only the bias trains: nothing else is computed, and the bias gradient is still right
+    layer.zero_grad()
+    layer.input_scale.requires_grad_(False)
+    layer.input_shift.requires_grad_(False)
+    layer(x).sum().backward()
+    assert layer.input_scale.grad is None and torch.equal(layer.bias.grad, torch.full((3,), 5.0, dtype=F64))
 
 
 def test_torch_compile_matches_eager():
@@ -302,6 +308,14 @@ def test_parameter_count_formula_matches_the_module(spec, input_map, bias):
     assert KANLinear.count_parameters(7, 5, spec, 3, input_map, bias) == sum(p.numel() for p in layer.parameters())
     ff = KANFeedForward(7, 5, f"{spec}>{spec}>cheby1", 3, input_map=input_map, bias=bias)
     assert KANFeedForward.count_parameters(7, 5, f"{spec}>{spec}>cheby1", 3, input_map=input_map, bias=bias) == sum(
+        p.numel() for p in ff.parameters()
+    )
+
+
+def test_parameter_count_takes_the_constructor_arguments():
+    options = dict(input_map="tanh", bias=False, dtype=F64, device="cpu", grid_size=3)
+    ff = KANFeedForward(7, 5, "bspline>cheby2", 2, **options)
+    assert KANFeedForward.count_parameters(7, 5, "bspline>cheby2", 2, **options) == sum(
         p.numel() for p in ff.parameters()
     )
 

@@ -116,6 +116,11 @@ class KANLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             grad_y = grad_y.to(dtype)
             math_dtype = _math_dtype(x)
+            if bias is not None and needs[2]:
+                grad_bias = grad_y.to(math_dtype).sum(0).to(bias.dtype)
+            if not (need_t or need_params or needs[1]):
+                return (grad_x, grad_weight, grad_bias, grad_scale, grad_shift, None, *param_grads)
+
             xm = x.to(math_dtype)
             t = _input_map(xm, scale, shift)
             grad_blocks = None
@@ -135,8 +140,6 @@ class KANLinearFunction(torch.autograd.Function):
 
             if needs[1]:
                 grad_weight = _matmul(grad_y.t(), features.to(dtype)).to(weight.dtype).contiguous()
-            if bias is not None and needs[2]:
-                grad_bias = grad_y.to(math_dtype).sum(0).to(bias.dtype)
             if grad_t is not None:
                 grad_u = torch.ops.aten.tanh_backward(grad_t, t)
                 if scale is None:

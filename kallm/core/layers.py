@@ -120,8 +120,12 @@ class KANLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {options}, input_map={self.input_map}"
 
     @staticmethod
-    def count_parameters(in_features, out_features, basis="cheby2", degree=2, input_map="affine", bias=True, **options):
-        """Parameter count of a ``KANLinear`` with these arguments, without building it."""
+    def count_parameters(
+        in_features, out_features, basis="cheby2", degree=2, input_map="affine", bias=True, device=None, dtype=None,
+        **options,
+    ):
+        """Parameter count of a ``KANLinear`` with these arguments, without building it
+        (``device`` and ``dtype`` are accepted, and ignored, so that the same arguments work)."""
         _check_input_map(input_map)
         built = make_basis(basis, degree, **options)
         count = out_features * in_features * built.num_features + (out_features if bias else 0)
@@ -138,6 +142,10 @@ class KANFeedForward(nn.Module):
     with Legendre ones; ``"a>b>c"`` adds an intermediate -> intermediate stage. Each stage
     may itself be a parallel spec (``"cheby2+rbf"``). No activation sits between stages:
     every KAN layer is non-linear on its own. Works on any leading shape.
+
+    ``options`` are ``KANLinear`` arguments: ``input_map``, ``bias``, ``device`` and
+    ``dtype`` reach every layer; basis options reach the stages whose basis takes them
+    (``grid_size`` in ``"bspline>cheby2"``) and must be taken by at least one.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, basis: str = "cheby2", degree: int = 2, **options):
