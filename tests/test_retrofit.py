@@ -215,6 +215,8 @@ def test_last_n_and_layers_select_blocks():
         ({"alpha": 0.5}, ValueError, "basis 'cheby2' does not take options ['alpha']"),
         ({"input_map": "relu"}, ValueError, "unknown input_map 'relu'; valid choices: affine, tanh"),
         ({"width": torch.tensor(1.0), "basis": "rbf"}, TypeError, "layer options must be plain JSON values"),
+        ({"dtype": torch.float16}, ValueError, "retrofit does not take ['dtype']: KAN feedforwards get the device"),
+        ({"device": "cpu"}, ValueError, "retrofit does not take ['device']"),
         ({"filter_fn": lambda module, name: False}, ValueError, "no decoder block selected"),
     ],
 )
@@ -467,12 +469,14 @@ def test_summary_returns_and_prints_the_table(capsys):
 
 
 def smollm2_shaped_model():
-    """Random weights in SmolLM2-135M's exact shape (the counts do not depend on the weights)."""
+    """SmolLM2-135M's exact shape on the meta device: counts do not depend on weight values
+    (tests/test_real_model.py checks them on the real weights)."""
     config = transformers.LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=2048,
     )
-    return transformers.LlamaForCausalLM(config)
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(config)
 
 
 # Per block of SmolLM2-135M: attention 576 * (576 + 192 + 192 + 576), MLP 3 * 576 * 1536, two norms.
@@ -487,6 +491,7 @@ def test_research_parameter_counts_of_smollm2_shape():
     assert sum(p.numel() for p in base.parameters()) == TOTAL
     linear = kallm.retrofit(copy.deepcopy(base), last_n=5, kind="linear")
     kan = kallm.retrofit(base, last_n=5)
+    assert {p.device.type for p in kan.parameters()} == {"meta"}
     assert kan.config.kan_config["layers"] == [25, 26, 27, 28, 29]
     assert kan.config.kan_config["intermediate_size"] == 574
     assert KAN_FEEDFORWARD == 1_325_946
@@ -518,3 +523,15 @@ def test_research_parameter_counts_of_smollm2_shape():
     assert result["kan"] == 5 * KAN_FEEDFORWARD
     assert result["total"] == expected_kan["all"]
     assert [row["feedforward"] for row in result["blocks"]] == ["original"] * 25 + ["kan"] * 5
+
+
+def test_retrofit_of_a_kan_class_without_kan_blocks_yet():
+    values = TINY_CONFIGS["llama"]().to_dict()
+    values = {k: v for k, v in values.items() if k not in ("model_type", "architectures")}
+    config = kallm.core.configuration_kallm.KALlamaConfig(**values, kan_config=None)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert not any(isinstance(m, KANFeedForward) for m in model.modules())
+    kallm.retrofit(model, last_n=1)
+    assert type(model).__name__ == "KALlamaForCausalLM"
+    assert model.config.kan_config["layers"] == [2] and model.config.kan_config["base_model_type"] == "llama"
+    assert isinstance(model.model.layers[2].mlp, KANFeedForward)

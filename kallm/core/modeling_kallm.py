@@ -48,13 +48,15 @@ from .configuration_kallm import (
 from .layers import KANFeedForward, KANLinear
 
 
-def build_kan_feedforward(kan_config: dict) -> KANFeedForward:
+def build_kan_feedforward(kan_config: dict, device=None, dtype=None) -> KANFeedForward:
     """The ``KANFeedForward`` that ``kan_config`` prescribes (same for every listed block)."""
     return KANFeedForward(
         kan_config["hidden_size"],
         kan_config["intermediate_size"],
         basis=kan_config["basis"],
         degree=kan_config["degree"],
+        device=device,
+        dtype=dtype,
         **kan_config["layer_options"],
     )
 
@@ -67,10 +69,11 @@ def install_kan_feedforwards(model: nn.Module, kan_config: dict, layers=None) ->
         if not 0 <= index < len(blocks):
             raise ValueError(f"kan_config lists block {index}, but the model has {len(blocks)} blocks")
         block = blocks[index]
+        # Built where the replaced MLP lives (the meta device inside from_pretrained), in its dtype.
         reference = next(getattr(block, kan_config["mlp_attribute"]).parameters(), None)
-        feedforward = build_kan_feedforward(kan_config)
-        if reference is not None and reference.device.type != "meta":
-            feedforward.to(device=reference.device, dtype=reference.dtype)
+        device = reference.device if reference is not None else None
+        dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+        feedforward = build_kan_feedforward(kan_config, device=device, dtype=dtype)
         setattr(block, kan_config["mlp_attribute"], feedforward)
         for name in kan_config["bypassed_attributes"]:
             setattr(block, name, nn.Identity())

@@ -14,7 +14,6 @@ from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
 from .adapters import ArchitectureAdapter, adapter_for, feedforward_sizes
 
 KINDS = ("kan", "linear")
-_BASE_OF_KAN_TYPE = {config_class.model_type: base for base, config_class in KAN_CONFIG_CLASSES.items()}
 #: by default a KAN feedforward gets this share of the parameters of the MLP it replaces
 DEFAULT_PARAMETER_SHARE = 0.5
 
@@ -122,7 +121,8 @@ def _base_model_type(model):
     if kan_config:
         return kan_config["base_model_type"]
     # A retrofitted class without KAN blocks yet (built from a config whose kan_config is None).
-    return _BASE_OF_KAN_TYPE.get(config.model_type, config.model_type)
+    bases = [base for base, config_class in KAN_CONFIG_CLASSES.items() if config_class.model_type == config.model_type]
+    return bases[0] if bases else config.model_type
 
 
 def _select_blocks(count, last_n, layers):
@@ -187,6 +187,12 @@ def _check_kind_consistency(model, kind, indices):
 
 
 def _check_layer_options(layer_options):
+    placement = sorted({"device", "dtype"} & set(layer_options))
+    if placement:
+        raise ValueError(
+            f"retrofit does not take {placement}: KAN feedforwards get the device and dtype of the MLP they "
+            f"replace; move or cast the model itself (model.to(...))"
+        )
     # kan_config travels in config.json, so options must survive a JSON round trip unchanged.
     try:
         same = json.loads(json.dumps(layer_options)) == layer_options
