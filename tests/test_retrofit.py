@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -169,9 +170,10 @@ def test_gradient_checkpointing(model_type):
 
     plain_loss, plain_grads = _training_step(model, ids, seed=3)
     assert len(calls) == 1
-    with pytest.warns(FutureWarning):  # the name the issue asks for; transformers now calls it activation checkpointing
+    with warnings.catch_warnings():  # newer transformers call it activation checkpointing; the old name still works
+        warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable()
-    assert model.is_activation_checkpointing
+    assert any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
     checkpointed_loss, checkpointed_grads = _training_step(model, ids, seed=3)
 
     assert len(calls) == 3, "checkpointing recomputes the block in the backward pass"

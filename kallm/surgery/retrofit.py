@@ -46,6 +46,11 @@ def retrofit(
     Returns the same model object, now of the retrofitted class (``KALlamaForCausalLM``
     for a Llama model) with ``config.kan_config`` describing the change. Weights outside
     the retrofitted feedforwards are untouched.
+
+    On an already retrofitted model it adds blocks with the same settings (an omitted
+    ``intermediate_size`` keeps the one in use). Anything inconsistent (other settings,
+    blocks already replaced, mixing ``kind``s, bad arguments) raises before the model is
+    changed. See docs/retrofitting.md.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid choices: {', '.join(KINDS)}")
