@@ -39,6 +39,7 @@ def test_answer_kind(target, kind):
     ("Let's look at each option. (A) is round, (C) has six sides, so the shape is (B).", "(B)"),
     ("The correct option is option B", "(B)"),
     ("I think the answer would be (E) line, since it is a single segment. (A) is wrong.", "(E)"),
+    ("(C) is the shape. My answer:", "(C)"),  # nothing after the marker: the reply's own rule applies
 ])
 def test_choice_correct(response, target):
     assert is_correct(response, target)
@@ -79,6 +80,7 @@ def test_choice_by_option_text_needs_the_question():
     ("No. Taking the steps you end up 3 steps left of where you started, so the answer is: No", "No"),
     ("Based on the premises, the answer is valid. Invalid arguments would need a gap.", "valid"),
     ("yes", "yes"),
+    ("True. That is my final answer:", "True"),
 ])
 def test_binary_correct(response, target):
     assert is_correct(response, target)

@@ -168,16 +168,24 @@ def extract_answer(response: str, target: str, question: str | None = None) -> s
     """
     text = response.replace("**", "").replace("__", "").replace("`", "")
     marked = list(_MARKER.finditer(text))
-    span = text[marked[-1].end():] if marked else text
+    if marked:
+        answer = _extract(text[marked[-1].end():], True, target, question)
+        if answer is not None:
+            return answer
+    # No marker, or nothing usable after it ("My answer:" closing the reply).
+    return _extract(text, False, target, question)
+
+
+def _extract(span: str, marked: bool, target: str, question: str | None) -> str | None:
     kind = answer_kind(target)
     if kind == "choice":
-        return _extract_choice(span, bool(marked), question)
+        return _extract_choice(span, marked, question)
     if kind == "binary":
-        return _extract_binary(span, bool(marked), _BINARY[target.strip().lower()], target.strip().lower())
+        return _extract_binary(span, marked, _BINARY[target.strip().lower()], target.strip().lower())
     if kind == "number":
-        return _extract_number(span, bool(marked))
+        return _extract_number(span, marked)
     if kind == "brackets":
-        return _extract_brackets(span, bool(marked), question)
+        return _extract_brackets(span, marked, question)
     if marked:
         span = re.split(r"\n|(?<=\w)\.\s", span.strip(), maxsplit=1)[0]
     return _text_key(span, target)
