@@ -38,6 +38,15 @@ CASES.update({
 TOKENIZER_CASE = "llama"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread costs far more (start-up, contention) than it saves."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_tokenizer():
     """A word-level tokenizer over the tiny models' 128 ids, built offline."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(125)}}
@@ -282,22 +291,29 @@ print("\nRESULTS " + json.dumps(results))
 """
 
 
-def run_fresh_process(request, tmp_path):
-    """Run FRESH_PROCESS on ``request`` (models: name -> [folder, reference file]); its results."""
-    block_kallm = request["block_kallm"]
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    if not block_kallm:
-        env["PYTHONPATH"] = str(REPO)
-    completed = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, json.dumps(request)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-    )
-    assert "Do you wish to run the custom code" not in completed.stdout, "a load path asked for trust_remote_code"
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULTS "))
-    return json.loads(line[len("RESULTS "):])
+def run_fresh_processes(requests: dict, tmp_path) -> dict:
+    """Run FRESH_PROCESS on each request (models: name -> [folder, reference file]) side by
+    side, each in its own folder; their results by the same keys."""
+    running = {}
+    for key, request in requests.items():
+        folder = tmp_path / key
+        folder.mkdir(parents=True)
+        env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(folder / "hf_modules"), OMP_NUM_THREADS="1")
+        if not request["block_kallm"]:
+            env["PYTHONPATH"] = str(REPO)
+        running[key] = subprocess.Popen(
+            [sys.executable, "-c", FRESH_PROCESS, json.dumps(request)], cwd=folder, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    results = {}
+    for key, process in running.items():
+        stdout, stderr = process.communicate(timeout=600)
+        assert "Do you wish to run the custom code" not in stdout, f"{key}: a load path asked for trust_remote_code"
+        assert process.returncode == 0, f"{key}: {stderr[-4000:]}"
+        line = next(line for line in stdout.splitlines() if line.startswith("RESULTS "))
+        results[key] = json.loads(line[len("RESULTS "):])
+    return results
 
 
 def _request(saved, block_kallm):
@@ -310,13 +326,19 @@ def _request(saved, block_kallm):
 
 
 @pytest.fixture(scope="module")
-def without_kallm(saved, tmp_path_factory):
-    return run_fresh_process(_request(saved, block_kallm=True), tmp_path_factory.mktemp("without_kallm"))
+def fresh(saved, tmp_path_factory):
+    requests = {"without_kallm": _request(saved, block_kallm=True), "with_kallm": _request(saved, block_kallm=False)}
+    return run_fresh_processes(requests, tmp_path_factory.mktemp("fresh"))
 
 
 @pytest.fixture(scope="module")
-def with_kallm(saved, tmp_path_factory):
-    return run_fresh_process(_request(saved, block_kallm=False), tmp_path_factory.mktemp("with_kallm"))
+def without_kallm(fresh):
+    return fresh["without_kallm"]
+
+
+@pytest.fixture(scope="module")
+def with_kallm(fresh):
+    return fresh["with_kallm"]
 
 
 @pytest.mark.parametrize("name", CASES)

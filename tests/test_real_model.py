@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_checkpoint import CODE_FILES, run_fresh_process
+from test_checkpoint import CODE_FILES, run_fresh_processes
 
 import kallm
 from kallm.core.layers import KANFeedForward
@@ -54,12 +54,15 @@ def test_real_smollm2_retrofit_save_and_reload(smollm2, tmp_path):
     kan_state = {k: v for k, v in state.items() if ".mlp.layers." in k}
     torch.save({"ids": ids, "logits": logits, "kan_state": kan_state}, reference)
 
-    for block_kallm in (False, True):
-        request = {"block_kallm": block_kallm, "models": {"smollm2": [str(folder), str(reference)]},
-                   "generate": NEW_TOKENS}
-        result = run_fresh_process(request, tmp_path / f"process-{block_kallm}")["models"]["smollm2"]
+    requests = {
+        key: {"block_kallm": key == "without_kallm", "models": {"smollm2": [str(folder), str(reference)]},
+              "generate": NEW_TOKENS}
+        for key in ("with_kallm", "without_kallm")
+    }
+    for key, results in run_fresh_processes(requests, tmp_path / "fresh").items():
+        result = results["models"]["smollm2"]
         assert result["class"] == "KALlamaForCausalLM"
-        assert result["module"].startswith("transformers_modules." if block_kallm else "kallm.")
+        assert result["module"].startswith("transformers_modules." if key == "without_kallm" else "kallm.")
         assert result["max_abs_diff"] == 0.0
         assert result["kan_tensors_equal"]
         assert result["tied"]
