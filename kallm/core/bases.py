@@ -165,16 +165,22 @@ class RecurrenceBasis(Basis):
 
     def input_gradient(self, t, values, grads):
         # Accumulates dL/dt / a0 in grads[0] alongside g_1, then scales once: no extra buffer.
-        _, a0, _ = self.first()
-        for n in range(self.degree - 1, 0, -1):
+        _, a0, b0 = self.first()
+        for n in range(self.degree - 1, 1, -1):
             a, b, c = self.step(n)
             upper = grads[n]
             grads[n - 1].addcmul_(t, upper, value=a)
             if b:
                 grads[n - 1].add_(upper, alpha=b)
-            if n >= 2:
-                grads[n - 2].add_(upper, alpha=-c)
+            grads[n - 2].add_(upper, alpha=-c)
             grads[0].addcmul_(values[n - 1], upper, value=a / a0)
+        if self.degree >= 2:
+            # Step 1 adds (a t + b) g_2 to g_1 and a P_1 g_2 / a0 to dL/dt / a0; as P_1 = a0 t + b0
+            # both are linear in t and merge into one pass.
+            a, b, _ = self.step(1)
+            grads[0].addcmul_(t, grads[1], value=2 * a)
+            if b + a * b0 / a0:
+                grads[0].add_(grads[1], alpha=b + a * b0 / a0)
         return grads[0].mul_(a0)
 
 

@@ -148,7 +148,7 @@ class KANLinearFunction(torch.autograd.Function):
                     if needs[0]:
                         grad_x = (grad_u * scale.to(math_dtype)).to(x.dtype)
                     if needs[3]:
-                        grad_scale = (grad_u * xm).sum(0).to(scale.dtype)
+                        grad_scale = torch.linalg.vecdot(grad_u, xm, dim=0).to(scale.dtype)
                     if needs[4]:
                         grad_shift = grad_u.sum(0).to(shift.dtype)
         return (grad_x, grad_weight, grad_bias, grad_scale, grad_shift, None, *param_grads)
