@@ -117,12 +117,6 @@ def _base_model(model) -> str:
 
 
 def _load_teacher(source: str):
-    """The teacher's weights only (its tokenizer is the student's)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from ..loading import load_model
 
-    from ..loading import resolve_model
-
-    folder, gguf_file = resolve_model(source)
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
+    return load_model(source)[0]  # float32 weights, GGUF files dequantized, like the student
