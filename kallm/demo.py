@@ -1,7 +1,7 @@
 """``kallm demo``: the main job, end to end on the bundled SmolLM2-135M-Instruct, offline.
 
 1. Generate chat data with the original model (its replies to prompts kallm ships).
-2. Retrofit the last 5 blocks with function-preserving init, calibrated on that data.
+2. Retrofit the last 5 blocks (``--init fit``: function preserving, calibrated on that data).
 3. Heal briefly by distillation from the original model.
 4. Measure perplexity and chat loss on held-out generated conversations (and WikiText /
    a BBH subset when ``--text`` / ``--bbh-dir`` or ``$KALLM_DATA_DIR`` provide them)
@@ -152,6 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--last-n", type=int, default=5)
     parser.add_argument("--basis", default="cheby2")
     parser.add_argument("--degree", type=int, default=2)
+    parser.add_argument("--init", choices=("random", "fit"), default="random",
+                        help="initialisation of the KAN feedforwards (fit: function preserving)")
     parser.add_argument("--heal-steps", type=int, default=30, help="distillation steps (0 skips healing)")
     parser.add_argument("--held-out", type=int, default=8, help="generated conversations kept for evaluation")
     parser.add_argument("--text", default=str(wikitext) if wikitext and wikitext.is_file() else None,
@@ -163,6 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "causal_judgement", help="BBH tasks to score (comma-separated)")
     parser.add_argument("--bbh-limit", type=int, default=12, help="examples per BBH task")
     parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="length of the generated replies")
 
 
 def run(args) -> int:
@@ -176,17 +179,19 @@ def run(args) -> int:
     original = copy.deepcopy(model).eval()
 
     print(f"[2/6] Generating {len(PROMPTS)} conversations with the original model ...", flush=True)
-    data = conversations(PROMPTS, generate_replies(model, tokenizer, list(PROMPTS)))
+    data = conversations(PROMPTS, generate_replies(model, tokenizer, list(PROMPTS), args.max_new_tokens))
     train_file = write_jsonl(data[args.held_out:], out / "generated_train.jsonl")
     held_out = write_jsonl(data[:args.held_out], out / "generated_held_out.jsonl")
     rows = {"original": measure(original, tokenizer, held_out, args)}
 
-    print(f"[3/6] Retrofitting the last {args.last_n} blocks ({args.basis}, degree {args.degree}) with "
-          f"function-preserving init ...", flush=True)
-    calibration = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in data[args.held_out:]]
-    retrofit(model, last_n=args.last_n, basis=args.basis, degree=args.degree, init="fit",
-             calibration=calibration, tokenizer=tokenizer)
-    rows["retrofitted, fit init"] = measure(model, tokenizer, held_out, args)
+    print(f"[3/6] Retrofitting the last {args.last_n} blocks ({args.basis}, degree {args.degree}, "
+          f"{args.init} init) ...", flush=True)
+    fit = {}
+    if args.init == "fit":
+        calibration = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in data[args.held_out:]]
+        fit = {"init": "fit", "calibration": calibration, "tokenizer": tokenizer}
+    retrofit(model, last_n=args.last_n, basis=args.basis, degree=args.degree, **fit)
+    rows[f"retrofitted, {args.init} init"] = measure(model, tokenizer, held_out, args)
 
     if args.heal_steps > 0:
         print(f"[4/6] Healing: {args.heal_steps} distillation steps from the original model ...", flush=True)
