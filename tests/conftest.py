@@ -60,8 +60,13 @@ def tiny_model(model_type: str, seed: int = 0):
 
 
 @pytest.fixture
-def tiny_llama():
-    return tiny_model("llama")
+def one_thread():
+    """Tiny models run several times faster on one intra-op thread: a second one costs more in
+    start-up and contention than it saves. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

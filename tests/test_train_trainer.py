@@ -15,14 +15,7 @@ from transformers import TrainerCallback
 import kallm
 from kallm.train import TrainConfig, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models train several times faster on one thread than on threads that fight other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sums(count=48, seed=0):
