@@ -31,7 +31,6 @@ from .surgery.trainable import set_trainable
 from .train.trainer import TrainConfig, train
 
 ARM_KINDS = ("baseline", "linear", "kan")
-INITS = ("random", "fit")
 
 
 @dataclass
@@ -40,22 +39,16 @@ class Arm:
 
     kind: ``baseline`` (the untouched model, evaluated only), ``linear`` (the MLPs of the
     retrofitted blocks re-initialised, the research's "linear restart") or ``kan``.
-    init: for ``kan``, ``random`` or ``fit`` (function-preserving). distill: train with the
-    original model as teacher.
+    distill: train with the original model as teacher.
     """
 
     name: str
     kind: str = "kan"
-    init: str = "random"
     distill: bool = False
 
     def __post_init__(self):
         if self.kind not in ARM_KINDS:
             raise ValueError(f"arm {self.name!r}: unknown kind {self.kind!r}; valid choices: {', '.join(ARM_KINDS)}")
-        if self.init not in INITS:
-            raise ValueError(f"arm {self.name!r}: unknown init {self.init!r}; valid choices: {', '.join(INITS)}")
-        if self.kind != "kan" and self.init != "random":
-            raise ValueError(f"arm {self.name!r}: init='fit' applies to kind 'kan' only")
         if self.kind == "baseline" and self.distill:
             raise ValueError(f"arm {self.name!r}: the baseline is not trained, so it cannot distill")
 
@@ -103,7 +96,7 @@ def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
         raise ValueError(f"unknown experiment keys {sorted(unknown)}; valid keys: {', '.join(sorted(known))}")
     arms = raw.get("arms") or {}
     if not isinstance(arms, dict):
-        raise ValueError("'arms' must map arm names to settings, e.g. {kan: {kind: kan, init: fit}}")
+        raise ValueError("'arms' must map arm names to settings, e.g. {kan: {kind: kan, distill: true}}")
     raw["arms"] = [Arm(name=name, **(settings or {})) for name, settings in arms.items()]
     raw.setdefault("name", path.stem)
     return ExperimentConfig(**raw)
@@ -171,11 +164,10 @@ def run_arm(config: ExperimentConfig, arm: Arm, seed: int) -> dict:
     run_dir = Path(config.out) / arm.name / f"seed{seed}"
     model, tokenizer = load_model(config.model)
     teacher = copy.deepcopy(model).eval() if arm.distill else None
-    record = {"arm": arm.name, "seed": seed, "kind": arm.kind, "init": arm.init, "distill": arm.distill}
+    record = {"arm": arm.name, "seed": seed, "kind": arm.kind, "distill": arm.distill}
     started = time.perf_counter()
     if arm.kind != "baseline":
-        extra = {"init": "fit", "tokenizer": tokenizer} if arm.init == "fit" else {}
-        retrofit(model, kind=arm.kind, **extra, **config.retrofit)
+        retrofit(model, kind=arm.kind, **config.retrofit)
     record["retrofit_seconds"] = round(time.perf_counter() - started, 1)
     if arm.kind == "baseline":
         record["trainable_parameters"] = 0

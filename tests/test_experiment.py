@@ -92,7 +92,7 @@ def test_summarize_reports_mean_and_sample_std_over_seeds():
     [
         ({"colour": "blue"}, "unknown experiment keys"),
         ({"arms": {"x": {"kind": "mlp"}}}, "unknown kind 'mlp'"),
-        ({"arms": {"x": {"kind": "linear", "init": "fit"}}}, "applies to kind 'kan' only"),
+        ({"arms": {"x": {"kind": "baseline", "distill": True}}}, "cannot distill"),
         ({"arms": {"x": {"kind": "kan"}}}, "trained arms need 'data'"),
         ({"data": "${KALLM_SURELY_UNSET_VARIABLE}/x.jsonl"}, "KALLM_SURELY_UNSET_VARIABLE is not set"),
         ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "train": {"seed": 3}}, "set per run"),

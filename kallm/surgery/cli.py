@@ -32,7 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--degree", type=int, default=2)
     parser.add_argument("--intermediate-size", type=int, help="KAN inner size (default: half the MLP's parameters)")
     parser.add_argument("--kind", default="kan", help="kan, or linear for the re-initialised MLP baseline")
-    parser.add_argument("--init", default="random", help="random, or fit to the replaced MLPs (function preserving)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="layer/basis option, repeatable")
     parser.add_argument("--trainable", default="tail+embeddings", help="policy used for the trainable column")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the saved folder to this Hub repo")
@@ -44,11 +43,10 @@ def run(args) -> int:
     KANFeedForward.count_parameters(2, 2, args.basis, args.degree, **options)
     print(f"Loading {args.model} ...")
     model, tokenizer = load_model(args.model)
-    print(f"Retrofitting ({args.kind}, basis {args.basis}, degree {args.degree}, init {args.init}) ...")
-    extra = {"init": args.init, "tokenizer": tokenizer} if args.init != "random" else {}
+    print(f"Retrofitting ({args.kind}, basis {args.basis}, degree {args.degree}) ...")
     retrofit(
         model, last_n=args.last_n, layers=args.layers, basis=args.basis, degree=args.degree,
-        intermediate_size=args.intermediate_size, kind=args.kind, **extra, **options,
+        intermediate_size=args.intermediate_size, kind=args.kind, **options,
     )
     set_trainable(model, args.trainable)
     summary(model)
