@@ -12,6 +12,7 @@ from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SCHEMA_VERSION, KA
 from ..core.layers import KANFeedForward, intermediate_size_for_budget
 from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
 from .adapters import ArchitectureAdapter, adapter_for, feedforward_sizes
+from .fit import check_fit_arguments, fit_new_feedforwards
 
 KINDS = ("kan", "linear")
 #: by default a KAN feedforward gets this share of the parameters of the MLP it replaces
@@ -27,6 +28,9 @@ def retrofit(
     intermediate_size: int | None = None,
     kind: str = "kan",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    init: str = "random",
+    calibration: list[str] | torch.Tensor | None = None,
+    tokenizer=None,
     **layer_options,
 ) -> nn.Module:
     """Replace the feedforward of the last ``last_n`` decoder blocks (or of ``layers``).
@@ -42,6 +46,11 @@ def retrofit(
             keep an MLP of the original shape, freshly initialised.
         filter_fn: ``filter_fn(feedforward_module, qualified_name) -> bool`` narrows the chosen
             blocks further (e.g. to skip blocks by name).
+        init: ``"random"`` (fresh weights) or ``"fit"``: function-preserving initialisation, each
+            KAN feedforward fitted to the MLP it replaces on hidden states the original model
+            produces over ``calibration`` (a list of texts, with ``tokenizer``, or a LongTensor
+            of token ids; default: replies the model writes itself, which needs ``tokenizer``).
+            The relative error per block lands in ``model.kallm_fit_report``. See docs/fit-init.md.
 
     Returns the same model object, now of the retrofitted class (``KALlamaForCausalLM``
     for a Llama model) with ``config.kan_config`` describing the change. Weights outside
@@ -54,6 +63,9 @@ def retrofit(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid choices: {', '.join(KINDS)}")
+    check_fit_arguments(init, calibration, tokenizer)
+    if init == "fit" and kind != "kan":
+        raise ValueError("init='fit' fits KAN feedforwards; use it with kind='kan'")
     base_type = _base_model_type(model)
     adapter = adapter_for(base_type)
     blocks = model.get_submodule(adapter.blocks_path)
@@ -101,12 +113,19 @@ def retrofit(
     }
     if existing:
         new_config = _extend(existing, new_config)
-        install_kan_feedforwards(model, new_config, layers=sorted(set(indices)))
-        model.config.kan_config = new_config
-        return model
 
-    _convert_class(model, base_type, new_config)
-    install_kan_feedforwards(model, new_config)
+    def install():
+        if existing:
+            install_kan_feedforwards(model, new_config, layers=sorted(set(indices)))
+            model.config.kan_config = new_config
+        else:
+            _convert_class(model, base_type, new_config)
+            install_kan_feedforwards(model, new_config)
+
+    if init == "fit":
+        fit_new_feedforwards(model, adapter, indices, install, calibration, tokenizer)
+    else:
+        install()
     return model
 
 

@@ -1,0 +1,497 @@
+"""Function-preserving initialisation: fit each new KAN feedforward to the MLP it replaces.
+
+``retrofit(..., init="fit")`` records the inputs and outputs of the chosen feedforwards
+while the original model reads calibration text, swaps in the KAN feedforwards, then
+fits each one to the recorded input -> output map of the module it replaced (block-local
+regression). See docs/fit-init.md for the method and measured numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import ArchitectureAdapter
+
+logger = logging.getLogger("kallm")
+
+INITS = ("random", "fit")
+
+#: generic requests for the default calibration text, answered by the original model itself:
+#: encyclopedic prose (the register of most pretraining text) and everyday assistant work
+DEFAULT_PROMPTS = (
+    "Write an encyclopedia article about the history of a large European city.",
+    "Write an encyclopedia article about a famous 19th-century scientist.",
+    "Write an encyclopedia article about a river and the region it flows through.",
+    "Write an encyclopedia article about a popular sport and its origins.",
+    "Write an encyclopedia article about a well-known music album.",
+    "Write an encyclopedia article about a major battle in military history.",
+    "Write an encyclopedia article about a species of bird.",
+    "Write an encyclopedia article about an ancient civilization.",
+    "Explain how photosynthesis works.",
+    "Explain the difference between weather and climate.",
+    "Tell me a short story about a lighthouse keeper.",
+    "Write a Python function that checks whether a number is prime, and explain it.",
+    "Give me some advice for preparing for a job interview.",
+    "Summarize the plot of a famous novel.",
+    "What is the capital of Japan, and what is it known for?",
+    "Describe how a bill becomes a law in a parliamentary democracy.",
+)
+#: reply length of the default calibration: about 2,600 tokens in all for SmolLM2 and its template
+DEFAULT_NEW_TOKENS = 128
+#: longest calibration sequence; longer texts are cut into pieces of this many tokens
+MAX_SEQUENCE_LENGTH = 512
+
+
+class _StopForward(Exception):
+    """Raised by a recording hook once the last needed block has run."""
+
+
+def check_fit_arguments(init: str, calibration, tokenizer) -> None:
+    """Refuse bad ``init``/``calibration``/``tokenizer`` combinations before anything runs."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid choices: {', '.join(INITS)}")
+    if init == "random":
+        if calibration is not None:
+            raise ValueError("calibration is only used by init='fit'; pass init='fit' or drop calibration")
+        return
+    if calibration is None:
+        if tokenizer is None:
+            raise ValueError(
+                "init='fit' without calibration generates calibration text with the model's chat template, "
+                "which needs tokenizer=...; or pass calibration= (a list of texts or a LongTensor of token ids)"
+            )
+        _check_chat_template(tokenizer)
+        return
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dtype != torch.long or calibration.dim() not in (1, 2):
+            raise ValueError(
+                f"calibration token ids must be a 1-D or 2-D LongTensor, got dtype {calibration.dtype} "
+                f"with shape {tuple(calibration.shape)}"
+            )
+        if calibration.numel() == 0:
+            raise ValueError("calibration is empty: give at least one token")
+        return
+    if isinstance(calibration, str) or not isinstance(calibration, Sequence):
+        raise TypeError(
+            f"calibration must be a list of texts or a LongTensor of token ids, got {type(calibration).__name__}"
+        )
+    if not all(isinstance(t, str) for t in calibration):
+        raise TypeError("calibration texts must all be strings")
+    if not any(t.strip() for t in calibration):
+        raise ValueError("calibration is empty: give at least one non-empty text")
+    if tokenizer is None:
+        raise ValueError("calibration texts need tokenizer=... to turn them into token ids")
+
+
+def _check_chat_template(tokenizer):
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "the default calibration needs a tokenizer with a chat template; pass calibration= "
+            "(a list of texts or a LongTensor of token ids) instead"
+        )
+
+
+def calibration_sequences(model, calibration, tokenizer, max_length: int = MAX_SEQUENCE_LENGTH) -> list[torch.Tensor]:
+    """The calibration as a list of 1-D token id tensors of at most ``max_length`` tokens."""
+    if calibration is None:
+        return default_calibration(model, tokenizer)
+    if isinstance(calibration, torch.Tensor):
+        rows = [calibration] if calibration.dim() == 1 else list(calibration)
+    else:
+        rows = [tokenizer(text, return_tensors="pt").input_ids[0] for text in calibration if text.strip()]
+    pieces = [row[start : start + max_length] for row in rows for start in range(0, row.numel(), max_length)]
+    vocab = model.get_input_embeddings().num_embeddings
+    for piece in pieces:
+        if piece.numel() and (int(piece.min()) < 0 or int(piece.max()) >= vocab):
+            raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary)")
+    pieces = [piece for piece in pieces if piece.numel()]
+    if not pieces:
+        raise ValueError("calibration is empty: it holds no tokens")
+    return pieces
+
+
+@torch.no_grad()
+def default_calibration(model, tokenizer, prompts: Sequence[str] | None = None, max_new_tokens: int | None = None,
+                        seed: int = 0) -> list[torch.Tensor]:
+    """Conversations the original model writes itself: each prompt (default ``DEFAULT_PROMPTS``)
+    as a user turn through the tokenizer's chat template, answered in one batch by seeded
+    sampling (temperature 0.8, at most ``DEFAULT_NEW_TOKENS`` tokens), so the same model always
+    gets the same text. Returns one token id tensor per conversation (prompt and reply).
+    """
+    prompts = DEFAULT_PROMPTS if prompts is None else prompts
+    max_new_tokens = DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    _check_chat_template(tokenizer)
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer.apply_chat_template(
+            [[{"role": "user", "content": prompt}] for prompt in prompts],
+            add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True,
+        )
+    finally:
+        tokenizer.padding_side = side
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        generated = model.generate(
+            **batch.to(device), max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
+            pad_token_id=pad,
+        ).cpu()
+    prompt_length = batch["input_ids"].shape[1]
+    sequences = []
+    for row, mask in zip(generated, batch["attention_mask"]):
+        reply = row[prompt_length:]
+        ends = (reply == tokenizer.eos_token_id).nonzero()
+        stop = int(ends[0]) + 1 if len(ends) else reply.numel()
+        sequences.append(torch.cat([row[:prompt_length][mask.bool()], reply[:stop]]))
+    return sequences
+
+
+def original_feedforward(block: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
+    """The block's feedforward as one module (OPT spreads it over several attributes)."""
+    modules = [getattr(block, name) for name in (adapter.mlp_attribute, *adapter.bypassed_attributes)]
+    return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+
+
+@torch.no_grad()
+def record_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int], sequences: list[torch.Tensor],
+                        batch_size: int = 8, progress: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{block: (inputs, outputs)}`` of the feedforwards of ``indices``, one row per token.
+
+    Padding never reaches the records (right padding with an attention mask; causal models
+    give real tokens the same states as without it). The forward stops after the last
+    recorded block, so the rest of the model and its LM head are never run.
+    """
+    blocks = model.get_submodule(adapter.blocks_path)
+    last = max(indices)
+    records = {i: ([], []) for i in indices}
+    keep = None  # boolean mask of real tokens in the current batch, flattened
+    hooks = []
+
+    def hook_for(index, role):
+        def hook(module, args, output):
+            tensor = args[0] if role == 0 else output
+            records[index][role].append(tensor.reshape(-1, tensor.shape[-1])[keep].float())
+            if role == 1 and index == last:
+                raise _StopForward
+
+        return hook
+
+    for index in indices:
+        names = (adapter.mlp_attribute, *adapter.bypassed_attributes)
+        hooks.append(getattr(blocks[index], names[0]).register_forward_hook(hook_for(index, 0)))
+        hooks.append(getattr(blocks[index], names[-1]).register_forward_hook(hook_for(index, 1)))
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: -sequences[i].numel())
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="kallm fit: recording", disable=not progress,
+                          unit="batch"):
+            batch = [sequences[i] for i in order[start : start + batch_size]]
+            width = batch[0].numel()
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, sequence in enumerate(batch):
+                ids[row, : sequence.numel()] = sequence
+                mask[row, : sequence.numel()] = 1
+            keep = mask.reshape(-1).bool().to(device)
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return {i: (torch.cat(inputs), torch.cat(outputs)) for i, (inputs, outputs) in records.items()}
+
+
+
+
+def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int], install: Callable[[], None],
+                         calibration=None, tokenizer=None, progress: bool = True) -> dict:
+    """Record the feedforwards of ``indices`` on calibration text, run ``install`` (which swaps
+    in the KAN feedforwards), then fit each new one to the module it replaced.
+
+    Attaches and returns ``model.kallm_fit_report``: ``{"relative_error": {block: error},
+    "calibration_tokens": count}``, and logs the errors (``logging.getLogger("kallm")``).
+    """
+    blocks = model.get_submodule(adapter.blocks_path)
+    originals = {i: original_feedforward(blocks[i], adapter) for i in indices}
+    sequences = calibration_sequences(model, calibration, tokenizer)
+    records = record_feedforwards(model, adapter, indices, sequences, progress=progress)
+    install()
+    errors = {}
+    bar = tqdm(sorted(indices), desc="kallm fit: blocks", disable=not progress, unit="block")
+    for index in bar:
+        inputs, outputs = records.pop(index)
+        feedforward = getattr(blocks[index], adapter.mlp_attribute)
+        errors[index] = fit_feedforward(feedforward, inputs, outputs, originals.pop(index))
+        bar.set_postfix(block=index, relative_error=f"{errors[index]:.3f}")
+    tokens = sum(int(s.numel()) for s in sequences)
+    report = {"relative_error": errors, "calibration_tokens": tokens}
+    logger.info("kallm fit init on %d calibration tokens, relative error per block: %s", tokens,
+                ", ".join(f"{i}: {e:.3f}" for i, e in errors.items()))
+    model.kallm_fit_report = report
+    return report
+
+# ------------------------------------------------------------------------ the fit
+
+#: a row whose target norm exceeds this many times the median is an outlier (attention-sink tokens)
+OUTLIER_FACTOR = 5.0
+#: standardised inputs reach tanh(SPREAD * z); no row of the fit data goes past tanh(ZCAP)
+INPUT_SPREAD, HIDDEN_SPREAD, ZCAP = 1.0, 0.5, 3.0
+#: the step unit reaches tanh(+-STEP_SHARPNESS) at the edges of the gap: flat to 1e-6 on either side
+STEP_SHARPNESS = 8.0
+#: ridge of the first (and middle) layers, which fit smooth targets
+HIDDEN_RIDGE = 1e-3
+CHUNK = 8192
+
+
+@torch.no_grad()
+def fit_feedforward(feedforward, inputs: torch.Tensor, outputs: torch.Tensor, original: nn.Module | None = None, *,
+                    augment: int = 4, noise: float = 0.5, ridge: float = 0.1, seed: int = 0) -> float:
+    """Fit ``feedforward`` (a ``KANFeedForward``) so that ``feedforward(inputs) ~ outputs``.
+
+    ``original`` is the module being replaced. It supplies the first layer's targets (the
+    pre-activations of its most important neurons; a pair ``g + u``, ``g - u`` per neuron of a
+    gated MLP, whose squares give the product ``g * u``) and the targets of ``augment`` noisy
+    copies of each recorded row (Gaussian noise of ``noise`` times each channel's spread).
+    Without it the first layer keeps its random weights and only the recorded rows are used.
+    The last layer is solved by ridge least squares (``ridge`` times each feature's variance).
+
+    Rows whose target is far larger than the rest (the attention-sink token's massive
+    activations) are fitted apart: one hidden unit becomes a step that is on for them only,
+    so they are matched without bending the fit of ordinary tokens.
+
+    Returns the relative error ``||f(x) - y|| / ||y||`` over the recorded rows.
+    """
+    layers = list(feedforward.layers)
+    device = layers[0].weight.device
+    x = inputs.to(device=device, dtype=torch.float32)
+    y = outputs.to(device=device, dtype=torch.float32)
+    if x.shape[0] == 0:
+        raise ValueError("no calibration rows to fit")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    outlier = _outlier_rows(y)
+    train_x, train_y = x[~outlier], y[~outlier]
+    if original is not None and augment > 0:
+        copies = train_x.repeat(augment, 1)
+        copies += noise * train_x.std(0, unbiased=False) * torch.randn(copies.shape, generator=generator, device=device)
+        train_x, train_y = torch.cat([train_x, copies]), torch.cat([train_y, _run(original, copies)])
+
+    sink = int(outlier.any())
+    _standardize(layers, 0, train_x, INPUT_SPREAD)
+    directions = NeuronDirections(original, train_x, layers[0].out_features - sink) if original is not None else None
+    if directions is not None and directions.count:
+        units = torch.arange(sink, sink + directions.count, device=device)
+        _least_squares(layers[0], train_x, directions, HIDDEN_RIDGE, units=units)
+    hidden = train_x
+    for k in range(1, len(layers)):
+        hidden = _run(layers[k - 1], hidden)
+        _standardize(layers, k, hidden, HIDDEN_SPREAD)
+        if k < len(layers) - 1:  # middle stages start as identities
+            _least_squares(layers[k], hidden, hidden, HIDDEN_RIDGE)
+    if sink:
+        _make_step_unit(layers, _inputs_of(layers, len(layers) - 2, x), outlier)
+    _least_squares(layers[-1], _inputs_of(layers, len(layers) - 1, train_x), train_y, ridge)
+    if sink:
+        _match_outliers(layers[-1], _inputs_of(layers, len(layers) - 1, x), y, outlier)
+    prediction = _run(feedforward, x)
+    return float((prediction - y).norm() / y.norm().clamp_min(1e-12))
+
+
+class NeuronDirections:
+    """Standardised pre-activations of the most important neurons of an MLP, as fit targets.
+
+    Found by watching ``original`` run: its leaf modules fed the MLP input itself are the
+    input projections (``gate_proj``/``up_proj``, ``c_fc``, ``fc1``, a fused ``gate_up_proj``),
+    and the last leaf mapping another width back to the hidden size is the output
+    projection. Twice as many pre-activations as output-projection inputs means a gated
+    MLP. A neuron's importance is its mean square activation times the squared norm of its
+    output column. Unrecognised layouts give ``count == 0`` (the caller keeps random weights).
+    """
+
+    def __init__(self, original: nn.Module, x: torch.Tensor, count: int):
+        self.count = 0
+        parameter = next(original.parameters(), None)
+        sample = x[:CHUNK].to(parameter.dtype if parameter is not None else x.dtype)
+        calls = []
+        hooks = [
+            module.register_forward_hook(lambda m, args, out: calls.append((m, args[0], out)))
+            for module in original.modules()
+            if not list(module.children())
+        ]
+        try:
+            original(sample)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        hidden = x.shape[-1]
+        self.projections = list(dict.fromkeys(m for m, inp, _ in calls if inp is sample))
+        downs = [(m, inp) for m, inp, out in calls if inp.shape[-1] != hidden and out.shape[-1] == hidden]
+        if not self.projections or not downs:
+            return
+        down, activations = downs[-1]
+        width = activations.shape[-1]
+        pre = self._pre(sample)
+        if pre.shape[-1] not in (width, 2 * width):
+            return
+        eye = torch.eye(width, device=x.device, dtype=activations.dtype)
+        columns = _run(down, eye) - _run(down, eye[:1] * 0)
+        importance = activations.float().pow(2).mean(0) * columns.pow(2).sum(1)
+        order = importance.argsort(descending=True).tolist()
+        # (a, b, sign): the target is (z_a + sign * z_b) / sqrt(2), or z_a alone when sign is 0
+        targets = []
+        if pre.shape[-1] == 2 * width:  # gated: the squares of a pair recover the product
+            targets = [(j, width + j, sign) for j in order[: count // 2] for sign in (1.0, -1.0)]
+        targets += [(j, j, 0.0) for j in order[len(targets) // 2 :]][: count - len(targets)]
+        if not targets:
+            return
+        self.std = pre.std(0).clamp_min(1e-6)
+        self.index = [torch.tensor(column, device=x.device) for column in zip(*targets)]
+        self.count = len(targets)
+
+    def _pre(self, x):
+        return torch.cat([_run(m, x) for m in self.projections], -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, sign = self.index
+        z = self._pre(x) / self.std
+        return torch.where(sign == 0, z[:, a], (z[:, a] + sign * z[:, b]) / 2**0.5)
+
+
+def _run(module, x):
+    """``module(x)`` in the module's dtype, chunked, returned in float32."""
+    parameter = next(module.parameters(), None)
+    dtype = parameter.dtype if parameter is not None else x.dtype
+    return torch.cat([module(x[s : s + CHUNK].to(dtype)).float() for s in range(0, len(x), CHUNK)])
+
+
+def _outlier_rows(y):
+    norms = y.norm(dim=1)
+    outlier = norms > OUTLIER_FACTOR * norms.median()
+    # Outliers are the rare sink tokens; a large share of them means a heavy-tailed target instead.
+    return outlier if 0 < int(outlier.sum()) <= 0.1 * len(y) else torch.zeros_like(outlier)
+
+
+def _features(layer, x):
+    if layer.input_scale is not None:
+        t = torch.tanh(x * layer.input_scale.float() + layer.input_shift.float())
+    else:
+        t = torch.tanh(x)
+    params = [p.float() for p in layer.basis_parameters]
+    return torch.cat(layer.basis.values(t, params), -1)
+
+
+def _inputs_of(layers, k, x):
+    for layer in layers[:k]:
+        x = _run(layer, x)
+    return x
+
+
+def _set_map(layers, k, scale, shift, units=None):
+    """Make layer ``k`` read ``tanh(scale * x + shift)`` on ``units`` (default all inputs).
+
+    A layer without its own affine input map gets it folded into the previous layer's
+    outputs; the first layer of a ``"tanh"`` feedforward keeps its plain tanh.
+    """
+    layer = layers[k]
+    units = slice(None) if units is None else units
+    if layer.input_scale is not None:
+        layer.input_scale[units] = scale.to(layer.input_scale.dtype)
+        layer.input_shift[units] = shift.to(layer.input_shift.dtype)
+    elif k > 0 and layers[k - 1].bias is not None:
+        previous = layers[k - 1]
+        previous.weight[units] *= scale.to(previous.weight.dtype)[:, None]
+        previous.bias[units] = (previous.bias[units] * scale + shift).to(previous.bias.dtype)
+
+
+def _standardize(layers, k, x, spread):
+    """Centre each input channel on its median and scale its spread to ``spread`` (robust to outliers),
+    but never let a fit row reach past ``ZCAP``: a plain tanh of these inputs uses a sliver of the basis
+    domain, while a scale set by rare huge values would flatten the rest."""
+    sample = x[torch.randperm(len(x), device=x.device)[:CHUNK]] if len(x) > CHUNK else x
+    q = torch.quantile(sample, torch.tensor([0.1587, 0.5, 0.8413], device=x.device), dim=0)
+    center, std = q[1], (q[2] - q[0]) / 2
+    std = std.clamp_min(0.1 * float(std.median())).clamp_min(1e-6)
+    reach = (x - center).abs().amax(0).clamp_min(1e-6)
+    scale = torch.minimum(spread / std, ZCAP / reach)
+    _set_map(layers, k, scale, -scale * center)
+
+
+def _least_squares(layer, x, target, ridge, units=None):
+    """Ridge least squares for ``layer``'s coefficients and bias (rows ``units`` only).
+
+    A KAN layer is linear in its coefficients once its input map is fixed. Features are
+    centred (the bias takes the mean) and each gets ``ridge`` times its own variance.
+    ``target`` is a tensor or a function of the input rows.
+    """
+    size = layer.weight.shape[1]
+    gram = torch.zeros(size, size, dtype=torch.float64, device=x.device)
+    cross, feature_sum, target_sum = None, torch.zeros(size, dtype=torch.float64, device=x.device), None
+    for s in range(0, len(x), CHUNK):
+        features = _features(layer, x[s : s + CHUNK])
+        wanted = target(x[s : s + CHUNK]) if callable(target) else target[s : s + CHUNK]
+        gram += (features.T @ features).double()
+        step = (features.T @ wanted.float()).double()
+        cross = step if cross is None else cross + step
+        feature_sum += features.double().sum(0)
+        target_sum = wanted.double().sum(0) if target_sum is None else target_sum + wanted.double().sum(0)
+    n = len(x)
+    feature_mean, target_mean = feature_sum / n, target_sum / n
+    gram -= n * torch.outer(feature_mean, feature_mean)
+    cross -= n * torch.outer(feature_mean, target_mean)
+    variance = gram.diagonal().clamp_min(1e-12 * float(gram.diagonal().max()) + 1e-30)
+    gram.diagonal().add_(ridge * variance)
+    solution = torch.linalg.solve(gram, cross)
+    bias = target_mean - feature_mean @ solution
+    rows = slice(None) if units is None else units
+    layer.weight[rows] = solution.T.to(layer.weight.dtype)
+    if layer.bias is not None:
+        layer.bias[rows] = bias.to(layer.bias.dtype)
+
+
+def _make_step_unit(layers, x, outlier):
+    """Turn hidden unit 0 (the output of ``layers[-2]``, input of ``layers[-1]``) into a step:
+    -1 on ordinary rows and +1 on outlier rows. Its direction in feature space is the
+    Fisher discriminant of the two groups; the step sits midway across the gap between them."""
+    features = _features(layers[-2], x)
+    normal_mean, outlier_mean = features[~outlier].mean(0), features[outlier].mean(0)
+    centred = features[~outlier] - normal_mean
+    scatter = (centred.T @ centred).double() / len(centred)
+    scatter.diagonal().add_(1e-2 * float(scatter.diagonal().mean()) + 1e-12)
+    direction = torch.linalg.solve(scatter, (outlier_mean - normal_mean).double()).float()
+    layers[-2].weight[0] = direction.to(layers[-2].weight.dtype)
+    if layers[-2].bias is not None:
+        layers[-2].bias[0] = 0.0
+    h = features @ direction
+    low, high = h[~outlier].max(), h[outlier].min()
+    if high <= low:  # not separable: step between the group means instead
+        low, high = h[~outlier].mean(), h[outlier].mean()
+    half = ((high - low) / 2).clamp_min(1e-12)
+    scale = (STEP_SHARPNESS / half).reshape(1)
+    _set_map(layers, len(layers) - 1, scale, -scale * (low + high) / 2, units=slice(0, 1))
+
+
+def _match_outliers(layer, x, y, outlier):
+    """Move the outlier rows' mean residual onto the step unit's most separating feature."""
+    features = _features(layer, x)
+    residual = y - (features @ layer.weight.float().T + (layer.bias.float() if layer.bias is not None else 0.0))
+    width = layer.in_features
+    columns = torch.arange(0, features.shape[1], width, device=x.device)  # unit 0's features
+    gaps = features[outlier][:, columns].mean(0) - features[~outlier][:, columns].mean(0)
+    best = int(gaps.abs().argmax())
+    column, gap = int(columns[best]), gaps[best]
+    if gap.abs() < 1e-6:
+        return
+    delta = (residual[outlier].mean(0) - residual[~outlier].mean(0)) / gap
+    layer.weight[:, column] += delta.to(layer.weight.dtype)
+    if layer.bias is not None:
+        layer.bias -= (delta * features[~outlier][:, column].mean()).to(layer.bias.dtype)
