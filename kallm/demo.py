@@ -1,7 +1,8 @@
 """``kallm demo``: the main job, end to end on the bundled SmolLM2-135M-Instruct, offline.
 
 1. Generate chat data with the original model (its replies to prompts kallm ships).
-2. Retrofit the last 5 blocks.
+2. Retrofit the last 5 blocks, by default with function-preserving init fitted on the
+   generated training conversations.
 3. Heal briefly by distillation from the original model.
 4. Measure perplexity and chat loss on held-out generated conversations (and WikiText /
    a BBH subset when ``--text`` / ``--bbh-dir`` or ``$KALLM_DATA_DIR`` provide them)
@@ -25,6 +26,7 @@ import torch
 
 from .eval.evaluate import evaluate
 from .loading import DEFAULT_MODEL, load_model
+from .surgery.fit import INITS
 from .surgery.retrofit import retrofit
 from .surgery.trainable import summary
 from .train.trainer import TrainConfig, train
@@ -152,6 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--last-n", type=int, default=5)
     parser.add_argument("--basis", default="cheby2")
     parser.add_argument("--degree", type=int, default=2)
+    parser.add_argument("--init", default="fit", choices=INITS,
+                        help="fit (default): start from the MLPs' function, fitted on the generated conversations")
     parser.add_argument("--heal-steps", type=int, default=30, help="distillation steps (0 skips healing)")
     parser.add_argument("--held-out", type=int, default=8, help="generated conversations kept for evaluation")
     parser.add_argument("--text", default=str(wikitext) if wikitext and wikitext.is_file() else None,
@@ -182,9 +186,17 @@ def run(args) -> int:
     held_out = write_jsonl(data[:args.held_out], out / "generated_held_out.jsonl")
     rows = {"original": measure(original, tokenizer, held_out, args)}
 
-    print(f"[3/6] Retrofitting the last {args.last_n} blocks ({args.basis}, degree {args.degree}) ...", flush=True)
-    retrofit(model, last_n=args.last_n, basis=args.basis, degree=args.degree)
-    rows["retrofitted"] = measure(model, tokenizer, held_out, args)
+    print(f"[3/6] Retrofitting the last {args.last_n} blocks ({args.basis}, degree {args.degree}, "
+          f"{args.init} init) ...", flush=True)
+    calibration = None
+    if args.init == "fit":
+        calibration = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in data[args.held_out:]]
+    retrofit(model, last_n=args.last_n, basis=args.basis, degree=args.degree, init=args.init,
+             calibration=calibration, tokenizer=tokenizer)
+    if args.init == "fit":
+        errors = model.kallm_fit_report["relative_error"]
+        print("    fit relative error per block: " + ", ".join(f"{b}: {e:.3f}" for b, e in errors.items()), flush=True)
+    rows[f"retrofitted ({args.init} init)"] = measure(model, tokenizer, held_out, args)
 
     if args.heal_steps > 0:
         print(f"[4/6] Healing: {args.heal_steps} distillation steps from the original model ...", flush=True)

@@ -26,6 +26,7 @@ import yaml
 
 from .eval.evaluate import evaluate
 from .loading import DEFAULT_MODEL, load_model
+from .surgery.fit import INITS
 from .surgery.retrofit import retrofit
 from .surgery.trainable import set_trainable
 from .train.trainer import TrainConfig, train
@@ -39,16 +40,23 @@ class Arm:
 
     kind: ``baseline`` (the untouched model, evaluated only), ``linear`` (the MLPs of the
     retrofitted blocks re-initialised, the research's "linear restart") or ``kan``.
+    init: ``random`` or ``fit`` (KAN arms only): the KAN feedforwards start fitted to the
+    MLPs they replace, on the default calibration (replies the original model writes).
     distill: train with the original model as teacher.
     """
 
     name: str
     kind: str = "kan"
+    init: str = "random"
     distill: bool = False
 
     def __post_init__(self):
         if self.kind not in ARM_KINDS:
             raise ValueError(f"arm {self.name!r}: unknown kind {self.kind!r}; valid choices: {', '.join(ARM_KINDS)}")
+        if self.init not in INITS:
+            raise ValueError(f"arm {self.name!r}: unknown init {self.init!r}; valid choices: {', '.join(INITS)}")
+        if self.init == "fit" and self.kind != "kan":
+            raise ValueError(f"arm {self.name!r}: init 'fit' fits KAN feedforwards; use it with kind 'kan'")
         if self.kind == "baseline" and self.distill:
             raise ValueError(f"arm {self.name!r}: the baseline is not trained, so it cannot distill")
 
@@ -81,6 +89,9 @@ class ExperimentConfig:
         reserved = {"output_dir", "seed"} & set(self.train)
         if reserved:
             raise ValueError(f"train settings {sorted(reserved)} are set per run by the experiment; remove them")
+        per_arm = {"kind", "init", "calibration", "tokenizer"} & set(self.retrofit)
+        if per_arm:
+            raise ValueError(f"retrofit settings {sorted(per_arm)} are set per arm; move them to the arms")
         TrainConfig(**self.train)  # fail on a bad setting now, not after the first arm
 
 
@@ -164,9 +175,12 @@ def run_arm(config: ExperimentConfig, arm: Arm, seed: int) -> dict:
     run_dir = Path(config.out) / arm.name / f"seed{seed}"
     model, tokenizer = load_model(config.model)
     teacher = copy.deepcopy(model).eval() if arm.distill else None
-    record = {"arm": arm.name, "seed": seed, "kind": arm.kind, "distill": arm.distill}
+    record = {"arm": arm.name, "seed": seed, "kind": arm.kind, "init": arm.init, "distill": arm.distill}
     started = time.perf_counter()
-    if arm.kind != "baseline":
+    if arm.init == "fit":
+        retrofit(model, kind=arm.kind, init="fit", tokenizer=tokenizer, **config.retrofit)
+        record["fit_report"] = model.kallm_fit_report
+    elif arm.kind != "baseline":
         retrofit(model, kind=arm.kind, **config.retrofit)
     record["retrofit_seconds"] = round(time.perf_counter() - started, 1)
     if arm.kind == "baseline":

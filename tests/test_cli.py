@@ -54,6 +54,38 @@ def test_retrofit_command_reports_bad_input_without_a_traceback(saved_tiny, tmp_
     assert not out.exists()
 
 
+def test_retrofit_command_fit_init_on_a_calibration_file(saved_tiny, tmp_path, capsys):
+    text = tmp_path / "calibration.txt"
+    text.write_text("The river flows past the old mill and under the stone bridge. " * 12)
+    out = tmp_path / "fitted"
+    code = main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "1", "--init", "fit",
+                 "--calibration", str(text)])
+    assert code == 0
+    errors = capsys.readouterr().out.split("Fit relative error per block: ")[1].splitlines()[0]
+    block, error = errors.split(": ")
+    assert block == "2" and 0 < float(error) < 0.9
+    fitted = AutoModelForCausalLM.from_pretrained(out)
+    random = kallm.retrofit(tiny_model("llama"), last_n=1)
+    first = "model.layers.2.mlp.layers.0.input_scale"
+    assert not torch.equal(fitted.state_dict()[first], random.state_dict()[first])  # set from the data
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--calibration", "calibration.txt"], "--calibration is only used with --init fit"),
+        (["--init", "fit", "--calibration", "missing.txt"], "missing.txt"),
+    ],
+)
+def test_retrofit_command_refuses_bad_calibration(saved_tiny, tmp_path, capsys, monkeypatch, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "calibration.txt").write_text("some text")
+    out = tmp_path / "never"
+    assert main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "1", *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_inspect_prints_kan_config_and_table(saved_tiny, tmp_path, capsys):
     out = tmp_path / "kan"
     main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "1"])

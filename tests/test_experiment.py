@@ -49,7 +49,8 @@ def test_tiny_experiment_runs_every_arm_and_writes_the_report(workspace, monkeyp
         tmp_path,
         model=str(model_dir), out=str(tmp_path / "out"), seeds=[0, 1], data="${TINY_DATA}/chat.jsonl",
         retrofit={"last_n": 1, "basis": "cheby2", "degree": 2},
-        arms={"base": {"kind": "baseline"}, "linear": {"kind": "linear"}, "kan": {"kind": "kan", "distill": True}},
+        arms={"base": {"kind": "baseline"}, "linear": {"kind": "linear"},
+              "kan": {"kind": "kan", "init": "fit", "distill": True}},
         train={"max_steps": 2, "batch_size": 4, "max_length": 64, "logging_steps": 1, "progress_bar": False},
         eval={"tasks": ["bbh", "perplexity", "chat_loss"], "bbh_source": str(bbh), "mode": "loglik",
               "text": str(text), "max_length": 32, "chat_data": str(chat), "chat_limit": 4},
@@ -66,6 +67,9 @@ def test_tiny_experiment_runs_every_arm_and_writes_the_report(workspace, monkeyp
     assert rows["kan"]["trainable_parameters"] > 0 and rows["linear"]["trainable_parameters"] > 0
     assert rows["kan"]["bbh_accuracy"]["n"] == 2 and 0.0 <= rows["kan"]["bbh_accuracy"]["mean"] <= 1.0
     assert all(len(run["losses"]) == 2 for run in runs if run["arm"] != "base")
+    assert all(run["init"] == "fit" and set(run["fit_report"]["relative_error"]) == {2}
+               for run in runs if run["arm"] == "kan")
+    assert all("fit_report" not in run for run in runs if run["arm"] != "kan")
 
     out = tmp_path / "out"
     report = (out / "results.md").read_text()
@@ -98,6 +102,10 @@ def test_summarize_reports_mean_and_sample_std_over_seeds():
         ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "train": {"seed": 3}}, "set per run"),
         ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "train": {"trainable": "most"}}, "trainable must be"),
         ({"seeds": []}, "at least one seed"),
+        ({"arms": {"x": {"kind": "kan", "init": "warm"}}}, "unknown init 'warm'; valid choices: random, fit"),
+        ({"arms": {"x": {"kind": "linear", "init": "fit"}}}, "use it with kind 'kan'"),
+        ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "retrofit": {"last_n": 2, "init": "fit"}},
+         "set per arm"),
     ],
 )
 def test_bad_configs_are_refused_with_a_clear_message(tmp_path, overrides, message):
@@ -116,3 +124,5 @@ def test_shipped_recipes_load(monkeypatch):
     research = load_experiment(CONFIGS / "research.yaml")
     assert small.data == "/data/chat/oasst_en100/all_paths.jsonl"
     assert [arm.name for arm in research.arms][:2] == ["baseline", "linear-restart"] and research.seeds == [0, 1, 2]
+    for recipe in (small, research):
+        assert {(arm.kind, arm.init) for arm in recipe.arms} >= {("kan", "random"), ("kan", "fit")}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import yaml
 
 from ..core.layers import KANFeedForward
 from ..loading import DEFAULT_MODEL, load_model, push_to_hub
+from .fit import INITS
 from .retrofit import retrofit
 from .trainable import set_trainable, summary
 
@@ -32,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--degree", type=int, default=2)
     parser.add_argument("--intermediate-size", type=int, help="KAN inner size (default: half the MLP's parameters)")
     parser.add_argument("--kind", default="kan", help="kan, or linear for the re-initialised MLP baseline")
+    parser.add_argument("--init", default="random", choices=INITS,
+                        help="fit: start each KAN feedforward fitted to the MLP it replaces (see docs/fit-init.md)")
+    parser.add_argument("--calibration", metavar="FILE",
+                        help="text file to fit on with --init fit (default: replies the model writes itself)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="layer/basis option, repeatable")
     parser.add_argument("--trainable", default="tail+embeddings", help="policy used for the trainable column")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the saved folder to this Hub repo")
@@ -39,15 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     options = parse_options(args.option)
-    # Check the layer settings before spending time on loading the model.
+    # Check the settings before spending time on loading the model.
     KANFeedForward.count_parameters(2, 2, args.basis, args.degree, **options)
+    calibration = None
+    if args.calibration:
+        if args.init != "fit":
+            raise ValueError("--calibration is only used with --init fit")
+        calibration = [Path(args.calibration).read_text(encoding="utf-8")]
     print(f"Loading {args.model} ...")
     model, tokenizer = load_model(args.model)
     print(f"Retrofitting ({args.kind}, basis {args.basis}, degree {args.degree}) ...")
     retrofit(
         model, last_n=args.last_n, layers=args.layers, basis=args.basis, degree=args.degree,
-        intermediate_size=args.intermediate_size, kind=args.kind, **options,
+        intermediate_size=args.intermediate_size, kind=args.kind, init=args.init, calibration=calibration,
+        tokenizer=tokenizer, **options,
     )
+    if args.init == "fit":
+        errors = model.kallm_fit_report["relative_error"]
+        print("Fit relative error per block: " + ", ".join(f"{block}: {error:.3f}" for block, error in errors.items()))
     set_trainable(model, args.trainable)
     summary(model)
     model.save_pretrained(args.out)
