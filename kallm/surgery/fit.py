@@ -212,8 +212,6 @@ def record_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int],
     return {i: (torch.cat(inputs), torch.cat(outputs)) for i, (inputs, outputs) in records.items()}
 
 
-
-
 def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int], install: Callable[[], None],
                          calibration=None, tokenizer=None, progress: bool = True) -> dict:
     """Record the feedforwards of ``indices`` on calibration text, run ``install`` (which swaps
@@ -240,6 +238,7 @@ def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int]
                 ", ".join(f"{i}: {e:.3f}" for i, e in errors.items()))
     model.kallm_fit_report = report
     return report
+
 
 # ------------------------------------------------------------------------ the fit
 
