@@ -128,7 +128,7 @@ import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder, question = sys.argv[1], sys.argv[2]
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(folder)
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                     return_tensors="pt", return_dict=True)
 out = model.generate(**ids, max_new_tokens=40, do_sample=False)

@@ -26,6 +26,7 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     assert "fit relative error per block: 2: " in printed
     assert all(row["chat_loss"] > 0 for row in rows.values())
     assert "KALlamaForCausalLM |" in printed  # the fresh process loaded the remote-code class and replied
+    assert "custom code" not in printed  # nothing stopped to ask for trust_remote_code
     assert len((out / "generated_held_out.jsonl").read_text().splitlines()) == 4
 
 
