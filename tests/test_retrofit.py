@@ -13,6 +13,7 @@ import torch
 import transformers
 from conftest import TINY_CONFIGS, tiny_model
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import kallm
 from kallm.core.layers import KANFeedForward
@@ -44,7 +45,7 @@ def snapshot(model):
         "config": copy.deepcopy(model.config.to_dict()),
         "modules": [(name, id(module)) for name, module in model.named_modules()],
         "tensors": {k: v.clone() for k, v in model.state_dict().items()},
-        "restarted": list(getattr(model, "kallm_restarted_layers", [])),
+        "restarted": list(getattr(model.config, "kallm_restarted_layers", None) or []),
     }
 
 
@@ -468,6 +469,20 @@ def test_summary_returns_and_prints_the_table(capsys):
     restarted = kallm.summary(kallm.retrofit(tiny_model("llama"), last_n=1, kind="linear"), print_table=False)
     assert [row["feedforward"] for row in restarted["blocks"]] == ["original", "original", "linear restart"]
     assert restarted["kan"] == 0
+
+
+def test_a_saved_linear_restart_still_knows_its_restarted_blocks(tmp_path):
+    model = kallm.retrofit(tiny_model("llama"), layers=[1], kind="linear")
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.kallm_restarted_layers == [1]
+    rows = kallm.summary(reloaded, print_table=False)["blocks"]
+    assert [row["feedforward"] for row in rows] == ["original", "linear restart", "original"]
+    kallm.set_trainable(reloaded, "retrofitted")
+    trainable = {name for name, p in reloaded.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("model.layers.1.mlp.") for name in trainable)
+    with pytest.raises(ValueError, match=re.escape("blocks [1] were already linear-restarted")):
+        kallm.retrofit(reloaded, layers=[1], kind="linear")
 
 
 # ------------------------------------------------------------------------------------ research counts

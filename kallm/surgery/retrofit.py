@@ -134,7 +134,7 @@ def retrofitted_layers(model: nn.Module) -> list[int]:
     kan_config = getattr(model.config, "kan_config", None)
     if kan_config:
         return list(kan_config["layers"])
-    return list(getattr(model, "kallm_restarted_layers", []))
+    return list(getattr(model.config, "kallm_restarted_layers", None) or [])
 
 
 def _base_model_type(model):
@@ -194,7 +194,7 @@ def _extend(old: dict, new: dict) -> dict:
 def _check_kind_consistency(model, kind, indices):
     """One model is one experimental arm: KAN blocks and restarted MLPs never mix."""
     kan_config = getattr(model.config, "kan_config", None)
-    restarted = getattr(model, "kallm_restarted_layers", [])
+    restarted = getattr(model.config, "kallm_restarted_layers", None) or []
     if kind == "linear" and kan_config:
         raise ValueError(
             f"this model already has KAN feedforwards in blocks {kan_config['layers']}; the linear restart is the "
@@ -258,4 +258,5 @@ def _restart_feedforwards(model, adapter, indices):
                     weight.normal_(0.0, std)
                 if isinstance(bias, torch.Tensor):
                     bias.zero_()
-    model.kallm_restarted_layers = sorted(set(retrofitted_layers(model)) | set(indices))
+    # kept in the config, so a saved restarted model still says which blocks start from scratch
+    model.config.kallm_restarted_layers = sorted(set(retrofitted_layers(model)) | set(indices))
