@@ -26,7 +26,7 @@ import torch
 
 from .eval.evaluate import evaluate
 from .loading import DEFAULT_MODEL, load_model
-from .surgery.fit import INITS
+from .surgery.fit import INITS, format_errors
 from .surgery.retrofit import retrofit
 from .surgery.trainable import summary
 from .train.trainer import TrainConfig, train
@@ -194,8 +194,7 @@ def run(args) -> int:
     retrofit(model, last_n=args.last_n, basis=args.basis, degree=args.degree, init=args.init,
              calibration=calibration, tokenizer=tokenizer)
     if args.init == "fit":
-        errors = model.kallm_fit_report["relative_error"]
-        print("    fit relative error per block: " + ", ".join(f"{b}: {e:.3f}" for b, e in errors.items()), flush=True)
+        print("    fit relative error per block: " + format_errors(model.kallm_fit_report), flush=True)
     rows[f"retrofitted ({args.init} init)"] = measure(model, tokenizer, held_out, args)
 
     if args.heal_steps > 0:

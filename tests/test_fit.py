@@ -76,6 +76,8 @@ def test_report_holds_the_relative_error_of_every_block(caplog):
     for index, error in report["relative_error"].items():
         assert 0 < error < 1
         assert error == pytest.approx(recomputed[index], rel=1e-3, abs=1e-4)
+        # a tiny random model has no massive activations, so no token is left out
+        assert report["ordinary_token_error"][index] == pytest.approx(error, rel=1e-4)
 
 
 def test_calibration_as_texts_needs_a_tokenizer(tiny_tokenizer):
@@ -187,6 +189,14 @@ def test_rare_huge_targets_are_matched_without_bending_the_rest():
     ordinary, huge = errors(with_sink)
     assert huge < 0.01
     assert ordinary < 1.1 * errors(without_sink)[0]
+    # the report's ordinary-token error is this error on the ordinary rows, however small the huge rows make
+    # the error over all rows look
+    assert fit.ordinary_token_error(with_sink, rows, targets) == pytest.approx(ordinary, rel=1e-4)
+    with torch.no_grad():
+        overall = float((with_sink(rows) - targets).norm() / targets.norm())
+    assert overall < 0.5 * ordinary
+    report = {"relative_error": {7: overall}, "ordinary_token_error": {7: ordinary}}
+    assert fit.format_errors(report) == f"7: {overall:.3f} (ordinary tokens {ordinary:.3f})"
 
 
 @pytest.mark.parametrize("options", [{"basis": "cheby2>legendre>cheby2"}, {"input_map": "tanh"},

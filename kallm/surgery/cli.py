@@ -9,7 +9,7 @@ import yaml
 
 from ..core.layers import KANFeedForward
 from ..loading import DEFAULT_MODEL, load_model, push_to_hub
-from .fit import INITS
+from .fit import INITS, format_errors
 from .retrofit import retrofit
 from .trainable import set_trainable, summary
 
@@ -61,8 +61,7 @@ def run(args) -> int:
         tokenizer=tokenizer, **options,
     )
     if args.init == "fit":
-        errors = model.kallm_fit_report["relative_error"]
-        print("Fit relative error per block: " + ", ".join(f"{block}: {error:.3f}" for block, error in errors.items()))
+        print("Fit relative error per block: " + format_errors(model.kallm_fit_report))
     set_trainable(model, args.trainable)
     summary(model)
     model.save_pretrained(args.out)
