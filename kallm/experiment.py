@@ -177,11 +177,10 @@ def run_arm(config: ExperimentConfig, arm: Arm, seed: int) -> dict:
     teacher = copy.deepcopy(model).eval() if arm.distill else None
     record = {"arm": arm.name, "seed": seed, "kind": arm.kind, "init": arm.init, "distill": arm.distill}
     started = time.perf_counter()
+    if arm.kind != "baseline":
+        retrofit(model, kind=arm.kind, init=arm.init, tokenizer=tokenizer, **config.retrofit)
     if arm.init == "fit":
-        retrofit(model, kind=arm.kind, init="fit", tokenizer=tokenizer, **config.retrofit)
         record["fit_report"] = model.kallm_fit_report
-    elif arm.kind != "baseline":
-        retrofit(model, kind=arm.kind, **config.retrofit)
     record["retrofit_seconds"] = round(time.perf_counter() - started, 1)
     if arm.kind == "baseline":
         record["trainable_parameters"] = 0
