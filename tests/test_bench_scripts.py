@@ -44,6 +44,31 @@ def test_bench_fit_init_scores_every_arm(tmp_path):
     assert "| fit init, size 16 |" in out_md.read_text()
 
 
+def test_bench_fit_init_per_block_table(tmp_path):
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("The river flows past the old mill and under the stone bridge. " * 20)
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = load_script("bench_fit_init").main([
+        "--model", str(folder), "--text", str(text), "--max-tokens", "100", "--max-length", "64", "--last-n", "2",
+        "--per-block", "--per-block-tokens", "100", "--json", str(out_json), "--markdown", str(out_md)])
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    table = result["per_block"]
+    first, last = result["retrofit"]["layers"]
+    assert [row["blocks"] for row in table["rows"]] == [[first], [last], [first, last]]
+    fit_arm = next(arm for arm in result["arms"] if arm["arm"] == "fit init")
+    assert table["original"] == pytest.approx(fit_arm["perplexity"] / fit_arm["ratio_to_original"], rel=0.05)
+    for row in table["rows"]:
+        # the fit beats deletion on the rows it was fitted to (deletion scores 1 or more there)
+        assert all(0 <= error < 1 for error in row["calibration_error"])
+        assert len(row["scored_text_error"]) == len(row["blocks"])
+        assert all(row[f"perplexity_{name}"] > 1 for name in ("fitted", "deleted", "linear"))
+    assert f"| {first}, {last} |" in out_md.read_text()
+
+
 def test_bench_layers_writes_its_table(tmp_path):
     out_json, out_md = tmp_path / "layers.json", tmp_path / "layers.md"
     code = load_script("bench_layers").main(["--tokens", "64", "--repeats", "1", "--warmup", "0", "--threads", "1",

@@ -256,7 +256,7 @@ def format_errors(report: dict) -> str:
 @torch.no_grad()
 def ordinary_token_error(feedforward, inputs: torch.Tensor, outputs: torch.Tensor) -> float:
     """``||f(x) - y|| / ||y||`` over the rows that are not massive-activation outliers."""
-    keep = ~_outlier_rows(outputs)
+    keep = ~outlier_rows(outputs)
     x, y = inputs[keep], outputs[keep]
     prediction = _run(feedforward, x.to(next(feedforward.parameters()).device))
     return float((prediction.cpu() - y.cpu().float()).norm() / y.float().norm().clamp_min(1e-12))
@@ -300,7 +300,7 @@ def fit_feedforward(feedforward, inputs: torch.Tensor, outputs: torch.Tensor, or
     if x.shape[0] == 0:
         raise ValueError("no calibration rows to fit")
     generator = torch.Generator(device=device).manual_seed(seed)
-    outlier = _outlier_rows(y)
+    outlier = outlier_rows(y)
     train_x, train_y = x[~outlier], y[~outlier]
     if original is not None and augment > 0:
         copies = train_x.repeat(augment, 1)
@@ -395,7 +395,9 @@ def _run(module, x):
     return torch.cat([module(x[s : s + CHUNK].to(dtype)).float() for s in range(0, len(x), CHUNK)])
 
 
-def _outlier_rows(y):
+def outlier_rows(y: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the massive-activation rows of feedforward outputs ``y``: norm above
+    ``OUTLIER_FACTOR`` times the median, and no more than a tenth of the rows."""
     norms = y.norm(dim=1)
     outlier = norms > OUTLIER_FACTOR * norms.median()
     # Outliers are the rare sink tokens; a large share of them means a heavy-tailed target instead.
