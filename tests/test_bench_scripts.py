@@ -21,13 +21,19 @@ def load_script(name):
     return module
 
 
-def test_bench_fit_init_scores_every_arm(tmp_path):
+def fit_bench_inputs(tmp_path):
+    """A saved tiny Llama with its tokenizer, a text to score, and where the tables go."""
     folder = tmp_path / "model"
     tiny_model("llama").save_pretrained(folder)
     make_tiny_tokenizer().save_pretrained(folder)
     text = tmp_path / "text.txt"
     text.write_text("The river flows past the old mill and under the stone bridge. " * 20)
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    return folder, text, out_json, out_md
+
+
+def test_bench_fit_init_scores_every_arm(tmp_path):
+    folder, text, out_json, out_md = fit_bench_inputs(tmp_path)
     code = load_script("bench_fit_init").main([
         "--model", str(folder), "--text", str(text), "--max-tokens", "200", "--max-length", "64", "--last-n", "1",
         "--sizes", "16", "--json", str(out_json), "--markdown", str(out_md)])
@@ -45,12 +51,7 @@ def test_bench_fit_init_scores_every_arm(tmp_path):
 
 
 def test_bench_fit_init_per_block_table(tmp_path):
-    folder = tmp_path / "model"
-    tiny_model("llama").save_pretrained(folder)
-    make_tiny_tokenizer().save_pretrained(folder)
-    text = tmp_path / "text.txt"
-    text.write_text("The river flows past the old mill and under the stone bridge. " * 20)
-    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    folder, text, out_json, out_md = fit_bench_inputs(tmp_path)
     code = load_script("bench_fit_init").main([
         "--model", str(folder), "--text", str(text), "--max-tokens", "100", "--max-length", "64", "--last-n", "2",
         "--per-block", "--per-block-tokens", "100", "--json", str(out_json), "--markdown", str(out_md)])
