@@ -165,7 +165,7 @@ class MeanOutput(nn.Module):
 
 
 class RidgeLinear(nn.Module):
-    """The best affine map of the calibration rows (ridge 0.1 times each input's variance)."""
+    """An affine map fitted to the calibration rows by ridge regression (ridge 0.1 times each input's variance)."""
 
     def __init__(self, inputs, outputs, ridge=0.1):
         super().__init__()
