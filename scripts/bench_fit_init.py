@@ -196,6 +196,7 @@ def per_block(base, fitted, adapter, tokenizer, text, args) -> dict:
     ordinary = {i: ~outlier_rows(outputs) for i, (_, outputs) in calibration.items()}
     deleted = {i: MeanOutput(outputs[ordinary[i]]) for i, (_, outputs) in calibration.items()}
     linear = {i: RidgeLinear(inputs[ordinary[i]], outputs[ordinary[i]]) for i, (inputs, outputs) in calibration.items()}
+    scored_errors = {i: ordinary_token_error(kans[i], *scored[i]) for i in indices}
 
     def score(replacements):
         model = copy.deepcopy(base)
@@ -209,7 +210,7 @@ def per_block(base, fitted, adapter, tokenizer, text, args) -> dict:
         rows.append({
             "blocks": group,
             "calibration_error": [fitted.kallm_fit_report["ordinary_token_error"][i] for i in group],
-            "scored_text_error": [ordinary_token_error(kans[i], *scored[i]) for i in group],
+            "scored_text_error": [scored_errors[i] for i in group],
             **{f"perplexity_{name}": score({i: modules[i] for i in group})
                for name, modules in (("fitted", kans), ("deleted", deleted), ("linear", linear))},
         })

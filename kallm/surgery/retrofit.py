@@ -134,6 +134,10 @@ def retrofitted_layers(model: nn.Module) -> list[int]:
     kan_config = getattr(model.config, "kan_config", None)
     if kan_config:
         return list(kan_config["layers"])
+    return _restarted_layers(model)
+
+
+def _restarted_layers(model) -> list[int]:
     return list(getattr(model.config, "kallm_restarted_layers", None) or [])
 
 
@@ -194,7 +198,7 @@ def _extend(old: dict, new: dict) -> dict:
 def _check_kind_consistency(model, kind, indices):
     """One model is one experimental arm: KAN blocks and restarted MLPs never mix."""
     kan_config = getattr(model.config, "kan_config", None)
-    restarted = getattr(model.config, "kallm_restarted_layers", None) or []
+    restarted = _restarted_layers(model)
     if kind == "linear" and kan_config:
         raise ValueError(
             f"this model already has KAN feedforwards in blocks {kan_config['layers']}; the linear restart is the "
