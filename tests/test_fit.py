@@ -199,6 +199,19 @@ def test_rare_huge_targets_are_matched_without_bending_the_rest():
     assert fit.format_errors(report) == f"7: {overall:.3f} (ordinary tokens {ordinary:.3f})"
 
 
+def test_outlier_rows_flags_only_rare_huge_rows():
+    torch.manual_seed(0)
+    y = torch.randn(100, 8)
+    y[[3, 40]] *= 1000.0
+    assert fit.outlier_rows(y).nonzero().flatten().tolist() == [3, 40]
+    # huge in more than a tenth of the rows is a heavy tail, not sink tokens: nothing is set apart
+    y[:20] *= 1000.0
+    assert not fit.outlier_rows(y).any()
+    for bad in (torch.randn(8), torch.empty(0, 8)):
+        with pytest.raises(ValueError, match="non-empty \\(rows, features\\) tensor"):
+            fit.outlier_rows(bad)
+
+
 @pytest.mark.parametrize("options", [{"basis": "cheby2>legendre>cheby2"}, {"input_map": "tanh"},
                                      {"basis": "rbf", "degree": 4}])
 def test_other_layouts_fit_too(options):

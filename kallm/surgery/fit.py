@@ -398,6 +398,8 @@ def _run(module, x):
 def outlier_rows(y: torch.Tensor) -> torch.Tensor:
     """Boolean mask of the massive-activation rows of feedforward outputs ``y``: norm above
     ``OUTLIER_FACTOR`` times the median, and no more than a tenth of the rows."""
+    if y.dim() != 2 or len(y) == 0:
+        raise ValueError(f"outlier_rows needs a non-empty (rows, features) tensor, got shape {tuple(y.shape)}")
     norms = y.norm(dim=1)
     outlier = norms > OUTLIER_FACTOR * norms.median()
     # Outliers are the rare sink tokens; a large share of them means a heavy-tailed target instead.
