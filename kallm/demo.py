@@ -137,7 +137,13 @@ print(type(model).__name__, "|", tokenizer.decode(out[0, ids["input_ids"].shape[
 
 
 def reload_and_reply(folder: Path, question: str) -> str:
-    """Load ``folder`` in a fresh interpreter that never imports kallm (remote code path)."""
+    """Load ``folder`` in a fresh interpreter that never imports kallm (remote code path).
+
+    The child runs inside ``folder`` (so a kallm source tree in the caller's working directory
+    cannot shadow the remote code), hence the absolute path: a relative one would no longer
+    exist there and transformers would take it for a hub id.
+    """
+    folder = Path(folder).resolve()
     result = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(folder), question], capture_output=True,
                             text=True, cwd=folder, check=False)
     if result.returncode != 0:

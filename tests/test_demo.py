@@ -34,3 +34,27 @@ def test_format_table_shows_only_measured_columns():
     table = format_table({"original": {"chat_loss": 1.5}, "healed": {"chat_loss": 1.25}})
     assert table.splitlines()[0] == "| model | held-out chat loss |"
     assert "| healed | 1.250 |" in table
+
+
+def test_demo_as_the_readme_runs_it_relative_paths_in_a_subprocess(tmp_path):
+    """scripts/main.sh runs ``python -m kallm.cli demo`` with the default, relative ``--out``:
+    the fresh-process reload must still find the saved model (it once took the relative
+    folder for a hub id, because the child runs inside that folder)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "base")
+    repo = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "KALLM_DATA_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "kallm.cli", "demo", "--model", "base", "--last-n", "1", "--heal-steps", "1",
+         "--held-out", "4", "--max-new-tokens", "4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "KALlamaForCausalLM |" in result.stdout  # the fresh process loaded the saved model and replied
+    assert (tmp_path / "runs" / "demo" / "model" / "config.json").is_file()  # the default, relative --out
