@@ -9,6 +9,7 @@ regression). See docs/fit-init.md for the method and measured numbers.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -45,6 +46,8 @@ DEFAULT_PROMPTS = (
 DEFAULT_NEW_TOKENS = 128
 #: longest calibration sequence; longer texts are cut into pieces of this many tokens
 MAX_SEQUENCE_LENGTH = 512
+#: noisy copies of each recorded row that the fit adds, with targets from the replaced MLP
+AUGMENT = 4
 
 
 class _StopForward(Exception):
@@ -213,9 +216,14 @@ def record_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int],
 
 
 def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int], install: Callable[[], None],
-                         calibration=None, tokenizer=None, progress: bool = True) -> dict:
+                         template: nn.Module, calibration=None, tokenizer=None, progress: bool = True) -> dict:
     """Record the feedforwards of ``indices`` on calibration text, run ``install`` (which swaps
     in the KAN feedforwards), then fit each new one to the module it replaced.
+
+    ``template`` is a KAN feedforward like the new ones; it sizes the fit, and a calibration
+    with fewer tokens than ``minimum_calibration_tokens(template)`` is refused before
+    ``install`` runs. A fit that leaves any non-finite parameter or error raises (the caller
+    undoes ``install``).
 
     Attaches and returns ``model.kallm_fit_report``: ``{"relative_error": {block: error},
     "ordinary_token_error": {block: error}, "calibration_tokens": count}``, and logs the
@@ -226,6 +234,8 @@ def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int]
     blocks = model.get_submodule(adapter.blocks_path)
     originals = {i: original_feedforward(blocks[i], adapter) for i in indices}
     sequences = calibration_sequences(model, calibration, tokenizer)
+    tokens = sum(int(s.numel()) for s in sequences)
+    _check_calibration_size(template, tokens)
     records = record_feedforwards(model, adapter, indices, sequences, progress=progress)
     install()
     errors, ordinary = {}, {}
@@ -236,12 +246,47 @@ def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int]
         errors[index] = fit_feedforward(feedforward, inputs, outputs, originals.pop(index))
         ordinary[index] = ordinary_token_error(feedforward, inputs, outputs)
         bar.set_postfix(block=index, relative_error=f"{errors[index]:.3f}")
-    tokens = sum(int(s.numel()) for s in sequences)
+        _check_finite(index, feedforward, errors[index], ordinary[index], tokens)
     report = {"relative_error": errors, "ordinary_token_error": ordinary, "calibration_tokens": tokens}
     logger.info("kallm fit init on %d calibration tokens, relative error per block: %s", tokens,
                 format_errors(report))
     model.kallm_fit_report = report
     return report
+
+
+def minimum_calibration_tokens(feedforward, augment: int = AUGMENT) -> int:
+    """The fewest calibration tokens that give each least-squares problem of the fit at least as
+    many rows as unknowns: a layer with ``F`` basis features solves, per output, ``F`` coefficients
+    and a bias, and each token gives ``1 + augment`` rows (itself and its noisy copies)."""
+    return -(-_unknowns_per_output(feedforward) // (1 + augment))
+
+
+def _unknowns_per_output(feedforward) -> int:
+    return max(layer.weight.shape[1] for layer in feedforward.layers) + 1
+
+
+def _check_calibration_size(template, tokens: int) -> None:
+    needed = minimum_calibration_tokens(template)
+    if tokens < needed:
+        unknowns = _unknowns_per_output(template)
+        raise ValueError(
+            f"init='fit' needs at least {needed} calibration tokens for these KAN feedforwards, got {tokens}: its "
+            f"largest least-squares problem has {unknowns} unknowns per output (basis features and a bias) and "
+            f"each token gives {1 + AUGMENT} rows (itself and {AUGMENT} noisy copies), so fewer tokens leave the "
+            f"fit underdetermined. Pass more calibration text, or use init='random'"
+        )
+
+
+def _check_finite(index: int, feedforward, error: float, ordinary: float, tokens: int) -> None:
+    broken = [name for name, param in feedforward.named_parameters() if not torch.isfinite(param).all()]
+    if broken or not math.isfinite(error) or not math.isfinite(ordinary):
+        detail = f"parameters {broken}" if broken else f"relative error {error}"
+        raise FloatingPointError(
+            f"init='fit' left non-finite values in block {index}'s KAN feedforward ({detail}); the model is "
+            f"restored as it was before retrofit. The {tokens} calibration tokens may be too few or too alike "
+            f"for this fit, or the model's dtype too narrow: pass more varied calibration text, retrofit in "
+            f"float32, or use init='random'"
+        )
 
 
 def format_errors(report: dict) -> str:
@@ -277,7 +322,7 @@ CHUNK = 8192
 
 @torch.no_grad()
 def fit_feedforward(feedforward, inputs: torch.Tensor, outputs: torch.Tensor, original: nn.Module | None = None, *,
-                    augment: int = 4, noise: float = 0.5, ridge: float = 0.1, seed: int = 0) -> float:
+                    augment: int = AUGMENT, noise: float = 0.5, ridge: float = 0.1, seed: int = 0) -> float:
     """Fit ``feedforward`` (a ``KANFeedForward``) so that ``feedforward(inputs) ~ outputs``.
 
     ``original`` is the module being replaced. It supplies the first layer's targets (the

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
-from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SCHEMA_VERSION, KANModelMixin
+from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SCHEMA_VERSION
 from ..core.layers import KANFeedForward, intermediate_size_for_budget
 from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
-from .adapters import ArchitectureAdapter, adapter_for, feedforward_sizes
+from .adapters import ArchitectureAdapter, feedforward_sizes
+from .checks import causal_lm_parts, check_weights, retrofitted_kan_config
 from .fit import check_fit_arguments, fit_new_feedforwards
 
 KINDS = ("kan", "linear")
@@ -66,9 +71,7 @@ def retrofit(
     check_fit_arguments(init, calibration, tokenizer)
     if init == "fit" and kind != "kan":
         raise ValueError("init='fit' fits KAN feedforwards; use it with kind='kan'")
-    base_type = _base_model_type(model)
-    adapter = adapter_for(base_type)
-    blocks = model.get_submodule(adapter.blocks_path)
+    base_type, adapter, blocks = causal_lm_parts(model, "retrofit")
     indices = _select_blocks(len(blocks), last_n, layers)
     if filter_fn is not None:
         indices = [
@@ -77,7 +80,9 @@ def retrofit(
         ]
     if not indices:
         raise ValueError("no decoder block selected: check last_n, layers and filter_fn")
+    existing = retrofitted_kan_config(model, adapter, blocks)
     _check_kind_consistency(model, kind, indices)
+    check_weights(model, adapter, blocks, indices, runs_model=init == "fit")
 
     if kind == "linear":
         _restart_feedforwards(model, adapter, indices)
@@ -85,7 +90,6 @@ def retrofit(
 
     _check_layer_options(layer_options)
     hidden, _ = feedforward_sizes(model.config, adapter)
-    existing = model.config.kan_config if isinstance(model, KANModelMixin) else None
     if intermediate_size is None and existing:
         # Extending keeps the size already chosen, so that all KAN blocks stay alike.
         intermediate_size = existing["intermediate_size"]
@@ -95,12 +99,12 @@ def retrofit(
             hidden, int(replaced * DEFAULT_PARAMETER_SHARE), basis, degree, **layer_options
         )
     # Build one module first so that bad basis options fail before the model is touched.
-    KANFeedForward(hidden, intermediate_size, basis, degree, **layer_options)
+    template = KANFeedForward(hidden, intermediate_size, basis, degree, **layer_options)
 
     new_config = {
         "schema_version": KAN_SCHEMA_VERSION,
         "base_model_type": base_type,
-        "base_model": getattr(model.config, "_name_or_path", "") or base_type,
+        "base_model": _public_source_name(getattr(model.config, "_name_or_path", "")) or base_type,
         "layers": sorted(indices),
         "blocks_path": adapter.blocks_path,
         "mlp_attribute": adapter.mlp_attribute,
@@ -122,10 +126,16 @@ def retrofit(
             _convert_class(model, base_type, new_config)
             install_kan_feedforwards(model, new_config)
 
-    if init == "fit":
-        fit_new_feedforwards(model, adapter, indices, install, calibration, tokenizer)
-    else:
-        install()
+    undo = _undo_point(model, adapter, indices)
+    try:
+        if init == "fit":
+            fit_new_feedforwards(model, adapter, indices, install, template, calibration, tokenizer)
+        else:
+            install()
+    except BaseException:
+        # Whatever failed (a fit gone non-finite, an interrupt), the model is left as it was.
+        undo()
+        raise
     return model
 
 
@@ -141,16 +151,17 @@ def _restarted_layers(model) -> list[int]:
     return list(getattr(model.config, "kallm_restarted_layers", None) or [])
 
 
-def _base_model_type(model):
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "model_type"):
-        raise TypeError(f"retrofit needs a transformers causal LM, got {type(model).__name__}")
-    kan_config = getattr(config, "kan_config", None)
-    if kan_config:
-        return kan_config["base_model_type"]
-    # A retrofitted class without KAN blocks yet (built from a config whose kan_config is None).
-    bases = [base for base, config_class in KAN_CONFIG_CLASSES.items() if config_class.model_type == config.model_type]
-    return bases[0] if bases else config.model_type
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _public_source_name(name_or_path: str) -> str:
+    """What kan_config records as the base model: a hub id or bundled name as given, but only the
+    last part of a local path, since config.json is published and a path on this machine is private."""
+    if not name_or_path:
+        return ""
+    if _HUB_ID.fullmatch(name_or_path) and not os.path.exists(name_or_path):
+        return name_or_path
+    return Path(name_or_path).name
 
 
 def _select_blocks(count, last_n, layers):
@@ -230,6 +241,27 @@ def _check_layer_options(layer_options):
         raise TypeError(
             f"layer options must be plain JSON values (str, int, float, bool, lists), got {layer_options!r}"
         )
+
+
+def _undo_point(model, adapter, indices) -> Callable[[], None]:
+    """A function that puts back the class, config and feedforwards ``model`` has now."""
+    model_class, kan_config = type(model), getattr(model.config, "kan_config", None)
+    configs = [(module, module.config) for module in model.modules()
+               if isinstance(getattr(module, "config", None), PretrainedConfig)]
+    blocks = model.get_submodule(adapter.blocks_path)
+    feedforwards = [(blocks[i], name, getattr(blocks[i], name))
+                    for i in indices for name in (adapter.mlp_attribute, *adapter.bypassed_attributes)]
+
+    def undo():
+        for block, name, module in feedforwards:
+            setattr(block, name, module)
+        for module, config in configs:
+            module.config = config
+        if hasattr(model.config, "kan_config"):
+            model.config.kan_config = kan_config
+        model.__class__ = model_class
+
+    return undo
 
 
 def _convert_class(model, base_type, kan_config):

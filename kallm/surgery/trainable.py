@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..core.layers import KANFeedForward
 from ..core.modeling_kallm import count_parameters
-from .adapters import adapter_for
-from .retrofit import _base_model_type, retrofitted_layers
+from .checks import causal_lm_parts, is_kan_feedforward
+from .retrofit import retrofitted_layers
 
 POLICIES = ("retrofitted", "tail", "tail+embeddings", "all")
 
@@ -23,14 +22,13 @@ def set_trainable(model: nn.Module, policy: str = "tail+embeddings") -> int:
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown trainable policy {policy!r}; valid choices: {', '.join(POLICIES)}")
+    _, adapter, blocks = causal_lm_parts(model, "set_trainable")
     if policy == "all":
         model.requires_grad_(True)
         return count_parameters(model, trainable_only=True)
     layers = retrofitted_layers(model)
     if not layers:
         raise ValueError(f"policy {policy!r} needs a retrofitted model; call kallm.retrofit first (or use 'all')")
-    adapter = adapter_for(_base_model_type(model))
-    blocks = model.get_submodule(adapter.blocks_path)
     model.requires_grad_(False)
     for index in layers:
         block = blocks[index]
@@ -54,12 +52,11 @@ def summary(model: nn.Module, print_table: bool = True) -> dict:
     Returns a dict (``total``, ``trainable``, ``kan``, ``blocks``: a list of per-block
     dicts) and, unless ``print_table=False``, prints it as a table.
     """
-    adapter = adapter_for(_base_model_type(model))
-    blocks = model.get_submodule(adapter.blocks_path)
+    _, adapter, blocks = causal_lm_parts(model, "summary")
     retrofitted = set(retrofitted_layers(model))
     rows = []
     for index, block in enumerate(blocks):
-        if isinstance(getattr(block, adapter.mlp_attribute), KANFeedForward):
+        if is_kan_feedforward(getattr(block, adapter.mlp_attribute)):
             label = "kan"
         else:
             label = "linear restart" if index in retrofitted else "original"
@@ -73,7 +70,7 @@ def summary(model: nn.Module, print_table: bool = True) -> dict:
         "model": type(model).__name__,
         "total": count_parameters(model),
         "trainable": count_parameters(model, trainable_only=True),
-        "kan": sum(count_parameters(m) for m in model.modules() if isinstance(m, KANFeedForward)),
+        "kan": sum(count_parameters(m) for m in model.modules() if is_kan_feedforward(m)),
         "blocks": rows,
     }
     if print_table:

@@ -1,0 +1,154 @@
+"""What kallm's surgery checks about a model before it touches it.
+
+Every check raises before anything changes, with a message naming the problem and the way
+out; docs/retrofitting.md ("What retrofit refuses, and why") explains each one.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KANModelMixin
+from ..core.layers import KANFeedForward
+from .adapters import ArchitectureAdapter, adapter_for
+
+#: parts of the class names of quantized linear layers: bitsandbytes (Linear4bit, Linear8bitLt),
+#: GPTQ (QuantLinear and its kernels' variants), AWQ (WQLinear_GEMM, ...), HQQ, optimum-quanto, fp8
+QUANTIZED_LAYER_MARKERS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "WQLinear", "HQQLinear", "QLinear", "FP8Linear")
+#: how many tensor names an error message lists before it just counts the rest
+LISTED_NAMES = 4
+
+
+def is_kan_feedforward(module: nn.Module) -> bool:
+    """Whether ``module`` is a KAN feedforward: kallm's own class, or the copy of it that a
+    checkpoint's code defines when the model was loaded with ``trust_remote_code=True``
+    before kallm was imported (same name and file, another class object)."""
+    return any(
+        cls.__name__ == KANFeedForward.__name__ and cls.__module__.rpartition(".")[2] == "layers"
+        for cls in type(module).__mro__
+    )
+
+
+def causal_lm_parts(model: nn.Module, action: str) -> tuple[str, ArchitectureAdapter, nn.ModuleList]:
+    """``(base model_type, adapter, decoder blocks)`` of a supported causal LM.
+
+    ``action`` names the caller in error messages ("retrofit", "set_trainable", ...).
+    """
+    _refuse_peft(model, action)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise TypeError(f"{action} needs a transformers causal LM, got {type(model).__name__}")
+    base_type = base_model_type(config)
+    adapter = adapter_for(base_type)
+    causal_class = _family_causal_lm(base_type)
+    if not isinstance(model, causal_class):
+        raise TypeError(
+            f"{action} needs a causal LM with its LM head ({causal_class.__name__} for model_type {base_type!r}), "
+            f"got {type(model).__name__}; load the model with AutoModelForCausalLM.from_pretrained, not AutoModel "
+            f"or a task-specific class"
+        )
+    return base_type, adapter, model.get_submodule(adapter.blocks_path)
+
+
+def base_model_type(config) -> str:
+    """The model_type of the family a (possibly retrofitted) config belongs to."""
+    kan_config = getattr(config, "kan_config", None)
+    if kan_config:
+        return kan_config["base_model_type"]
+    # A retrofitted class without KAN blocks yet (built from a config whose kan_config is None).
+    bases = [base for base, config_class in KAN_CONFIG_CLASSES.items() if config_class.model_type == config.model_type]
+    return bases[0] if bases else config.model_type
+
+
+def _family_causal_lm(base_type: str) -> type:
+    kan_class = KAN_MODEL_CLASSES[KAN_CONFIG_CLASSES[base_type]]
+    return next(cls for cls in kan_class.__bases__ if cls is not KANModelMixin)
+
+
+def _refuse_peft(model, action):
+    wrapped = [
+        name for name, module in model.named_modules() if type(module).__module__.split(".")[0] == "peft"
+    ]
+    if wrapped:
+        where = type(model).__name__ if wrapped[0] == "" else f"{wrapped[0]} ({type(model.get_submodule(wrapped[0])).__name__})"
+        raise TypeError(
+            f"{action} got a model with PEFT adapters ({where}); kallm works on the plain causal LM: apply it "
+            f"before wrapping the model with peft, or merge the adapters first (model = model.merge_and_unload())"
+        )
+
+
+def retrofitted_kan_config(model, adapter: ArchitectureAdapter, blocks) -> dict | None:
+    """The model's ``kan_config`` (None if it has no KAN blocks), checked against the blocks
+    that actually hold KAN feedforwards, whoever built or loaded the model."""
+    kan_config = getattr(model.config, "kan_config", None) or None
+    listed = sorted(kan_config["layers"]) if kan_config else []
+    found = [i for i, block in enumerate(blocks) if is_kan_feedforward(getattr(block, adapter.mlp_attribute))]
+    if listed != found:
+        raise ValueError(
+            f"config.kan_config lists KAN feedforwards in blocks {listed}, but blocks {found} hold them: the model "
+            f"and its config disagree, so kallm cannot tell which blocks are retrofitted; reload the model from its "
+            f"checkpoint"
+        )
+    return kan_config
+
+
+def check_weights(model, adapter: ArchitectureAdapter, blocks, indices: list[int], runs_model: bool) -> None:
+    """Refuse offloaded (meta-device) and quantized weights, which retrofit cannot replace.
+
+    A model whose every tensor is on the meta device is a shape-only skeleton (parameter
+    counts); it is accepted unless the retrofit has to run it (``runs_model``, init="fit").
+    """
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    on_meta = [name for name, tensor in tensors if tensor.is_meta]
+    if on_meta and len(on_meta) < len(tensors):
+        prefix = re.escape(adapter.blocks_path) + r"\.(\d+)\."
+        meta_blocks = sorted({int(m.group(1)) for name in on_meta if (m := re.match(prefix, name))})
+        raise ValueError(
+            f"{len(on_meta)} of this model's tensors are on the meta device ({_some(on_meta)}"
+            + (f"; decoder blocks {meta_blocks}" if meta_blocks else "")
+            + "): their weights were offloaded (device_map with CPU or disk offload) or never loaded, so kallm "
+            "cannot replace its feedforwards. Load the model fully first, e.g. from_pretrained(...) without "
+            "device_map offload, on one device with enough memory"
+        )
+    if on_meta and runs_model:
+        raise ValueError(
+            "init='fit' runs the model on calibration text, but all its weights are on the meta device (a "
+            "shape-only model); load the weights first, or use init='random'"
+        )
+    _refuse_quantized(model, adapter, blocks, indices)
+
+
+def _refuse_quantized(model, adapter, blocks, indices):
+    way_out = (
+        "kallm replaces float feedforwards by float KAN layers and cannot retrofit quantized weights: load the "
+        "model unquantized (without quantization_config, load_in_4bit or load_in_8bit), or dequantize it first "
+        "(model.dequantize())"
+    )
+    quantization_config = getattr(model.config, "quantization_config", None)
+    if quantization_config is not None or getattr(model, "hf_quantizer", None) is not None:
+        method = getattr(quantization_config, "quant_method", None)
+        if method is None and isinstance(quantization_config, dict):
+            method = quantization_config.get("quant_method")
+        raise ValueError(f"this model is quantized (quantization_config, method {str(method)!r}); {way_out}")
+    for index in indices:
+        for attribute in (adapter.mlp_attribute, *adapter.bypassed_attributes):
+            feedforward = getattr(blocks[index], attribute)
+            prefix = f"{adapter.blocks_path}.{index}.{attribute}"
+            for name, module in feedforward.named_modules(prefix=prefix):
+                layer_class = type(module).__name__
+                if any(marker in layer_class for marker in QUANTIZED_LAYER_MARKERS):
+                    raise ValueError(f"{name} is a quantized layer ({layer_class}); {way_out}")
+            integer = [
+                f"{prefix}.{name} ({tensor.dtype})"
+                for name, tensor in [*feedforward.named_parameters(), *feedforward.named_buffers()]
+                if not tensor.is_floating_point()
+            ]
+            if integer:
+                raise ValueError(f"{_some(integer)} hold non-float (quantized) weights; {way_out}")
+
+
+def _some(names: list[str]) -> str:
+    listed = ", ".join(names[:LISTED_NAMES])
+    return listed + (f" and {len(names) - LISTED_NAMES} more" if len(names) > LISTED_NAMES else "")
