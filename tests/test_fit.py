@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_model
+from test_retrofit import assert_unchanged, snapshot
 from torch import nn
 
 import kallm
@@ -142,6 +143,67 @@ def test_bad_fit_arguments_fail_before_the_model_changes(arguments, error, messa
         kallm.retrofit(model, last_n=2, **arguments)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _minimum_tokens(**options):
+    """The fewest calibration tokens a last_n=2 retrofit of the tiny Llama accepts."""
+    model = kallm.retrofit(tiny_model("llama"), last_n=1, **options)
+    return fit.minimum_calibration_tokens(model.model.layers[2].mlp)
+
+
+def test_minimum_calibration_comes_from_the_least_squares_sizes():
+    # default tiny Llama KAN feedforward: 32 -> 22 -> 32, cheby2 degree 2: 2 * 32 = 64 features in the first layer
+    assert _minimum_tokens() == -(-(64 + 1) // (1 + fit.AUGMENT)) == 13
+    assert _minimum_tokens(intermediate_size=60) == -(-(2 * 60 + 1) // (1 + fit.AUGMENT))
+    assert _minimum_tokens(basis="rbf", degree=4) == -(-(4 * 32 + 1) // (1 + fit.AUGMENT))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("calibration", [torch.tensor([5]), ["A"], torch.arange(5, 17)])
+def test_too_small_a_calibration_is_refused_before_anything_changes(calibration, dtype, tiny_tokenizer):
+    model = tiny_model("llama").to(dtype)
+    before = snapshot(model)
+    tokens = calibration.numel() if isinstance(calibration, torch.Tensor) else 1
+    with pytest.raises(ValueError, match=f"init='fit' needs at least 13 calibration tokens for these KAN "
+                                         f"feedforwards, got {tokens}: its largest least-squares problem has 65 "
+                                         f"unknowns per output"):
+        kallm.retrofit(model, last_n=2, init="fit", calibration=calibration, tokenizer=tiny_tokenizer)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_smallest_accepted_calibration_fits_finite_weights(dtype):
+    model = tiny_model("llama").to(dtype)
+    kallm.retrofit(model, last_n=2, init="fit", calibration=torch.arange(5, 5 + _minimum_tokens()))
+    assert all(0 < error < 1 for error in model.kallm_fit_report["relative_error"].values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(model(token_ids(rows=2)).logits).all()
+
+
+def _non_finite_error(feedforward, inputs, outputs, original):
+    return float("inf")
+
+
+def _non_finite_weights(feedforward, inputs, outputs, original):
+    feedforward.layers[-1].weight.data[0, 0] = float("nan")
+    return 0.5
+
+
+@pytest.mark.parametrize("broken_fit", [_non_finite_error, _non_finite_weights])
+@pytest.mark.parametrize("extending", [False, True])
+def test_a_fit_gone_non_finite_restores_the_model(broken_fit, extending, monkeypatch):
+    model = tiny_model("llama")
+    if extending:
+        kallm.retrofit(model, layers=[2])
+    before = snapshot(model)
+    monkeypatch.setattr(fit, "fit_feedforward", broken_fit)
+    with pytest.raises(FloatingPointError, match="init='fit' left non-finite values in block 0's KAN feedforward") \
+            as info:
+        kallm.retrofit(model, layers=[0, 1], init="fit", calibration=token_ids(0))
+    assert "the model is restored as it was before retrofit" in str(info.value)
+    assert_unchanged(model, before)
+    assert not hasattr(model, "kallm_fit_report")
+    assert torch.isfinite(model(token_ids(rows=2)).logits).all()
 
 
 def test_input_scale_and_shift_are_set_from_the_data():

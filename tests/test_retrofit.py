@@ -4,7 +4,12 @@ plus the research parameter counts on a model of SmolLM2-135M's exact shape."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import kallm
 from kallm.core.layers import KANFeedForward
+from kallm.core.modeling_kallm import install_kan_feedforwards
 from kallm.surgery.adapters import ADAPTERS
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -57,7 +63,9 @@ def assert_unchanged(model, before):
     assert after["restarted"] == before["restarted"]
     assert after["tensors"].keys() == before["tensors"].keys()
     for key, value in before["tensors"].items():
-        assert torch.equal(after["tensors"][key], value), key
+        assert after["tensors"][key].device == value.device and after["tensors"][key].shape == value.shape, key
+        if not value.is_meta:  # meta tensors hold no values to compare
+            assert torch.equal(after["tensors"][key], value), key
 
 
 # ------------------------------------------------------------------------------------ every family
@@ -555,3 +563,226 @@ def test_retrofit_of_a_kan_class_without_kan_blocks_yet():
     assert type(model).__name__ == "KALlamaForCausalLM"
     assert model.config.kan_config["layers"] == [2] and model.config.kan_config["base_model_type"] == "llama"
     assert isinstance(model.model.layers[2].mlp, KANFeedForward)
+
+
+# ------------------------------------------------------------------------------------ what retrofit refuses
+
+# Loads a saved retrofitted model with the checkpoint's own code BEFORE kallm is imported, so that
+# its classes are not kallm's, then uses kallm on it and prints what it saw as JSON.
+REMOTE_CODE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, out = sys.argv[1:3]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    import kallm
+    from kallm.core.layers import KANFeedForward
+
+    result = {"foreign_class": not isinstance(model.model.layers[2].mlp, KANFeedForward)}
+    trained = {name: p.clone() for name, p in model.model.layers[2].mlp.named_parameters()}
+    table = kallm.summary(model, print_table=False)
+    result["labels"] = [row["feedforward"] for row in table["blocks"]]
+    result["kan"] = table["kan"]
+    result["trainable"] = kallm.set_trainable(model, "retrofitted")
+    try:
+        kallm.retrofit(model, last_n=3)
+        result["last_n=3"] = "accepted"
+    except ValueError as error:
+        result["last_n=3"] = str(error)
+    kallm.retrofit(model, layers=[0])
+    result["layers"] = model.config.kan_config["layers"]
+    ids = torch.arange(3, 11)[None]
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(out)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        result["reloaded_logits_equal"] = torch.equal(reloaded(ids).logits, logits)
+    result["trained_block_kept"] = all(
+        torch.equal(p, trained[name]) for name, p in reloaded.model.layers[2].mlp.named_parameters()
+    )
+    print(json.dumps(result))
+""")
+
+
+def test_a_model_loaded_with_its_own_code_before_kallm_is_recognised(tmp_path):
+    model = kallm.retrofit(tiny_model("llama"), layers=[2])
+    model.save_pretrained(tmp_path / "trained")
+    kan_parameters = sum(p.numel() for p in model.model.layers[2].mlp.parameters())
+    # a fresh interpreter, and a modules cache of its own for the checkpoint's code
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_MODULES_CACHE": str(tmp_path / "hf" / "modules"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(tmp_path / "trained"), str(tmp_path / "extended")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["foreign_class"]
+    assert result["labels"] == ["original", "original", "kan"]
+    assert result["kan"] == result["trainable"] == kan_parameters
+    assert "blocks [2] are already KAN feedforwards" in result["last_n=3"]
+    assert result["layers"] == [0, 2]
+    assert result["reloaded_logits_equal"] and result["trained_block_kept"]
+
+
+def test_a_config_that_disagrees_with_the_blocks_is_refused():
+    model = kallm.retrofit(tiny_model("llama"), layers=[2])
+    model.config.kan_config["layers"] = [1]
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape("lists KAN feedforwards in blocks [1], but blocks [2] hold them")):
+        kallm.retrofit(model, layers=[0])
+    assert_unchanged(model, before)
+
+
+def _offloaded_tiny_llama(folder):
+    tiny_model("llama").save_pretrained(folder / "base")
+    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm",
+                                           "model.rotary_emb", "lm_head")}
+    return AutoModelForCausalLM.from_pretrained(
+        folder / "base", device_map={**device_map, "model.layers.2": "disk"}, offload_folder=str(folder / "offload")
+    )
+
+
+@pytest.mark.parametrize("kind", ["kan", "linear"])
+def test_offloaded_weights_are_refused(tmp_path, kind):
+    model = _offloaded_tiny_llama(tmp_path)
+    mlp, config = model.model.layers[2].mlp, copy.deepcopy(model.config.to_dict())
+    with pytest.raises(ValueError, match="on the meta device") as info:
+        kallm.retrofit(model, last_n=1, kind=kind)
+    message = str(info.value)
+    assert message.startswith("9 of this model's tensors are on the meta device (model.layers.2.self_attn.q_proj.weight")
+    assert "decoder blocks [2]" in message
+    assert "without device_map offload" in message
+    assert type(model) is transformers.LlamaForCausalLM and model.config.to_dict() == config
+    assert model.model.layers[2].mlp is mlp
+    assert torch.isfinite(model(token_ids()).logits).all()
+
+
+def test_a_shape_only_model_is_accepted_but_not_fitted():
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="all its weights are on the meta device"):
+        kallm.retrofit(model, last_n=1, init="fit", calibration=token_ids(length=64))
+    assert_unchanged(model, before)
+    kallm.retrofit(model, last_n=1)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+class Linear8bitLt(nn.Linear):
+    """Stands for bitsandbytes' 8-bit layer, which cannot run on CPU."""
+
+
+def _int8_weight(model):
+    proj = model.model.layers[2].mlp.down_proj
+    proj.weight = nn.Parameter(torch.zeros_like(proj.weight, dtype=torch.int8), requires_grad=False)
+
+
+def _bitsandbytes_layer(model):
+    model.model.layers[2].mlp.up_proj = Linear8bitLt(32, 64, bias=False)
+
+
+def _quantization_config(model):
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+
+
+def _quantizer(model):
+    model.hf_quantizer = object()
+
+
+@pytest.mark.parametrize(
+    ("quantize", "message"),
+    [
+        (_int8_weight, "model.layers.2.mlp.down_proj.weight (torch.int8) hold non-float (quantized) weights"),
+        (_bitsandbytes_layer, "model.layers.2.mlp.up_proj is a quantized layer (Linear8bitLt)"),
+        (_quantization_config, "this model is quantized (quantization_config, method 'bitsandbytes')"),
+        (_quantizer, "this model is quantized"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["kan", "linear"])
+def test_quantized_weights_are_refused(quantize, message, kind):
+    model = tiny_model("llama")
+    quantize(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        kallm.retrofit(model, last_n=1, kind=kind)
+    assert "load the model unquantized" in str(info.value) and "model.dequantize()" in str(info.value)
+    assert_unchanged(model, before)
+    assert getattr(model, "hf_quantizer", None) is not None or "quantization_config" not in before["config"] or (
+        model.config.quantization_config == before["config"]["quantization_config"]
+    )
+
+
+def test_only_the_blocks_to_retrofit_must_hold_float_weights():
+    model = tiny_model("llama")
+    proj = model.model.layers[0].mlp.down_proj
+    proj.weight = nn.Parameter(torch.zeros_like(proj.weight, dtype=torch.int8), requires_grad=False)
+    kallm.retrofit(model, layers=[2])
+    assert model.config.kan_config["layers"] == [2]
+
+
+def test_kan_layers_take_the_models_compute_dtype():
+    model = kallm.retrofit(tiny_model("llama").to(torch.bfloat16), layers=[2])
+    # an MLP whose first tensor is stored as integers, and one with no tensors at all
+    model.model.layers[0].mlp.gate_proj.weight = nn.Parameter(
+        torch.zeros(64, 32, dtype=torch.int8), requires_grad=False
+    )
+    model.model.layers[1].mlp = nn.SiLU()
+    install_kan_feedforwards(model, model.config.kan_config, layers=[0, 1])
+    for index in (0, 1):
+        assert {p.dtype for p in model.model.layers[index].mlp.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(model(token_ids()).logits.float()).all()
+
+
+def _peft_wrapped(model):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: transformers.AutoModel.from_config(TINY_CONFIGS["llama"]()),
+         "needs a causal LM with its LM head (LlamaForCausalLM for model_type 'llama'), got LlamaModel"),
+        (lambda: transformers.AutoModel.from_config(TINY_CONFIGS["gpt2"]()), "got GPT2Model"),
+        (lambda: transformers.AutoModelForSequenceClassification.from_config(TINY_CONFIGS["llama"]()),
+         "got LlamaForSequenceClassification"),
+        (lambda: _peft_wrapped(tiny_model("llama")), "got a model with PEFT adapters (PeftModelForCausalLM)"),
+        (lambda: _peft_wrapped(kallm.retrofit(tiny_model("llama"), layers=[2])), "merge_and_unload()"),
+    ],
+)
+def test_bare_and_peft_models_are_refused_everywhere(build, message):
+    model = build()
+    before = snapshot(model)
+    for action, call in [("retrofit", lambda: kallm.retrofit(model, last_n=1)),
+                         ("set_trainable", lambda: kallm.set_trainable(model, "tail")),
+                         ("summary", lambda: kallm.summary(model, print_table=False))]:
+        with pytest.raises(TypeError, match=re.escape(message)) as info:
+            call()
+        assert str(info.value).startswith(action)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("source", "recorded"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("smollm2-135m-instruct", "smollm2-135m-instruct"),
+        ("/home/someone/private/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ("", "llama"),
+    ],
+)
+def test_base_model_is_a_public_name(source, recorded):
+    model = tiny_model("llama")
+    model.config._name_or_path = source
+    assert kallm.retrofit(model, last_n=1).config.kan_config["base_model"] == recorded
+
+
+def test_a_local_base_model_is_recorded_by_its_folder_name_only(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "my-base")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "my-base"))
+    kallm.retrofit(model, last_n=1).save_pretrained(tmp_path / "kan")
+    assert model.config.kan_config["base_model"] == "my-base"
+    assert str(tmp_path) not in (tmp_path / "kan" / "config.json").read_text()

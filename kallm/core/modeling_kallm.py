@@ -65,19 +65,30 @@ def install_kan_feedforwards(model: nn.Module, kan_config: dict, layers=None) ->
     """Replace the feedforward of ``layers`` (default: all of ``kan_config["layers"]``)."""
     blocks = model.get_submodule(kan_config["blocks_path"])
     indices = kan_config["layers"] if layers is None else layers
+    replaced = (kan_config["mlp_attribute"], *kan_config["bypassed_attributes"])
     for index in indices:
         if not 0 <= index < len(blocks):
             raise ValueError(f"kan_config lists block {index}, but the model has {len(blocks)} blocks")
         block = blocks[index]
-        # Built where the replaced MLP lives (the meta device inside from_pretrained), in its dtype.
-        reference = next(getattr(block, kan_config["mlp_attribute"]).parameters(), None)
-        device = reference.device if reference is not None else None
-        dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+        device, dtype = _placement(model, [getattr(block, name) for name in replaced])
         feedforward = build_kan_feedforward(kan_config, device=device, dtype=dtype)
         setattr(block, kan_config["mlp_attribute"], feedforward)
         for name in kan_config["bypassed_attributes"]:
             setattr(block, name, nn.Identity())
     return list(indices)
+
+
+def _placement(model: nn.Module, replaced: list[nn.Module]):
+    """``(device, dtype)`` for a KAN feedforward: where the modules it replaces live (the meta
+    device inside from_pretrained), in the model's compute dtype: that of their floating
+    tensors, else the model's own (their weights may be stored in an integer format)."""
+    tensors = [t for module in replaced for t in (*module.parameters(), *module.buffers())]
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
+    if dtype is None:
+        model_dtype = getattr(model, "dtype", None)
+        dtype = model_dtype if isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point else None
+    device = tensors[0].device if tensors else getattr(model, "device", None)
+    return device, dtype
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
