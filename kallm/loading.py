@@ -55,6 +55,17 @@ def resolve_model(name_or_path: str) -> tuple[str, str | None]:
     )
 
 
+def public_source_name(name_or_path: str) -> str:
+    """How a model's source may be published (``kan_config["base_model"]`` in config.json): a
+    hub id or bundled name as given, but only the last name of a local folder or file, since a
+    path on this machine is private."""
+    if not name_or_path:
+        return ""
+    if _HUB_ID.fullmatch(name_or_path) and not os.path.exists(name_or_path):
+        return name_or_path
+    return Path(name_or_path).name
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, **kwargs):
     """Load ``(model, tokenizer)``.
 

@@ -280,7 +280,7 @@ def _check_calibration_size(template, tokens: int) -> None:
 def _check_finite(index: int, feedforward, error: float, ordinary: float, tokens: int) -> None:
     broken = [name for name, param in feedforward.named_parameters() if not torch.isfinite(param).all()]
     if broken or not math.isfinite(error) or not math.isfinite(ordinary):
-        detail = f"parameters {broken}" if broken else f"relative error {error}"
+        detail = f"parameters {broken}" if broken else f"relative error {error}, ordinary-token error {ordinary}"
         raise FloatingPointError(
             f"init='fit' left non-finite values in block {index}'s KAN feedforward ({detail}); the model is "
             f"restored as it was before retrofit. The {tokens} calibration tokens may be too few or too alike "

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,6 +12,7 @@ from transformers import PretrainedConfig
 from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SCHEMA_VERSION
 from ..core.layers import KANFeedForward, intermediate_size_for_budget
 from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
+from ..loading import public_source_name
 from .adapters import ArchitectureAdapter, feedforward_sizes
 from .checks import causal_lm_parts, check_weights, retrofitted_kan_config
 from .fit import check_fit_arguments, fit_new_feedforwards
@@ -64,7 +62,9 @@ def retrofit(
     On an already retrofitted model it adds blocks with the same settings (an omitted
     ``intermediate_size`` keeps the one in use). Anything inconsistent (other settings,
     blocks already replaced, mixing ``kind``s, bad arguments) raises before the model is
-    changed. See docs/retrofitting.md.
+    changed, and so does a model kallm cannot retrofit (bare or PEFT-wrapped, offloaded to
+    the meta device, quantized) or a calibration too small to fit; a fit that ends with
+    non-finite weights is undone before it raises. See docs/retrofitting.md.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid choices: {', '.join(KINDS)}")
@@ -104,7 +104,7 @@ def retrofit(
     new_config = {
         "schema_version": KAN_SCHEMA_VERSION,
         "base_model_type": base_type,
-        "base_model": _public_source_name(getattr(model.config, "_name_or_path", "")) or base_type,
+        "base_model": public_source_name(getattr(model.config, "_name_or_path", "")) or base_type,
         "layers": sorted(indices),
         "blocks_path": adapter.blocks_path,
         "mlp_attribute": adapter.mlp_attribute,
@@ -149,19 +149,6 @@ def retrofitted_layers(model: nn.Module) -> list[int]:
 
 def _restarted_layers(model) -> list[int]:
     return list(getattr(model.config, "kallm_restarted_layers", None) or [])
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def _public_source_name(name_or_path: str) -> str:
-    """What kan_config records as the base model: a hub id or bundled name as given, but only the
-    last part of a local path, since config.json is published and a path on this machine is private."""
-    if not name_or_path:
-        return ""
-    if _HUB_ID.fullmatch(name_or_path) and not os.path.exists(name_or_path):
-        return name_or_path
-    return Path(name_or_path).name
 
 
 def _select_blocks(count, last_n, layers):
