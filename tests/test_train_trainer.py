@@ -119,6 +119,30 @@ def test_bf16_flag_trains_on_cpu(tmp_path):
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.metrics["train_loss"]))
 
 
+class ForwardSpy(TrainerCallback):
+    """Records whether the model's forward is wrapped (by autocast) at each training step."""
+
+    def __init__(self):
+        self.wrapped = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.wrapped.append("forward" in vars(model))
+
+
+def test_bf16_training_hands_back_the_model_its_checkpoint_loads(tmp_path):
+    model, tokenizer = retrofitted(), chat_tokenizer()
+    first = ForwardSpy()
+    train(model, tokenizer, sums(8), quick(tmp_path, bf16=True, max_steps=1), callbacks=[first])
+    assert first.wrapped == [True] and "forward" not in vars(model)  # autocast while training only
+    reloaded, _ = kallm.load_model(str(tmp_path / "run"))
+    ids = torch.tensor([tokenizer("1+2=3, 4+5=9")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, reloaded(ids).logits)
+    second = ForwardSpy()  # trained again, the model is wrapped again
+    train(model, tokenizer, sums(8), quick(tmp_path, "again", bf16=True, max_steps=1), callbacks=[second])
+    assert second.wrapped == [True] and "forward" not in vars(model)
+
+
 # --- distillation ---------------------------------------------------------------------------------
 
 

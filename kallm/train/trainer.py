@@ -227,6 +227,7 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         output = trainer.train(resume_from_checkpoint=resume)
     finally:
         model.config.use_cache = use_cache
+        _release_from_accelerate(model)
     trainer.save_model(config.output_dir)
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -243,6 +244,20 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         summary.pop("log_history")
         (Path(config.output_dir) / RESULT_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return result
+
+
+def _release_from_accelerate(model) -> None:
+    """Hand ``model`` back as its checkpoint loads. With bf16/fp16, accelerate replaces its ``forward`` by an
+    autocast wrapper (keeping the original as ``_original_forward``) and marks it prepared, so that a later
+    training run would neither wrap nor distribute it again. (accelerate's own unwrapping follows
+    ``__wrapped__`` past transformers' decorators of ``forward``, so it is not used.)"""
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        if getattr(original, "__func__", None) is type(model).forward:
+            del model.forward  # the class's method again
+        else:
+            model.forward = original  # a wrapper set before training (e.g. a device-map hook) stays
+    model.__dict__.pop("_is_accelerate_prepared", None)
 
 
 def _resume_checkpoint(config: TrainConfig):
