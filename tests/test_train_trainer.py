@@ -207,5 +207,32 @@ def test_training_errors(tmp_path):
         train(retrofitted(), tokenizer, data, quick(tmp_path), teacher=teacher)
     with pytest.raises(ValueError, match="do not separate packed sequences"):
         train(kallm.retrofit(tiny_model("opt"), last_n=1), tokenizer, data, quick(tmp_path, packing=True))
-    with pytest.raises(ValueError, match="no usable conversations"):
+    with pytest.raises(ValueError, match="holds no valid conversation"):
         train(retrofitted(), tokenizer, [{"messages": []}], quick(tmp_path))
+
+
+def test_a_failed_final_save_keeps_the_previous_model_of_the_output_folder(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    tokenizer = chat_tokenizer()
+    first = retrofitted()
+    train(first, tokenizer, sums(8), quick(tmp_path, max_steps=1))
+    ids = torch.tensor([tokenizer("1+2=3")["input_ids"]])
+    with torch.no_grad():
+        expected = first.eval()(ids).logits
+
+    write_weights = transformers.modeling_utils.safe_save_file
+
+    def fail_on_the_final_model(state_dict, filename, **kwargs):
+        if "checkpoint-" in filename:  # the trainer's own checkpoints save fine
+            return write_weights(state_dict, filename, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fail_on_the_final_model)
+    with pytest.raises(OSError, match="No space left"):
+        train(kallm.retrofit(tiny_model("llama", seed=1), last_n=2), tokenizer, sums(8), quick(tmp_path, max_steps=1))
+    monkeypatch.undo()
+    reloaded, _ = kallm.load_model(str(tmp_path / "run"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]

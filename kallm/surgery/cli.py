@@ -9,6 +9,7 @@ import yaml
 
 from ..core.layers import KANFeedForward
 from ..loading import DEFAULT_MODEL, load_model, push_to_hub
+from ..saving import save_checkpoint
 from .fit import INITS, format_errors
 from .retrofit import retrofit
 from .trainable import set_trainable, summary
@@ -64,8 +65,7 @@ def run(args) -> int:
         print("Fit relative error per block: " + format_errors(model.kallm_fit_report))
     set_trainable(model, args.trainable)
     summary(model)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    save_checkpoint(model, tokenizer, args.out)
     print(f"\nSaved to {args.out}. Load it with AutoModelForCausalLM.from_pretrained({args.out!r}) "
           f"(after `import kallm`) or with trust_remote_code=True.")
     if args.push_to_hub:

@@ -330,7 +330,8 @@ def prepare_chat_dataset(source, tokenizer, max_length: int = 1024, truncation: 
         where = f" ({source})" if isinstance(source, (str, Path)) else ""
         reasons_text = "; ".join(f"{n} {reason}: {SKIP_REASONS[reason]}, first at {first_skipped[reason]}"
                                  for reason, n in sorted(reasons.items())) or "it has no rows"
-        raise ValueError(f"the training data{where} holds no valid conversation ({stats.rows} rows): {reasons_text}")
+        rows = f"{stats.rows} row" + ("" if stats.rows == 1 else "s")
+        raise ValueError(f"the chat data{where} holds no valid conversation ({rows}): {reasons_text}")
     kept = dataset.filter(lambda skip: [not s for s in skip], input_columns="skip", batched=True)
     stats.truncated = sum(kept["truncated"])
     stats.tokens = sum(kept["length"])

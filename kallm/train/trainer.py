@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..saving import replacing_checkpoint
 from ..surgery.trainable import POLICIES, set_trainable
 from .data import TRUNCATION, ChatCollator, prepare_chat_dataset
 from .distill import DistillationTrainer
@@ -228,7 +229,11 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     finally:
         model.config.use_cache = use_cache
         _release_from_accelerate(model)
-    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        with replacing_checkpoint(config.output_dir) as staging:
+            trainer.save_model(str(staging))
+    else:
+        trainer.save_model(config.output_dir)  # takes part in gathering sharded weights; writes nothing
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = dict(output.metrics)
