@@ -47,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     options = parse_options(args.option)
     # Check the settings before spending time on loading the model.
-    KANFeedForward.count_parameters(2, 2, args.basis, args.degree, **options)
+    try:
+        KANFeedForward.count_parameters(2, 2, args.basis, args.degree, **options)
+    except TypeError as error:  # an --option value of the wrong type
+        raise ValueError(f"bad layer settings (--basis {args.basis}, --degree {args.degree}, --option): "
+                         f"{error}") from error
     calibration = None
     if args.calibration:
         if args.init != "fit":
