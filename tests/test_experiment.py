@@ -106,6 +106,18 @@ def test_summarize_reports_mean_and_sample_std_over_seeds():
         ({"arms": {"x": {"kind": "linear", "init": "fit"}}}, "use it with kind 'kan'"),
         ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "retrofit": {"last_n": 2, "init": "fit"}},
          "set per arm"),
+        ({"arms": {"../../../tmp/escaped": {"kind": "baseline"}}}, r"arm name '\.\./\.\./\.\./tmp/escaped' is not allowed.*"
+                                                                   r"a letter or digit, then letters, digits"),
+        ({"arms": {"a..b": {"kind": "baseline"}}}, r"arm name 'a\.\.b' is not allowed"),
+        ({"arms": {".hidden": {"kind": "baseline"}}}, r"arm name '\.hidden' is not allowed"),
+        ({"arms": {"a/b": {"kind": "baseline"}}}, r"arm name 'a/b' is not allowed"),
+        ({"arms": {7: {"kind": "baseline"}}}, r"arm name 7 is not allowed"),
+        ({"arms": {"x": {"kind": "kan", "colour": "red"}}}, r"arm 'x': unknown settings \['colour'\]; valid: distill"),
+        ({"arms": {"x": "kan"}}, r"arm 'x': settings must be a mapping"),
+        ({"seeds": ["/../../../tmp"]}, "seeds must be a list of integers"),
+        ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "train": {"max_steps": "ten"}}, "has the wrong type"),
+        ({"data": "${HOME}/x.jsonl"}, r"uses \$\{HOME\}, but only environment variables whose names start with KALLM_"),
+        ({"out": "${PATH}"}, r"uses \$\{PATH\}, but only"),
     ],
 )
 def test_bad_configs_are_refused_with_a_clear_message(tmp_path, overrides, message):
