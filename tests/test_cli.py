@@ -187,3 +187,20 @@ def test_an_option_of_the_wrong_type_is_still_bad_input(saved_tiny, tmp_path, ca
     code = main(["retrofit", "--model", str(saved_tiny), "--out", str(tmp_path / "never"), "--basis", "rbf",
                  "--option", "width=wide"])
     assert code == 2 and "bad layer settings (--basis rbf, --degree 2, --option)" in capsys.readouterr().err
+
+
+def test_a_failed_retrofit_save_keeps_the_previous_checkpoint(saved_tiny, tmp_path, capsys, monkeypatch):
+    import transformers.modeling_utils
+
+    out = tmp_path / "kan"
+    assert main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "1"]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    assert main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "2"]) == 2
+    assert "kallm retrofit: error: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["base", "kan"]
