@@ -64,12 +64,16 @@ class DataStats:
             "first_skipped": dict(self.first_skipped),
         }
 
-    def describe_skipped(self) -> str:
-        """``"2 invalid_json (first at chat.jsonl line 3), 1 empty (...)"``, or ``"none"``."""
-        return ", ".join(
-            f"{count} {reason}" + (f" (first at {self.first_skipped[reason]})" if reason in self.first_skipped else "")
-            for reason, count in sorted(self.skipped.items())
-        ) or "none"
+    def describe_skipped(self, explain: bool = False) -> str:
+        """``"2 invalid_json (first at chat.jsonl line 3), 1 empty (...)"``, or ``"none"``; ``explain``
+        adds what each reason means."""
+        parts = []
+        for reason, count in sorted(self.skipped.items()):
+            details = [SKIP_REASONS[reason]] if explain else []
+            if reason in self.first_skipped:
+                details.append(f"first at {self.first_skipped[reason]}")
+            parts.append(f"{count} {reason}" + (f" ({'; '.join(details)})" if details else ""))
+        return ", ".join(parts) or "none"
 
     def describe(self) -> str:
         skipped = self.describe_skipped()
@@ -328,10 +332,9 @@ def prepare_chat_dataset(source, tokenizer, max_length: int = 1024, truncation: 
     stats = DataStats(rows=len(dataset), kept=kept_count, skipped=dict(reasons), first_skipped=first_skipped)
     if kept_count == 0:
         where = f" ({source})" if isinstance(source, (str, Path)) else ""
-        reasons_text = "; ".join(f"{n} {reason}: {SKIP_REASONS[reason]}, first at {first_skipped[reason]}"
-                                 for reason, n in sorted(reasons.items())) or "it has no rows"
         rows = f"{stats.rows} row" + ("" if stats.rows == 1 else "s")
-        raise ValueError(f"the chat data{where} holds no valid conversation ({rows}): {reasons_text}")
+        skipped = stats.describe_skipped(explain=True) if stats.rows else "it has no rows"
+        raise ValueError(f"the chat data{where} holds no valid conversation ({rows}): {skipped}")
     kept = dataset.filter(lambda skip: [not s for s in skip], input_columns="skip", batched=True)
     stats.truncated = sum(kept["truncated"])
     stats.tokens = sum(kept["length"])
