@@ -73,7 +73,7 @@ def _is_network_failure(error: BaseException) -> bool:
         if isinstance(error, network_errors):
             return True
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return False
 
 

@@ -44,10 +44,10 @@ def write_config(tmp_path, **overrides):
 
 def test_tiny_experiment_runs_every_arm_and_writes_the_report(workspace, monkeypatch):
     tmp_path, model_dir, chat, bbh, text = workspace
-    monkeypatch.setenv("TINY_DATA", str(tmp_path))
+    monkeypatch.setenv("KALLM_TINY_DATA", str(tmp_path))
     path = write_config(
         tmp_path,
-        model=str(model_dir), out=str(tmp_path / "out"), seeds=[0, 1], data="${TINY_DATA}/chat.jsonl",
+        model=str(model_dir), out=str(tmp_path / "out"), seeds=[0, 1], data="${KALLM_TINY_DATA}/chat.jsonl",
         retrofit={"last_n": 1, "basis": "cheby2", "degree": 2},
         arms={"base": {"kind": "baseline"}, "linear": {"kind": "linear"},
               "kan": {"kind": "kan", "init": "fit", "distill": True}},
