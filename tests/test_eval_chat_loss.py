@@ -68,7 +68,7 @@ def test_bad_rows_are_counted_and_long_ones_truncated(tiny_tokenizer):
 
 def test_errors(tmp_path, tiny_tokenizer):
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="no usable conversations"):
+    with pytest.raises(ValueError, match="holds no valid conversation"):
         chat_loss(model, tiny_tokenizer, [{"text": "nothing"}])
     with pytest.raises(FileNotFoundError):
         chat_loss(model, tiny_tokenizer, str(tmp_path / "missing.jsonl"))

@@ -131,6 +131,22 @@ def test_command_argument_errors(tmp_path, capsys):
         cli.run(parse(["--tasks", "bbh", "--bbh-dir", str(tmp_path / "empty")]))
 
 
+def test_a_missing_bbh_dir_is_an_error_naming_it_and_the_hub_needs_bbh_dataset(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    from kallm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, repo_type: asked.append(repo) or [])
+    assert main(["eval", "--tasks", "bbh", "--bbh-dir", "missing/bbh"]) == 2
+    assert "kallm eval: error: BBH folder not found: missing/bbh" in capsys.readouterr().err and asked == []
+    # the hub only through --bbh-dataset (this fake repository has no BBH configs)
+    monkeypatch.setattr("datasets.load_dataset", lambda repo, task, split: [])
+    assert main(["eval", "--tasks", "bbh", "--bbh-dataset", "someone/bbh", "--bbh-tasks", "navigate"]) == 2
+    assert asked == ["someone/bbh"] and "'navigate' from someone/bbh has no examples" in capsys.readouterr().err
+
+
 def inputs_of(data_dir, record) -> str:
     return json.loads((data_dir / "bbh" / "bbh" / f"{record['task']}.json").read_text())["examples"][record["index"]]["input"]
 

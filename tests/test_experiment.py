@@ -44,10 +44,10 @@ def write_config(tmp_path, **overrides):
 
 def test_tiny_experiment_runs_every_arm_and_writes_the_report(workspace, monkeypatch):
     tmp_path, model_dir, chat, bbh, text = workspace
-    monkeypatch.setenv("TINY_DATA", str(tmp_path))
+    monkeypatch.setenv("KALLM_TINY_DATA", str(tmp_path))
     path = write_config(
         tmp_path,
-        model=str(model_dir), out=str(tmp_path / "out"), seeds=[0, 1], data="${TINY_DATA}/chat.jsonl",
+        model=str(model_dir), out=str(tmp_path / "out"), seeds=[0, 1], data="${KALLM_TINY_DATA}/chat.jsonl",
         retrofit={"last_n": 1, "basis": "cheby2", "degree": 2},
         arms={"base": {"kind": "baseline"}, "linear": {"kind": "linear"},
               "kan": {"kind": "kan", "init": "fit", "distill": True}},
@@ -106,6 +106,18 @@ def test_summarize_reports_mean_and_sample_std_over_seeds():
         ({"arms": {"x": {"kind": "linear", "init": "fit"}}}, "use it with kind 'kan'"),
         ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "retrofit": {"last_n": 2, "init": "fit"}},
          "set per arm"),
+        ({"arms": {"../../../tmp/escaped": {"kind": "baseline"}}}, r"arm name '\.\./\.\./\.\./tmp/escaped' is not allowed.*"
+                                                                   r"a letter or digit, then letters, digits"),
+        ({"arms": {"a..b": {"kind": "baseline"}}}, r"arm name 'a\.\.b' is not allowed"),
+        ({"arms": {".hidden": {"kind": "baseline"}}}, r"arm name '\.hidden' is not allowed"),
+        ({"arms": {"a/b": {"kind": "baseline"}}}, r"arm name 'a/b' is not allowed"),
+        ({"arms": {7: {"kind": "baseline"}}}, r"arm name 7 is not allowed"),
+        ({"arms": {"x": {"kind": "kan", "colour": "red"}}}, r"arm 'x': unknown settings \['colour'\]; valid: distill"),
+        ({"arms": {"x": "kan"}}, r"arm 'x': settings must be a mapping"),
+        ({"seeds": ["/../../../tmp"]}, "seeds must be a list of integers"),
+        ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "train": {"max_steps": "ten"}}, "has the wrong type"),
+        ({"data": "${HOME}/x.jsonl"}, r"uses \$\{HOME\}, but only environment variables whose names start with KALLM_"),
+        ({"out": "${PATH}"}, r"uses \$\{PATH\}, but only"),
     ],
 )
 def test_bad_configs_are_refused_with_a_clear_message(tmp_path, overrides, message):

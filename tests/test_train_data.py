@@ -176,11 +176,35 @@ def test_long_conversations_truncated_or_skipped(tmp_path):
 def test_empty_dataset_is_a_clear_error(tmp_path):
     tokenizer = chat_tokenizer()
     path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}, {"text": "plain"}])
-    with pytest.raises(ValueError, match=r"no usable conversations.*1 empty.*1 no_messages"):
+    with pytest.raises(ValueError, match=r"bad.jsonl\) holds no valid conversation \(2 rows\): 1 empty \(.*; "
+                                         r"first at .*bad.jsonl line 1\), 1 no_messages \(.*first at .*bad.jsonl line 2"):
         prepare_chat_dataset(str(path), tokenizer)
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="no usable conversations"):
+    with pytest.raises(ValueError, match=r"holds no valid conversation \(0 rows\): it has no rows"):
         prepare_chat_dataset(str(tmp_path / "empty.jsonl"), tokenizer)
+
+
+def test_a_file_of_invalid_lines_is_reported_like_some_invalid_lines(tmp_path):
+    tokenizer = chat_tokenizer()
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n{not json\n[1, 2\n")  # every line invalid, the first at line 2
+    with pytest.raises(ValueError, match=r"holds no valid conversation \(2 rows\): 2 invalid_json \(a line of a "
+                                         r"JSONL file is not valid JSON; first at .*broken.jsonl line 2\)$"):
+        prepare_chat_dataset(str(path), tokenizer)
+    path.write_text(path.read_text() + json.dumps(conversation("a", "b")) + "\n")
+    _, stats = prepare_chat_dataset(str(path), tokenizer)
+    assert stats.kept == 1 and stats.skipped == {"invalid_json": 2}
+    assert stats.first_skipped == {"invalid_json": f"{path} line 2"}
+    assert f"2 invalid_json (first at {path} line 2)" in stats.describe()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    rows = [conversation("a", "b"), conversation("c", "d")]
+    jsonl, json_list = tmp_path / "bom.jsonl", tmp_path / "bom.json"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8-sig")
+    json_list.write_text(json.dumps(rows), encoding="utf-8-sig")
+    for path in (jsonl, json_list):
+        assert load_conversations(str(path))["skip"] == ["", ""], path
 
 
 def test_local_formats_folders_and_globs(tmp_path):

@@ -119,6 +119,30 @@ def test_bf16_flag_trains_on_cpu(tmp_path):
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.metrics["train_loss"]))
 
 
+class ForwardSpy(TrainerCallback):
+    """Records whether the model's forward is wrapped (by autocast) at each training step."""
+
+    def __init__(self):
+        self.wrapped = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.wrapped.append("forward" in vars(model))
+
+
+def test_bf16_training_hands_back_the_model_its_checkpoint_loads(tmp_path):
+    model, tokenizer = retrofitted(), chat_tokenizer()
+    first = ForwardSpy()
+    train(model, tokenizer, sums(8), quick(tmp_path, bf16=True, max_steps=1), callbacks=[first])
+    assert first.wrapped == [True] and "forward" not in vars(model)  # autocast while training only
+    reloaded, _ = kallm.load_model(str(tmp_path / "run"))
+    ids = torch.tensor([tokenizer("1+2=3, 4+5=9")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, reloaded(ids).logits)
+    second = ForwardSpy()  # trained again, the model is wrapped again
+    train(model, tokenizer, sums(8), quick(tmp_path, "again", bf16=True, max_steps=1), callbacks=[second])
+    assert second.wrapped == [True] and "forward" not in vars(model)
+
+
 # --- distillation ---------------------------------------------------------------------------------
 
 
@@ -183,5 +207,32 @@ def test_training_errors(tmp_path):
         train(retrofitted(), tokenizer, data, quick(tmp_path), teacher=teacher)
     with pytest.raises(ValueError, match="do not separate packed sequences"):
         train(kallm.retrofit(tiny_model("opt"), last_n=1), tokenizer, data, quick(tmp_path, packing=True))
-    with pytest.raises(ValueError, match="no usable conversations"):
+    with pytest.raises(ValueError, match="holds no valid conversation"):
         train(retrofitted(), tokenizer, [{"messages": []}], quick(tmp_path))
+
+
+def test_a_failed_final_save_keeps_the_previous_model_of_the_output_folder(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    tokenizer = chat_tokenizer()
+    first = retrofitted()
+    train(first, tokenizer, sums(8), quick(tmp_path, max_steps=1))
+    ids = torch.tensor([tokenizer("1+2=3")["input_ids"]])
+    with torch.no_grad():
+        expected = first.eval()(ids).logits
+
+    write_weights = transformers.modeling_utils.safe_save_file
+
+    def fail_on_the_final_model(state_dict, filename, **kwargs):
+        if "checkpoint-" in filename:  # the trainer's own checkpoints save fine
+            return write_weights(state_dict, filename, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fail_on_the_final_model)
+    with pytest.raises(OSError, match="No space left"):
+        train(kallm.retrofit(tiny_model("llama", seed=1), last_n=2), tokenizer, sums(8), quick(tmp_path, max_steps=1))
+    monkeypatch.undo()
+    reloaded, _ = kallm.load_model(str(tmp_path / "run"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]

@@ -34,32 +34,36 @@ MODES = ("generate", "loglik")
 # ----------------------------------------------------------------------------- loading
 
 
-def load_bbh(source: str | Path | None = None, tasks=None, limit: int | None = None) -> dict[str, list[dict]]:
+def load_bbh(source: str | Path | None = None, tasks=None, limit: int | None = None, *,
+             dataset: str | None = None) -> dict[str, list[dict]]:
     """BBH examples per task, ``{task: [{"input", "target"}, ...]}`` in task-name order.
 
     ``source``: a local folder of task JSON files (``<task>.json`` holding
     ``{"examples": [{"input", "target"}]}``, directly or under ``bbh/`` as in the original
-    repository), or a hub dataset id (default ``lukaemon/bbh``): either one config per task
-    with a ``test`` split, or a repository of task JSON files. ``tasks``: names (a list or a
+    repository); it must exist, it is never taken for a hub id. ``dataset``: a hub dataset id
+    instead (default ``lukaemon/bbh`` when neither is given): either one config per task with a
+    ``test`` split, or a repository of task JSON files. ``tasks``: names (a list or a
     comma-separated string; default every task present). ``limit``: the first N examples of
     each task.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples per task, got {limit}")
-    source = DEFAULT_HUB_DATASET if source is None else source
-    path = Path(source)
-    if path.is_dir():
-        available = _local_task_files(path)
-        read = _read_task_file
-    elif path.exists() or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"BBH folder not found: {source}")
+    if source is not None and dataset is not None:
+        raise ValueError(f"give a local BBH folder ({source}) or a hub dataset ({dataset}), not both")
+    if source is not None:
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"BBH folder not found: {source} (a hub dataset is read with dataset=... "
+                                    f"in Python, --bbh-dataset on the command line, bbh_dataset in experiment configs)")
+        available, read, where = _local_task_files(path), _read_task_file, str(source)
     else:
-        available, read = _hub_tasks(str(source))
+        where = dataset or DEFAULT_HUB_DATASET
+        available, read = _hub_tasks(where)
     data = {}
     for task in select_tasks(tasks, available):
         examples = read(available[task])[:limit]
         if not examples:
-            raise ValueError(f"BBH task {task!r} from {source} has no examples")
+            raise ValueError(f"BBH task {task!r} from {where} has no examples")
         data[task] = examples
     return data
 

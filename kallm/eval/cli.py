@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {DEFAULT_MODEL})")
     parser.add_argument("--tasks", default="bbh,perplexity", help=f"comma-separated, from: {', '.join(TASKS)}")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--bbh-dir", help="local folder of BBH task JSON files (<task>.json)")
-    source.add_argument("--bbh-dataset", help=f"hub dataset id of BBH (default {DEFAULT_HUB_DATASET})")
+    source.add_argument("--bbh-dir", help="local folder of BBH task JSON files (<task>.json); it must exist")
+    source.add_argument("--bbh-dataset",
+                        help=f"hub dataset id of BBH, used when --bbh-dir is not given (default {DEFAULT_HUB_DATASET})")
     parser.add_argument("--bbh-tasks", help="comma-separated BBH task names (default: every task present)")
     parser.add_argument("--limit", type=int, help="first N examples of each BBH task")
     parser.add_argument("--mode", choices=MODES, default="generate",
@@ -48,9 +49,9 @@ def run(args) -> int:
 
     # Bad task names, folders or BBH selections fail before the model loads.
     tasks = parse_tasks(args.tasks)
-    bbh_source = args.bbh_dir or args.bbh_dataset
+    bbh_source = None
     if "bbh" in tasks:
-        bbh_source = load_bbh(bbh_source, args.bbh_tasks, args.limit)
+        bbh_source = load_bbh(args.bbh_dir, args.bbh_tasks, args.limit, dataset=args.bbh_dataset)
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
     model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype))

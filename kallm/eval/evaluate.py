@@ -25,14 +25,15 @@ def parse_tasks(tasks) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def evaluate(model, tokenizer, tasks=("bbh", "perplexity"), *, bbh_source=None, bbh_tasks=None,
+def evaluate(model, tokenizer, tasks=("bbh", "perplexity"), *, bbh_source=None, bbh_dataset=None, bbh_tasks=None,
              limit: int | None = None, mode: str = "generate", batch_size: int = 8, max_new_tokens: int = 256,
              text: str = DEFAULT_TEXT, max_length: int = 512, max_tokens: int | None = None, chat_data=None,
              chat_limit: int | None = None, progress: bool = True) -> dict:
     """Evaluate ``model`` on ``tasks`` (any of ``bbh``, ``perplexity``, ``chat_loss``).
 
-    BBH: ``bbh_source`` (a local folder or hub id, default the hub; or examples already
-    loaded by :func:`~kallm.eval.bbh.load_bbh`), ``bbh_tasks`` (default
+    BBH: ``bbh_source`` (a local folder, or examples already loaded by
+    :func:`~kallm.eval.bbh.load_bbh`) or ``bbh_dataset`` (a hub dataset id; the default,
+    ``lukaemon/bbh``, when neither is given), ``bbh_tasks`` (default
     every task present), ``limit`` examples per task, ``mode`` (``generate`` or ``loglik``),
     ``batch_size``, ``max_new_tokens``. Perplexity: ``text`` (a file or ``hub_id[:config]``;
     default WikiText-2 test), windows of ``max_length`` tokens, at most ``max_tokens``
@@ -50,7 +51,8 @@ def evaluate(model, tokenizer, tasks=("bbh", "perplexity"), *, bbh_source=None, 
     for task in tasks:
         started = time.perf_counter()
         if task == "bbh":
-            data = bbh_source if isinstance(bbh_source, dict) else load_bbh(bbh_source, bbh_tasks, limit)
+            data = bbh_source if isinstance(bbh_source, dict) else load_bbh(bbh_source, bbh_tasks, limit,
+                                                                           dataset=bbh_dataset)
             results[task] = evaluate_bbh(model, tokenizer, data, mode, batch_size, max_new_tokens, progress)
         elif task == "perplexity":
             results[task] = {"source": str(text), **perplexity(model, tokenizer, load_text(str(text)), max_length,

@@ -9,6 +9,7 @@ import yaml
 
 from ..core.layers import KANFeedForward
 from ..loading import DEFAULT_MODEL, load_model, push_to_hub
+from ..saving import save_checkpoint
 from .fit import INITS, format_errors
 from .retrofit import retrofit
 from .trainable import set_trainable, summary
@@ -46,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     options = parse_options(args.option)
     # Check the settings before spending time on loading the model.
-    KANFeedForward.count_parameters(2, 2, args.basis, args.degree, **options)
+    try:
+        KANFeedForward.count_parameters(2, 2, args.basis, args.degree, **options)
+    except TypeError as error:  # an --option value of the wrong type
+        raise ValueError(f"bad layer settings (--basis {args.basis}, --degree {args.degree}, --option): "
+                         f"{error}") from error
     calibration = None
     if args.calibration:
         if args.init != "fit":
@@ -64,8 +69,7 @@ def run(args) -> int:
         print("Fit relative error per block: " + format_errors(model.kallm_fit_report))
     set_trainable(model, args.trainable)
     summary(model)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    save_checkpoint(model, tokenizer, args.out)
     print(f"\nSaved to {args.out}. Load it with AutoModelForCausalLM.from_pretrained({args.out!r}) "
           f"(after `import kallm`) or with trust_remote_code=True.")
     if args.push_to_hub:

@@ -54,15 +54,29 @@ class DataStats:
     tokens: int = 0
     assistant_tokens: int = 0
     packed_rows: int | None = None
+    #: reason -> where the first row skipped for it is (``file line N``, ``file row N`` or ``row N``)
+    first_skipped: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
             "rows": self.rows, "kept": self.kept, "skipped": dict(self.skipped), "truncated": self.truncated,
             "tokens": self.tokens, "assistant_tokens": self.assistant_tokens, "packed_rows": self.packed_rows,
+            "first_skipped": dict(self.first_skipped),
         }
 
+    def describe_skipped(self, explain: bool = False) -> str:
+        """``"2 invalid_json (first at chat.jsonl line 3), 1 empty (...)"``, or ``"none"``; ``explain``
+        adds what each reason means."""
+        parts = []
+        for reason, count in sorted(self.skipped.items()):
+            details = [SKIP_REASONS[reason]] if explain else []
+            if reason in self.first_skipped:
+                details.append(f"first at {self.first_skipped[reason]}")
+            parts.append(f"{count} {reason}" + (f" ({'; '.join(details)})" if details else ""))
+        return ", ".join(parts) or "none"
+
     def describe(self) -> str:
-        skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items())) or "none"
+        skipped = self.describe_skipped()
         return (f"{self.kept} of {self.rows} conversations kept (skipped: {skipped}; truncated: {self.truncated}); "
                 f"{self.tokens:,} tokens, {self.assistant_tokens:,} in assistant turns")
 
@@ -108,17 +122,14 @@ def load_conversations(source, split: str = "train", limit: int | None = None, n
         return _clean_dataset(_load_hub(str(source), split), limit, num_proc)
     if all(_FORMATS[Path(f).suffix] == "parquet" for f in files):
         return _clean_dataset(Dataset.from_parquet(files), limit, num_proc)
-    rows, invalid = [], 0
+    rows, origins = [], []
     for file in files:
-        file_rows, file_invalid = _read_json_rows(file)
+        file_rows, file_origins = _read_json_rows(file)
         rows += file_rows
-        invalid += file_invalid
+        origins += file_origins
     if limit is not None:
-        rows = rows[:limit]
-    dataset = _from_rows(rows)
-    if invalid:
-        dataset = _append_invalid(dataset, invalid)
-    return dataset
+        rows, origins = rows[:limit], origins[:limit]
+    return _from_rows(rows, origins)
 
 
 def _local_files(source: str) -> list[str] | None:
@@ -154,8 +165,14 @@ def _load_hub(source: str, split: str):
     return load_dataset(name, config or None, split=split)
 
 
-def _read_json_rows(file: str) -> tuple[list, int]:
-    text = Path(file).read_text(encoding="utf-8")
+#: stands for a line that is not valid JSON among the rows read from a JSONL file
+_INVALID_LINE = object()
+
+
+def _read_json_rows(file: str) -> tuple[list, list[str]]:
+    """The rows of a JSON or JSONL file and where each comes from (``file line N`` / ``file row N``);
+    a JSONL line that is not valid JSON is kept as ``_INVALID_LINE``, to be counted like any bad row."""
+    text = Path(file).read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the first row
     if Path(file).suffix == ".json":
         try:
             rows = json.loads(text)
@@ -163,31 +180,31 @@ def _read_json_rows(file: str) -> tuple[list, int]:
             raise ValueError(f"{file} is not valid JSON ({error}); use .jsonl for one row per line") from error
         if not isinstance(rows, list):
             raise ValueError(f"{file} must hold a JSON list of rows, got {type(rows).__name__}")
-        return rows, 0
-    rows, invalid = [], 0
-    for line in text.splitlines():
+        return rows, [f"{file} row {index}" for index in range(1, len(rows) + 1)]
+    rows, origins = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            invalid += 1
-    return rows, invalid
+            rows.append(_INVALID_LINE)
+        origins.append(f"{file} line {number}")
+    return rows, origins
 
 
-def _from_rows(rows: list):
-    from datasets import Dataset
+def _from_rows(rows: list, origins: list[str] | None = None):
+    from datasets import Dataset, Features, List, Value
 
-    results = [clean_messages(row.get("messages") if isinstance(row, dict) else None) for row in rows]
-    return Dataset.from_dict({"messages": [m for m, _ in results], "skip": [r or "" for _, r in results]})
-
-
-def _append_invalid(dataset, count: int):
-    from datasets import Dataset, concatenate_datasets
-
-    invalid = Dataset.from_dict({"messages": [None] * count, "skip": ["invalid_json"] * count},
-                                features=dataset.features)
-    return concatenate_datasets([dataset, invalid])
+    results = [(None, "invalid_json") if row is _INVALID_LINE
+               else clean_messages(row.get("messages") if isinstance(row, dict) else None) for row in rows]
+    columns = {"messages": [m for m, _ in results], "skip": [r or "" for _, r in results]}
+    if origins is not None:
+        columns["origin"] = origins
+    # Typed explicitly: with every row skipped, inferred types would be null and the next step would fail.
+    message = {"role": Value("string"), "content": Value("string")}
+    features = {"messages": List(message), "skip": Value("string"), "origin": Value("string")}
+    return Dataset.from_dict(columns, features=Features({name: features[name] for name in columns}))
 
 
 def _clean_dataset(dataset, limit, num_proc):
@@ -304,17 +321,25 @@ def prepare_chat_dataset(source, tokenizer, max_length: int = 1024, truncation: 
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     dataset = load_conversations(source, split=split, limit=limit, num_proc=num_proc)
     dataset = tokenize_conversations(dataset, tokenizer, max_length, truncation, chat_template, num_proc)
-    reasons = Counter(dataset["skip"])
+    skips = dataset["skip"]
+    origins = dataset["origin"] if "origin" in dataset.column_names else [f"row {i}" for i in range(1, len(skips) + 1)]
+    first_skipped = {}
+    for skip, origin in zip(skips, origins):
+        if skip:
+            first_skipped.setdefault(skip, origin)
+    reasons = Counter(skips)
     kept_count = reasons.pop("", 0)
-    stats = DataStats(rows=len(dataset), kept=kept_count, skipped=dict(reasons))
+    stats = DataStats(rows=len(dataset), kept=kept_count, skipped=dict(reasons), first_skipped=first_skipped)
     if kept_count == 0:
-        detail = ", ".join(f"{n} {reason} ({SKIP_REASONS[reason]})" for reason, n in reasons.items()) or "no rows"
-        raise ValueError(f"no usable conversations in the training data: {detail}")
+        where = f" ({source})" if isinstance(source, (str, Path)) else ""
+        rows = f"{stats.rows} row" + ("" if stats.rows == 1 else "s")
+        skipped = stats.describe_skipped(explain=True) if stats.rows else "it has no rows"
+        raise ValueError(f"the chat data{where} holds no valid conversation ({rows}): {skipped}")
     kept = dataset.filter(lambda skip: [not s for s in skip], input_columns="skip", batched=True)
     stats.truncated = sum(kept["truncated"])
     stats.tokens = sum(kept["length"])
     stats.assistant_tokens = sum(kept["assistant_tokens"])
-    kept = kept.remove_columns(["skip", "truncated", "assistant_tokens"])
+    kept = kept.remove_columns([c for c in ("skip", "truncated", "assistant_tokens", "origin") if c in kept.column_names])
     if packing:
         kept = pack(kept, max_length, num_proc)
         stats.packed_rows = len(kept)

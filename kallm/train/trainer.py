@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..saving import replacing_checkpoint
 from ..surgery.trainable import POLICIES, set_trainable
 from .data import TRUNCATION, ChatCollator, prepare_chat_dataset
 from .distill import DistillationTrainer
@@ -227,7 +228,12 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         output = trainer.train(resume_from_checkpoint=resume)
     finally:
         model.config.use_cache = use_cache
-    trainer.save_model(config.output_dir)
+        _release_from_accelerate(model)
+    if trainer.is_world_process_zero():
+        with replacing_checkpoint(config.output_dir) as staging:
+            trainer.save_model(str(staging))
+    else:
+        trainer.save_model(config.output_dir)  # takes part in gathering sharded weights; writes nothing
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = dict(output.metrics)
@@ -243,6 +249,20 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         summary.pop("log_history")
         (Path(config.output_dir) / RESULT_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return result
+
+
+def _release_from_accelerate(model) -> None:
+    """Hand ``model`` back as its checkpoint loads. With bf16/fp16, accelerate replaces its ``forward`` by an
+    autocast wrapper (keeping the original as ``_original_forward``) and marks it prepared, so that a later
+    training run would neither wrap nor distribute it again. (accelerate's own unwrapping follows
+    ``__wrapped__`` past transformers' decorators of ``forward``, so it is not used.)"""
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        if getattr(original, "__func__", None) is type(model).forward:
+            del model.forward  # the class's method again
+        else:
+            model.forward = original  # a wrapper set before training (e.g. a device-map hook) stays
+    model.__dict__.pop("_is_accelerate_prepared", None)
 
 
 def _resume_checkpoint(config: TrainConfig):
