@@ -86,6 +86,22 @@ def test_train_command_errors(workspace, tmp_path):
         parse("--model", "m", "--data", "d", "--trainable", "head")
 
 
+def test_distill_never_guesses_a_teacher_from_a_local_folder_name(workspace, tmp_path, monkeypatch):
+    """retrofit records a local base by its folder name only; that name must not be loaded as
+    the teacher (it could be any folder of that name in the working directory)."""
+    import shutil
+
+    shutil.copytree(workspace / "student", tmp_path / "local_student")
+    config_file = tmp_path / "local_student" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["kan_config"]["base_model"] = "teacher"
+    config_file.write_text(json.dumps(config))
+    monkeypatch.chdir(workspace)  # a folder named "teacher" is right here
+    with pytest.raises(ValueError, match="recorded only by its folder name .*pass --teacher"):
+        run(parse("--model", tmp_path / "local_student", "--data", workspace / "chat.jsonl", "--distill",
+                  "--max-steps", 1, "--out", tmp_path / "out"))
+
+
 def test_two_processes_with_torchrun(workspace, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

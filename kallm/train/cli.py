@@ -110,10 +110,19 @@ def run(args) -> int:
 
 
 def _base_model(model) -> str:
+    """The recorded base model, when it names one unambiguously: a bundled name, a hub id
+    ("user/name") or an absolute path. A local base is recorded by its folder name only
+    (kallm never publishes private paths), which could match an unrelated folder here."""
+    from ..loading import BUNDLED_MODELS
+
     kan_config = getattr(model.config, "kan_config", None)
-    if not kan_config or not kan_config.get("base_model"):
+    recorded = (kan_config or {}).get("base_model")
+    if not recorded:
         raise ValueError("--distill needs --teacher: this model does not record the model it was retrofitted from")
-    return kan_config["base_model"]
+    if recorded in BUNDLED_MODELS or "/" in recorded.strip("/") or os.path.isabs(recorded):
+        return recorded
+    raise ValueError(f"--distill needs --teacher: this model was retrofitted from a local model recorded only by "
+                     f"its folder name ({recorded!r}); pass --teacher FOLDER")
 
 
 def _load_teacher(source: str):
