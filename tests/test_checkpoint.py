@@ -189,30 +189,156 @@ def test_device_map_load_path(saved, name):
     assert (logits_of(loaded, ref["ids"]) - ref["logits"]).abs().max().item() == 0.0
 
 
-def test_weight_init_never_overwrites_loaded_kan_weights_and_initialises_missing_ones(saved, tmp_path):
-    folder, model, _ = saved["llama"]
-    damaged = tmp_path / "damaged"
-    shutil.copytree(folder, damaged)
-    weights = safetensors.torch.load_file(damaged / "model.safetensors")
-    missing_weight = "model.layers.2.mlp.layers.0.weight"
-    missing_scale = "model.layers.2.mlp.layers.1.input_scale"
-    del weights[missing_weight], weights[missing_scale]
-    safetensors.torch.save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
-
-    loaded = AutoModelForCausalLM.from_pretrained(damaged)
-
-    state, saved_state = loaded.state_dict(), model.state_dict()
-    for key, value in saved_state.items():
-        if key not in (missing_weight, missing_scale):
-            assert torch.equal(state[key], value), key
-    # the missing ones get KANLinear's own initialisation
-    assert torch.equal(state[missing_scale], torch.ones_like(state[missing_scale]))
-    fresh = state[missing_weight]
-    layer = loaded.model.layers[2].mlp.layers[0]
+def test_from_config_initialises_kan_layers_by_their_own_rule(saved):
+    _, model, _ = saved["llama"]
+    fresh = AutoModelForCausalLM.from_config(model.config)
+    layer = fresh.model.layers[2].mlp.layers[0]
     expected_std = 1.0 / (layer.in_features * layer.basis.mean_square()) ** 0.5
-    assert not torch.equal(fresh, saved_state[missing_weight])
-    assert abs(fresh.mean().item()) < 0.2 * expected_std
-    assert abs(fresh.std().item() / expected_std - 1.0) < 0.1
+    assert torch.equal(layer.input_scale, torch.ones_like(layer.input_scale))
+    assert abs(layer.weight.mean().item()) < 0.2 * expected_std
+    assert abs(layer.weight.std().item() / expected_std - 1.0) < 0.1
+
+
+def copy_checkpoint(saved, tmp_path, name="llama", edit_config=None, edit_weights=None):
+    """A copy of a saved case with its kan_config and/or its weights edited in place."""
+    folder = tmp_path / f"{name}-edited"
+    shutil.copytree(saved[name][0], folder)
+    if edit_config is not None:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    if edit_weights is not None:
+        weights = safetensors.torch.load_file(folder / "model.safetensors")
+        edit_weights(weights)
+        safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _set_layers(layers):
+    def edit(config):
+        config["kan_config"]["layers"] = layers
+    return edit
+
+
+def _drop(key):
+    def edit(weights):
+        del weights[key]
+    return edit
+
+
+def _add(key):
+    def edit(weights):
+        weights[key] = torch.zeros(1, 32)
+    return edit
+
+
+def _null_kan_config(config):
+    config["kan_config"] = None
+
+
+# The llama case holds KAN feedforwards in blocks [1, 2] of 3.
+TAMPERED = {
+    "kan-weight-dropped": (None, _drop("model.layers.2.mlp.layers.0.weight"),
+                           r"1 tensors the config describes are missing from the weights: "
+                           r"model\.layers\.2\.mlp\.layers\.0\.weight\."),
+    "kan-weight-added": (None, _add("model.layers.1.mlp.layers.0.basis_parameters.0"),
+                         r"1 tensors in the weights are not in the model the config describes: "
+                         r"model\.layers\.1\.mlp\.layers\.0\.basis_parameters\.0\."),
+    "config-drops-block-1": (_set_layers([2]), None,
+                             r"describes KAN blocks \[2\]: 3 tensors .* missing .*model\.layers\.1\.mlp\.down_proj"
+                             r".*; 8 tensors in the weights .*model\.layers\.1\.mlp\.layers\.0\.bias"),
+    "config-adds-block-0": (_set_layers([0, 1, 2]), None,
+                            r"missing from the weights: model\.layers\.0\.mlp\.layers\.0\.bias.*"
+                            r"not in the model the config describes: model\.layers\.0\.mlp\.down_proj\.weight"),
+    "kan-config-null": (_null_kan_config, None,
+                        r"describes no KAN blocks \(kan_config is null\): .*16 tensors in the weights are not in the "
+                        r"model .*model\.layers\.1\.mlp\.layers\.0\.bias"),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERED)
+def test_weights_that_do_not_match_kan_config_are_refused(saved, tmp_path, case):
+    edit_config, edit_weights, message = TAMPERED[case]
+    folder = copy_checkpoint(saved, tmp_path, edit_config=edit_config, edit_weights=edit_weights)
+    with pytest.raises(ValueError, match=message) as error:
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert f"the weights of {folder} do not match its config" in str(error.value)
+    assert "does not initialise or drop KAN tensors" in str(error.value)
+
+
+def test_loading_info_is_still_returned_on_request(saved):
+    model, info = AutoModelForCausalLM.from_pretrained(saved["gpt2"][0], output_loading_info=True)
+    assert isinstance(model, type(saved["gpt2"][1]))
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+
+
+def _kan(key, value):
+    def edit(config):
+        config["kan_config"][key] = value
+    return edit
+
+
+def _replace_kan_config(value):
+    def edit(config):
+        config["kan_config"] = value
+    return edit
+
+
+def _add_kan_key(config):
+    config["kan_config"]["activation"] = "gelu"
+
+
+# edit of the llama case's config.json -> what the error must say
+CORRUPTED = {
+    "schema-version-true": (_kan("schema_version", True), r"no integer schema_version >= 1 \(got True\)"),
+    "schema-version-zero": (_kan("schema_version", 0), r"no integer schema_version >= 1 \(got 0\)"),
+    "not-a-dict": (_replace_kan_config("layers"), r"kan_config must be a dict \(a JSON object\) or null, got 'layers'"),
+    "unknown-key": (_add_kan_key, r"kan_config has unknown keys \['activation'\] for schema_version 1"),
+    "layers-strings": (_kan("layers", ["1"]), r"kan_config.layers must be a non-empty, sorted list of distinct "
+                                               r"non-negative block indices, got \['1'\]"),
+    "layers-unsorted": (_kan("layers", [2, 1]), r"kan_config.layers must be .*, got \[2, 1\]"),
+    "layers-twice": (_kan("layers", [1, 1]), r"kan_config.layers must be .*, got \[1, 1\]"),
+    "layers-empty": (_kan("layers", []), r"kan_config.layers must be .*, got \[\]"),
+    "layers-bool": (_kan("layers", [True]), r"kan_config.layers must be .*, got \[True\]"),
+    "layers-negative": (_kan("layers", [-1]), r"kan_config.layers must be .*, got \[-1\]"),
+    "layers-beyond-the-model": (_kan("layers", [1, 5]), r"kan_config.layers lists blocks \[5\], but "
+                                                        r"KALlamaForCausalLM has 3 blocks"),
+    "layer-options-null": (_kan("layer_options", None), r"kan_config.layer_options must be a dict .*, got None"),
+    "layer-options-bad-bias": (_kan("layer_options", {"bias": "yes"}), r"kan_config's basis, degree and "
+                                                                        r"layer_options do not build .*bias must be "
+                                                                        r"True or False, got 'yes'"),
+    "layer-options-dtype": (_kan("layer_options", {"dtype": "float16"}), r"layer_options may not hold \['dtype'\]"),
+    "layer-options-unknown": (_kan("layer_options", {"alpha": 1.0}), r"does not take options \['alpha'\]"),
+    "blocks-path-bogus": (_kan("blocks_path", "model.blocks"), r"kan_config.blocks_path 'model.blocks' names no "
+                                                              r"submodule of KALlamaForCausalLM"),
+    "blocks-path-not-a-list": (_kan("blocks_path", "model.norm"), r"kan_config.blocks_path 'model.norm' names a "
+                                                                  r"LlamaRMSNorm .*, not a list of blocks"),
+    "blocks-path-empty": (_kan("blocks_path", ""), r"kan_config.blocks_path must be a non-empty string, got ''"),
+    "mlp-attribute-bogus": (_kan("mlp_attribute", "feedforward"), r"kan_config.mlp_attribute: block 1 at "
+                                                                  r"'model.layers' has no submodules \['feedforward'\]"),
+    "bypassed-absent": (_kan("bypassed_attributes", ["fc2"]), r"kan_config.bypassed_attributes: block 1 .* "
+                                                               r"\['fc2'\]"),
+    "bypassed-a-string": (_kan("bypassed_attributes", "fc2"), r"bypassed_attributes must be a list of distinct "
+                                                              r"attribute names, got 'fc2'"),
+    "hidden-size-other": (_kan("hidden_size", 64), r"kan_config.hidden_size is 64, but the model's hidden_size is 32"),
+    "hidden-size-bool": (_kan("hidden_size", True), r"kan_config.hidden_size must be a positive integer, got True"),
+    "degree-string": (_kan("degree", "2"), r"kan_config.degree must be a positive integer, got '2'"),
+    "degree-too-high": (_kan("degree", 101), r"do not build .*degree must be an integer >= 1 and <= 100, got 101"),
+    "basis-unknown": (_kan("basis", "sine"), r"unknown basis 'sine'.*must be registered before the checkpoint is "
+                                             r"loaded"),
+    "basis-not-a-string": (_kan("basis", 7), r"kan_config.basis must be a non-empty string, got 7"),
+    "base-model-empty": (_kan("base_model", ""), r"kan_config.base_model must be a non-empty string"),
+    "base-model-type-other": (_kan("base_model_type", "gpt2"), r"kan_config.base_model_type is 'gpt2', but this "
+                                                               r"config class retrofits 'llama' models"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTED)
+def test_corrupted_kan_config_is_refused_naming_the_field(saved, tmp_path, case):
+    edit, message = CORRUPTED[case]
+    folder = copy_checkpoint(saved, tmp_path, edit_config=edit)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder)
 
 
 def test_newer_schema_version_is_refused_with_a_clear_error(saved):
@@ -224,7 +350,7 @@ def test_newer_schema_version_is_refused_with_a_clear_error(saved):
 def test_config_without_schema_version_is_refused(saved, tmp_path):
     config = json.loads((saved["gpt2"][0] / "config.json").read_text())
     del config["kan_config"]["schema_version"]
-    with pytest.raises(ValueError, match="kan_config has no integer schema_version"):
+    with pytest.raises(ValueError, match="kan_config has no integer schema_version >= 1 \\(got None\\)"):
         kallm.core.configuration_kallm.KAGPT2Config(**{k: v for k, v in config.items() if k != "model_type"})
 
 
