@@ -15,6 +15,10 @@
     basis, degree       basis spec and degree (see bases.py)
     layer_options       further KANLinear options (input_map, alpha, grid_size, ...)
 
+All checks of a ``kan_config`` live here: ``validate_kan_config`` (the schema, field by field,
+run whenever a config is built or loaded) and ``check_kan_config_fits_model`` (what depends on
+the built model, run by the model classes before they install the KAN feedforwards).
+
 Part of kallm's portable core: plain torch + transformers, sibling imports only.
 """
 
