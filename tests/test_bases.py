@@ -222,8 +222,8 @@ def test_basis_must_be_a_string():
     ("cheby2", {"alpha": 1.0}, "does not take options \\['alpha'\\]; valid options: none besides degree"),
     ("jacobi", {"gamma": 1.0}, "valid options: alpha, beta"),
     ("bspline", {"grid": 5}, "valid options: grid_size"),
-    ("jacobi", {"alpha": -1.0}, "alpha and beta must be > -1"),
-    ("jacobi", {"beta": -2.0}, "alpha and beta must be > -1"),
+    ("jacobi", {"alpha": -1.0}, "alpha must be > -1"),
+    ("jacobi", {"beta": -2.0}, "beta must be > -1"),
     ("gegenbauer", {"alpha": 0.0}, "alpha must be > -0.5 and != 0"),
     ("gegenbauer", {"alpha": -0.5}, "alpha must be > -0.5 and != 0"),
     ("bspline", {"grid_size": 0}, "grid_size must be an integer >= 1"),
@@ -235,6 +235,98 @@ def test_basis_must_be_a_string():
 def test_bad_basis_options_are_rejected(name, options, message):
     with pytest.raises(ValueError, match=message):
         make_basis(name, 2, **options)
+
+
+# Every option of every built-in basis, with values of the wrong type (bool is no number) or out of range.
+BAD_OPTION_VALUES = {
+    "alpha": {"gegenbauer": "> -0.5 and != 0", "jacobi": "> -1"},
+    "beta": {"jacobi": "> -1"},
+    "width": {"rbf": "> 0"},
+    "grid_size": {"bspline": "an integer >= 1 and <= 100"},
+    "denominator_degree": {"rational": "an integer >= 1 and <= 100"},
+}
+REAL_BAD = [float("inf"), float("-inf"), float("nan"), "x", "1.5", True, None, [1.0], -5.0]
+INTEGER_BAD = [0, -1, 2.5, 2.0, True, False, "3", float("inf"), 101]  # None: rational's default
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_option_of_every_basis_refuses_bad_types_and_ranges(name):
+    takes = bases._REGISTRY[name].option_names
+    assert set(takes) <= set(BAD_OPTION_VALUES), f"{name} has options this test does not know: {takes}"
+    for option in takes:
+        valid = BAD_OPTION_VALUES[option][name]
+        for value in INTEGER_BAD if "integer" in valid else REAL_BAD:
+            with pytest.raises(ValueError) as error:
+                make_basis(name, 2, **{option: value})
+            message = str(error.value)
+            assert f"basis {name!r}: {option} must be {valid}" in message.replace(" (a finite number)", ""), message
+            assert f"got {value!r}" in message
+    max_degree = bases._REGISTRY[name].max_degree
+    for degree in [0, -1, 2.5, 2.0, True, False, "3", float("inf"), None, max_degree + 1]:
+        with pytest.raises(ValueError, match=f"basis '{name}': degree must be an integer >= 1 and <= {max_degree}, got"):
+            make_basis(name, degree)
+
+
+def test_numpy_and_other_real_numbers_are_accepted():
+    assert make_basis("gegenbauer", 2, alpha=np.float32(0.75)).describe()["alpha"] == 0.75
+    basis = make_basis("bspline", np.int64(3), grid_size=np.int64(4))
+    assert basis.describe() == {"basis": "bspline", "degree": 3, "grid_size": 4}
+    assert type(basis.degree) is int and type(basis.grid_size) is int  # JSON-safe in a kan_config
+
+
+# The largest degree whose features stay within FEATURE_LIMIT on [-1, 1] (with default options); also in
+# docs/layers.md. The others stop at their max_degree (100, bspline 20).
+FLOAT32_DEGREE_LIMITS = {"hermite": 33, "bessel": 20}
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_degree_limit_keeps_a_fresh_float32_layer_finite_and_is_refused_beyond(name):
+    from kallm.core.layers import KANLinear
+
+    limit = FLOAT32_DEGREE_LIMITS.get(name, bases._REGISTRY[name].max_degree)
+    layer = KANLinear(4, 3, name, limit)
+    # every point of the domain [-1, 1] and far beyond it (the input map saturates there)
+    x = torch.cat([torch.linspace(-1e4, 1e4, 401), torch.linspace(-3.0, 3.0, 399)]).reshape(-1, 4)
+    x.requires_grad_()
+    y = layer(x)
+    y.backward(torch.randn_like(y))
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    if name in FLOAT32_DEGREE_LIMITS:
+        message = (f"basis '{name}' at degree {limit + 1}: feature {limit + 1} reaches .* above the 1e\\+24 .* "
+                   f"float32; the largest degree that stays within it with these options is {limit} ")
+    else:
+        message = f"degree must be an integer >= 1 and <= {limit}, got {limit + 1}"
+    with pytest.raises(ValueError, match=message):
+        make_basis(name, limit + 1)
+
+
+def test_bessel_degree_30_is_refused_instead_of_giving_non_finite_outputs():
+    with pytest.raises(ValueError, match="'bessel' at degree 30: .* largest degree .* is 20"):
+        make_basis("bessel", 30)
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("gegenbauer", {"alpha": 1e6}, "largest degree that stays within it with these options is 4"),
+    ("gegenbauer", {"alpha": 1e30}, "no degree stays within it with these options; choose smaller option values"),
+    ("jacobi", {"alpha": 1e9, "beta": 2.0}, "with these options is 2"),
+    ("gegenbauer", {"alpha": 1e-13}, "features nearly vanish .*mean square .* below 1e-24"),
+    ("rbf", {"width": 1e-30}, "features nearly vanish"),
+])
+def test_options_that_overflow_or_vanish_in_float32_are_refused(name, options, message):
+    with pytest.raises(ValueError, match=message) as error:
+        make_basis(name, 6, **options)
+    assert all(f"{key}={value!r}" in str(error.value) for key, value in options.items())
+
+
+def test_a_user_basis_that_overflows_is_refused(registry):
+    class Exploding(Basis):
+        def values(self, t, params):
+            return [t * 10.0 ** (30 * k) for k in range(1, self.degree + 1)]
+
+    register_basis("exploding", Exploding)
+    with pytest.raises(ValueError, match="'exploding' at degree 2: feature 1 reaches 1e\\+30 .* lower the degree"):
+        make_basis("exploding", 2)
 
 
 def test_parallel_spec_passes_options_to_the_members_that_take_them():

@@ -94,6 +94,21 @@ def saved(tmp_path_factory):
     config["kan_config"]["schema_version"] = 99
     (newer / "config.json").write_text(json.dumps(config))
     result["llama-newer-schema"] = (newer, None, None)
+    for name, edit_config, edit_weights in [
+        ("llama-kan-weight-dropped", None, "model.layers.2.mlp.layers.0.weight"),
+        ("llama-bogus-blocks-path", "model.blocks", None),
+    ]:
+        folder = root / name
+        shutil.copytree(result["llama"][0], folder)
+        if edit_config:
+            config = json.loads((folder / "config.json").read_text())
+            config["kan_config"]["blocks_path"] = edit_config
+            (folder / "config.json").write_text(json.dumps(config))
+        if edit_weights:
+            weights = safetensors.torch.load_file(folder / "model.safetensors")
+            del weights[edit_weights]
+            safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        result[name] = (folder, None, None)
     return result
 
 
@@ -189,30 +204,156 @@ def test_device_map_load_path(saved, name):
     assert (logits_of(loaded, ref["ids"]) - ref["logits"]).abs().max().item() == 0.0
 
 
-def test_weight_init_never_overwrites_loaded_kan_weights_and_initialises_missing_ones(saved, tmp_path):
-    folder, model, _ = saved["llama"]
-    damaged = tmp_path / "damaged"
-    shutil.copytree(folder, damaged)
-    weights = safetensors.torch.load_file(damaged / "model.safetensors")
-    missing_weight = "model.layers.2.mlp.layers.0.weight"
-    missing_scale = "model.layers.2.mlp.layers.1.input_scale"
-    del weights[missing_weight], weights[missing_scale]
-    safetensors.torch.save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
-
-    loaded = AutoModelForCausalLM.from_pretrained(damaged)
-
-    state, saved_state = loaded.state_dict(), model.state_dict()
-    for key, value in saved_state.items():
-        if key not in (missing_weight, missing_scale):
-            assert torch.equal(state[key], value), key
-    # the missing ones get KANLinear's own initialisation
-    assert torch.equal(state[missing_scale], torch.ones_like(state[missing_scale]))
-    fresh = state[missing_weight]
-    layer = loaded.model.layers[2].mlp.layers[0]
+def test_from_config_initialises_kan_layers_by_their_own_rule(saved):
+    _, model, _ = saved["llama"]
+    fresh = AutoModelForCausalLM.from_config(model.config)
+    layer = fresh.model.layers[2].mlp.layers[0]
     expected_std = 1.0 / (layer.in_features * layer.basis.mean_square()) ** 0.5
-    assert not torch.equal(fresh, saved_state[missing_weight])
-    assert abs(fresh.mean().item()) < 0.2 * expected_std
-    assert abs(fresh.std().item() / expected_std - 1.0) < 0.1
+    assert torch.equal(layer.input_scale, torch.ones_like(layer.input_scale))
+    assert abs(layer.weight.mean().item()) < 0.2 * expected_std
+    assert abs(layer.weight.std().item() / expected_std - 1.0) < 0.1
+
+
+def copy_checkpoint(saved, tmp_path, name="llama", edit_config=None, edit_weights=None):
+    """A copy of a saved case with its kan_config and/or its weights edited in place."""
+    folder = tmp_path / f"{name}-edited"
+    shutil.copytree(saved[name][0], folder)
+    if edit_config is not None:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    if edit_weights is not None:
+        weights = safetensors.torch.load_file(folder / "model.safetensors")
+        edit_weights(weights)
+        safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _set_layers(layers):
+    def edit(config):
+        config["kan_config"]["layers"] = layers
+    return edit
+
+
+def _drop(key):
+    def edit(weights):
+        del weights[key]
+    return edit
+
+
+def _add(key):
+    def edit(weights):
+        weights[key] = torch.zeros(1, 32)
+    return edit
+
+
+def _null_kan_config(config):
+    config["kan_config"] = None
+
+
+# The llama case holds KAN feedforwards in blocks [1, 2] of 3.
+TAMPERED = {
+    "kan-weight-dropped": (None, _drop("model.layers.2.mlp.layers.0.weight"),
+                           r"1 tensors the config describes are missing from the weights: "
+                           r"model\.layers\.2\.mlp\.layers\.0\.weight\."),
+    "kan-weight-added": (None, _add("model.layers.1.mlp.layers.0.basis_parameters.0"),
+                         r"1 tensors in the weights are not in the model the config describes: "
+                         r"model\.layers\.1\.mlp\.layers\.0\.basis_parameters\.0\."),
+    "config-drops-block-1": (_set_layers([2]), None,
+                             r"describes KAN blocks \[2\]: 3 tensors .* missing .*model\.layers\.1\.mlp\.down_proj"
+                             r".*; 8 tensors in the weights .*model\.layers\.1\.mlp\.layers\.0\.bias"),
+    "config-adds-block-0": (_set_layers([0, 1, 2]), None,
+                            r"missing from the weights: model\.layers\.0\.mlp\.layers\.0\.bias.*"
+                            r"not in the model the config describes: model\.layers\.0\.mlp\.down_proj\.weight"),
+    "kan-config-null": (_null_kan_config, None,
+                        r"describes no KAN blocks \(kan_config is null\): .*16 tensors in the weights are not in the "
+                        r"model .*model\.layers\.1\.mlp\.layers\.0\.bias"),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERED)
+def test_weights_that_do_not_match_kan_config_are_refused(saved, tmp_path, case):
+    edit_config, edit_weights, message = TAMPERED[case]
+    folder = copy_checkpoint(saved, tmp_path, edit_config=edit_config, edit_weights=edit_weights)
+    with pytest.raises(ValueError, match=message) as error:
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert f"the weights of {folder} do not match its config" in str(error.value)
+    assert "does not initialise or drop KAN tensors" in str(error.value)
+
+
+def test_loading_info_is_still_returned_on_request(saved):
+    model, info = AutoModelForCausalLM.from_pretrained(saved["gpt2"][0], output_loading_info=True)
+    assert isinstance(model, type(saved["gpt2"][1]))
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+
+
+def _kan(key, value):
+    def edit(config):
+        config["kan_config"][key] = value
+    return edit
+
+
+def _replace_kan_config(value):
+    def edit(config):
+        config["kan_config"] = value
+    return edit
+
+
+def _add_kan_key(config):
+    config["kan_config"]["activation"] = "gelu"
+
+
+# edit of the llama case's config.json -> what the error must say
+CORRUPTED = {
+    "schema-version-true": (_kan("schema_version", True), r"no integer schema_version >= 1 \(got True\)"),
+    "schema-version-zero": (_kan("schema_version", 0), r"no integer schema_version >= 1 \(got 0\)"),
+    "not-a-dict": (_replace_kan_config("layers"), r"kan_config must be a dict \(a JSON object\) or null, got 'layers'"),
+    "unknown-key": (_add_kan_key, r"kan_config has unknown keys \['activation'\] for schema_version 1"),
+    "layers-strings": (_kan("layers", ["1"]), r"kan_config.layers must be a non-empty, sorted list of distinct "
+                                               r"non-negative block indices, got \['1'\]"),
+    "layers-unsorted": (_kan("layers", [2, 1]), r"kan_config.layers must be .*, got \[2, 1\]"),
+    "layers-twice": (_kan("layers", [1, 1]), r"kan_config.layers must be .*, got \[1, 1\]"),
+    "layers-empty": (_kan("layers", []), r"kan_config.layers must be .*, got \[\]"),
+    "layers-bool": (_kan("layers", [True]), r"kan_config.layers must be .*, got \[True\]"),
+    "layers-negative": (_kan("layers", [-1]), r"kan_config.layers must be .*, got \[-1\]"),
+    "layers-beyond-the-model": (_kan("layers", [1, 5]), r"kan_config.layers lists blocks \[5\], but "
+                                                        r"KALlamaForCausalLM has 3 blocks"),
+    "layer-options-null": (_kan("layer_options", None), r"kan_config.layer_options must be a dict .*, got None"),
+    "layer-options-bad-bias": (_kan("layer_options", {"bias": "yes"}), r"kan_config's basis, degree and "
+                                                                        r"layer_options do not build .*bias must be "
+                                                                        r"True or False, got 'yes'"),
+    "layer-options-dtype": (_kan("layer_options", {"dtype": "float16"}), r"layer_options may not hold \['dtype'\]"),
+    "layer-options-unknown": (_kan("layer_options", {"alpha": 1.0}), r"does not take options \['alpha'\]"),
+    "blocks-path-bogus": (_kan("blocks_path", "model.blocks"), r"kan_config.blocks_path 'model.blocks' names no "
+                                                              r"submodule of KALlamaForCausalLM"),
+    "blocks-path-not-a-list": (_kan("blocks_path", "model.norm"), r"kan_config.blocks_path 'model.norm' names a "
+                                                                  r"LlamaRMSNorm .*, not a list of blocks"),
+    "blocks-path-empty": (_kan("blocks_path", ""), r"kan_config.blocks_path must be a non-empty string, got ''"),
+    "mlp-attribute-bogus": (_kan("mlp_attribute", "feedforward"), r"kan_config.mlp_attribute: block 1 at "
+                                                                  r"'model.layers' has no submodules \['feedforward'\]"),
+    "bypassed-absent": (_kan("bypassed_attributes", ["fc2"]), r"kan_config.bypassed_attributes: block 1 .* "
+                                                               r"\['fc2'\]"),
+    "bypassed-a-string": (_kan("bypassed_attributes", "fc2"), r"bypassed_attributes must be a list of distinct "
+                                                              r"attribute names, got 'fc2'"),
+    "hidden-size-other": (_kan("hidden_size", 64), r"kan_config.hidden_size is 64, but the model's hidden_size is 32"),
+    "hidden-size-bool": (_kan("hidden_size", True), r"kan_config.hidden_size must be a positive integer, got True"),
+    "degree-string": (_kan("degree", "2"), r"kan_config.degree must be a positive integer, got '2'"),
+    "degree-too-high": (_kan("degree", 101), r"do not build .*degree must be an integer >= 1 and <= 100, got 101"),
+    "basis-unknown": (_kan("basis", "sine"), r"unknown basis 'sine'.*must be registered before the checkpoint is "
+                                             r"loaded"),
+    "basis-not-a-string": (_kan("basis", 7), r"kan_config.basis must be a non-empty string, got 7"),
+    "base-model-empty": (_kan("base_model", ""), r"kan_config.base_model must be a non-empty string"),
+    "base-model-type-other": (_kan("base_model_type", "gpt2"), r"kan_config.base_model_type is 'gpt2', but this "
+                                                               r"config class retrofits 'llama' models"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTED)
+def test_corrupted_kan_config_is_refused_naming_the_field(saved, tmp_path, case):
+    edit, message = CORRUPTED[case]
+    folder = copy_checkpoint(saved, tmp_path, edit_config=edit)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder)
 
 
 def test_newer_schema_version_is_refused_with_a_clear_error(saved):
@@ -224,7 +365,7 @@ def test_newer_schema_version_is_refused_with_a_clear_error(saved):
 def test_config_without_schema_version_is_refused(saved, tmp_path):
     config = json.loads((saved["gpt2"][0] / "config.json").read_text())
     del config["kan_config"]["schema_version"]
-    with pytest.raises(ValueError, match="kan_config has no integer schema_version"):
+    with pytest.raises(ValueError, match="kan_config has no integer schema_version >= 1 \\(got None\\)"):
         kallm.core.configuration_kallm.KAGPT2Config(**{k: v for k, v in config.items() if k != "model_type"})
 
 
@@ -270,12 +411,13 @@ for name, (folder, reference) in request["models"].items():
 if "tokenizer_folder" in request:
     tokenizer = AutoTokenizer.from_pretrained(request["tokenizer_folder"], **load_kwargs)
     results["tokenizer_ids"] = tokenizer("w1 w5")["input_ids"]
-if "newer_schema" in request:
+results["refused"] = {}
+for name, folder in request.get("refused", {}).items():
     try:
-        AutoModelForCausalLM.from_pretrained(request["newer_schema"], **load_kwargs)
-        results["newer_schema_error"] = None
+        AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
+        results["refused"][name] = None
     except ValueError as error:
-        results["newer_schema_error"] = str(error)
+        results["refused"][name] = str(error)
 try:
     import kallm  # noqa: F811
     results["kallm_importable"] = True
@@ -310,12 +452,22 @@ def run_fresh_processes(requests: dict, tmp_path) -> dict:
     return results
 
 
+# saved folders every load path must refuse -> what the error says
+REFUSED_IN_FRESH_PROCESSES = {
+    "llama-newer-schema": "schema_version is 99, but the installed kallm code only understands versions up to 1; "
+                          "upgrade kallm",
+    "llama-kan-weight-dropped": "1 tensors the config describes are missing from the weights: "
+                                "model.layers.2.mlp.layers.0.weight.",
+    "llama-bogus-blocks-path": "kan_config.blocks_path 'model.blocks' names no submodule of KALlamaForCausalLM",
+}
+
+
 def _request(saved, block_kallm):
     return {
         "block_kallm": block_kallm,
         "models": {name: [str(saved[name][0]), str(saved[name][2])] for name in CASES},
         "tokenizer_folder": str(saved[TOKENIZER_CASE][0]),
-        "newer_schema": str(saved["llama-newer-schema"][0]),
+        "refused": {name: str(saved[name][0]) for name in REFUSED_IN_FRESH_PROCESSES},
     }
 
 
@@ -359,11 +511,11 @@ def test_fresh_process_with_kallm_loads_natively(saved, with_kallm, name):
 
 
 @pytest.mark.parametrize("process", ["without_kallm", "with_kallm"])
-def test_fresh_process_tokenizer_and_schema_check(process, request):
+def test_fresh_process_tokenizer_and_refused_checkpoints(process, request):
     results = request.getfixturevalue(process)
     assert results["tokenizer_ids"] == [4, 8]
-    assert "schema_version is 99" in results["newer_schema_error"]
-    assert "upgrade kallm" in results["newer_schema_error"]
+    for name, message in REFUSED_IN_FRESH_PROCESSES.items():
+        assert message in (results["refused"][name] or "nothing raised"), name
 
 
 # ------------------------------------------------------------------------------------ model card
@@ -395,6 +547,46 @@ def test_model_card_names_a_hub_base_model():
     assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card
     assert 'tags: ["kallm", "kan", "kolmogorov-arnold", "chat"]' in card
     assert 'from_pretrained("me/kan-smol", trust_remote_code=True)' in card
+
+
+class _Sine(kallm.Basis):
+    def values(self, t, params):
+        return [torch.sin(k * t) for k in range(1, self.degree + 1)]
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the basis registry, so that registrations in a test do not leak."""
+    from kallm.core import bases
+
+    monkeypatch.setattr(bases, "_REGISTRY", dict(bases._REGISTRY))
+    return bases._REGISTRY
+
+
+def test_saving_a_user_registered_basis_warns_that_loaders_must_register_it(registry, tmp_path):
+    kallm.register_basis("sine", _Sine)
+    model = kallm.retrofit(tiny_model("llama"), last_n=1, basis="sine>cheby2")
+    with pytest.warns(UserWarning, match="basis 'sine', added with kallm.register_basis; .* whoever loads it must "
+                                         "register the same basis first, and trust_remote_code users"):
+        model.save_pretrained(tmp_path / "sine")
+    assert "It uses basis sine, added with `kallm.register_basis`" in (tmp_path / "sine" / "README.md").read_text()
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "sine"), type(model))  # registered: loads
+    del registry["sine"]
+    with pytest.raises(ValueError, match="unknown basis 'sine'.*must be registered before the checkpoint is loaded"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "sine")
+
+
+def test_saving_built_in_bases_does_not_warn(saved, tmp_path, recwarn):
+    saved["llama-parallel-then-legendre"][1].save_pretrained(tmp_path / "builtin")
+    assert not [w for w in recwarn if "register_basis" in str(w.message)]
+    assert "register_basis" not in (tmp_path / "builtin" / "README.md").read_text()
+
+
+def test_a_built_in_name_overwritten_by_a_user_basis_counts_as_the_users(registry, tmp_path):
+    kallm.register_basis("legendre", _Sine, overwrite=True)
+    model = kallm.retrofit(tiny_model("gpt2"), last_n=1, basis="cheby2+legendre")
+    with pytest.warns(UserWarning, match="basis 'legendre', added with kallm.register_basis"):
+        model.save_pretrained(tmp_path / "overwritten")
 
 
 # ------------------------------------------------------------------------------------ Hub upload
@@ -442,17 +634,117 @@ def test_kallm_push_to_hub_uploads_weights_code_card_and_tokenizer(saved, tmp_pa
     assert AutoTokenizer.from_pretrained(tmp_path / "someone--tiny-kan")("w1")["input_ids"] == [4]
 
 
-def test_standard_model_push_to_hub_includes_code_and_kallm_card(saved, tmp_path, monkeypatch):
-    import huggingface_hub
+class RecordingHub:
+    """Stands in for the Hub behind ``huggingface_hub.HfApi`` (the client transformers' own push uses):
+    records the calls and copies every committed file under ``store``."""
 
+    def __init__(self, store: Path, monkeypatch):
+        import huggingface_hub
+
+        self.store, self.calls = store, []
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", self.create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", self.create_commit)
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        self.calls.append(("create_repo", repo_id, {"private": private, "exist_ok": exist_ok}))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+        self.calls.append(("create_commit", repo_id, {"commit_message": commit_message}))
+        for operation in operations:
+            target = self.store / repo_id.replace("/", "--") / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(operation.path_or_fileobj, target)
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+
+def test_standard_model_push_to_hub_includes_code_and_kallm_card(saved, tmp_path, monkeypatch):
     _, model, _ = saved["opt"]
-    api = FakeHubApi(tmp_path)
-    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
-    model.push_to_hub("someone/tiny-opt-kan", commit_message="first")
-    assert [call[:2] for call in api.calls] == [("create_repo", "someone/tiny-opt-kan"),
-                                                ("upload_folder", "someone/tiny-opt-kan")]
-    assert api.calls[1][2] == {"commit_message": "first"}
+    hub = RecordingHub(tmp_path, monkeypatch)
+    commit = model.push_to_hub("someone/tiny-opt-kan", commit_message="first", private=True)
+    assert commit.commit_url == "https://huggingface.co/someone/tiny-opt-kan/commit/0"
+    assert [call[:2] for call in hub.calls] == [("create_repo", "someone/tiny-opt-kan"),
+                                                ("create_commit", "someone/tiny-opt-kan")]
+    assert hub.calls[0][2] == {"private": True, "exist_ok": True}
+    assert hub.calls[1][2] == {"commit_message": "first"}
     check_uploaded_folder(tmp_path / "someone--tiny-opt-kan", model, "someone/tiny-opt-kan", with_tokenizer=False)
+
+
+def test_save_pretrained_with_push_to_hub_uploads_kallms_card_and_only_what_it_wrote(saved, tmp_path, monkeypatch):
+    _, model, _ = saved["gpt2"]
+    hub = RecordingHub(tmp_path / "hub", monkeypatch)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("private notes, not part of this save")
+    model.save_pretrained(folder, push_to_hub=True, repo_id="someone/tiny-gpt2-kan", commit_message="save+push")
+    assert [call[:2] for call in hub.calls] == [("create_repo", "someone/tiny-gpt2-kan"),
+                                                ("create_commit", "someone/tiny-gpt2-kan")]
+    assert hub.calls[1][2] == {"commit_message": "save+push"}
+    uploaded = tmp_path / "hub" / "someone--tiny-gpt2-kan"
+    assert not (uploaded / "notes.txt").exists()
+    check_uploaded_folder(uploaded, model, "someone/tiny-gpt2-kan", with_tokenizer=False)
+    assert "automatically generated" not in (uploaded / "README.md").read_text()  # not transformers' generic card
+    assert (folder / "README.md").read_text() == (uploaded / "README.md").read_text()
+
+
+USER_CARD = """---
+license: mit
+tags:
+- mine
+---
+# My tiny model
+
+Trained by me, on my data.
+"""
+
+
+def _count(text, fragment):
+    return text.count(fragment)
+
+
+def test_save_keeps_a_users_card_and_merges_kallms_section_once(saved, tmp_path):
+    from huggingface_hub import ModelCard
+
+    _, model, _ = saved["gpt2"]
+    folder = tmp_path / "with-card"
+    folder.mkdir()
+    (folder / "README.md").write_text(USER_CARD)
+    model.save_pretrained(folder)
+    first = (folder / "README.md").read_text()
+    card = ModelCard(first)
+    assert card.data.license == "mit"
+    assert card.data.tags == ["mine", "kallm", "kan", "kolmogorov-arnold"]
+    assert card.data.library_name == "transformers"
+    assert card.text.startswith("# My tiny model\n\nTrained by me, on my data.\n")
+    assert "| retrofitted blocks | [1, 2] |" in card.text
+    model.save_pretrained(folder)  # re-saving replaces kallm's section, it does not add another
+    second = (folder / "README.md").read_text()
+    assert second == first
+    assert _count(second, "| retrofitted blocks |") == 1 and _count(second, "# My tiny model") == 1
+
+
+def test_save_replaces_its_own_section_when_the_model_changed(saved, tmp_path):
+    folder = tmp_path / "changing"
+    model = kallm.retrofit(tiny_model("llama"), layers=[2])
+    model.save_pretrained(folder)
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\n## My notes\n\nkeep me\n")
+    kallm.retrofit(model, layers=[0])
+    model.save_pretrained(folder)
+    text = (folder / "README.md").read_text()
+    assert "| retrofitted blocks | [0, 2] |" in text and "| retrofitted blocks | [2] |" not in text
+    assert text.rstrip().endswith("keep me") and _count(text, "# ") - _count(text, "## ") >= 1
+    assert _count(text, kallm.core.modeling_kallm.CARD_BEGIN) == 1
+
+
+def test_a_card_without_front_matter_gets_kallms(saved, tmp_path):
+    _, model, _ = saved["gpt2"]
+    folder = tmp_path / "plain-card"
+    folder.mkdir()
+    (folder / "README.md").write_text("# Notes\n\nJust text.\n")
+    model.save_pretrained(folder)
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n") and "kallm" in text.split("---")[1]
+    assert "# Notes\n\nJust text.\n" in text and "| retrofitted blocks |" in text
 
 
 @pytest.mark.parametrize("repo_id", ["", "a/b/c", "/name", "name with space", 7])

@@ -497,8 +497,31 @@ def test_dtype_mismatch_without_autocast_is_rejected():
 
 
 def test_non_float_parameter_dtype_is_rejected():
-    with pytest.raises(TypeError, match="needs a floating point dtype"):
-        KANLinear(4, 3, dtype=torch.int32)
+    for dtype in [torch.int32, "float32", float]:
+        with pytest.raises(TypeError, match="needs a floating point torch.dtype"):
+            KANLinear(4, 3, dtype=dtype)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"bias": "yes"}, "bias must be True or False, got 'yes'"),
+    ({"bias": 1}, "bias must be True or False, got 1"),
+    ({"bias": None}, "bias must be True or False, got None"),
+    ({"input_map": ["tanh"]}, "unknown input_map \\['tanh'\\]; valid choices: affine, tanh"),
+    ({"input_map": None}, "unknown input_map None"),
+    ({"degree": True}, "degree must be an integer >= 1 and <= 100, got True"),
+    ({"degree": 30, "basis": "bessel"}, "largest degree that stays within it with these options is 20"),
+    ({"basis": "gegenbauer", "alpha": float("inf")}, "alpha must be > -0.5 and != 0 \\(a finite number\\), got inf"),
+    ({"basis": "gegenbauer", "alpha": "x"}, "alpha must be .*, got 'x'"),
+    ({"basis": "rational", "denominator_degree": True}, "denominator_degree must be an integer >= 1 and <= 100"),
+    ({"basis": "rbf", "width": float("inf")}, "width must be > 0 \\(a finite number\\), got inf"),
+    ({"basis": "cheby2>bspline", "grid_size": False}, "grid_size must be an integer"),
+])
+def test_every_layer_option_is_checked_for_type_and_range(options, message):
+    for build in (KANLinear, KANFeedForward, KANLinear.count_parameters, KANFeedForward.count_parameters):
+        if build in (KANLinear, KANLinear.count_parameters) and ">" in options.get("basis", ""):
+            continue  # stages are a KANFeedForward notion
+        with pytest.raises(ValueError, match=message):
+            build(4, 3, **options)
 
 
 @pytest.mark.parametrize("options,message", [

@@ -25,9 +25,42 @@ This file is part of kallm's portable core: plain torch, sibling imports only.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
+
+#: the largest ``degree`` (and ``grid_size``, ``denominator_degree``) a basis accepts unless it sets a lower
+#: ``max_degree``: beyond it the feature buffer, the init quadrature and the range check below cost more than
+#: any use has shown to be worth.
+MAX_DEGREE = 100
+#: the largest ``|phi_k(t)|`` on [-1, 1] a basis may reach: float32 (max 3.4e38) then keeps a margin of 1e14 for
+#: the sums over tokens and the derivatives of the backward pass, so a fresh layer stays finite.
+FEATURE_LIMIT = 1e24
+#: the smallest mean square ``S`` a basis may have: below it the features are numerically zero and the
+#: variance-preserving init (std ``1 / sqrt(in * S)``) would overflow.
+MIN_MEAN_SQUARE = 1e-24
+
+
+def check_integer(owner: str, name: str, value, minimum: int = 1, maximum: int | None = MAX_DEGREE) -> int:
+    """``value`` as an int, or a ``ValueError`` naming ``owner``, the option, its range and the value.
+
+    A bool is refused although Python counts it as an int: ``degree=True`` is a mistake, not 1.
+    """
+    in_range = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    in_range = in_range and (maximum is None or value <= maximum)
+    if not in_range:
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}{upper}, got {value!r}")
+    return int(value)
+
+
+def check_real(owner: str, name: str, value, valid: str, accepts: Callable[[float], bool]) -> float:
+    """``value`` as a float if it is a finite real number that ``accepts``; else a ``ValueError`` saying ``valid``."""
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value) and accepts(float(value))):
+        raise ValueError(f"{owner}: {name} must be {valid} (a finite number), got {value!r}")
+    return float(value)
 
 
 class Basis:
@@ -45,11 +78,11 @@ class Basis:
     #: options the constructor accepts besides ``degree``; used to reject unknown ones.
     option_names: tuple[str, ...] = ()
     has_derivatives = False
+    #: the largest degree the family accepts
+    max_degree: int = MAX_DEGREE
 
     def __init__(self, degree: int):
-        if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
-            raise ValueError(f"basis {self.name!r}: degree must be an integer >= 1, got {degree!r}")
-        self.degree = degree
+        self.degree = check_integer(f"basis {self.name!r}", "degree", degree, maximum=self.max_degree)
 
     @property
     def num_features(self) -> int:
@@ -229,9 +262,7 @@ class Gegenbauer(RecurrenceBasis):
 
     def __init__(self, degree, alpha: float = 1.5):
         super().__init__(degree)
-        if not alpha > -0.5 or alpha == 0:
-            raise ValueError(f"basis 'gegenbauer': alpha must be > -0.5 and != 0, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_real("basis 'gegenbauer'", "alpha", alpha, "> -0.5 and != 0", lambda a: a > -0.5 and a != 0)
 
     def first(self):
         return 1.0, 2.0 * self.alpha, 0.0
@@ -255,9 +286,8 @@ class Jacobi(RecurrenceBasis):
 
     def __init__(self, degree, alpha: float = 1.0, beta: float = 1.0):
         super().__init__(degree)
-        if not (alpha > -1 and beta > -1):
-            raise ValueError(f"basis 'jacobi': alpha and beta must be > -1, got alpha={alpha!r}, beta={beta!r}")
-        self.alpha, self.beta = float(alpha), float(beta)
+        self.alpha = check_real("basis 'jacobi'", "alpha", alpha, "> -1", lambda a: a > -1)
+        self.beta = check_real("basis 'jacobi'", "beta", beta, "> -1", lambda b: b > -1)
 
     def first(self):
         a, b = self.alpha, self.beta
@@ -352,12 +382,12 @@ class BSpline(Basis):
     name = "bspline"
     option_names = ("grid_size",)
     has_derivatives = True
+    # Cox-de Boor costs grow with the square of the order; orders above 20 serve no use seen so far.
+    max_degree = 20
 
     def __init__(self, degree, grid_size: int = 5):
         super().__init__(degree)
-        if not isinstance(grid_size, int) or isinstance(grid_size, bool) or grid_size < 1:
-            raise ValueError(f"basis 'bspline': grid_size must be an integer >= 1, got {grid_size!r}")
-        self.grid_size = grid_size
+        self.grid_size = check_integer("basis 'bspline'", "grid_size", grid_size)
         self.spacing = 2.0 / grid_size
 
     @property
@@ -399,11 +429,9 @@ class RadialBasis(Basis):
 
     def __init__(self, degree, width: float = 1.0):
         super().__init__(degree)
-        if not width > 0:
-            raise ValueError(f"basis 'rbf': width must be > 0, got {width!r}")
-        self.width = float(width)
-        self.spacing = 2.0 / (degree - 1) if degree > 1 else 2.0
-        self.first_centre = -1.0 if degree > 1 else 0.0
+        self.width = check_real("basis 'rbf'", "width", width, "> 0", lambda w: w > 0)
+        self.spacing = 2.0 / (self.degree - 1) if self.degree > 1 else 2.0
+        self.first_centre = -1.0 if self.degree > 1 else 0.0
         self.scale = self.width * self.spacing
 
     def _offsets(self, t):
@@ -435,10 +463,8 @@ class Rational(Basis):
 
     def __init__(self, degree, denominator_degree: int | None = None):
         super().__init__(degree)
-        m = degree if denominator_degree is None else denominator_degree
-        if not isinstance(m, int) or m < 1:
-            raise ValueError(f"basis 'rational': denominator_degree must be an integer >= 1, got {m!r}")
-        self.denominator_degree = m
+        m = self.degree if denominator_degree is None else denominator_degree
+        self.denominator_degree = check_integer("basis 'rational'", "denominator_degree", m)
 
     @property
     def num_features(self):
@@ -603,9 +629,53 @@ def _build(name, degree, options, strict):
         raise TypeError(f"the factory registered as basis {name!r} returned {type(basis).__name__}, not a Basis")
     # The registered name is what rebuilds this basis from a config.
     basis.name = name
+    check_float32_range(basis)
     return basis
+
+
+def check_float32_range(basis: Basis) -> None:
+    """Refuse a basis whose freshly initialised KAN layer would not stay finite in float32.
+
+    Every feature must stay within ``FEATURE_LIMIT`` on [-1, 1] (high degrees of hermite, bessel,
+    fibonacci, lucas and laguerre grow past it, as do gegenbauer and jacobi with large alpha or
+    beta), and the features together must not vanish (mean square at least ``MIN_MEAN_SQUARE``).
+    """
+    options = {k: v for k, v in basis.describe().items() if k not in ("basis", "degree")}
+    described = f"basis {basis.name!r} at degree {basis.degree}" + "".join(f", {k}={v!r}" for k, v in options.items())
+    with torch.device("cpu"):  # real numbers even inside the meta-device context of from_pretrained
+        t = torch.linspace(-1.0, 1.0, 2001, dtype=torch.float64).unsqueeze(-1)
+        params = [p.to(torch.float64) for p in basis.initial_parameters(1)]
+        peaks = [float(value.abs().max()) for value in basis.values(t, params)]
+    first_too_large = next((k for k, peak in enumerate(peaks) if not peak <= FEATURE_LIMIT), None)
+    if first_too_large is not None:
+        if not isinstance(basis, RecurrenceBasis):
+            advice = "lower the degree or change the options"
+        elif first_too_large == 0:
+            advice = "no degree stays within it with these options; choose smaller option values"
+        else:
+            advice = f"the largest degree that stays within it with these options is {first_too_large}"
+        raise ValueError(
+            f"{described}: feature {first_too_large + 1} reaches {peaks[first_too_large]:.3g} on [-1, 1], above "
+            f"the {FEATURE_LIMIT:.0e} a KAN layer allows so that it stays finite in float32; {advice} "
+            f"(limits per basis: docs/layers.md)"
+        )
+    mean_square = basis.mean_square()
+    if not mean_square >= MIN_MEAN_SQUARE:
+        raise ValueError(
+            f"{described}: its features nearly vanish on [-1, 1] (mean square {mean_square:.3g}, below "
+            f"{MIN_MEAN_SQUARE:.0e}), so the layer could not be initialised; choose options that keep them away "
+            f"from zero"
+        )
 
 
 for _cls in (Chebyshev1, Chebyshev2, Legendre, Jacobi, Gegenbauer, Hermite, Laguerre, Bessel,
              Fibonacci, Lucas, BSpline, RadialBasis, Rational):
     register_basis(_cls.name, _cls)
+_BUILTIN_FACTORIES = dict(_REGISTRY)
+
+
+def custom_bases(spec: str) -> list[str]:
+    """The names in a basis spec (``"a+b>c"``) that a user registered rather than kallm: the code
+    saved next to a checkpoint does not hold them."""
+    names = {name for stage in spec.split(">") for name in stage.split("+")}
+    return sorted(name for name in names if _REGISTRY.get(name) is not _BUILTIN_FACTORIES.get(name))

@@ -54,11 +54,9 @@ class KANLinear(nn.Module):
         **basis_options,
     ):
         super().__init__()
-        _check_size("in_features", in_features)
-        _check_size("out_features", out_features)
-        _check_input_map(input_map)
-        if dtype is not None and not torch.empty((), dtype=dtype).is_floating_point():
-            raise TypeError(f"KANLinear needs a floating point dtype, got {dtype}")
+        _check_layer_arguments(in_features, out_features, input_map, bias)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"KANLinear needs a floating point torch.dtype (torch.float32, ...), got {dtype!r}")
         self.in_features, self.out_features = in_features, out_features
         self.input_map = input_map
         self.basis: Basis = make_basis(basis, degree, **basis_options)
@@ -126,7 +124,7 @@ class KANLinear(nn.Module):
     ):
         """Parameter count of a ``KANLinear`` with these arguments, without building it
         (``device`` and ``dtype`` are accepted, and ignored, so that the same arguments work)."""
-        _check_input_map(input_map)
+        _check_layer_arguments(in_features, out_features, input_map, bias)
         built = make_basis(basis, degree, **options)
         count = out_features * in_features * built.num_features + (out_features if bias else 0)
         count += 2 * in_features if input_map == "affine" else 0
@@ -238,6 +236,10 @@ def _check_size(name, value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_input_map(input_map):
-    if input_map not in INPUT_MAPS:
+def _check_layer_arguments(in_features, out_features, input_map, bias):
+    _check_size("in_features", in_features)
+    _check_size("out_features", out_features)
+    if not isinstance(input_map, str) or input_map not in INPUT_MAPS:
         raise ValueError(f"unknown input_map {input_map!r}; valid choices: {', '.join(INPUT_MAPS)}")
+    if not isinstance(bias, bool):
+        raise ValueError(f"bias must be True or False, got {bias!r}")

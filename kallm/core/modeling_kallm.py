@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from transformers import (
 )
 from transformers.initialization import guard_torch_init_functions
 
+from .bases import custom_bases
 from .configuration_kallm import (
     KAGemma2Config,
     KAGemmaConfig,
@@ -43,7 +45,7 @@ from .configuration_kallm import (
     KAPhi3Config,
     KAQwen2Config,
     KAQwen3Config,
-    validate_kan_config,
+    check_kan_config_fits_model,
 )
 from .layers import KANFeedForward, KANLinear
 
@@ -104,13 +106,25 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return total
 
 
+#: kallm's part of a README.md lies between these lines; a later save replaces it and keeps the rest.
+CARD_BEGIN = "<!-- kallm: begin of the section kallm writes; it is replaced on every save -->"
+CARD_END = "<!-- kallm: end -->"
+
+
 def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO") -> str:
-    """A README.md for a saved retrofitted model.
+    """A README.md for a saved retrofitted model: YAML front matter, then kallm's section
+    between ``CARD_BEGIN`` and ``CARD_END``.
 
     ``tags`` add to kallm's Hub tags; ``location`` is the folder or repo id the load
     snippets name.
     """
     kan = model.config.kan_config
+    custom = custom_bases(kan["basis"])
+    custom_note = (
+        f"\nIt uses basis {', '.join(custom)}, added with `kallm.register_basis`: run the code that registers it "
+        f"before loading. The code saved with the weights does not hold it, so `trust_remote_code` alone cannot "
+        f"load this model.\n" if custom else ""
+    )
     # The Hub rejects a base_model that is not a repo id, e.g. a local path or kallm's bundled names.
     is_hub_id = _HUB_ID.fullmatch(kan["base_model"]) and not os.path.exists(kan["base_model"])
     base_model_line = f"base_model: {kan['base_model']}\n" if is_hub_id else ""
@@ -121,6 +135,7 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO") -> str
 library_name: transformers
 tags: {json.dumps(["kallm", "kan", "kolmogorov-arnold", *(tags or ())])}
 {base_model_line}---
+{CARD_BEGIN}
 # {kan["base_model"]} with KAN feedforwards
 
 This model is `{kan["base_model"]}` with the feedforward (MLP) of decoder blocks
@@ -136,7 +151,7 @@ This model is `{kan["base_model"]}` with the feedforward (MLP) of decoder blocks
 | parameters | {count_parameters(model):,} in all, {kan_params:,} in KAN feedforwards |
 
 ## Load it
-
+{custom_note}
 With kallm installed (`pip install kallm`):
 
 ```python
@@ -153,16 +168,127 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{location}", trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("{location}", trust_remote_code=True)
 ```
+{CARD_END}
 """
+
+
+def merge_model_card(existing: str, card: str) -> str:
+    """kallm's ``card`` merged into the README.md already in a folder.
+
+    The README's front matter is kept, with kallm's tags added and kallm's other metadata
+    (``library_name``, ``base_model``) filled in where it has none; its text is kept, with
+    kallm's section replacing the one an earlier save wrote, or appended when there is none.
+    """
+    # huggingface_hub always comes with transformers, so this stays portable.
+    from huggingface_hub import ModelCard
+
+    ours = ModelCard(card)
+    if existing.lstrip().startswith("---"):
+        merged = ModelCard(existing)
+        for key, value in ours.data.to_dict().items():
+            if key == "tags":
+                present = list(merged.data.tags or [])
+                merged.data.tags = present + [tag for tag in value if tag not in present]
+            elif merged.data.get(key) is None:
+                merged.data[key] = value
+    else:  # a README without front matter gets kallm's
+        merged = ModelCard(card)
+        merged.text = existing
+    section = ours.text.strip()
+    text = merged.text
+    begin, end = text.find(CARD_BEGIN), text.find(CARD_END)
+    if begin != -1 and end > begin:
+        merged.text = text[:begin] + section + text[end + len(CARD_END):]
+    else:
+        merged.text = (text.rstrip() + "\n\n" if text.strip() else "") + section + "\n"
+    return str(merged)
+
+
+def write_model_card(model: nn.Module, folder, tags=(), location: str = "PATH_OR_REPO") -> None:
+    """Write kallm's card to ``folder``/README.md, merged into the README already there (see ``merge_model_card``)."""
+    path = os.path.join(folder, "README.md")
+    card = model_card(model, tags, location)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as existing:
+            card = merge_model_card(existing.read(), card)
+    with open(path, "w", encoding="utf-8") as readme:
+        readme.write(card)
+
+
+def warn_if_custom_basis(kan_config: dict) -> None:
+    """Warn that a checkpoint whose basis a user registered cannot load where that basis is unknown."""
+    custom = custom_bases(kan_config["basis"])
+    if custom:
+        warnings.warn(
+            f"this checkpoint uses basis {', '.join(repr(name) for name in custom)}, added with "
+            f"kallm.register_basis; its code is not saved with the checkpoint, so whoever loads it must register "
+            f"the same basis first, and trust_remote_code users without that code cannot load it",
+            UserWarning,
+            stacklevel=4,  # the caller of save_pretrained or push_to_hub
+        )
+
+
+#: names of KANLinear tensors inside a block's feedforward: ``<block>.<attribute>.layers.<j>.<tensor>``
+_KAN_TENSOR = re.compile(r"\.\d+\.\w+\.layers\.\d+\.(weight|bias|input_scale|input_shift|basis_parameters\.\d+)$")
+
+
+def check_weights_match_kan_config(model: nn.Module, loading_info: dict, source) -> None:
+    """Refuse a loaded checkpoint whose weights lack tensors of, or hold tensors outside, the
+    feedforwards its ``kan_config`` describes (``loading_info`` as ``from_pretrained`` reports it).
+
+    transformers would initialise the missing ones and drop the unexpected ones with a log line,
+    leaving a model other than the one saved.
+    """
+    kan_config = model.config.kan_config
+    prefixes = ()
+    if kan_config is not None:
+        block_count = len(model.get_submodule(kan_config["blocks_path"]))
+        attributes = (kan_config["mlp_attribute"], *kan_config["bypassed_attributes"])
+        prefixes = tuple(f"{kan_config['blocks_path']}.{i}.{name}." for i in range(block_count) for name in attributes)
+
+    def in_a_feedforward(key):
+        return key.startswith(prefixes) or _KAN_TENSOR.search(key) is not None
+
+    missing = sorted(key for key in loading_info["missing_keys"] if in_a_feedforward(key))
+    unexpected = sorted(key for key in loading_info["unexpected_keys"] if in_a_feedforward(key))
+    if not (missing or unexpected):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors the config describes are missing from the weights: {_some(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors in the weights are not in the model the config describes: "
+                        f"{_some(unexpected)}")
+    described = f"KAN blocks {kan_config['layers']}" if kan_config is not None else "no KAN blocks (kan_config is null)"
+    raise ValueError(
+        f"the weights of {source} do not match its config, which describes {described}: {'; '.join(problems)}. "
+        f"kallm does not initialise or drop KAN tensors of a checkpoint silently: the config.json and the weights "
+        f"come from different models, or one of them was edited (from_config builds a fresh model instead)"
+    )
+
+
+def _some(keys, shown=6):
+    listed = ", ".join(keys[:shown])
+    return listed + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
 
 
 class KANModelMixin:
     """What every retrofitted causal LM class adds to its base class."""
 
     def _install_kan_from_config(self):
-        validate_kan_config(self.config.kan_config)
         if self.config.kan_config is not None:
+            check_kan_config_fits_model(self.config.kan_config, self)
             install_kan_feedforwards(self, self.config.kan_config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, output_loading_info: bool = False, **kwargs):
+        """transformers' ``from_pretrained``, refusing weights that do not match ``kan_config``
+        (see ``check_weights_match_kan_config``). ``from_config`` still builds fresh KAN layers."""
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        check_weights_match_kan_config(model, loading_info, pretrained_model_name_or_path)
+        return (model, loading_info) if output_loading_info else model
 
     def initialize_weights(self):
         # transformers initialises the tensors a checkpoint lacks by handing each module to
@@ -175,12 +301,19 @@ class KANModelMixin:
                     module.reset_parameters()
         super().initialize_weights()
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process and self.config.kan_config is not None:
-            with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as card:
-                card.write(model_card(self))
-        return result
+    def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
+        """transformers' ``save_pretrained`` plus kallm's model card, merged into a README.md already
+        in the folder. With ``push_to_hub=True`` (``repo_id=``, ``commit_message=``, ``create_pr=``,
+        ``private=``, ``token=`` as in transformers) it uploads what the save wrote, kallm's card
+        included, where transformers would upload its generic card."""
+        if self.config.kan_config is None:
+            return super().save_pretrained(save_directory, is_main_process=is_main_process, push_to_hub=push_to_hub,
+                                           **kwargs)
+        hub = None
+        if push_to_hub:
+            hub = {key: kwargs.pop(key) for key in ("commit_message", "create_pr", "private", "token") if key in kwargs}
+            hub["repo_id"] = kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+        return self._save(save_directory, is_main_process, hub, kwargs)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
                     private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
@@ -189,26 +322,39 @@ class KANModelMixin:
         """Upload what ``save_pretrained`` writes (weights, config, code, model card) to ``repo_id``.
 
         transformers' own ``push_to_hub`` replaces README.md with a generic card after
-        saving; this keeps the card that describes the retrofit.
+        saving; this uploads kallm's card, which describes the retrofit.
         """
-        # huggingface_hub always comes with transformers, so this stays portable.
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, max_shard_size=max_shard_size)
-            if self.config.kan_config is not None:
-                with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as card:
-                    card.write(model_card(self, tags, location=repo_id))
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or f"Upload {type(self).__name__}",
-                commit_description=commit_description,
-                revision=revision,
-                create_pr=create_pr,
+        if self.config.kan_config is None:
+            return super().push_to_hub(
+                repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
+                token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
             )
+        hub = {"repo_id": repo_id, "commit_message": commit_message, "commit_description": commit_description,
+               "private": private, "token": token, "revision": revision, "create_pr": create_pr, "tags": tags}
+        with tempfile.TemporaryDirectory() as folder:
+            return self._save(folder, True, hub, {"max_shard_size": max_shard_size})
+
+    def _save(self, folder, is_main_process, hub, save_options):
+        """Save to ``folder`` with kallm's card; with ``hub`` options, then upload the files this save
+        wrote or changed (as transformers does) and return the commit."""
+        warn_if_custom_basis(self.config.kan_config)
+        hub = dict(hub or {})
+        repo_id = token = timestamps = None
+        if hub and is_main_process:
+            # transformers' own Hub client and upload step, so that both push paths behave like its own.
+            from transformers.utils.hub import hf_api
+
+            token = hub.pop("token", None)
+            repo_id = hf_api().create_repo(hub.pop("repo_id"), private=hub.pop("private", None), token=token,
+                                           exist_ok=True).repo_id
+            timestamps = self._get_files_timestamps(folder) if os.path.isdir(folder) else {}
+        super().save_pretrained(folder, is_main_process=is_main_process, **save_options)
+        if not is_main_process:
+            return None
+        write_model_card(self, folder, hub.pop("tags", None) or (), location=repo_id or "PATH_OR_REPO")
+        if repo_id is None:
+            return None
+        return self._upload_modified_files(folder, repo_id, timestamps, token=token, **hub)
 
 
 class KALlamaForCausalLM(KANModelMixin, LlamaForCausalLM):
