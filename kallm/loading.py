@@ -133,7 +133,7 @@ def push_to_hub(model, repo_id: str, tokenizer=None, private: bool | None = None
         raise ValueError(f"repo_id must look like 'user/name' or 'name', got {repo_id!r}")
     from huggingface_hub import HfApi
 
-    from .core.modeling_kallm import model_card
+    from .core.modeling_kallm import write_model_card
 
     api = api or HfApi(token=token)
     repo_id = getattr(api.create_repo(repo_id, private=private, exist_ok=True), "repo_id", repo_id)
@@ -142,6 +142,6 @@ def push_to_hub(model, repo_id: str, tokenizer=None, private: bool | None = None
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         if getattr(model.config, "kan_config", None):
-            Path(folder, "README.md").write_text(model_card(model, location=repo_id), encoding="utf-8")
+            write_model_card(model, folder, location=repo_id)  # the load snippets name the repo
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     return str(getattr(commit, "commit_url", commit))

@@ -243,3 +243,13 @@ def _check_layer_arguments(in_features, out_features, input_map, bias):
         raise ValueError(f"unknown input_map {input_map!r}; valid choices: {', '.join(INPUT_MAPS)}")
     if not isinstance(bias, bool):
         raise ValueError(f"bias must be True or False, got {bias!r}")
+
+
+def is_kan_feedforward(module: nn.Module) -> bool:
+    """Whether ``module`` is a KAN feedforward: this class, or the copy of it that a checkpoint's
+    code defines when the model was loaded with ``trust_remote_code=True`` before kallm was
+    imported (same name and file, another class object)."""
+    return any(
+        cls.__name__ == KANFeedForward.__name__ and cls.__module__.rpartition(".")[2] == "layers"
+        for cls in type(module).__mro__
+    )

@@ -47,7 +47,7 @@ from .configuration_kallm import (
     KAQwen3Config,
     check_kan_config_fits_model,
 )
-from .layers import KANFeedForward, KANLinear
+from .layers import KANFeedForward, KANLinear, is_kan_feedforward
 
 
 def build_kan_feedforward(kan_config: dict, device=None, dtype=None) -> KANFeedForward:
@@ -128,7 +128,7 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO") -> str
     # The Hub rejects a base_model that is not a repo id, e.g. a local path or kallm's bundled names.
     is_hub_id = _HUB_ID.fullmatch(kan["base_model"]) and not os.path.exists(kan["base_model"])
     base_model_line = f"base_model: {kan['base_model']}\n" if is_hub_id else ""
-    kan_params = sum(count_parameters(m) for m in model.modules() if isinstance(m, KANFeedForward))
+    kan_params = sum(count_parameters(m) for m in model.modules() if is_kan_feedforward(m))
     options = ", ".join(f"{k}={v!r}" for k, v in kan["layer_options"].items()) or "defaults"
     name = model.__class__.__name__
     return f"""---

@@ -11,7 +11,7 @@ import re
 from torch import nn
 
 from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KANModelMixin
-from ..core.layers import KANFeedForward
+from ..core.layers import is_kan_feedforward
 from .adapters import ArchitectureAdapter, adapter_for
 
 #: parts of the class names of quantized linear layers: bitsandbytes (Linear4bit, Linear8bitLt),
@@ -19,16 +19,6 @@ from .adapters import ArchitectureAdapter, adapter_for
 QUANTIZED_LAYER_MARKERS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "WQLinear", "HQQLinear", "QLinear", "FP8Linear")
 #: how many tensor names an error message lists before it just counts the rest
 LISTED_NAMES = 4
-
-
-def is_kan_feedforward(module: nn.Module) -> bool:
-    """Whether ``module`` is a KAN feedforward: kallm's own class, or the copy of it that a
-    checkpoint's code defines when the model was loaded with ``trust_remote_code=True``
-    before kallm was imported (same name and file, another class object)."""
-    return any(
-        cls.__name__ == KANFeedForward.__name__ and cls.__module__.rpartition(".")[2] == "layers"
-        for cls in type(module).__mro__
-    )
 
 
 def causal_lm_parts(model: nn.Module, action: str) -> tuple[str, ArchitectureAdapter, nn.ModuleList]:
