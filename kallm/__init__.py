@@ -11,7 +11,7 @@ from .core import (
     register_with_transformers,
 )
 from .loading import load_model, push_to_hub
-from .surgery import retrofit, set_trainable, summary, supported_model_types
+from .surgery import ConversionReport, convert, retrofit, set_trainable, summary, supported_model_types
 
 register_with_transformers()
 
@@ -19,9 +19,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Basis",
+    "ConversionReport",
     "KANFeedForward",
     "KANLinear",
     "RecurrenceBasis",
+    "convert",
     "intermediate_size_for_budget",
     "list_bases",
     "load_model",

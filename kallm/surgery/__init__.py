@@ -1,5 +1,6 @@
 """Model surgery: architecture adapters, retrofit, trainable policies."""
 
 from .adapters import ADAPTERS, ArchitectureAdapter, supported_model_types
+from .convert import ConversionReport, convert
 from .retrofit import retrofit, retrofitted_layers
 from .trainable import POLICIES, set_trainable, summary
