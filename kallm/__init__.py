@@ -11,7 +11,18 @@ from .core import (
     register_with_transformers,
 )
 from .loading import load_model, push_to_hub
-from .surgery import ConversionReport, convert, retrofit, set_trainable, summary, supported_model_types
+from .surgery import (
+    ConversionReport,
+    convert,
+    load_adapter,
+    lora_config,
+    lora_targets,
+    retrofit,
+    set_trainable,
+    summary,
+    supported_model_types,
+    with_kan_lora,
+)
 
 register_with_transformers()
 
@@ -26,11 +37,15 @@ __all__ = [
     "convert",
     "intermediate_size_for_budget",
     "list_bases",
+    "load_adapter",
     "load_model",
+    "lora_config",
+    "lora_targets",
     "push_to_hub",
     "register_basis",
     "retrofit",
     "set_trainable",
     "summary",
     "supported_model_types",
+    "with_kan_lora",
 ]

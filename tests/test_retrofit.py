@@ -749,11 +749,9 @@ def _peft_wrapped(model):
         (lambda: transformers.AutoModel.from_config(TINY_CONFIGS["gpt2"]()), "got GPT2Model"),
         (lambda: transformers.AutoModelForSequenceClassification.from_config(TINY_CONFIGS["llama"]()),
          "got LlamaForSequenceClassification"),
-        (lambda: _peft_wrapped(tiny_model("llama")), "got a model with PEFT adapters (PeftModelForCausalLM)"),
-        (lambda: _peft_wrapped(kallm.retrofit(tiny_model("llama"), layers=[2])), "merge_and_unload()"),
     ],
 )
-def test_bare_and_peft_models_are_refused_everywhere(build, message):
+def test_bare_models_are_refused_everywhere(build, message):
     model = build()
     before = snapshot(model)
     for action, call in [("retrofit", lambda: kallm.retrofit(model, last_n=1)),
@@ -763,6 +761,30 @@ def test_bare_and_peft_models_are_refused_everywhere(build, message):
             call()
         assert str(info.value).startswith(action)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: _peft_wrapped(tiny_model("llama")), "got a model with PEFT adapters (PeftModelForCausalLM)"),
+        (lambda: _peft_wrapped(kallm.retrofit(tiny_model("llama"), layers=[2])), "merge_and_unload()"),
+        (lambda: _peft_wrapped(kallm.retrofit(tiny_model("llama"), layers=[2])).get_base_model(),
+         "got a model with PEFT adapters (model.layers.0.self_attn.q_proj (Linear))"),
+    ],
+)
+def test_retrofit_refuses_peft_models_and_set_trainable_and_summary_take_a_peft_model(build, message):
+    model = build()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=re.escape(message)) as info:
+        kallm.retrofit(model, last_n=1)
+    assert str(info.value).startswith("retrofit")
+    assert_unchanged(model, before)
+    if isinstance(model, transformers.PreTrainedModel):  # adapters injected without the PeftModel around them
+        with pytest.raises(TypeError, match=re.escape(message)):
+            kallm.summary(model, print_table=False)
+        return
+    assert kallm.summary(model, print_table=False)["adapters"] == 3 * (2 * 32 + 32 * 2 + 2 * 32 + 16 * 2)  # q_proj and v_proj (16 outputs) at r=2
+    assert kallm.set_trainable(model, "all") == kallm.summary(model, print_table=False)["total"]
 
 
 @pytest.mark.parametrize(

@@ -249,7 +249,16 @@ def is_kan_feedforward(module: nn.Module) -> bool:
     """Whether ``module`` is a KAN feedforward: this class, or the copy of it that a checkpoint's
     code defines when the model was loaded with ``trust_remote_code=True`` before kallm was
     imported (same name and file, another class object)."""
+    return _is_kallm_class(module, KANFeedForward)
+
+
+def is_kan_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``KANLinear``, kallm's or a checkpoint's copy (see ``is_kan_feedforward``)."""
+    return _is_kallm_class(module, KANLinear)
+
+
+def _is_kallm_class(module, kallm_class):
     return any(
-        cls.__name__ == KANFeedForward.__name__ and cls.__module__.rpartition(".")[2] == "layers"
+        cls.__name__ == kallm_class.__name__ and cls.__module__.rpartition(".")[2] == "layers"
         for cls in type(module).__mro__
     )

@@ -22,6 +22,8 @@ class ArchitectureAdapter:
     hidden_size / intermediate_size: config attribute names; ``intermediate_default``
         is the multiple of the hidden size used when the config leaves it as None.
     final_norm_path: dotted path of the final norm (trained by the "tail+embeddings" policy).
+    attention_attribute: attribute of a block holding its attention module, whose linear
+        projections ``kallm.lora_targets(model, "attention")`` lists.
     """
 
     blocks_path: str
@@ -31,6 +33,7 @@ class ArchitectureAdapter:
     intermediate_size: str = "intermediate_size"
     intermediate_default: int = 4
     final_norm_path: str = "model.norm"
+    attention_attribute: str = "self_attn"
 
 
 _DECODER = ArchitectureAdapter(blocks_path="model.layers")
@@ -44,9 +47,12 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     "gemma2": _DECODER,
     "phi3": _DECODER,  # fused gate_up_proj: the whole mlp module is replaced
     "gpt2": ArchitectureAdapter(
-        blocks_path="transformer.h", hidden_size="n_embd", intermediate_size="n_inner", final_norm_path="transformer.ln_f"
+        blocks_path="transformer.h", hidden_size="n_embd", intermediate_size="n_inner", final_norm_path="transformer.ln_f",
+        attention_attribute="attn",
     ),
-    "gpt_neox": ArchitectureAdapter(blocks_path="gpt_neox.layers", final_norm_path="gpt_neox.final_layer_norm"),
+    "gpt_neox": ArchitectureAdapter(
+        blocks_path="gpt_neox.layers", final_norm_path="gpt_neox.final_layer_norm", attention_attribute="attention"
+    ),
     "opt": ArchitectureAdapter(
         blocks_path="model.decoder.layers",
         mlp_attribute="fc1",

@@ -21,12 +21,16 @@ QUANTIZED_LAYER_MARKERS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "WQLinea
 LISTED_NAMES = 4
 
 
-def causal_lm_parts(model: nn.Module, action: str) -> tuple[str, ArchitectureAdapter, nn.ModuleList]:
+def causal_lm_parts(
+    model: nn.Module, action: str, allow_adapters: bool = False
+) -> tuple[str, ArchitectureAdapter, nn.ModuleList]:
     """``(base model_type, adapter, decoder blocks)`` of a supported causal LM.
 
-    ``action`` names the caller in error messages ("retrofit", "set_trainable", ...).
+    ``action`` names the caller in error messages ("retrofit", "set_trainable", ...). Models with
+    PEFT adapters inside are refused unless ``allow_adapters`` (callers that unwrap a PeftModel).
     """
-    _refuse_peft(model, action)
+    if not allow_adapters:
+        _refuse_peft(model, action)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise TypeError(f"{action} needs a transformers causal LM, got {type(model).__name__}")

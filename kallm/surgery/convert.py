@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core.bases import _REGISTRY, Basis, ParallelBasis, RecurrenceBasis, make_basis
-from ..core.layers import LAYER_OPTIONS, KANLinear
+from ..core.layers import LAYER_OPTIONS, KANLinear, is_kan_linear
 
 #: nodes per target feature for least-squares projections: enough to see the error between nodes
 LOSSY_NODES_PER_FEATURE = 16
@@ -105,7 +105,7 @@ def convert(module: nn.Module, basis: str, degree: int | None = None, allow_loss
             )
         warnings.warn(f"lossy KAN conversion: {detail}", stacklevel=2)
 
-    if isinstance(module, KANLinear):
+    if is_kan_linear(module):
         result = converted[""]
     else:
         for name, layer in converted.items():
@@ -120,7 +120,7 @@ def convert(module: nn.Module, basis: str, degree: int | None = None, allow_loss
 def _kan_layers(module) -> list[tuple[str, KANLinear]]:
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert needs a KANLinear or a model holding KAN layers, got {type(module).__name__}")
-    layers = [(name, m) for name, m in module.named_modules() if type(m).__name__ == KANLinear.__name__]
+    layers = [(name, m) for name, m in module.named_modules() if is_kan_linear(m)]
     if not layers:
         raise ValueError(
             f"{type(module).__name__} holds no KAN layers (KANLinear), so there is nothing to convert; "

@@ -1,0 +1,193 @@
+"""LoRA with PEFT on retrofitted models: target names, LoRA on KAN layers, merge, save and load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+import kallm
+from kallm.surgery.lora import KANLoraLinear
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+KAN_LAYERS = [f"model.layers.{b}.mlp.layers.{i}" for b in (1, 2) for i in (0, 1)]
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def _retrofitted(seed=0):
+    return kallm.retrofit(tiny_model("llama", seed=seed), layers=[1, 2])
+
+
+def _with_adapter(which="kan", seed=0, **options):
+    """A retrofitted tiny llama with a LoRA adapter whose B matrices are nonzero (as after training)."""
+    model = peft.get_peft_model(_retrofitted(seed), kallm.lora_config(_retrofitted(seed), which, r=4, **options))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def test_lora_targets_name_the_kan_layers_and_the_attention_projections():
+    model = _retrofitted()
+    attention = [f"model.layers.{b}.self_attn.{p}_proj" for b in range(3) for p in "qkvo"]
+    assert kallm.lora_targets(model, "kan") == KAN_LAYERS
+    assert kallm.lora_targets(model, "attention") == attention
+    assert kallm.lora_targets(model) == KAN_LAYERS
+    assert kallm.lora_targets(model, "all") == attention + KAN_LAYERS
+    assert kallm.lora_targets(tiny_model("gpt2"), "attention") == [
+        f"transformer.h.{b}.attn.{name}" for b in range(3) for name in ("c_attn", "c_proj")
+    ]
+    assert kallm.lora_targets(tiny_model("gpt_neox"), "attention")[:2] == [
+        "gpt_neox.layers.0.attention.query_key_value", "gpt_neox.layers.0.attention.dense"
+    ]
+    assert kallm.lora_targets(tiny_model("opt"), "attention")[0] == "model.decoder.layers.0.self_attn.k_proj"
+
+
+def test_lora_targets_refuses_unknown_choices_and_models_without_kan_layers():
+    with pytest.raises(ValueError, match="unknown LoRA targets 'mlp'; valid choices: kan, attention, all"):
+        kallm.lora_targets(_retrofitted(), "mlp")
+    for which in ("kan", "all"):
+        with pytest.raises(ValueError, match="has no KAN layers to target; retrofit it first"):
+            kallm.lora_targets(tiny_model("llama"), which)
+
+
+def test_peft_alone_does_not_know_kan_layers_and_with_kan_lora_teaches_it():
+    model = _retrofitted()
+    config = peft.LoraConfig(r=2, target_modules=KAN_LAYERS[:1])
+    with pytest.raises(ValueError, match="is not supported"):
+        peft.get_peft_model(_retrofitted(), config)
+    wrapped = peft.get_peft_model(model, kallm.with_kan_lora(config))
+    assert isinstance(wrapped.get_base_model().model.layers[1].mlp.layers[0], KANLoraLinear)
+
+
+def test_a_fresh_adapter_leaves_the_model_unchanged():
+    reference = _logits(_retrofitted())
+    model = peft.get_peft_model(_retrofitted(), kallm.lora_config(_retrofitted(), "all", r=4)).eval()
+    torch.testing.assert_close(_logits(model), reference, rtol=0, atol=0)
+
+
+def test_the_kan_update_is_a_low_rank_change_of_the_coefficient_matrix():
+    model = _with_adapter("kan")
+    layer = model.get_base_model().model.layers[2].mlp.layers[0]
+    base = layer.get_base_layer()
+    assert layer.lora_A["default"].weight.shape == (4, base.weight.shape[1])  # K * in basis features
+    assert layer.get_delta_weight("default").shape == base.weight.shape
+    x = torch.randn(3, 5, base.in_features)
+    with torch.no_grad():
+        features = kallm.surgery.lora._features(base, x)
+        expected = base(x) + layer.lora_B["default"](layer.lora_A["default"](features)) * layer.scaling["default"]
+        torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("which", ["kan", "all"])
+def test_merge_and_unload_gives_a_plain_kallm_model_with_the_same_logits(which):
+    model = _with_adapter(which)
+    adapted = _logits(model)
+    assert not torch.allclose(adapted, _logits(_retrofitted()))
+    merged = model.merge_and_unload()
+    assert type(merged).__name__ == "KALlamaForCausalLM"
+    assert type(merged.model.layers[2].mlp.layers[1]) is kallm.KANLinear
+    # KAN layers merge bit for bit; PEFT's own Linear layers merge to float rounding
+    tolerance = {"rtol": 0, "atol": 0} if which == "kan" else {}
+    torch.testing.assert_close(_logits(merged), adapted, **tolerance)
+
+
+def test_unmerge_restores_the_adapter_and_the_base():
+    model = _with_adapter("kan")
+    adapted, base = _logits(model), _logits(_retrofitted())
+    model.merge_adapter()
+    torch.testing.assert_close(_logits(model), adapted, rtol=0, atol=0)
+    model.unmerge_adapter()
+    torch.testing.assert_close(_logits(model), adapted)
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model), base)
+
+
+def test_an_adapter_saves_and_loads_onto_a_fresh_base(tmp_path):
+    model = _with_adapter("all")
+    model.save_pretrained(tmp_path)
+    loaded = kallm.load_adapter(_retrofitted(), tmp_path)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    assert kallm.summary(loaded, print_table=False)["trainable"] == 0
+
+
+def test_a_saved_base_and_adapter_reload_from_disk(tmp_path):
+    _retrofitted().save_pretrained(tmp_path / "base")  # the base the adapter was trained on, saved before wrapping
+    model = _with_adapter("kan")
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    torch.testing.assert_close(_logits(fresh), _logits(_retrofitted()), rtol=0, atol=0)
+    loaded = kallm.load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+
+def test_training_moves_only_the_adapters_and_trains_through_the_kan_layers():
+    model = _with_adapter("kan").train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(TOKENS, labels=TOKENS).loss
+    loss.backward()
+    optimizer.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora_" in name for name in changed)
+    assert any("lora_A" in name and "mlp.layers" in name for name in changed)
+
+
+def test_with_lora_dropout_training_builds_the_features_once_for_both_paths():
+    model = _with_adapter("kan", lora_dropout=0.5)
+    layer = model.get_base_model().model.layers[1].mlp.layers[1]
+    x = torch.randn(2, 4, layer.get_base_layer().in_features)
+    with torch.no_grad():
+        fused = layer(x)  # eval mode: dropout is off, the update joins the coefficients
+        layer.train()
+        layer.lora_dropout["default"].eval()  # the dropout path, with dropout itself switched off
+        torch.testing.assert_close(layer(x), fused)
+        layer.lora_dropout["default"].train()
+        assert not torch.allclose(layer(x), fused)
+
+
+def test_a_rank_above_what_a_layer_allows_is_refused_before_anything_is_wrapped():
+    model = _retrofitted()
+    with pytest.raises(ValueError, match=r"r=20 is too large for 6 of the 16 targeted layers: .*k_proj allows at most 16"):
+        kallm.lora_config(model, "all", r=20)
+    with pytest.raises(ValueError, match="rank r must be a positive integer"):
+        kallm.lora_config(model, "kan", r=0)
+    layer = kallm.KANLinear(3, 2, "cheby2", 2)  # 6 basis features, 2 outputs
+    wrapped = torch.nn.Sequential(layer)
+    config = kallm.with_kan_lora(peft.LoraConfig(r=3, target_modules=["0"]))
+    with pytest.raises(ValueError, match="r=3 is larger than a KAN layer of 2 outputs and 6 basis features"):
+        peft.get_peft_model(wrapped, config)
+
+
+def test_lora_bias_merges_into_the_kan_bias():
+    model = _with_adapter("kan", lora_bias=True)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                parameter.normal_(0.0, 0.1)
+    adapted = _logits(model)
+    torch.testing.assert_close(_logits(model.merge_and_unload()), adapted, rtol=0, atol=0)
+
+
+def test_set_trainable_on_a_peft_model_keeps_the_adapters_training():
+    model = _with_adapter("kan")
+    adapters = kallm.summary(model, print_table=False)["adapters"]
+    assert adapters == sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    assert kallm.set_trainable(model, "retrofitted") > adapters
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert all("mlp" in name for name in trainable)
+    assert any("lora_A" in name for name in trainable) and any("base_layer" in name for name in trainable)
+    kallm.set_trainable(model, "all")
+    assert all(p.requires_grad for p in model.parameters())
+    summary = kallm.summary(model, print_table=False)
+    assert summary["model"] == "PeftModelForCausalLM" and summary["trainable"] == summary["total"]
