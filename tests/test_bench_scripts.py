@@ -76,3 +76,16 @@ def test_bench_layers_writes_its_table(tmp_path):
                                               "--json", str(out_json), "--markdown", str(out_md)])
     assert code in (0, None)
     assert json.loads(out_json.read_text()) and "|" in out_md.read_text()
+
+
+def test_bench_convert_measures_exact_and_lossy_conversions():
+    bench = load_script("bench_convert")
+    exact = bench.exact_rows(["cheby2", "hermite"], degrees=(3,))
+    assert [row["source"] for row in exact] == ["cheby2", "hermite"]
+    assert all(row["max_logit_difference"] < 1e-4 * row["logit_scale"] for row in exact)
+    assert all(row["max_logit_difference_float64"] < 1e-12 for row in exact)
+    lossy = bench.lossy_rows(bench.LOSSY[:1])
+    assert lossy[0]["conversion"] == "cheby2 3 -> legendre 2" and not lossy[0]["exact"]
+    assert lossy[0]["relative_error"] > 1e-3 and lossy[0]["max_logit_difference"] > 1e-3
+    table = bench.format_tables(exact, lossy)
+    assert "| hermite |" in table and "| cheby2 3 -> legendre 2 | no |" in table
