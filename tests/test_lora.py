@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -191,3 +197,64 @@ def test_set_trainable_on_a_peft_model_keeps_the_adapters_training():
     assert all(p.requires_grad for p in model.parameters())
     summary = kallm.summary(model, print_table=False)
     assert summary["model"] == "PeftModelForCausalLM" and summary["trainable"] == summary["total"]
+
+
+# Loads a retrofitted base with the checkpoint's own code while kallm cannot be imported, puts adapters on it
+# with plain PEFT, then imports kallm and loads the KAN adapter with kallm.load_adapter; prints the logits.
+REMOTE_CODE_SCRIPT = r"""
+import importlib.abc, json, sys
+
+class BlockKallm(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "kallm" or name.startswith("kallm."):
+            raise ImportError("kallm is blocked in this process")
+
+blocker = BlockKallm()
+sys.meta_path.insert(0, blocker)
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base, attention_adapter, kan_adapter = sys.argv[1:4]
+tokens = torch.tensor(json.loads(sys.argv[4]))
+
+def load_base():
+    return AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True).eval()
+
+def logits(model):
+    with torch.no_grad():
+        return model(tokens).logits.tolist()
+
+result = {"attention": logits(PeftModel.from_pretrained(load_base(), attention_adapter))}
+try:
+    PeftModel.from_pretrained(load_base(), kan_adapter)
+    result["kan_without_kallm"] = "loaded"
+except ValueError as error:
+    result["kan_without_kallm"] = str(error)
+model = load_base()
+sys.meta_path.remove(blocker)
+import kallm
+
+result["remote_class"] = type(model).__module__
+result["kan"] = logits(kallm.load_adapter(model, kan_adapter))
+print("RESULTS " + json.dumps(result))
+"""
+
+
+def test_trust_remote_code_users_get_attention_lora_from_peft_and_kan_lora_from_kallm(tmp_path):
+    _retrofitted().save_pretrained(tmp_path / "base")
+    attention, kan = _with_adapter("attention"), _with_adapter("kan")
+    attention.save_pretrained(tmp_path / "attention")
+    kan.save_pretrained(tmp_path / "kan")
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(Path(kallm.__file__).parent.parent), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    arguments = [str(tmp_path / name) for name in ("base", "attention", "kan")] + [json.dumps(TOKENS.tolist())]
+    process = subprocess.run([sys.executable, "-c", REMOTE_CODE_SCRIPT, *arguments], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-4000:]
+    result = json.loads(next(line for line in process.stdout.splitlines() if line.startswith("RESULTS "))[8:])
+    assert result["remote_class"].startswith("transformers_modules.")
+    torch.testing.assert_close(torch.tensor(result["attention"]), _logits(attention), rtol=0, atol=0)
+    assert "is not supported" in result["kan_without_kallm"]
+    torch.testing.assert_close(torch.tensor(result["kan"]), _logits(kan), rtol=0, atol=0)
