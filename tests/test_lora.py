@@ -49,6 +49,7 @@ def test_lora_targets_name_the_kan_layers_and_the_attention_projections():
     assert kallm.lora_targets(model, "kan") == KAN_LAYERS
     assert kallm.lora_targets(model, "attention") == attention
     assert kallm.lora_targets(model) == KAN_LAYERS
+    assert kallm.lora_config(model).target_modules == set(KAN_LAYERS)
     assert kallm.lora_targets(model, "all") == attention + KAN_LAYERS
     assert kallm.lora_targets(tiny_model("gpt2"), "attention") == [
         f"transformer.h.{b}.attn.{name}" for b in range(3) for name in ("c_attn", "c_proj")
@@ -168,6 +169,10 @@ def test_a_rank_above_what_a_layer_allows_is_refused_before_anything_is_wrapped(
         kallm.lora_config(model, "all", r=20)
     with pytest.raises(ValueError, match="rank r must be a positive integer"):
         kallm.lora_config(model, "kan", r=0)
+    with pytest.raises(ValueError, match="DoRA .* is not supported on KAN layers"):
+        kallm.lora_config(model, "all", r=2, use_dora=True)
+    with pytest.raises(TypeError, match="needs a peft.LoraConfig"):
+        kallm.with_kan_lora({"r": 2})
     layer = kallm.KANLinear(3, 2, "cheby2", 2)  # 6 basis features, 2 outputs
     wrapped = torch.nn.Sequential(layer)
     config = kallm.with_kan_lora(peft.LoraConfig(r=3, target_modules=["0"]))

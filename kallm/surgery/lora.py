@@ -63,13 +63,13 @@ def with_kan_lora(config: LoraConfig, model: nn.Module | None = None) -> LoraCon
     return config
 
 
-def lora_config(model: nn.Module, which: str = "all", r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+def lora_config(model: nn.Module, which: str = "kan", r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                 **options) -> LoraConfig:
     """A causal-LM ``LoraConfig`` targeting ``lora_targets(model, which)``, ready for KAN layers.
 
     ``options`` go to ``LoraConfig``. A rank above what a targeted layer allows (the smaller of
-    its input and output widths, ``K * in`` for a KAN layer) is refused here, before any model is
-    wrapped.
+    its input and output widths, ``K * in`` for a KAN layer) and DoRA on KAN layers are refused
+    here, before any model is wrapped.
     """
     targets = lora_targets(model, which)
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
@@ -81,6 +81,8 @@ def lora_config(model: nn.Module, which: str = "all", r: int = 8, lora_alpha: fl
             f"LoRA rank r={r} is too large for {len(too_small)} of the {len(targets)} targeted layers: {name} allows at "
             f"most {limit} (the smaller of its input and output widths); choose r <= {limit} or other targets"
         )
+    if options.get("use_dora") and which != "attention":
+        raise ValueError("DoRA (use_dora=True) is not supported on KAN layers; use plain LoRA, or which='attention'")
     config = LoraConfig(task_type="CAUSAL_LM", target_modules=targets, r=r, lora_alpha=lora_alpha,
                         lora_dropout=lora_dropout, **options)
     return with_kan_lora(config, model)
