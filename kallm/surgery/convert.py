@@ -37,9 +37,10 @@ EXACT_TOLERANCE = 1e-10
 
 @dataclass
 class ConversionReport:
-    """What ``kallm.convert`` did: the source and target settings, whether it was exact, and for each
-    layer converted by projection the error of its edge functions on [-1, 1]: ``relative_error`` is
-    ``rms(f_new - f_old) / rms(f_old)`` over every edge and node, ``max_error`` the largest gap."""
+    """What ``kallm.convert`` did: the source settings (of the first converted layer) and the target
+    ones, whether it was exact, and for each layer converted by projection the error of its edge
+    functions on [-1, 1]: ``relative_error`` is ``rms(f_new - f_old) / rms(f_old)`` over every edge
+    and node, ``max_error`` the largest gap."""
 
     source: dict
     target: dict
@@ -64,9 +65,10 @@ def convert(module: nn.Module, basis: str, degree: int | None = None, allow_loss
     the target basis' options (``alpha=...``).
 
     Polynomial to polynomial at the same or a higher degree is exact (equal outputs up to float
-    rounding). Other conversions are least-squares projections: they raise, naming their error,
-    unless ``allow_lossy=True``, and then warn. The report is ``converted.kallm_conversion_report``.
-    Nothing is changed when anything is refused.
+    rounding). Other conversions are least-squares projections; one whose measured error is float64
+    rounding counts as exact, any other raises, naming its error, unless ``allow_lossy=True``, and
+    then warns. The report is ``converted.kallm_conversion_report``. Nothing is changed when
+    anything is refused.
     """
     if isinstance(basis, str) and ">" in basis:
         raise ValueError(
@@ -147,7 +149,8 @@ def _convert_layer(layer, basis: str, degree: int, basis_options: dict):
     exact = (has_bias and _is_polynomial(layer.basis) and isinstance(new.basis, RecurrenceBasis)
              and new.basis.degree >= layer.basis.degree)
     target_count = new.basis.num_features + has_bias
-    nodes = _chebyshev_nodes(target_count if exact else max(LOSSY_MINIMUM_NODES, LOSSY_NODES_PER_FEATURE * target_count))
+    node_count = target_count if exact else max(LOSSY_MINIMUM_NODES, LOSSY_NODES_PER_FEATURE * target_count)
+    nodes = _chebyshev_nodes(node_count, weight.device)
     source = _feature_table(layer.basis, layer.basis_parameters, nodes, layer.in_features)  # (in, N, K)
     target = _feature_table(new.basis, new.basis_parameters, nodes, layer.in_features)  # (in, N, K')
     if has_bias:
@@ -184,8 +187,8 @@ def _feature_table(basis: Basis, parameters, nodes, in_features) -> torch.Tensor
     return torch.stack(values, dim=-1).transpose(0, 1)
 
 
-def _chebyshev_nodes(count: int) -> torch.Tensor:
-    j = torch.arange(count, dtype=torch.float64)
+def _chebyshev_nodes(count: int, device) -> torch.Tensor:
+    j = torch.arange(count, dtype=torch.float64, device=device)
     return torch.cos((2 * j + 1) * math.pi / (2 * count))
 
 
