@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from . import __version__
 from .loading import DEFAULT_MODEL
 
 # subcommand -> (module with add_arguments/run, help)
@@ -22,19 +23,36 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it or there is no value to show."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if not action.option_strings or "default" in help_text or action.default in (None, False, argparse.SUPPRESS):
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The ``kallm`` parser. Only the subcommands named in ``commands`` (all when None) get their options, so
+    that ``kallm --help`` and ``kallm CMD`` import nothing but what they need."""
     parser = argparse.ArgumentParser(prog="kallm", description="Retrofit causal LMs with KAN feedforwards.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if commands is None or name in commands:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word that is not an option: the top-level parser only takes --help and --version.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(commands=[command]).parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except (ValueError, OSError) as error:

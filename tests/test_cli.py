@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import make_tiny_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 
 import kallm
+import kallm.cli
 from kallm.cli import main
 from kallm.plot import edge_functions, strongest_edges
 from kallm.surgery.cli import parse_options
@@ -30,6 +32,51 @@ def test_parse_options_types_values_and_rejects_malformed():
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_options(["alpha"])
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"kallm {kallm.__version__}"
+
+
+def test_help_imports_only_the_command_it_describes(monkeypatch, capsys):
+    imported = []
+    real_import = kallm.cli.importlib.import_module
+    monkeypatch.setattr(kallm.cli.importlib, "import_module", lambda name: imported.append(name) or real_import(name))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert imported == [] and "retrofit" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    assert imported == ["kallm.surgery.cli_inspect"]
+
+
+def _subcommand_parsers(parser):
+    (subparsers,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return subparsers.choices
+
+
+# train and demo belong to their own modules' owners; every other command documents each option.
+DOCUMENTED_COMMANDS = ("retrofit", "inspect", "eval", "experiment", "plot")
+
+
+@pytest.mark.parametrize("command", DOCUMENTED_COMMANDS)
+def test_every_option_has_help(command):
+    parser = _subcommand_parsers(kallm.cli.build_parser(commands=[command]))[command]
+    undocumented = [action.dest for action in parser._actions if not action.help]
+    assert undocumented == []
+
+
+def test_help_shows_defaults_and_closed_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["retrofit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "retrofit the last N decoder blocks (default: 5)" in help_text
+    assert "--kind {kan,linear}" in help_text and "--trainable {retrofitted,tail,tail+embeddings,all}" in help_text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["retrofit", "--out", "never", "--kind", "mlp"])
+    assert exit_info.value.code == 2 and "argument --kind: invalid choice: 'mlp'" in capsys.readouterr().err
 
 
 def test_retrofit_command_saves_a_loadable_model_and_prints_the_table(saved_tiny, tmp_path, capsys):
