@@ -97,13 +97,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    seen, total = set(), 0
-    for param in module.parameters():
-        if id(param) in seen or (trainable_only and not param.requires_grad):
-            continue
-        seen.add(id(param))
-        total += param.numel()
-    return total
+    """Parameters of ``module`` (of those that train, with ``trainable_only``); ``Module.parameters`` yields a
+    tied tensor once, so tied embeddings count once."""
+    return sum(param.numel() for param in module.parameters() if param.requires_grad or not trainable_only)
 
 
 #: kallm's part of a README.md lies between these lines; a later save replaces it and keeps the rest.
