@@ -9,7 +9,6 @@ import socket
 import sys
 
 from . import __version__
-from .loading import DEFAULT_MODEL
 
 # subcommand -> (module with add_arguments/run, help)
 COMMANDS = {
@@ -66,6 +65,8 @@ def describe_failure(error: BaseException) -> str:
     """The one line ``kallm`` prints for an expected failure."""
     if not _is_network_failure(error):
         return str(error)
+    from .loading import DEFAULT_MODEL
+
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         reason = "HF_HUB_OFFLINE is set and the files are not in the local cache"

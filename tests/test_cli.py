@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ import kallm.cli
 from kallm.cli import main
 from kallm.plot import edge_functions, strongest_edges
 from kallm.surgery.cli import parse_options
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -50,6 +56,27 @@ def test_help_imports_only_the_command_it_describes(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["inspect", "--help"])
     assert imported == ["kallm.surgery.cli_inspect"]
+
+
+LIGHT_IMPORT = """
+import sys
+import kallm.cli
+kallm.cli.build_parser(commands=[]).format_help()
+heavy = sorted({"torch", "transformers"} & set(sys.modules))
+assert not heavy, f"kallm --help imported {heavy}"
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+config = AutoConfig.for_model("kallama")
+print(type(config).__name__, MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__)
+"""
+
+
+def test_help_imports_neither_torch_nor_transformers_yet_kallm_registers_when_they_load():
+    # A fresh process is the only place where import-time behaviour can be seen.
+    result = subprocess.run([sys.executable, "-c", LIGHT_IMPORT], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["KALlamaConfig", "KALlamaForCausalLM"]
 
 
 def _subcommand_parsers(parser):
