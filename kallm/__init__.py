@@ -1,51 +1,59 @@
-"""kallm: retrofit Hugging Face causal LMs with Kolmogorov-Arnold Network feedforwards."""
+"""kallm: retrofit Hugging Face causal LMs with Kolmogorov-Arnold Network feedforwards.
 
-from .core import (
-    Basis,
-    KANFeedForward,
-    KANLinear,
-    RecurrenceBasis,
-    intermediate_size_for_budget,
-    list_bases,
-    register_basis,
-    register_with_transformers,
-)
-from .loading import load_model, push_to_hub
-from .surgery import (
-    ConversionReport,
-    convert,
-    load_adapter,
-    lora_config,
-    lora_targets,
-    retrofit,
-    set_trainable,
-    summary,
-    supported_model_types,
-    with_kan_lora,
-)
+``import kallm`` is light: each name below loads its module (and torch, transformers) on first use, so that
+``kallm --help`` answers at once. kallm's model classes still register with transformers' Auto classes at
+``import kallm``: at once when transformers is loaded, otherwise as soon as it is (see ``_registration``).
+"""
 
-register_with_transformers()
+import importlib
+
+from ._registration import register_when_transformers_loads
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Basis",
-    "ConversionReport",
-    "KANFeedForward",
-    "KANLinear",
-    "RecurrenceBasis",
-    "convert",
-    "intermediate_size_for_budget",
-    "list_bases",
-    "load_adapter",
-    "load_model",
-    "lora_config",
-    "lora_targets",
-    "push_to_hub",
-    "register_basis",
-    "retrofit",
-    "set_trainable",
-    "summary",
-    "supported_model_types",
-    "with_kan_lora",
-]
+#: public name -> the kallm module defining it, imported on first use
+_EXPORTS = {
+    "Basis": "core",
+    "KANFeedForward": "core",
+    "KANLinear": "core",
+    "RecurrenceBasis": "core",
+    "intermediate_size_for_budget": "core",
+    "list_bases": "core",
+    "register_basis": "core",
+    "register_with_transformers": "core",
+    "load_model": "loading",
+    "push_to_hub": "loading",
+    "ConversionReport": "surgery",
+    "convert": "surgery",
+    "load_adapter": "surgery",
+    "lora_config": "surgery",
+    "lora_targets": "surgery",
+    "retrofit": "surgery",
+    "set_trainable": "surgery",
+    "summary": "surgery",
+    "supported_model_types": "surgery",
+    "with_kan_lora": "surgery",
+}
+
+__all__ = [name for name in _EXPORTS if name != "register_with_transformers"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    else:  # a submodule, such as kallm.core, that an eager import used to load as a side effect
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+register_when_transformers_loads()

@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from .loading import DEFAULT_MODEL
+from . import __version__
 
 # subcommand -> (module with add_arguments/run, help)
 COMMANDS = {
@@ -22,19 +22,36 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it or there is no value to show."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if not action.option_strings or "default" in help_text or action.default in (None, False, argparse.SUPPRESS):
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The ``kallm`` parser. Only the subcommands named in ``commands`` (all when None) get their options, so
+    that ``kallm --help`` and ``kallm CMD`` import nothing but what they need."""
     parser = argparse.ArgumentParser(prog="kallm", description="Retrofit causal LMs with KAN feedforwards.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if commands is None or name in commands:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word that is not an option: the top-level parser only takes --help and --version.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(commands=[command]).parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except (ValueError, OSError) as error:
@@ -48,6 +65,8 @@ def describe_failure(error: BaseException) -> str:
     """The one line ``kallm`` prints for an expected failure."""
     if not _is_network_failure(error):
         return str(error)
+    from .loading import DEFAULT_MODEL
+
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         reason = "HF_HUB_OFFLINE is set and the files are not in the local cache"

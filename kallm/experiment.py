@@ -5,6 +5,9 @@ A config names the model, the retrofit, the arms, the seeds, the data, the train
 the evaluation settings (see ``configs/``). ``${VAR}`` in string values is replaced by the
 environment variable ``VAR``, so recipes stay portable; only variables named ``KALLM_*`` are
 expanded (e.g. ``${KALLM_DATA_DIR}``), so a config cannot read the rest of the environment.
+
+Every finished run is recorded in ``OUT/runs.json`` with its settings; running the same config again skips the
+runs recorded with the same settings (``--restart`` runs them all again).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import argparse
 import copy
 import json
 import os
-import random
 import re
 import statistics
 import threading
@@ -21,9 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
+from transformers import set_seed
 
 from .eval.evaluate import evaluate
 from .loading import DEFAULT_MODEL, load_model
@@ -189,15 +191,9 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def run_arm(config: ExperimentConfig, arm: Arm, seed: int) -> dict:
     """Build, train and evaluate one arm with one seed; returns its record."""
-    seed_everything(seed)
+    set_seed(seed)
     run_dir = Path(config.out) / arm.name / f"seed{seed}"
     model, tokenizer = load_model(config.model)
     teacher = copy.deepcopy(model).eval() if arm.distill else None
@@ -322,15 +318,52 @@ def plot_results(records: list[dict], rows: list[dict], out: Path) -> list[Path]
     return paths
 
 
-def run_experiment(config: ExperimentConfig) -> dict:
-    """Run every arm for every seed (the untrained baseline once), then write the report."""
+def run_settings(config: ExperimentConfig, arm: Arm) -> dict:
+    """What decides a run's result besides its seed, as runs.json stores it. The untrained baseline depends
+    on neither the data, the retrofit nor the training settings."""
+    settings = {"model": config.model, "arm": asdict(arm), "eval": config.eval}
+    if arm.kind != "baseline":
+        settings.update(data=config.data, retrofit=config.retrofit, train=config.train)
+    return json.loads(json.dumps(settings, default=str))
+
+
+def load_recorded_runs(path: Path) -> dict:
+    """The runs an earlier ``kallm experiment`` recorded in ``path``, by (arm name, seed)."""
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(records, list) and all(isinstance(r, dict) for r in records) else "not a list of runs"
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problem = f"not valid JSON: {error}"
+    if problem:
+        raise ValueError(f"{path} is {problem}, so the runs it holds cannot be resumed; move it away, or pass "
+                         f"--restart to run every arm again and replace it")
+    return {(record.get("arm"), record.get("seed")): record for record in records}
+
+
+def run_experiment(config: ExperimentConfig, restart: bool = False) -> dict:
+    """Run every arm for every seed (the untrained baseline once), then write the report.
+
+    A run already in ``OUT/runs.json`` with the same settings is kept rather than run again, so an interrupted
+    experiment resumes where it stopped; ``restart`` runs everything again.
+    """
     out = Path(config.out)
+    recorded = {} if restart else load_recorded_runs(out / "runs.json")
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for arm in config.arms:
+        settings = run_settings(config, arm)
         for seed in config.seeds[:1] if arm.kind == "baseline" else config.seeds:
-            print(f"=== arm {arm.name}, seed {seed}", flush=True)
-            records.append(run_arm(config, arm, seed))
+            previous = recorded.get((arm.name, seed))
+            if previous is not None and previous.get("settings") == settings:
+                print(f"=== arm {arm.name}, seed {seed}: already in runs.json with the same settings, skipped "
+                      f"(--restart runs it again)", flush=True)
+                records.append(previous)
+                continue
+            changed = ": in runs.json with other settings, running it again" if previous is not None else ""
+            print(f"=== arm {arm.name}, seed {seed}{changed}", flush=True)
+            records.append({**run_arm(config, arm, seed), "settings": settings})
             (out / "runs.json").write_text(json.dumps(records, indent=2, default=str) + "\n", encoding="utf-8")
     rows = summarize(records)
     report = to_markdown(config, rows)
@@ -347,11 +380,13 @@ def run_experiment(config: ExperimentConfig) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML experiment config (see configs/)")
     parser.add_argument("--out", help="override the config's output folder")
+    parser.add_argument("--restart", action="store_true",
+                        help="run every arm again, ignoring the runs OUT/runs.json already holds")
 
 
 def run(args) -> int:
     config = load_experiment(args.config)
     if args.out:
         config.out = args.out
-    run_experiment(config)
+    run_experiment(config, restart=args.restart)
     return 0

@@ -138,6 +138,17 @@ def test_saved_folder_holds_safetensors_config_code_and_card(saved, name):
     assert config["kan_config"]["schema_version"] == 1
 
 
+def test_each_retrofitted_class_names_its_family_and_shares_one_init(saved):
+    from kallm.core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES
+
+    for base_model_type, config_class in KAN_CONFIG_CLASSES.items():
+        assert config_class.base_config_class.model_type == base_model_type
+        assert config_class.__mro__[2] is config_class.base_config_class
+    assert all("__init__" not in vars(model_class) for model_class in KAN_MODEL_CLASSES.values())
+    # the family is a class attribute, not a setting a checkpoint stores
+    assert "base_config_class" not in json.loads((saved["llama"][0] / "config.json").read_text())
+
+
 # ------------------------------------------------------------------------------------ reload with kallm
 
 

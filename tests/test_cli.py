@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +15,12 @@ from conftest import make_tiny_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 
 import kallm
+import kallm.cli
 from kallm.cli import main
 from kallm.plot import edge_functions, strongest_edges
 from kallm.surgery.cli import parse_options
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -30,6 +38,72 @@ def test_parse_options_types_values_and_rejects_malformed():
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_options(["alpha"])
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"kallm {kallm.__version__}"
+
+
+def test_help_imports_only_the_command_it_describes(monkeypatch, capsys):
+    imported = []
+    real_import = kallm.cli.importlib.import_module
+    monkeypatch.setattr(kallm.cli.importlib, "import_module", lambda name: imported.append(name) or real_import(name))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert imported == [] and "retrofit" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    assert imported == ["kallm.surgery.cli_inspect"]
+
+
+LIGHT_IMPORT = """
+import sys
+import kallm.cli
+kallm.cli.build_parser(commands=[]).format_help()
+heavy = sorted({"torch", "transformers"} & set(sys.modules))
+assert not heavy, f"kallm --help imported {heavy}"
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+config = AutoConfig.for_model("kallama")
+print(type(config).__name__, MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__)
+"""
+
+
+def test_help_imports_neither_torch_nor_transformers_yet_kallm_registers_when_they_load():
+    # A fresh process is the only place where import-time behaviour can be seen.
+    result = subprocess.run([sys.executable, "-c", LIGHT_IMPORT], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["KALlamaConfig", "KALlamaForCausalLM"]
+
+
+def _subcommand_parsers(parser):
+    (subparsers,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return subparsers.choices
+
+
+# train and demo belong to their own modules' owners; every other command documents each option.
+DOCUMENTED_COMMANDS = ("retrofit", "inspect", "eval", "experiment", "plot")
+
+
+@pytest.mark.parametrize("command", DOCUMENTED_COMMANDS)
+def test_every_option_has_help(command):
+    parser = _subcommand_parsers(kallm.cli.build_parser(commands=[command]))[command]
+    undocumented = [action.dest for action in parser._actions if not action.help]
+    assert undocumented == []
+
+
+def test_help_shows_defaults_and_closed_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["retrofit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "retrofit the last N decoder blocks (default: 5)" in help_text
+    assert "--kind {kan,linear}" in help_text and "--trainable {retrofitted,tail,tail+embeddings,all}" in help_text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["retrofit", "--out", "never", "--kind", "mlp"])
+    assert exit_info.value.code == 2 and "argument --kind: invalid choice: 'mlp'" in capsys.readouterr().err
 
 
 def test_retrofit_command_saves_a_loadable_model_and_prints_the_table(saved_tiny, tmp_path, capsys):

@@ -9,6 +9,8 @@ import pytest
 import yaml
 from conftest import make_tiny_tokenizer, tiny_model
 
+import kallm.experiment
+from kallm.cli import main
 from kallm.experiment import load_experiment, run_experiment, summarize
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -138,3 +140,78 @@ def test_shipped_recipes_load(monkeypatch):
     assert [arm.name for arm in research.arms][:2] == ["baseline", "linear-restart"] and research.seeds == [0, 1, 2]
     for recipe in (small, research):
         assert {(arm.kind, arm.init) for arm in recipe.arms} >= {("kan", "random"), ("kan", "fit")}
+
+
+class StopRun(Exception):
+    pass
+
+
+def test_each_run_is_seeded_with_transformers_set_seed(workspace, monkeypatch):
+    tmp_path, model_dir, *_ = workspace
+    config = load_experiment(write_config(tmp_path, model=str(model_dir)))
+    seeds = []
+    monkeypatch.setattr(kallm.experiment, "set_seed", seeds.append)
+
+    def load_model(name):
+        raise StopRun  # seeding comes before anything else, so the run can stop here
+
+    monkeypatch.setattr(kallm.experiment, "load_model", load_model)
+    with pytest.raises(StopRun):
+        kallm.experiment.run_arm(config, config.arms[0], 7)
+    assert seeds == [7]
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """run_arm replaced by a stand-in that records which (arm, seed) pairs ran."""
+    ran = []
+
+    def run_arm(config, arm, seed):
+        ran.append((arm.name, seed))
+        return {"arm": arm.name, "seed": seed, "trainable_parameters": 1, "train_seconds": 0.0,
+                "peak_memory_bytes": None, "losses": [], "eval": {"bbh": {"average": 0.5}}}
+
+    monkeypatch.setattr(kallm.experiment, "run_arm", run_arm)
+    monkeypatch.setattr(kallm.experiment, "plot_results", lambda records, rows, out: [])
+    return ran
+
+
+def test_experiment_resumes_from_runs_json_unless_restarted(tmp_path, fake_runs, capsys):
+    def config(train_steps):
+        return load_experiment(write_config(
+            tmp_path, out=str(tmp_path / "out"), seeds=[0, 1], data="chat.jsonl", train={"max_steps": train_steps},
+            arms={"base": {"kind": "baseline"}, "kan": {"kind": "kan"}}))
+
+    first = run_experiment(config(2))
+    assert fake_runs == [("base", 0), ("kan", 0), ("kan", 1)]
+
+    fake_runs.clear()
+    del first["runs"][2]  # as if the first invocation stopped before its last run
+    (tmp_path / "out" / "runs.json").write_text(json.dumps(first["runs"]))
+    resumed = run_experiment(config(2))
+    assert fake_runs == [("kan", 1)]
+    assert [(run["arm"], run["seed"]) for run in resumed["runs"]] == [("base", 0), ("kan", 0), ("kan", 1)]
+    log = capsys.readouterr().out
+    assert "arm kan, seed 0: already in runs.json with the same settings, skipped (--restart runs it again)" in log
+
+    fake_runs.clear()  # other training settings: only the trained arm runs again
+    run_experiment(config(3))
+    assert fake_runs == [("kan", 0), ("kan", 1)]
+    assert "arm kan, seed 0: in runs.json with other settings, running it again" in capsys.readouterr().out
+
+    fake_runs.clear()
+    assert main(["experiment", str(tmp_path / "experiment.yaml"), "--restart"]) == 0
+    assert fake_runs == [("base", 0), ("kan", 0), ("kan", 1)]
+
+
+@pytest.mark.parametrize("content, problem", [("{not json", "not valid JSON"), ('{"arm": "base"}', "not a list")])
+def test_a_damaged_runs_json_is_refused_before_anything_runs(tmp_path, fake_runs, content, problem):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.json").write_text(content)
+    config = load_experiment(write_config(tmp_path, out=str(out)))
+    with pytest.raises(ValueError, match=f"runs.json is {problem}.*--restart"):
+        run_experiment(config)
+    assert fake_runs == [] and (out / "runs.json").read_text() == content
+    run_experiment(config, restart=True)
+    assert fake_runs == [("base", 0)]

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import kallm
 from kallm.core.layers import KANFeedForward
-from kallm.core.modeling_kallm import install_kan_feedforwards
+from kallm.core.modeling_kallm import count_parameters, install_kan_feedforwards
 from kallm.surgery.adapters import ADAPTERS
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -808,3 +808,12 @@ def test_a_local_base_model_is_recorded_by_its_folder_name_only(tmp_path):
     kallm.retrofit(model, last_n=1).save_pretrained(tmp_path / "kan")
     assert model.config.kan_config["base_model"] == "my-base"
     assert str(tmp_path) not in (tmp_path / "kan" / "config.json").read_text()
+
+
+def test_count_parameters_counts_tied_weights_once_like_transformers():
+    model = tiny_model("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model.transformer.wte.requires_grad_(False)
+    assert count_parameters(model) == model.num_parameters()
+    assert count_parameters(model, trainable_only=True) == model.num_parameters(only_trainable=True)
+    assert count_parameters(model) - count_parameters(model, trainable_only=True) == model.lm_head.weight.numel()

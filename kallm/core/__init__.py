@@ -22,3 +22,7 @@ def register_with_transformers() -> None:
         AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
         config_class.register_for_auto_class()
         model_class.register_for_auto_class("AutoModelForCausalLM")
+
+
+# Importing kallm's core makes transformers' Auto classes know its model classes.
+register_with_transformers()

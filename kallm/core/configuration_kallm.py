@@ -162,68 +162,79 @@ def _check_text(key, value):
 
 
 class KANConfigMixin:
-    """Validates ``kan_config`` as soon as a config is built or loaded."""
+    """Validates ``kan_config`` as soon as a config is built or loaded.
+
+    Each retrofitted config class names the config class of the family it retrofits in ``base_config_class``.
+    """
 
     def __post_init__(self, **kwargs):
-        mro = type(self).__mro__
-        base_family = mro[mro.index(KANConfigMixin) + 1].model_type
-        validate_kan_config(self.kan_config, base_family)
+        validate_kan_config(self.kan_config, self.base_config_class.model_type)
         super().__post_init__(**kwargs)
 
 
 class KALlamaConfig(KANConfigMixin, LlamaConfig):
     model_type = "kallama"
+    base_config_class = LlamaConfig
     kan_config: dict | None = None
 
 
 class KAMistralConfig(KANConfigMixin, MistralConfig):
     model_type = "kamistral"
+    base_config_class = MistralConfig
     kan_config: dict | None = None
 
 
 class KAQwen2Config(KANConfigMixin, Qwen2Config):
     model_type = "kaqwen2"
+    base_config_class = Qwen2Config
     kan_config: dict | None = None
 
 
 class KAQwen3Config(KANConfigMixin, Qwen3Config):
     model_type = "kaqwen3"
+    base_config_class = Qwen3Config
     kan_config: dict | None = None
 
 
 class KAGemmaConfig(KANConfigMixin, GemmaConfig):
     model_type = "kagemma"
+    base_config_class = GemmaConfig
     kan_config: dict | None = None
 
 
 class KAGemma2Config(KANConfigMixin, Gemma2Config):
     model_type = "kagemma2"
+    base_config_class = Gemma2Config
     kan_config: dict | None = None
 
 
 class KAPhi3Config(KANConfigMixin, Phi3Config):
     model_type = "kaphi3"
+    base_config_class = Phi3Config
     kan_config: dict | None = None
 
 
 class KAGPT2Config(KANConfigMixin, GPT2Config):
     model_type = "kagpt2"
+    base_config_class = GPT2Config
     kan_config: dict | None = None
 
 
 class KAGPTNeoXConfig(KANConfigMixin, GPTNeoXConfig):
     model_type = "kagpt_neox"
+    base_config_class = GPTNeoXConfig
     kan_config: dict | None = None
 
 
 class KAOPTConfig(KANConfigMixin, OPTConfig):
     model_type = "kaopt"
+    base_config_class = OPTConfig
     kan_config: dict | None = None
 
 
 #: base model_type -> retrofitted config class
 KAN_CONFIG_CLASSES = {
-    cls.__mro__[2].model_type: cls
+    cls.base_config_class.model_type: cls
     for cls in (
         KALlamaConfig, KAMistralConfig, KAQwen2Config, KAQwen3Config, KAGemmaConfig,
         KAGemma2Config, KAPhi3Config, KAGPT2Config, KAGPTNeoXConfig, KAOPTConfig,

@@ -97,13 +97,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    seen, total = set(), 0
-    for param in module.parameters():
-        if id(param) in seen or (trainable_only and not param.requires_grad):
-            continue
-        seen.add(id(param))
-        total += param.numel()
-    return total
+    """Parameters of ``module`` (of those that train, with ``trainable_only``); ``Module.parameters`` yields a
+    tied tensor once, so tied embeddings count once."""
+    return sum(param.numel() for param in module.parameters() if param.requires_grad or not trainable_only)
 
 
 #: kallm's part of a README.md lies between these lines; a later save replaces it and keeps the rest.
@@ -273,9 +269,11 @@ def _some(keys, shown=6):
 
 
 class KANModelMixin:
-    """What every retrofitted causal LM class adds to its base class."""
+    """What every retrofitted causal LM class adds to its base class (the mixin comes first in the bases, so
+    that its methods run around the base class's)."""
 
-    def _install_kan_from_config(self):
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
         if self.config.kan_config is not None:
             check_kan_config_fits_model(self.config.kan_config, self)
             install_kan_feedforwards(self, self.config.kan_config)
@@ -360,81 +358,41 @@ class KANModelMixin:
 class KALlamaForCausalLM(KANModelMixin, LlamaForCausalLM):
     config_class = KALlamaConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_kan_from_config()
-
 
 class KAMistralForCausalLM(KANModelMixin, MistralForCausalLM):
     config_class = KAMistralConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_kan_from_config()
 
 
 class KAQwen2ForCausalLM(KANModelMixin, Qwen2ForCausalLM):
     config_class = KAQwen2Config
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_kan_from_config()
-
 
 class KAQwen3ForCausalLM(KANModelMixin, Qwen3ForCausalLM):
     config_class = KAQwen3Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_kan_from_config()
 
 
 class KAGemmaForCausalLM(KANModelMixin, GemmaForCausalLM):
     config_class = KAGemmaConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_kan_from_config()
-
 
 class KAGemma2ForCausalLM(KANModelMixin, Gemma2ForCausalLM):
     config_class = KAGemma2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_kan_from_config()
 
 
 class KAPhi3ForCausalLM(KANModelMixin, Phi3ForCausalLM):
     config_class = KAPhi3Config
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_kan_from_config()
-
 
 class KAGPT2LMHeadModel(KANModelMixin, GPT2LMHeadModel):
     config_class = KAGPT2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_kan_from_config()
 
 
 class KAGPTNeoXForCausalLM(KANModelMixin, GPTNeoXForCausalLM):
     config_class = KAGPTNeoXConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_kan_from_config()
-
 
 class KAOPTForCausalLM(KANModelMixin, OPTForCausalLM):
     config_class = KAOPTConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_kan_from_config()
 
 
 #: retrofitted config class -> retrofitted causal LM class

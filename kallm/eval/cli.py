@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="generate",
                         help="generate: greedy reply, extracted answer (the research's way); "
                              "loglik: most likely of the closed answer set (cheaper; skips free-form tasks)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="examples (or windows) scored at once")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap in generate mode")
     parser.add_argument("--text", default=DEFAULT_TEXT,
                         help=f"perplexity text: a file or hub_id[:config] (default {DEFAULT_TEXT})")

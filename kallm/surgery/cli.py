@@ -11,8 +11,8 @@ from ..core.layers import KANFeedForward
 from ..loading import DEFAULT_MODEL, load_model, push_to_hub
 from ..saving import save_checkpoint
 from .fit import INITS, format_errors
-from .retrofit import retrofit
-from .trainable import set_trainable, summary
+from .retrofit import KINDS, retrofit
+from .trainable import POLICIES, set_trainable, summary
 
 
 def parse_options(pairs: list[str]) -> dict:
@@ -32,15 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--last-n", type=int, default=5, help="retrofit the last N decoder blocks")
     parser.add_argument("--layers", type=int, nargs="+", help="explicit block indices (overrides --last-n)")
     parser.add_argument("--basis", default="cheby2", help="basis name, 'a+b' (parallel) or 'a>b' (sequential)")
-    parser.add_argument("--degree", type=int, default=2)
+    parser.add_argument("--degree", type=int, default=2, help="polynomial degree (or basis size) of each edge function")
     parser.add_argument("--intermediate-size", type=int, help="KAN inner size (default: half the MLP's parameters)")
-    parser.add_argument("--kind", default="kan", help="kan, or linear for the re-initialised MLP baseline")
+    parser.add_argument("--kind", default="kan", choices=KINDS,
+                        help="kan, or linear for the re-initialised MLP baseline")
     parser.add_argument("--init", default="random", choices=INITS,
                         help="fit: start each KAN feedforward fitted to the MLP it replaces (see docs/fit-init.md)")
     parser.add_argument("--calibration", metavar="FILE",
                         help="text file to fit on with --init fit (default: replies the model writes itself)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="layer/basis option, repeatable")
-    parser.add_argument("--trainable", default="tail+embeddings", help="policy used for the trainable column")
+    parser.add_argument("--trainable", default="tail+embeddings", choices=POLICIES,
+                        help="policy used for the trainable column")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the saved folder to this Hub repo")
 
 
