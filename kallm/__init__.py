@@ -17,12 +17,23 @@ register_with_transformers()
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # kallm.heal pulls in the training stack (accelerate, datasets); imported on first use only.
+    if name == "heal":
+        from .train.heal import heal
+
+        return heal
+    raise AttributeError(f"module 'kallm' has no attribute {name!r}")
+
+
 __all__ = [
     "Basis",
     "KANFeedForward",
     "KANLinear",
     "RecurrenceBasis",
     "intermediate_size_for_budget",
+    "heal",
     "list_bases",
     "load_model",
     "push_to_hub",
