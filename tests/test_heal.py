@@ -139,6 +139,7 @@ def test_refused_calls_leave_the_model_untouched(tmp_path):
         (dict(model=tiny_model("llama"), teacher=teacher, data=TEXTS), ValueError, "no retrofitted block"),
         (dict(model=student, teacher=other, data=TEXTS), ValueError, "does not match the student"),
         (dict(model=student, teacher=student, data=TEXTS), ValueError, "separate model"),
+        (dict(model=student, teacher=copy.deepcopy(student), data=TEXTS), ValueError, "itself retrofitted"),
         (dict(model=student, teacher=tiny_model("gpt2"), data=TEXTS), ValueError, "gpt2 model"),
         (dict(model=student, teacher=teacher, data=[]), ValueError, "data is empty"),
         (dict(model=student, teacher=teacher, data=["  ", "\n"]), ValueError, "tokenizes to nothing"),

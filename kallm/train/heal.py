@@ -199,6 +199,9 @@ class _Layout:
         if not self.layers:
             raise ValueError("the model has no retrofitted block; call kallm.retrofit first (heal brings a "
                              "retrofitted model back to its original)")
+        if retrofitted_layers(teacher):
+            raise ValueError(f"the teacher is itself retrofitted (blocks {retrofitted_layers(teacher)}); pass the "
+                             f"original model the student was retrofitted from")
         self.adapter = adapter_for(_base_model_type(model))
         teacher_type = _base_model_type(teacher)
         if teacher_type != _base_model_type(model):
@@ -883,7 +886,8 @@ def plot_curve(curve: list[dict], path: str | os.PathLike) -> Path | None:
         axis.plot([p["seconds"] / 60 for p in local], [p["error"] for p in local], "o-",
                   label="local stage: held-out block error")
     axis.set_xlabel("minutes")
-    axis.set_yscale("log")
+    if all(value > 0 for line in axis.get_lines() for value in line.get_ydata()):
+        axis.set_yscale("log")
     axis.set_title("kallm heal")
     axis.legend()
     axis.grid(alpha=0.3)
