@@ -103,6 +103,8 @@ class HealConfig:
     resume: str | bool | None = None
     seed: int = 0
     progress_bar: bool = True
+    #: write the healed model and tokenizer to output_dir (metrics, report and curve are written regardless)
+    save_model: bool = True
 
     def __post_init__(self):
         checks = [
@@ -752,8 +754,9 @@ class _Healer:
             config=asdict(self.config),
         )
         if self.out is not None and self.main:
-            self.model.save_pretrained(self.out)
-            self.tokenizer.save_pretrained(self.out)
+            if self.config.save_model:
+                self.model.save_pretrained(self.out)
+                self.tokenizer.save_pretrained(self.out)
             (self.out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2), encoding="utf-8")
             plot_curve(report.curve, self.out / CURVE_FILE)
         self.accelerator.wait_for_everyone()
