@@ -96,8 +96,8 @@ def run_arm(args, arm: str) -> dict:
     result = {"arm": arm, "curve": []}
     if arm == "original":
         value = score(teacher)
-        marks = [round(k * args.eval_every, 6) for k in range(int(args.minutes / args.eval_every + 1e-9) + 1)]
-        result["curve"] = [{"minutes": m, "perplexity": value} for m in marks]
+        marks = [k * args.eval_every for k in range(int(args.minutes / args.eval_every + 1e-9) + 1)]
+        result["curve"] = [{"minutes": round(m, 4), "perplexity": value} for m in sorted({*marks, args.minutes})]
         return finish(result, teacher, teacher, tokenizer, args, paths)
 
     started = time.perf_counter()
@@ -116,7 +116,7 @@ def run_arm(args, arm: str) -> dict:
         result.update(tokens_per_second=report.tokens_per_second, steps=report.steps, tokens=report.tokens,
                       local=report.local, local_seconds=report.local_seconds, data=report.data,
                       heal_seconds=report.seconds, heal_curve=report.curve)
-        evaluator.record(student, report.seconds / 60, final=True)
+        evaluator.final(student, report.seconds)
         if before is not None:
             result["blocks"] = {"before": before, "after": block_errors(student, teacher, tokenizer, scored),
                                 "alone": blocks_alone(student, teacher, score)}
@@ -151,23 +151,27 @@ class Marks:
         self.next = self.every
         self.points = []
 
-    def record(self, model, minutes, final=False):
-        if final and self.points and abs(self.points[-1]["minutes"] - minutes) < 0.05:
-            return
-        self.points.append({"minutes": round(minutes, 3), "perplexity": self.score(model)})
-        print(f"    {minutes:6.2f} min: perplexity {self.points[-1]['perplexity']:.2f}", flush=True)
+    def record(self, model, mark_seconds, seconds=None):
+        """One point at the nominal mark (``seconds``: when it was actually taken)."""
+        seconds = mark_seconds if seconds is None else seconds
+        self.points.append({"minutes": round(mark_seconds / 60, 4), "at_minutes": round(seconds / 60, 4),
+                            "perplexity": self.score(model)})
+        print(f"    {seconds / 60:6.2f} min: perplexity {self.points[-1]['perplexity']:.2f}", flush=True)
 
-    def due(self, seconds) -> bool:
-        if seconds >= self.next and seconds < self.budget - 5:
-            self.next += self.every
-            return True
-        return False
+    def due(self, seconds) -> float | None:
+        """The mark just passed, if one is due before the final one."""
+        if seconds >= self.next and self.next < self.budget - 1e-6:
+            mark, self.next = self.next, self.next + self.every
+            return mark
+        return None
+
+    def final(self, model, seconds):
+        self.record(model, self.budget, seconds)
 
     def heal_callback(self, model, point):
-        if self.due(point["seconds"]):
-            was_training = model.training
-            self.record(model, point["seconds"] / 60)
-            model.train(was_training)
+        mark = self.due(point["seconds"])
+        if mark is not None:
+            self.record(model, mark, point["seconds"])
 
 
 def train_arm(student, teacher, tokenizer, args, paths, evaluator) -> dict:
@@ -183,9 +187,10 @@ def train_arm(student, teacher, tokenizer, args, paths, evaluator) -> dict:
             return time.perf_counter() - self.start - self.paused
 
         def on_step_end(self, args_, state, control, model=None, **kwargs):
-            if evaluator.due(self.seconds()):
+            mark = evaluator.due(self.seconds())
+            if mark is not None:
                 began = time.perf_counter()
-                evaluator.record(model, self.seconds() / 60)
+                evaluator.record(model, mark, self.seconds())
                 model.train()
                 self.paused += time.perf_counter() - began
             if self.seconds() >= evaluator.budget:
@@ -198,7 +203,7 @@ def train_arm(student, teacher, tokenizer, args, paths, evaluator) -> dict:
     result = train(student, tokenizer, str(paths["oasst"]), config, teacher=teacher, callbacks=[budget])
     seconds = budget.seconds()
     student.eval()
-    evaluator.record(student, seconds / 60, final=True)
+    evaluator.final(student, seconds)
     tokens = result.global_step * config.batch_size * config.max_length  # at most; rows are often shorter
     return {"steps": result.global_step, "heal_seconds": seconds, "tokens_per_second": tokens / seconds,
             "tokens_per_second_note": "upper bound (4 x 256 tokens a step)"}

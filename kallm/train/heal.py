@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..surgery.adapters import adapter_for
-from ..surgery.fit import default_calibration, original_feedforward, record_feedforwards
+from ..surgery.fit import default_calibration, original_feedforward, outlier_rows, record_feedforwards
 from ..surgery.retrofit import _base_model_type, retrofitted_layers
 from ..surgery.trainable import POLICIES, set_trainable
 
@@ -141,7 +141,8 @@ class HealReport:
 
     #: one point per logged step: stage, step, seconds, tokens, kl/ce (end to end) or error (local)
     curve: list[dict]
-    #: per retrofitted block: held-out relative error of its feedforward before and after the local stage
+    #: per retrofitted block: held-out relative error of its feedforward before and after the local stage,
+    #: over ordinary tokens (``before``/``after``) and over all tokens
     local: dict
     steps: int
     #: wall-clock seconds of both stages, callbacks excluded
@@ -519,20 +520,25 @@ class _Healer:
             held = max(1, int(len(x) * LOCAL_HELD_OUT))
             splits[index] = (x[order[held:]], y[order[held:]], x[order[:held]], y[order[:held]])
             optimizers[index] = torch.optim.Adam(feedforwards[index].parameters(), lr=config.local_learning_rate)
-            error = _local_error(feedforwards[index], *splits[index][2:])
+            error, error_all = _local_errors(feedforwards[index], *splits[index][2:])
             best[index] = (error, _copy_state(feedforwards[index]))
-            self.local[index] = {"before": error}
+            self.local[index] = {"before": error, "before_all_tokens": error_all}
         del records
         train_rows = min(len(s[0]) for s in splits.values())
         steps_per_pass = max(1, math.ceil(train_rows / config.local_batch_rows))
         total_steps = max(1, math.ceil(config.local_passes * steps_per_pass))
         bar = tqdm(total=total_steps, desc="kallm heal: local stage", unit="step",
                    disable=not (config.progress_bar and self.main))
-        step = 0
+        step, started = 0, self.clock()
         for feedforward in feedforwards.values():
             feedforward.requires_grad_(True)
-        while step < total_steps and (budget is None or self.clock() < budget):
-            scale = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+        while True:
+            progress = step / total_steps
+            if budget is not None:  # recording took its share of the budget too
+                progress = max(progress, (self.clock() - started) / max(budget - started, 1e-9))
+            if progress >= 1:
+                break
+            scale = 0.5 * (1 + math.cos(math.pi * progress))
             for index, feedforward in feedforwards.items():
                 x, y = splits[index][:2]
                 rows_at = torch.randint(len(x), (config.local_batch_rows,), generator=generator)
@@ -544,18 +550,15 @@ class _Healer:
                 optimizers[index].step()
             step += 1
             bar.update(1)
-            if step % steps_per_pass == 0 or step == total_steps:
-                errors = self._keep_best(feedforwards, splits, best)
-                point = {"stage": "local", "step": step, "seconds": self.clock(), "tokens": 0,
-                         "error": sum(errors.values()) / len(errors)}
-                bar.set_postfix(error=f"{point['error']:.3f}")
-                self._log(point)
+            if step % steps_per_pass == 0:
+                self._local_point(step, self._keep_best(feedforwards, splits, best), bar)
+        if step % steps_per_pass:
+            self._local_point(step, self._keep_best(feedforwards, splits, best), bar)
         bar.close()
-        self._keep_best(feedforwards, splits, best)
         for index, feedforward in feedforwards.items():
             error, state = best[index]
             feedforward.load_state_dict(state)
-            self.local[index]["after"] = error
+            self.local[index].update(after=error, after_all_tokens=_local_errors(feedforward, *splits[index][2:])[1])
             if self.accelerator.num_processes > 1:  # every process trained alike; make it exact
                 from accelerate.utils import broadcast
 
@@ -565,11 +568,17 @@ class _Healer:
         logger.info("kallm heal: local stage %.0f s, held-out error per block: %s", self.state["local_seconds"],
                     ", ".join(f"{i}: {e['before']:.3f} -> {e['after']:.3f}" for i, e in self.local.items()))
 
+    def _local_point(self, step: int, errors: dict[int, float], bar):
+        point = {"stage": "local", "step": step, "seconds": self.clock(), "tokens": 0,
+                 "error": sum(errors.values()) / len(errors)}
+        bar.set_postfix(error=f"{point['error']:.3f}")
+        self._log(point)
+
     @staticmethod
     def _keep_best(feedforwards, splits, best) -> dict[int, float]:
         errors = {}
         for index, feedforward in feedforwards.items():
-            errors[index] = _local_error(feedforward, *splits[index][2:])
+            errors[index] = _local_errors(feedforward, *splits[index][2:])[0]
             if errors[index] < best[index][0]:
                 best[index] = (errors[index], _copy_state(feedforward))
         return errors
@@ -785,9 +794,15 @@ def _relative_loss(feedforward, x, y) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _local_error(feedforward, x, y) -> float:
-    return float(sum(_relative_loss(feedforward, x[s:s + 4096], y[s:s + 4096]) * len(x[s:s + 4096])
-                     for s in range(0, len(x), 4096)) / len(x))
+def _local_errors(feedforward, x, y) -> tuple[float, float]:
+    """Held-out ``||f(x) - y|| / ||y||`` over ordinary tokens (the massive-activation rows left out, as
+    fit init reports it), and over all tokens."""
+    dtype = next(feedforward.parameters()).dtype
+    prediction = torch.cat([feedforward(x[s:s + 4096].to(dtype)).float() for s in range(0, len(x), 4096)])
+    ordinary = ~outlier_rows(y)
+    error = (prediction - y).norm(dim=-1)
+    return (float(error[ordinary].norm() / y[ordinary].norm().clamp_min(1e-12)),
+            float(error.norm() / y.norm().clamp_min(1e-12)))
 
 
 def _copy_state(module: nn.Module) -> dict:
