@@ -49,6 +49,9 @@ CURVE_FILE = "heal_curve.png"
 CHECKPOINT_PREFIX = "checkpoint-"
 #: rows of each block's recorded pairs kept apart to choose the best local weights
 LOCAL_HELD_OUT = 0.1
+#: with a time budget, recording stops after this share of the local stage's time (training gets the rest)
+LOCAL_RECORDING_SHARE = 0.5
+RECORDING_BATCH = 8
 _TEXT_SUFFIXES = (".txt", ".text", ".raw", ".md")
 _NO_LIMIT = 2**31 - 1
 
@@ -510,8 +513,7 @@ class _Healer:
                 break
             rows.append(sequence[:config.local_tokens - total])
             total += rows[-1].numel()
-        records = record_feedforwards(self.teacher, layout.adapter, layout.layers, rows,
-                                      progress=config.progress_bar and self.main)
+        records = self._record(rows, budget * LOCAL_RECORDING_SHARE if budget is not None else None)
         feedforwards = {i: original_feedforward(layout.student_blocks[i], layout.adapter) for i in layout.layers}
         generator = torch.Generator().manual_seed(config.seed)
         splits, optimizers, best = {}, {}, {}
@@ -567,6 +569,20 @@ class _Healer:
         self.state["local_seconds"] = self.clock()
         logger.info("kallm heal: local stage %.0f s, held-out error per block: %s", self.state["local_seconds"],
                     ", ".join(f"{i}: {e['before']:.3f} -> {e['after']:.3f}" for i, e in self.local.items()))
+
+    def _record(self, rows: list[torch.Tensor], deadline: float | None) -> dict:
+        """``record_feedforwards`` on the original, a few sequences at a time, until ``deadline`` (clock seconds)."""
+        layout, parts = self.layout, []
+        bar = tqdm(total=sum(r.numel() for r in rows), desc="kallm heal: recording", unit="tok",
+                   disable=not (self.config.progress_bar and self.main))
+        for start in range(0, len(rows), RECORDING_BATCH):
+            if parts and deadline is not None and self.clock() >= deadline:
+                break
+            chunk = rows[start:start + RECORDING_BATCH]
+            parts.append(record_feedforwards(self.teacher, layout.adapter, layout.layers, chunk, progress=False))
+            bar.update(sum(r.numel() for r in chunk))
+        bar.close()
+        return {i: (torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in layout.layers}
 
     def _local_point(self, step: int, errors: dict[int, float], bar):
         point = {"stage": "local", "step": step, "seconds": self.clock(), "tokens": 0,
