@@ -7,6 +7,8 @@ healing each, evaluation time excluded; ``--threads`` torch threads):
 - ``kan-fit+heal``: ``retrofit(last_n, init="fit")`` (cheby2 degree 2, default size) + ``kallm.heal``;
 - ``kan-random+heal``: random init + ``kallm.heal``;
 - ``linear+heal``: the linear restart (fresh MLPs of the original shape) + ``kallm.heal``, same recipe;
+- ``kan-fit+heal-tail`` (not run by default): as ``kan-fit+heal`` with whole retrofitted blocks trainable
+  (``trainable="tail"``);
 - ``kan-fit+train``: fit init + today's ``kallm train --distill`` (``TrainConfig`` defaults: the full-model
   teacher, ``tail+embeddings``, alpha 0.5, T 2, lr 1e-4 constant after 10 warmup steps) on the
   OpenAssistant chats (kallm train reads chat data only).
@@ -37,14 +39,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("original", "kan-fit+heal", "kan-random+heal", "linear+heal", "kan-fit+train")
+ARMS = ("original", "kan-fit+heal", "kan-random+heal", "linear+heal", "kan-fit+train", "kan-fit+heal-tail")
+DEFAULT_ARMS = ARMS[:5]
 BBH_TASKS = "boolean_expressions,navigate,causal_judgement,hyperbaton,formal_fallacies"
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
     parser.add_argument("--minutes", type=float, default=8.0, help="healing budget of each arm")
     parser.add_argument("--eval-every", type=float, default=2.0, help="minutes of healing between evaluations")
     parser.add_argument("--score-tokens", type=int, default=8192, help="WikiText-2 test tokens scored")
@@ -105,13 +108,14 @@ def run_arm(args, arm: str) -> dict:
     result["init_seconds"] = time.perf_counter() - started
     evaluator = Marks(args, score)
     evaluator.record(student, 0.0)
-    if arm.endswith("+heal"):
+    if "+heal" in arm:
         texts = [rest, paths["shakespeare"].read_text(encoding="utf-8")]
         texts += [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
                   for line in paths["oasst"].read_text(encoding="utf-8").splitlines() if line.strip()]
         before = block_errors(student, teacher, tokenizer, scored) if arm == "kan-fit+heal" else None
         options = {"learning_rate": args.lr} if args.lr else {}
-        report = kallm.heal(student, teacher, tokenizer, data=texts, minutes=args.minutes, trainable=args.trainable,
+        trainable = "tail" if arm.endswith("-tail") else args.trainable
+        report = kallm.heal(student, teacher, tokenizer, data=texts, minutes=args.minutes, trainable=trainable,
                             callbacks=[evaluator.heal_callback], progress_bar=False, **options)
         result.update(tokens_per_second=report.tokens_per_second, steps=report.steps, tokens=report.tokens,
                       local=report.local, local_seconds=report.local_seconds, data=report.data,

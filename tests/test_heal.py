@@ -253,3 +253,10 @@ def test_healing_data_forms(tmp_path):
         healing_sequences(Dataset.from_dict({"body": TEXTS}), tokenizer, config)
     generated, stats = healing_sequences(None, tokenizer, config, teacher=tiny_model("llama"))
     assert stats["source"] == "generated" and stats["tokens"] >= 40
+
+
+def test_bf16_heals_on_cpu():
+    student, teacher = pair()
+    report = kallm.heal(student, teacher, make_tiny_tokenizer(), data=TEXTS, max_steps=2, bf16=True, **QUICK)
+    assert report.steps == 2 and all(p["kl"] >= 0 for p in report.curve if p["stage"] == "end_to_end")
+    assert student.model.layers[2].mlp.layers[0].weight.dtype == torch.float32  # autocast, weights stay float32
