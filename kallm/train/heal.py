@@ -86,7 +86,7 @@ class HealConfig:
     local_fraction: float = 0.25
     #: passes over the recorded pairs in the local stage (it stops at its time share too)
     local_passes: float = 4.0
-    #: tokens recorded for the local stage (costs 8 * hidden_size bytes per token and block)
+    #: tokens recorded for the local stage, from randomly drawn sequences (8 * hidden_size bytes per token and block)
     local_tokens: int = 32768
     local_learning_rate: float = 1e-3
     local_batch_rows: int = 512
@@ -508,7 +508,8 @@ class _Healer:
         config, layout = self.config, self.layout
         budget = self.budget * config.local_fraction if self.budget is not None else None
         rows, total = [], 0
-        for sequence in self.sequences:
+        order = torch.randperm(len(self.sequences), generator=torch.Generator().manual_seed(config.seed))
+        for sequence in (self.sequences[i] for i in order.tolist()):  # a sample of every source in the data
             if total >= config.local_tokens:
                 break
             rows.append(sequence[:config.local_tokens - total])
