@@ -464,8 +464,10 @@ class _Healer:
         self.model, self.teacher, self.tokenizer, self.layout = model, teacher, tokenizer, layout
         self.sequences, self.data_stats, self.config = sequences, data_stats, config
         self.callbacks, self.resume = callbacks, resume
-        precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=not _accelerator_available())
+        # Mixed precision by plain autocast: accelerate fixes its precision once per process, and heal may be
+        # called again in the same process with other settings.
+        self.accelerator = Accelerator(cpu=not _accelerator_available())
+        self.autocast_dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
         self.device = self.accelerator.device
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.budget = config.minutes * 60 if config.minutes is not None else None
@@ -609,7 +611,8 @@ class _Healer:
         if self.resume is not None:
             optimizer.load_state_dict(torch.load(self.resume / "optimizer.pt", map_location="cpu",
                                                  weights_only=True))
-        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        wrapped = accelerator.prepare_model(model)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=config.fp16)  # float16 gradients need scaling
         start = self.state["local_seconds"]
         budget = self.budget - start if self.budget is not None else None
         cache = _PrefixCache(config.cache_dir, self) if config.cache_dir and self.layout.shared_prefix else None
@@ -631,15 +634,17 @@ class _Healer:
                     blend.alpha = min(1.0, progress / config.progressive_fraction)
                 rows = self._rows(self.state["step"])
                 inputs = self._batch(rows)
-                with accelerator.autocast():
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                     student_logits, teacher_logits = self._logits(wrapped, inputs, rows, cache)
                     loss, kl, ce = distillation_loss(student_logits, teacher_logits, inputs["input_ids"],
                                                      inputs["attention_mask"], config.temperature, config.ce_weight)
                 optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
+                scaler.scale(loss).backward()
                 if config.max_grad_norm:
-                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
                 del student_logits, teacher_logits, loss
                 self.state["step"] += 1
                 self.state["tokens"] += int(inputs["attention_mask"].sum()) * world
