@@ -67,7 +67,7 @@ PROMPTS = (
     "What makes a good team leader?",
 )
 QUESTION = "What is the capital of France?"
-#: the demo heals for this many minutes by default (2 CPU cores: about a third of its run)
+#: the demo heals for this many minutes by default (on 2 CPU cores the whole demo takes about 5)
 HEAL_MINUTES = 2.0
 HEAL_SHAKESPEARE_CHARACTERS = 300_000
 #: chat data the demo heals on (HH-RLHF stays out: kallm's benchmarks score held-out chat loss on it)
