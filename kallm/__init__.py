@@ -23,6 +23,8 @@ _EXPORTS = {
     "register_with_transformers": "core",
     "load_model": "loading",
     "push_to_hub": "loading",
+    "HealConfig": "train.heal",
+    "heal": "train.heal",
     "ConversionReport": "surgery",
     "convert": "surgery",
     "load_adapter": "surgery",

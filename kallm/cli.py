@@ -15,6 +15,7 @@ COMMANDS = {
     "retrofit": ("kallm.surgery.cli", "replace the MLPs of the last N blocks with KAN feedforwards and save"),
     "inspect": ("kallm.surgery.cli_inspect", "print the parameter table of a saved model"),
     "train": ("kallm.train.cli", "train (heal) a retrofitted model on chat data"),
+    "heal": ("kallm.train.cli_heal", "bring a retrofitted model back to its original by distillation, cheaply"),
     "eval": ("kallm.eval.cli", "evaluate on BIG-Bench Hard, perplexity, chat loss"),
     "experiment": ("kallm.experiment", "run a research recipe from a YAML config"),
     "plot": ("kallm.plot", "draw the learned functions of a KAN layer"),

@@ -3,7 +3,8 @@
 1. Generate chat data with the original model (its replies to prompts kallm ships).
 2. Retrofit the last 5 blocks, by default with function-preserving init fitted on the
    generated training conversations.
-3. Heal briefly by distillation from the original model.
+3. Heal with ``kallm.heal`` for a fixed budget (2 minutes by default): block-local training of
+   each new feedforward, then distillation from the original through the retrofitted tail.
 4. Measure perplexity and chat loss on held-out generated conversations (and WikiText /
    a BBH subset when ``--text`` / ``--bbh-dir`` or ``$KALLM_DATA_DIR`` provide them)
    for the original, the fitted and the healed model.
@@ -30,7 +31,7 @@ from .saving import save_checkpoint
 from .surgery.fit import INITS, format_errors
 from .surgery.retrofit import retrofit
 from .surgery.trainable import summary
-from .train.trainer import TrainConfig, train
+from .train.heal import CURVE_FILE, heal
 
 PROMPTS = (
     "Explain why the sky looks blue during the day.",
@@ -67,6 +68,11 @@ PROMPTS = (
     "What makes a good team leader?",
 )
 QUESTION = "What is the capital of France?"
+#: the demo heals for this many minutes by default (on 2 CPU cores the whole demo takes about 5)
+HEAL_MINUTES = 2.0
+HEAL_SHAKESPEARE_CHARACTERS = 300_000
+#: chat data the demo heals on (HH-RLHF stays out: kallm's benchmarks score held-out chat loss on it)
+HEAL_CHAT_FILES = ("chat/oasst_en100/all_paths.jsonl",)
 
 
 @torch.no_grad()
@@ -98,6 +104,23 @@ def conversations(prompts, replies) -> list[dict]:
 def write_jsonl(rows, path: Path) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+def healing_texts(tokenizer, conversations_kept: list[dict]) -> list[str]:
+    """The demo's healing text: its generated training conversations, plus Tiny Shakespeare and the OpenAssistant
+    conversations under ``$KALLM_DATA_DIR`` when present. Never WikiText-2, which scores the result."""
+    texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in conversations_kept]
+    data_dir = os.environ.get("KALLM_DATA_DIR")
+    if data_dir:
+        shakespeare = Path(data_dir, "text/tinyshakespeare/input.txt")
+        if shakespeare.is_file():
+            texts.append(shakespeare.read_text(encoding="utf-8")[:HEAL_SHAKESPEARE_CHARACTERS])
+        for chat in HEAL_CHAT_FILES:
+            path = Path(data_dir, chat)
+            if path.is_file():
+                rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                texts += [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in rows]
+    return texts
 
 
 def measure(model, tokenizer, held_out: Path, args) -> dict:
@@ -163,7 +186,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--degree", type=int, default=2)
     parser.add_argument("--init", default="fit", choices=INITS,
                         help="fit (default): start from the MLPs' function, fitted on the generated conversations")
-    parser.add_argument("--heal-steps", type=int, default=30, help="distillation steps (0 skips healing)")
+    parser.add_argument("--heal-minutes", type=float, default=HEAL_MINUTES,
+                        help="wall-clock budget of kallm.heal (0 skips healing; default %(default)s)")
+    parser.add_argument("--heal-steps", type=int, help="also stop healing after this many end-to-end steps")
+    parser.add_argument("--heal-data", help="healing text (.txt) or chat data; default: the generated training "
+                        "conversations, plus Tiny Shakespeare and OpenAssistant chats under $KALLM_DATA_DIR if there")
     parser.add_argument("--held-out", type=int, default=8, help="generated conversations kept for evaluation")
     parser.add_argument("--text", default=str(wikitext) if wikitext and wikitext.is_file() else None,
                         help="text file for perplexity (default: WikiText-2 test under $KALLM_DATA_DIR, if set)")
@@ -189,7 +216,7 @@ def run(args) -> int:
 
     print(f"[2/6] Generating {len(PROMPTS)} conversations with the original model ...", flush=True)
     data = conversations(PROMPTS, generate_replies(model, tokenizer, list(PROMPTS), args.max_new_tokens))
-    train_file = write_jsonl(data[args.held_out:], out / "generated_train.jsonl")
+    write_jsonl(data[args.held_out:], out / "generated_train.jsonl")
     held_out = write_jsonl(data[:args.held_out], out / "generated_held_out.jsonl")
     rows = {"original": measure(original, tokenizer, held_out, args)}
 
@@ -204,14 +231,16 @@ def run(args) -> int:
         print("    fit relative error per block: " + format_errors(model.kallm_fit_report), flush=True)
     rows[f"retrofitted ({args.init} init)"] = measure(model, tokenizer, held_out, args)
 
-    if args.heal_steps > 0:
-        print(f"[4/6] Healing: {args.heal_steps} distillation steps from the original model ...", flush=True)
-        config = TrainConfig(output_dir=str(out / "heal"), max_steps=args.heal_steps, batch_size=4, max_length=256,
-                             learning_rate=2e-4, warmup=0.1, trainable="retrofitted", logging_steps=5,
-                             save_steps=10_000, distill_alpha=0.9)
-        train(model, tokenizer, str(train_file), config, teacher=original)
+    if args.heal_minutes > 0:
+        print(f"[4/6] Healing with kallm.heal for {args.heal_minutes:g} minutes: block-local stage, then "
+              f"distillation from the original through the retrofitted tail ...", flush=True)
+        heal_data = args.heal_data or healing_texts(tokenizer, data[args.held_out:])
+        report = heal(model, original, tokenizer, data=heal_data, minutes=args.heal_minutes, max_steps=args.heal_steps,
+                      output_dir=str(out / "heal"), save_model=False)
+        print(f"    {report.steps} steps, {report.tokens:,} tokens at {report.tokens_per_second:,.0f} tokens/s; "
+              f"curve in {out / 'heal' / CURVE_FILE}", flush=True)
         model.eval()
-        rows[f"+ {args.heal_steps} healing steps"] = measure(model, tokenizer, held_out, args)
+        rows["healed (kallm.heal)"] = measure(model, tokenizer, held_out, args)
     del original
     summary(model)
     print("\n" + format_table(rows) + "\n", flush=True)

@@ -89,3 +89,36 @@ def test_bench_convert_measures_exact_and_lossy_conversions():
     assert lossy[0]["relative_error"] > 1e-3 and lossy[0]["max_logit_difference"] > 1e-3
     table = bench.format_tables(exact, lossy)
     assert "| hermite |" in table and "| cheby2 3 -> legendre 2 | no |" in table
+
+
+def test_bench_heal_runs_its_arms_and_writes_table_json_and_curve(tmp_path, data_dir, monkeypatch):
+    import shutil
+
+    bench = load_script("bench_heal")
+    folder, _, _, _ = fit_bench_inputs(tmp_path)
+    data = tmp_path / "data"
+    for name in ("text/wikitext2/wiki.test.raw", "text/tinyshakespeare/input.txt"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_text((data_dir / name).read_text(encoding="utf-8")[:3000])
+    for name in ("chat/oasst_en100/all_paths.jsonl", "chat/hh_rlhf_helpful/test.jsonl"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_text("".join((data_dir / name).read_text(encoding="utf-8").splitlines(True)[:6]))
+    (data / "bbh/bbh").mkdir(parents=True)
+    for task in bench.BBH_TASKS.split(","):
+        shutil.copy(data_dir / "bbh/bbh" / f"{task}.json", data / "bbh/bbh")
+    monkeypatch.setenv("KALLM_DATA_DIR", str(data))
+    output = tmp_path / "out" / "bench_heal"
+    code = bench.main(["--model", str(folder), "--arms", "original,kan-fit+heal,kan-fit+train", "--minutes", "0.06",
+                       "--eval-every", "0.03", "--score-tokens", "300", "--last-n", "1", "--bbh-limit", "1",
+                       "--chat-limit", "2", "--threads", "1", "--work", str(tmp_path / "work"),
+                       "--output", str(output)])
+    assert code == 0
+    results = json.loads(output.with_suffix(".json").read_text())["arms"]
+    assert [r["arm"] for r in results] == ["original", "kan-fit+heal", "kan-fit+train"]
+    for r in results:
+        assert r["curve"][0]["minutes"] == 0 and len(r["curve"]) >= 2 and r["peak_memory_mib"] > 0
+    healed = results[1]
+    assert set(healed["blocks"]) == {"before", "after", "alone"} and healed["steps"] >= 1
+    table = output.with_suffix(".md").read_text()
+    assert "| kan-fit+heal |" in table and "| kan-fit+train |" in table and "| block |" in table
+    assert output.with_suffix(".png").stat().st_size > 1000

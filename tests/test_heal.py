@@ -1,0 +1,262 @@
+"""``kallm.heal`` on tiny models: the shared prefix is exact, refusals change nothing, healing moves
+towards the teacher, budgets, resume, progressive replacement, prefix cache and the data forms."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS, make_tiny_tokenizer, tiny_model
+from test_train_data import conversation
+
+import kallm
+from kallm.surgery.adapters import adapter_for
+from kallm.train.data import tokenize_conversation
+from kallm.train.heal import HealConfig, distillation_loss, healing_sequences, shared_prefix_logits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXTS = ["the quick brown fox jumps over the lazy dog. " * 12, "hello world, how are you today? " * 16,
+         "a stitch in time saves nine; many hands make light work. " * 10]
+QUICK = dict(max_length=32, batch_size=2, progress_bar=False, learning_rate=3e-3, local_tokens=512)
+
+
+def pair(family="llama", last_n=1, **options):
+    teacher = tiny_model(family)
+    return kallm.retrofit(copy.deepcopy(teacher), last_n=last_n, **options), teacher
+
+
+def inputs_for(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (2, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # a padded row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, {n: p.requires_grad for n, p in
+                                                                    model.named_parameters()}
+
+
+def assert_unchanged(model, saved):
+    state, flags = saved
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_shared_prefix_gives_the_loss_and_gradients_of_full_forwards(family):
+    student, teacher = pair(family)
+    kallm.set_trainable(student, "retrofitted")
+    adapter = adapter_for(family)
+    blocks = student.get_submodule(adapter.blocks_path)
+    inputs = inputs_for(student)
+
+    with torch.no_grad():
+        teacher_logits = teacher(**inputs, use_cache=False).logits
+    full, *_ = distillation_loss(student(**inputs, use_cache=False).logits, teacher_logits, inputs["input_ids"],
+                                 inputs["attention_mask"], temperature=2.0, ce_weight=0.5)
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+    student.zero_grad(set_to_none=True)
+
+    prefix_calls = []
+    hooks = [m.register_forward_hook(lambda *a: prefix_calls.append(1)) for m in blocks[:2].modules()
+             if m not in (blocks[0], blocks[1])]
+    student_logits, shared_teacher_logits, hidden = shared_prefix_logits(student, teacher, adapter.blocks_path, 2,
+                                                                         inputs)
+    for hook in hooks:
+        hook.remove()
+    shared, *_ = distillation_loss(student_logits, shared_teacher_logits, inputs["input_ids"],
+                                   inputs["attention_mask"], temperature=2.0, ce_weight=0.5)
+    shared.backward()
+
+    assert not prefix_calls, "the student's prefix blocks must not run"
+    assert not hidden.requires_grad
+    assert torch.allclose(shared, full, atol=1e-6, rtol=1e-5)
+    assert expected
+    for name, grad in expected.items():
+        assert torch.allclose(student.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-4), name
+    assert all("forward" not in block.__dict__ for block in blocks)  # the stand-ins are gone
+
+
+def test_heal_moves_the_student_towards_the_teacher_and_writes_its_outputs(tmp_path):
+    student, teacher = pair(init="random")
+    before = snapshot(student)
+    report = kallm.heal(student, teacher, make_tiny_tokenizer(), data=TEXTS, max_steps=30,
+                        output_dir=str(tmp_path / "heal"), **QUICK)
+    kls = [p["kl"] for p in report.curve if p["stage"] == "end_to_end"]
+    assert report.steps == 30 and len(kls) == 30
+    assert sum(kls[-5:]) < 0.5 * sum(kls[:5])
+    assert report.shared_prefix and report.world_size == 1
+    assert all(e["after"] <= e["before"] for e in report.local.values())
+    assert 0 < report.tokens <= 30 * 2 * 32
+    assert report.tokens_per_second > 0
+    # only the retrofitted feedforward moved (default policy)
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[0][k])}
+    assert changed and all(k.startswith("model.layers.2.mlp.") for k in changed)
+
+    out = tmp_path / "heal"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(report.curve)
+    assert (out / "heal_curve.png").stat().st_size > 1000
+    assert json.loads((out / "heal_report.json").read_text())["steps"] == 30
+    reloaded, _ = kallm.load_model(str(out))
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_heal_with_a_time_budget_stops_on_time():
+    student, teacher = pair()
+    report = kallm.heal(student, teacher, make_tiny_tokenizer(), data=TEXTS, minutes=0.03, **QUICK)
+    assert 1.8 - 0.5 < report.seconds < 1.8 + 1.0
+    assert report.steps > 1
+    assert report.local_seconds <= 0.25 * 1.8 + 0.5
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(), "needs a budget"),
+    (dict(minutes=0), "minutes must be > 0"),
+    (dict(max_steps=0), "max_steps must be >= 1"),
+    (dict(max_steps=1, trainable="head"), "trainable must be one of"),
+    (dict(max_steps=1, bf16=True, fp16=True), "at most one of bf16 and fp16"),
+    (dict(max_steps=1, save_steps=2), "need output_dir"),
+])
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        HealConfig(**settings)
+
+
+def test_refused_calls_leave_the_model_untouched(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    student, teacher = pair()
+    saved = snapshot(student)
+    other = tiny_model("llama", seed=1)
+    calls = [
+        (dict(model=tiny_model("llama"), teacher=teacher, data=TEXTS), ValueError, "no retrofitted block"),
+        (dict(model=student, teacher=other, data=TEXTS), ValueError, "does not match the student"),
+        (dict(model=student, teacher=student, data=TEXTS), ValueError, "separate model"),
+        (dict(model=student, teacher=copy.deepcopy(student), data=TEXTS), ValueError, "itself retrofitted"),
+        (dict(model=student, teacher=tiny_model("gpt2"), data=TEXTS), ValueError, "gpt2 model"),
+        (dict(model=student, teacher=teacher, data=[]), ValueError, "data is empty"),
+        (dict(model=student, teacher=teacher, data=["  ", "\n"]), ValueError, "tokenizes to nothing"),
+        (dict(model=student, teacher=teacher, data=[1, 2]), TypeError, "only texts"),
+        (dict(model=student, teacher=teacher, data=str(tmp_path / "missing.txt")), FileNotFoundError, "not found"),
+        (dict(model=student, teacher=teacher, data=[{"messages": []}]), ValueError, "no usable conversations"),
+        (dict(model=student, teacher=teacher, data=TEXTS, minutes=0), ValueError, "minutes must be > 0"),
+        (dict(model=student, teacher=teacher, data=TEXTS, resume=True, output_dir=str(tmp_path)),
+         FileNotFoundError, "no checkpoint-N"),
+    ]
+    for call, error, message in calls:
+        call.setdefault("max_steps", 2)
+        with pytest.raises(error, match=message):
+            kallm.heal(tokenizer=tokenizer, progress_bar=False, **call)
+        assert_unchanged(student, saved)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_teacher_may_differ_where_the_policy_trains():
+    student, teacher = pair()
+    with torch.no_grad():
+        student.model.norm.weight.add_(0.1)  # as after an earlier tail+embeddings run
+    tokenizer = make_tiny_tokenizer()
+    with pytest.raises(ValueError, match="model.norm.weight differs"):
+        kallm.heal(student, teacher, tokenizer, data=TEXTS, max_steps=1, progress_bar=False)
+    report = kallm.heal(student, teacher, tokenizer, data=TEXTS, max_steps=1, trainable="tail+embeddings",
+                        local_passes=0, **{k: v for k, v in QUICK.items() if k != "local_tokens"})
+    assert not report.shared_prefix  # the tied embeddings train, so the prefix is not shared
+    assert report.steps == 1
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    settings = dict(data=TEXTS, max_steps=6, save_steps=3, **QUICK)
+    whole, teacher = pair()
+    expected = kallm.heal(whole, teacher, tokenizer, output_dir=str(tmp_path / "whole"), **settings)
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(model, point):
+        if point.get("step") == 4 and point["stage"] == "end_to_end":
+            raise Interrupt
+
+    first, _ = pair()
+    with pytest.raises(Interrupt):
+        kallm.heal(first, teacher, tokenizer, output_dir=str(tmp_path / "cut"), callbacks=[interrupt], **settings)
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir()
+    again, _ = pair()
+    resumed = kallm.heal(again, teacher, tokenizer, output_dir=str(tmp_path / "cut"), resume=True, **settings)
+    assert resumed.steps == 6
+    kls = [p["kl"] for p in resumed.curve if p["stage"] == "end_to_end"]
+    assert kls == pytest.approx([p["kl"] for p in expected.curve if p["stage"] == "end_to_end"], rel=1e-5)
+    for name, value in whole.state_dict().items():
+        assert torch.allclose(again.state_dict()[name], value, atol=1e-6), name
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [p["step"] for p in expected.curve]
+
+
+def test_progressive_replacement_starts_at_the_original_and_ends_with_the_new_feedforward():
+    student, teacher = pair(init="random")
+    report = kallm.heal(student, teacher, make_tiny_tokenizer(), data=TEXTS, max_steps=8, progressive=True,
+                        local_passes=0, **QUICK)
+    points = [p for p in report.curve if p["stage"] == "end_to_end"]
+    assert points[0]["alpha"] == 0.0 and points[0]["kl"] < 1e-6  # the blend starts as the original itself
+    assert points[-1]["alpha"] == 1.0
+    mlp = student.model.layers[2].mlp
+    assert not mlp._forward_hooks  # the blend is gone once healing ends
+    inputs = inputs_for(student)
+    with torch.no_grad():
+        assert not torch.allclose(student(**inputs).logits, teacher(**inputs).logits, atol=1e-3)
+
+
+def test_prefix_cache_gives_the_same_healing_and_says_what_it_holds(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    settings = dict(data=TEXTS[:1], max_steps=12, local_passes=0, **QUICK)  # 9 sequences: 2.7 epochs
+    plain, teacher = pair()
+    expected = kallm.heal(plain, teacher, tokenizer, **settings)
+    cached, _ = pair()
+    report = kallm.heal(cached, teacher, tokenizer, cache_dir=str(tmp_path / "cache"), **settings)
+    files = sorted((tmp_path / "cache").glob("row-*.safetensors"))
+    assert len(files) == report.data["sequences"]
+    for name, value in plain.state_dict().items():
+        assert torch.allclose(cached.state_dict()[name], value, atol=1e-5), name
+    assert [p["kl"] for p in report.curve] == pytest.approx([p["kl"] for p in expected.curve], rel=1e-4)
+    with pytest.raises(ValueError, match="other data or another model"):
+        kallm.heal(pair()[0], teacher, tokenizer, cache_dir=str(tmp_path / "cache"),
+                   **{**settings, "data": TEXTS[1:2]})
+
+
+def test_healing_data_forms(tmp_path):
+    from datasets import Dataset
+
+    tokenizer = make_tiny_tokenizer()
+    config = HealConfig(max_steps=1, max_length=16, generate_tokens=40, progress_bar=False)
+    sequences, stats = healing_sequences(TEXTS, tokenizer, config)
+    assert stats["source"] == "texts" and all(s.numel() <= 16 for s in sequences)
+    assert stats["tokens"] == sum(len(tokenizer(t)["input_ids"]) + 1 for t in TEXTS)
+    (tmp_path / "book.txt").write_text(TEXTS[0])
+    assert healing_sequences(str(tmp_path / "book.txt"), tokenizer, config)[1]["source"] == "text file"
+    rows = [conversation("2+2=", "4"), conversation("hi", "hello there")]
+    chat, stats = healing_sequences(rows, tokenizer, config)
+    # long conversations are cut into pieces, not truncated: every token is kept
+    assert stats["source"] == "chat" and all(s.numel() <= 16 for s in chat)
+    assert stats["tokens"] == sum(len(tokenize_conversation(tokenizer, r["messages"])[0]) for r in rows)
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert healing_sequences(str(tmp_path / "chat.jsonl"), tokenizer, config)[1] == stats
+    assert healing_sequences(Dataset.from_list(rows), tokenizer, config)[1]["source"] == "chat"
+    assert healing_sequences(Dataset.from_dict({"text": TEXTS}), tokenizer, config)[1]["source"] == "dataset text"
+    with pytest.raises(ValueError, match="neither a 'text' nor a 'messages' column"):
+        healing_sequences(Dataset.from_dict({"body": TEXTS}), tokenizer, config)
+    generated, stats = healing_sequences(None, tokenizer, config, teacher=tiny_model("llama"))
+    assert stats["source"] == "generated" and stats["tokens"] >= 40
+
+
+def test_bf16_heals_on_cpu():
+    student, teacher = pair()
+    report = kallm.heal(student, teacher, make_tiny_tokenizer(), data=TEXTS, max_steps=2, bf16=True, **QUICK)
+    assert report.steps == 2 and all(p["kl"] >= 0 for p in report.curve if p["stage"] == "end_to_end")
+    assert student.model.layers[2].mlp.layers[0].weight.dtype == torch.float32  # autocast, weights stay float32
