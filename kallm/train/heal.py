@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..surgery.adapters import adapter_for
+from ..surgery.checks import causal_lm_parts
 from ..surgery.fit import default_calibration, original_feedforward, outlier_rows, record_feedforwards
-from ..surgery.retrofit import _base_model_type, retrofitted_layers
+from ..surgery.retrofit import retrofitted_layers
 from ..surgery.trainable import POLICIES, set_trainable
 
 logger = logging.getLogger("kallm")
@@ -208,13 +208,11 @@ class _Layout:
         if retrofitted_layers(teacher):
             raise ValueError(f"the teacher is itself retrofitted (blocks {retrofitted_layers(teacher)}); pass the "
                              f"original model the student was retrofitted from")
-        self.adapter = adapter_for(_base_model_type(model))
-        teacher_type = _base_model_type(teacher)
-        if teacher_type != _base_model_type(model):
-            raise ValueError(f"the teacher is a {teacher_type} model but the student a {_base_model_type(model)} "
+        student_type, self.adapter, self.student_blocks = causal_lm_parts(model, "heal")
+        teacher_type, _, self.teacher_blocks = causal_lm_parts(teacher, "heal")
+        if teacher_type != student_type:
+            raise ValueError(f"the teacher is a {teacher_type} model but the student a {student_type} "
                              f"one; pass the original model the student was retrofitted from")
-        self.student_blocks = model.get_submodule(self.adapter.blocks_path)
-        self.teacher_blocks = teacher.get_submodule(self.adapter.blocks_path)
         if len(self.student_blocks) != len(self.teacher_blocks):
             raise ValueError(f"the teacher has {len(self.teacher_blocks)} blocks, the student "
                              f"{len(self.student_blocks)}; pass the original model the student was retrofitted from")
