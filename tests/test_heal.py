@@ -145,7 +145,7 @@ def test_refused_calls_leave_the_model_untouched(tmp_path):
         (dict(model=student, teacher=teacher, data=["  ", "\n"]), ValueError, "tokenizes to nothing"),
         (dict(model=student, teacher=teacher, data=[1, 2]), TypeError, "only texts"),
         (dict(model=student, teacher=teacher, data=str(tmp_path / "missing.txt")), FileNotFoundError, "not found"),
-        (dict(model=student, teacher=teacher, data=[{"messages": []}]), ValueError, "no usable conversations"),
+        (dict(model=student, teacher=teacher, data=[{"messages": []}]), ValueError, "holds no valid conversation"),
         (dict(model=student, teacher=teacher, data=TEXTS, minutes=0), ValueError, "minutes must be > 0"),
         (dict(model=student, teacher=teacher, data=TEXTS, resume=True, output_dir=str(tmp_path)),
          FileNotFoundError, "no checkpoint-N"),
