@@ -67,6 +67,21 @@ def public_source_name(name_or_path: str) -> str:
     return Path(name_or_path).name
 
 
+def recorded_base_model(model, action: str) -> str:
+    """The model ``model`` was retrofitted from, as its ``kan_config`` records it, when that names
+    one unambiguously: a bundled name, a hub id ("user/name") or an absolute path. A local base is
+    recorded by its folder name only (see ``public_source_name``), which could match an unrelated
+    folder here, so ``action`` (the caller, for the message) then needs ``--teacher``."""
+    kan_config = getattr(model.config, "kan_config", None)
+    recorded = (kan_config or {}).get("base_model")
+    if not recorded:
+        raise ValueError(f"{action} needs --teacher: this model does not record the model it was retrofitted from")
+    if recorded in BUNDLED_MODELS or "/" in recorded.strip("/") or os.path.isabs(recorded):
+        return recorded
+    raise ValueError(f"{action} needs --teacher: this model was retrofitted from a local model recorded only by "
+                     f"its folder name ({recorded!r}); pass --teacher FOLDER")
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, **kwargs):
     """Load ``(model, tokenizer)``.
 

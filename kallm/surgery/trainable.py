@@ -6,8 +6,9 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..core.layers import is_kan_feedforward
 from ..core.modeling_kallm import count_parameters
-from .checks import causal_lm_parts, is_kan_feedforward
+from .checks import causal_lm_parts
 from .retrofit import retrofitted_layers
 
 POLICIES = ("retrofitted", "tail", "tail+embeddings", "all")

@@ -87,14 +87,14 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from ..loading import load_model
+    from ..loading import load_model, recorded_base_model
     from .trainer import train
 
     config = config_from_args(args)  # bad settings fail before any model loads
     if args.teacher and not args.distill:
         raise ValueError("--teacher is only used with --distill")
     model, tokenizer = load_model(args.model)
-    teacher = _load_teacher(args.teacher or _base_model(model)) if args.distill else None
+    teacher = _load_teacher(args.teacher or recorded_base_model(model, "--distill")) if args.distill else None
     result = train(model, tokenizer, args.data, config, teacher=teacher)
     if int(os.environ.get("RANK", "0")) == 0:
         from .data import DataStats
@@ -107,22 +107,6 @@ def run(args) -> int:
               + (f", last logged loss {loss:.4f}" if loss is not None else ""))
         print(f"model and tokenizer saved to {result.output_dir}; metrics in {result.metrics_file}")
     return 0
-
-
-def _base_model(model) -> str:
-    """The recorded base model, when it names one unambiguously: a bundled name, a hub id
-    ("user/name") or an absolute path. A local base is recorded by its folder name only
-    (kallm never publishes private paths), which could match an unrelated folder here."""
-    from ..loading import BUNDLED_MODELS
-
-    kan_config = getattr(model.config, "kan_config", None)
-    recorded = (kan_config or {}).get("base_model")
-    if not recorded:
-        raise ValueError("--distill needs --teacher: this model does not record the model it was retrofitted from")
-    if recorded in BUNDLED_MODELS or "/" in recorded.strip("/") or os.path.isabs(recorded):
-        return recorded
-    raise ValueError(f"--distill needs --teacher: this model was retrofitted from a local model recorded only by "
-                     f"its folder name ({recorded!r}); pass --teacher FOLDER")
 
 
 def _load_teacher(source: str):

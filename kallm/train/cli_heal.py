@@ -76,12 +76,12 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from ..loading import load_model
+    from ..loading import load_model, recorded_base_model
     from .heal import CURVE_FILE, heal
 
     config = config_from_args(args)  # bad settings fail before any model loads
     model, tokenizer = load_model(args.model)
-    teacher, _ = load_model(args.teacher or _recorded_original(model))
+    teacher, _ = load_model(args.teacher or recorded_base_model(model, "kallm heal"))
     report = heal(model, teacher, tokenizer, data=args.data, config=config)
     if int(os.environ.get("RANK", "0")) == 0:
         last = next((p for p in reversed(report.curve) if p["stage"] == "end_to_end"), None)
@@ -93,10 +93,3 @@ def run(args) -> int:
               f"{report.tokens_per_second:,.0f} tokens/s" + (f", last KL {last['kl']:.4f}" if last else ""))
         print(f"model and tokenizer saved to {args.out}; curve in {os.path.join(args.out, CURVE_FILE)}")
     return 0
-
-
-def _recorded_original(model) -> str:
-    kan_config = getattr(model.config, "kan_config", None)
-    if not kan_config or not kan_config.get("base_model"):
-        raise ValueError("this model does not record the model it was retrofitted from; pass --teacher ORIGINAL")
-    return kan_config["base_model"]
