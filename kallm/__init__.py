@@ -17,6 +17,7 @@ _EXPORTS = {
     "KANFeedForward": "core",
     "KANLinear": "core",
     "RecurrenceBasis": "core",
+    "RetrofitConfig": "core",
     "intermediate_size_for_budget": "core",
     "list_bases": "core",
     "register_basis": "core",

@@ -149,6 +149,7 @@ def push_to_hub(model, repo_id: str, tokenizer=None, private: bool | None = None
     from huggingface_hub import HfApi
 
     from .core.modeling_kallm import write_model_card
+    from .core.retrofit_config import kan_config_blocks
 
     api = api or HfApi(token=token)
     repo_id = getattr(api.create_repo(repo_id, private=private, exist_ok=True), "repo_id", repo_id)
@@ -156,7 +157,7 @@ def push_to_hub(model, repo_id: str, tokenizer=None, private: bool | None = None
         model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        if getattr(model.config, "kan_config", None):
+        if kan_config_blocks(model.config):  # a retrofitted class (a linear restart keeps its family's card)
             write_model_card(model, folder, location=repo_id)  # the load snippets name the repo
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     return str(getattr(commit, "commit_url", commit))

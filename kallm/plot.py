@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 
 import torch
 
 from .core.layers import KANLinear
+from .core.retrofit_config import kan_config_blocks
 from .loading import load_model
-from .surgery.retrofit import retrofitted_layers
 
 
 @torch.no_grad()
@@ -78,25 +79,33 @@ def plot_layer(layer: KANLinear, path: str, count: int = 16, title: str = "") ->
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="folder (or hub id) of a retrofitted model")
-    parser.add_argument("--layer", type=int, required=True, help="index of a retrofitted decoder block")
+    parser.add_argument("--block", type=int, help="index of a retrofitted decoder block (required)")
+    parser.add_argument("--layer", type=int, dest="deprecated_layer", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, default=0, help="which KAN layer of the feedforward (0 = first)")
     parser.add_argument("--edges", type=int, default=16, help="how many of the strongest edges to draw")
     parser.add_argument("--out", help="PNG path (default: kan_block<L>_stage<S>.png)")
 
 
 def run(args) -> int:
+    if args.deprecated_layer is not None:
+        if args.block is not None:
+            raise ValueError("give --block or its deprecated name --layer, not both")
+        warnings.warn("kallm plot --layer is deprecated: use --block", FutureWarning, stacklevel=2)
+        args.block = args.deprecated_layer
+    if args.block is None:
+        raise ValueError("kallm plot needs --block, the index of a retrofitted decoder block")
     model, _ = load_model(args.model)
-    layers = retrofitted_layers(model)
-    kan_config = getattr(model.config, "kan_config", None)
-    if not kan_config:
+    kan_blocks = kan_config_blocks(model.config)
+    if not kan_blocks:
         raise ValueError(f"{args.model} has no KAN feedforwards to plot")
-    if args.layer not in layers:
-        raise ValueError(f"block {args.layer} is not a KAN block; KAN blocks: {layers}")
-    block = model.get_submodule(kan_config["blocks_path"])[args.layer]
+    if args.block not in kan_blocks:
+        raise ValueError(f"block {args.block} is not a KAN block; KAN blocks: {kan_blocks}")
+    kan_config = model.config.kan_config
+    block = model.get_submodule(kan_config["blocks_path"])[args.block]
     stages = getattr(block, kan_config["mlp_attribute"]).layers
     if not 0 <= args.stage < len(stages):
         raise ValueError(f"--stage must be between 0 and {len(stages) - 1}")
-    path = args.out or f"kan_block{args.layer}_stage{args.stage}.png"
-    edges = plot_layer(stages[args.stage], path, args.edges, title=f"block {args.layer}, stage {args.stage}")
+    path = args.out or f"kan_block{args.block}_stage{args.stage}.png"
+    edges = plot_layer(stages[args.stage], path, args.edges, title=f"block {args.block}, stage {args.stage}")
     print(f"Wrote {path} ({len(edges)} edge functions)")
     return 0

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         "text": Path(text_path).name,
         "scored_tokens": arms[0]["tokens"],
         "max_length": args.max_length,
-        "retrofit": {key: kan_config[key] for key in ("layers", "basis", "degree", "intermediate_size")},
+        "retrofit": {key: kan_config[key] for key in ("blocks", "basis", "degree", "intermediate_size")},
         "arms": arms,
         "per_block": blocks,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -135,7 +135,7 @@ def markdown(result) -> str:
         "",
         f"{result['text']}, first {result['scored_tokens']} tokens scored in windows of {result['max_length']}; "
         f"KAN feedforwards ({retrofit['basis']}, degree {retrofit['degree']}, intermediate size "
-        f"{retrofit['intermediate_size']}) in blocks {retrofit['layers']}, no training.",
+        f"{retrofit['intermediate_size']}) in blocks {retrofit['blocks']}, no training.",
         "",
         "| arm | parameters per feedforward | perplexity | x original | retrofit time (s) | relative error per block |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
@@ -187,7 +187,7 @@ def per_block(base, fitted, adapter, tokenizer, text, args) -> dict:
     calibration (the default one, as the fit used) and on the scored text."""
     if adapter.bypassed_attributes:
         raise SystemExit("--per-block needs a model whose feedforward is one module (not OPT-style)")
-    indices = fitted.config.kan_config["layers"]
+    indices = fitted.config.kan_config["blocks"]
     fitted_blocks = fitted.get_submodule(adapter.blocks_path)
     kans = {i: getattr(fitted_blocks[i], adapter.mlp_attribute) for i in indices}
     calibration = record_feedforwards(base, adapter, indices, default_calibration(base, tokenizer), progress=False)

@@ -219,10 +219,10 @@ def block_errors(student, teacher, tokenizer, scored: str) -> dict:
     states (teacher forced), over all tokens and over ordinary (non-outlier) tokens."""
     from kallm.surgery.adapters import adapter_for
     from kallm.surgery.fit import ordinary_token_error, original_feedforward, record_feedforwards
-    from kallm.surgery.retrofit import retrofitted_layers
+    from kallm.surgery.retrofit import retrofitted_blocks
 
     adapter = adapter_for(teacher.config.model_type)
-    layers = retrofitted_layers(student)
+    layers = retrofitted_blocks(student)
     ids = tokenizer(scored, add_special_tokens=False, return_tensors="pt").input_ids[0]
     sequences = [ids[s:s + 512] for s in range(0, ids.numel(), 512)]
     records = record_feedforwards(teacher, adapter, layers, sequences, progress=False)
@@ -241,11 +241,11 @@ def blocks_alone(student, teacher, score) -> dict:
     from torch import nn
 
     from kallm.surgery.adapters import adapter_for
-    from kallm.surgery.retrofit import retrofitted_layers
+    from kallm.surgery.retrofit import retrofitted_blocks
 
     adapter = adapter_for(teacher.config.model_type)
     alone = {}
-    for index in retrofitted_layers(student):
+    for index in retrofitted_blocks(student):
         model = copy.deepcopy(teacher)
         block = model.get_submodule(adapter.blocks_path)[index]
         new = student.get_submodule(adapter.blocks_path)[index]

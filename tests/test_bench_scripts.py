@@ -58,7 +58,7 @@ def test_bench_fit_init_per_block_table(tmp_path):
     assert code == 0
     result = json.loads(out_json.read_text())
     table = result["per_block"]
-    first, last = result["retrofit"]["layers"]
+    first, last = result["retrofit"]["blocks"]
     assert [row["blocks"] for row in table["rows"]] == [[first], [last], [first, last]]
     fit_arm = next(arm for arm in result["arms"] if arm["arm"] == "fit init")
     assert table["original"] == pytest.approx(fit_arm["perplexity"] / fit_arm["ratio_to_original"], rel=0.05)

@@ -26,7 +26,7 @@ import kallm.loading
 from kallm.core.layers import KANFeedForward
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_FILES = ("modeling_kallm.py", "configuration_kallm.py", "layers.py", "bases.py", "kan_function.py")
+CODE_FILES = ("modeling_kallm.py", "configuration_kallm.py", "retrofit_config.py", "layers.py", "bases.py", "kan_function.py")
 
 # name -> (family, retrofit options); every family plus bases and options that change the module tree
 CASES = {family: (family, {"last_n": 2}) for family in sorted(TINY_CONFIGS)}
@@ -135,7 +135,7 @@ def test_saved_folder_holds_safetensors_config_code_and_card(saved, name):
     assert config["architectures"] == [model_class]
     assert config["model_type"] == type(model.config).model_type
     assert config["kan_config"] == model.config.kan_config
-    assert config["kan_config"]["schema_version"] == 1
+    assert config["kan_config"]["schema_version"] == 2
 
 
 def test_each_retrofitted_class_names_its_family_and_shares_one_init(saved):
@@ -240,9 +240,9 @@ def copy_checkpoint(saved, tmp_path, name="llama", edit_config=None, edit_weight
     return folder
 
 
-def _set_layers(layers):
+def _set_blocks(blocks):
     def edit(config):
-        config["kan_config"]["layers"] = layers
+        config["kan_config"]["blocks"] = blocks
     return edit
 
 
@@ -270,10 +270,10 @@ TAMPERED = {
     "kan-weight-added": (None, _add("model.layers.1.mlp.layers.0.basis_parameters.0"),
                          r"1 tensors in the weights are not in the model the config describes: "
                          r"model\.layers\.1\.mlp\.layers\.0\.basis_parameters\.0\."),
-    "config-drops-block-1": (_set_layers([2]), None,
+    "config-drops-block-1": (_set_blocks([2]), None,
                              r"describes KAN blocks \[2\]: 3 tensors .* missing .*model\.layers\.1\.mlp\.down_proj"
                              r".*; 8 tensors in the weights .*model\.layers\.1\.mlp\.layers\.0\.bias"),
-    "config-adds-block-0": (_set_layers([0, 1, 2]), None,
+    "config-adds-block-0": (_set_blocks([0, 1, 2]), None,
                             r"missing from the weights: model\.layers\.0\.mlp\.layers\.0\.bias.*"
                             r"not in the model the config describes: model\.layers\.0\.mlp\.down_proj\.weight"),
     "kan-config-null": (_null_kan_config, None,
@@ -319,22 +319,32 @@ CORRUPTED = {
     "schema-version-true": (_kan("schema_version", True), r"no integer schema_version >= 1 \(got True\)"),
     "schema-version-zero": (_kan("schema_version", 0), r"no integer schema_version >= 1 \(got 0\)"),
     "not-a-dict": (_replace_kan_config("layers"), r"kan_config must be a dict \(a JSON object\) or null, got 'layers'"),
-    "unknown-key": (_add_kan_key, r"kan_config has unknown keys \['activation'\] for schema_version 1"),
-    "layers-strings": (_kan("layers", ["1"]), r"kan_config.layers must be a non-empty, sorted list of distinct "
-                                               r"non-negative block indices, got \['1'\]"),
-    "layers-unsorted": (_kan("layers", [2, 1]), r"kan_config.layers must be .*, got \[2, 1\]"),
-    "layers-twice": (_kan("layers", [1, 1]), r"kan_config.layers must be .*, got \[1, 1\]"),
-    "layers-empty": (_kan("layers", []), r"kan_config.layers must be .*, got \[\]"),
-    "layers-bool": (_kan("layers", [True]), r"kan_config.layers must be .*, got \[True\]"),
-    "layers-negative": (_kan("layers", [-1]), r"kan_config.layers must be .*, got \[-1\]"),
-    "layers-beyond-the-model": (_kan("layers", [1, 5]), r"kan_config.layers lists blocks \[5\], but "
+    "unknown-key": (_add_kan_key, r"kan_config has unknown keys \['activation'\] for schema_version 2"),
+    "blocks-strings": (_kan("blocks", ["1"]), r"block indices must be integers, got '1'"),
+    "blocks-unsorted": (_kan("blocks", [2, 1]), r"kan_config.blocks must be a non-empty, sorted list of distinct "
+                                                r"non-negative block indices, got \[2, 1\]"),
+    "blocks-twice": (_kan("blocks", [1, 1]), r"kan_config.blocks must be .*, got \[1, 1\]"),
+    "blocks-empty": (_kan("blocks", []), r"kan_config.blocks must be .*, got \[\]"),
+    "blocks-bool": (_kan("blocks", [True]), r"block indices must be integers, got True"),
+    "blocks-negative": (_kan("blocks", [-1]), r"kan_config.blocks must be .*, got \[-1\]"),
+    "blocks-beyond-the-model": (_kan("blocks", [1, 5]), r"kan_config.blocks lists blocks \[5\], but "
                                                         r"KALlamaForCausalLM has 3 blocks"),
-    "layer-options-null": (_kan("layer_options", None), r"kan_config.layer_options must be a dict .*, got None"),
-    "layer-options-bad-bias": (_kan("layer_options", {"bias": "yes"}), r"kan_config's basis, degree and "
-                                                                        r"layer_options do not build .*bias must be "
-                                                                        r"True or False, got 'yes'"),
-    "layer-options-dtype": (_kan("layer_options", {"dtype": "float16"}), r"layer_options may not hold \['dtype'\]"),
-    "layer-options-unknown": (_kan("layer_options", {"alpha": 1.0}), r"does not take options \['alpha'\]"),
+    "blocks-auto": (_kan("blocks", "auto"), r"blocks='auto' needs num_blocks"),
+    "basis-options-null": (_kan("basis_options", None), r"kan_config.basis_options must be a dict .*, got None"),
+    "bias-a-string": (_kan("bias", "yes"), r"kan_config.bias must be true or false, got 'yes'"),
+    "input-map-unknown": (_kan("input_map", "relu"), r"unknown input_map 'relu'; valid choices: affine, tanh"),
+    "basis-options-dtype": (_kan("basis_options", {"dtype": "float16"}), r"basis_options may not hold \['dtype'\]"),
+    "basis-options-unknown": (_kan("basis_options", {"alpha": 1.0}), r"does not take options \['alpha'\]"),
+    "kind-linear": (_kan("kind", "linear"), r"kind='linear' restarts the MLPs in their own shape"),
+    "kind-unknown": (_kan("kind", "mlp"), r"unknown kind 'mlp'; valid choices: kan, linear"),
+    "init-unknown": (_kan("init", "zeros"), r"unknown init 'zeros'; valid choices: random, fit"),
+    "block-settings-unlisted": (_kan("block_settings", {"0": {"degree": 3}}), r"kan_config.block_settings has "
+                                                                             r"settings for blocks \[0\]"),
+    "block-settings-unknown": (_kan("block_settings", {"1": {"activation": "gelu"}}),
+                               r"kan_config.block_settings\[1\] has unknown settings \['activation'\]"),
+    "block-settings-bad-degree": (_kan("block_settings", {"1": {"degree": 0}}), r"basis, degree and options of "
+                                                                               r"block 1 do not build"),
+    "block-settings-key": (_kan("block_settings", {"one": {}}), r"block_settings keys must be block indices"),
     "blocks-path-bogus": (_kan("blocks_path", "model.blocks"), r"kan_config.blocks_path 'model.blocks' names no "
                                                               r"submodule of KALlamaForCausalLM"),
     "blocks-path-not-a-list": (_kan("blocks_path", "model.norm"), r"kan_config.blocks_path 'model.norm' names a "
@@ -348,6 +358,8 @@ CORRUPTED = {
                                                               r"attribute names, got 'fc2'"),
     "hidden-size-other": (_kan("hidden_size", 64), r"kan_config.hidden_size is 64, but the model's hidden_size is 32"),
     "hidden-size-bool": (_kan("hidden_size", True), r"kan_config.hidden_size must be a positive integer, got True"),
+    "intermediate-size-null": (_kan("intermediate_size", None), r"kan_config.intermediate_size must be a positive "
+                                                                r"integer, got None"),
     "degree-string": (_kan("degree", "2"), r"kan_config.degree must be a positive integer, got '2'"),
     "degree-too-high": (_kan("degree", 101), r"do not build .*degree must be an integer >= 1 and <= 100, got 101"),
     "basis-unknown": (_kan("basis", "sine"), r"unknown basis 'sine'.*must be registered before the checkpoint is "
@@ -367,9 +379,60 @@ def test_corrupted_kan_config_is_refused_naming_the_field(saved, tmp_path, case)
         AutoModelForCausalLM.from_pretrained(folder)
 
 
+def as_saved_by_schema_version_1(kan_config):
+    """A kan_config dict in the form kallm wrote before RetrofitConfig (schema version 1)."""
+    return {
+        "schema_version": 1, "base_model_type": kan_config["base_model_type"], "base_model": kan_config["base_model"],
+        "layers": kan_config["blocks"], "blocks_path": kan_config["blocks_path"],
+        "mlp_attribute": kan_config["mlp_attribute"], "bypassed_attributes": kan_config["bypassed_attributes"],
+        "hidden_size": kan_config["hidden_size"], "intermediate_size": kan_config["intermediate_size"],
+        "basis": kan_config["basis"], "degree": kan_config["degree"],
+        "layer_options": {**({"input_map": "tanh"} if kan_config["input_map"] == "tanh" else {}),
+                          **kan_config["basis_options"]},
+    }
+
+
+@pytest.mark.parametrize("name", ["llama", "opt", "qwen2-gegenbauer-tanh"])
+def test_a_schema_version_1_checkpoint_loads_and_is_read_in_todays_schema(saved, tmp_path, name):
+    folder, model, reference = saved[name]
+
+    def to_version_1(config):
+        config["kan_config"] = as_saved_by_schema_version_1(config["kan_config"])
+
+    old = copy_checkpoint(saved, tmp_path, name, edit_config=to_version_1)
+    assert json.loads((old / "config.json").read_text())["kan_config"]["schema_version"] == 1
+    loaded = AutoModelForCausalLM.from_pretrained(old)
+    expected = torch.load(reference)
+    assert torch.equal(logits_of(loaded, expected["ids"]), expected["logits"])
+    # read in today's schema; init was not recorded before version 2
+    assert loaded.config.kan_config == {**model.config.kan_config, "init": None}
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["kan_config"]["schema_version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda kan: kan.update(layers=[2, 1]), r"kan_config.layers must be a non-empty, sorted list .*\[2, 1\]"),
+        (lambda kan: kan.pop("layer_options"), r"kan_config is missing \['layer_options'\]"),
+        (lambda kan: kan.update(blocks=[1, 2]), r"kan_config has unknown keys \['blocks'\] for schema_version 1"),
+        (lambda kan: kan.update(layer_options=None), r"kan_config.layer_options must be a dict"),
+        (lambda kan: kan.update(layer_options={"bias": "yes"}), r"kan_config.bias must be true or false, got 'yes'"),
+    ],
+)
+def test_a_broken_schema_version_1_config_is_refused_in_its_own_terms(saved, tmp_path, edit, message):
+    def to_broken_version_1(config):
+        config["kan_config"] = as_saved_by_schema_version_1(config["kan_config"])
+        edit(config["kan_config"])
+
+    folder = copy_checkpoint(saved, tmp_path, edit_config=to_broken_version_1)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
 def test_newer_schema_version_is_refused_with_a_clear_error(saved):
     with pytest.raises(ValueError, match=r"schema_version is 99, but the installed kallm code only understands "
-                                         r"versions up to 1; upgrade kallm"):
+                                         r"versions up to 2; upgrade kallm"):
         AutoModelForCausalLM.from_pretrained(saved["llama-newer-schema"][0])
 
 
@@ -544,7 +607,7 @@ def test_model_card_describes_the_retrofit_and_both_load_paths(saved):
     assert "| retrofitted blocks | [0, 2] |" in card
     assert "| basis | `rational`, degree 2 |" in card
     assert f"| KAN feedforward sizes | 32 -> {kan_config['intermediate_size']} -> 32 |" in card
-    assert "| layer options | denominator_degree=2 |" in card
+    assert "| basis options | denominator_degree=2 |" in card and "| input map, bias | affine, True |" in card
     assert f"| parameters | {total:,} in all, {kan_total:,} in KAN feedforwards |" in card
     assert "import kallm" in card and 'AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")' in card
     assert 'from_pretrained("PATH_OR_REPO", trust_remote_code=True)' in card

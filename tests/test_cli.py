@@ -114,7 +114,7 @@ def test_retrofit_command_saves_a_loadable_model_and_prints_the_table(saved_tiny
     printed = capsys.readouterr().out
     assert "| block | feedforward | parameters | trainable |" in printed and "| 2 | kan |" in printed
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.kan_config["layers"] == [1, 2]
+    assert model.config.kan_config["blocks"] == [1, 2]
     assert model.config.kan_config["basis"] == "legendre" and model.config.kan_config["degree"] == 3
     assert model.config.kan_config["layer_options"] == {"input_map": "tanh"}
     assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
@@ -166,7 +166,7 @@ def test_inspect_prints_kan_config_and_table(saved_tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert json.loads(printed.split("kan_config:\n")[1].split("\n\n")[0])["layers"] == [2]
+    assert json.loads(printed.split("kan_config:\n")[1].split("\n\n")[0])["blocks"] == [2]
     assert "| 2 | kan |" in printed and "| 0 | original |" in printed
 
 

@@ -33,7 +33,7 @@ def token_ids(seed=0, rows=16, length=48):
 def block_errors(model, original, ids):
     """Relative error of each retrofitted feedforward against the original one on ``ids``."""
     adapter = adapter_for(original.config.model_type)
-    layers = kallm.surgery.retrofitted_layers(model)
+    layers = kallm.surgery.retrofitted_blocks(model)
     records = fit.record_feedforwards(original, adapter, layers, list(ids), progress=False)
     blocks = model.get_submodule(adapter.blocks_path)
     errors = {}
@@ -289,7 +289,7 @@ def test_extending_a_retrofitted_model_with_fit_init():
     ids = token_ids(0)
     model = kallm.retrofit(copy.deepcopy(original), layers=[2], init="fit", calibration=ids)
     model = kallm.retrofit(model, layers=[1], init="fit", calibration=ids)
-    assert model.config.kan_config["layers"] == [1, 2]
+    assert model.config.kan_config["blocks"] == [1, 2]
     assert set(model.kallm_fit_report["relative_error"]) == {1}
     assert model.kallm_fit_report["relative_error"][1] < 0.9
 

@@ -22,7 +22,7 @@ def test_real_smollm2_retrofit_save_and_reload(smollm2, tmp_path):
     model = kallm.retrofit(copy.deepcopy(base), last_n=5, basis="cheby2", degree=2).eval()
 
     kan_config = model.config.kan_config
-    assert kan_config["layers"] == [25, 26, 27, 28, 29]
+    assert kan_config["blocks"] == [25, 26, 27, 28, 29]
     assert kan_config["base_model"] == "smollm2-135m-instruct"
     assert sum(isinstance(m, KANFeedForward) for m in model.modules()) == 5
     base_state, state = base.state_dict(), model.state_dict()

@@ -82,7 +82,7 @@ def test_retrofit_replaces_only_the_chosen_feedforwards(model_type):
     assert isinstance(model, base_class) and type(model) is not base_class
     assert type(model).__name__.startswith("KA")
     kan_config = model.config.kan_config
-    assert kan_config["layers"] == [1, 2]
+    assert kan_config["blocks"] == [1, 2]
     assert kan_config["base_model_type"] == model_type
     adapter = ADAPTERS[model_type]
     blocks = model.get_submodule(adapter.blocks_path)
@@ -117,8 +117,9 @@ def test_linear_restart_keeps_shapes_and_class(model_type):
     kallm.retrofit(model, last_n=2, kind="linear")
 
     assert type(model) is base_class
-    assert getattr(model.config, "kan_config", None) is None
-    assert kallm.surgery.retrofitted_layers(model) == [1, 2]
+    # the restart's typed config, kept in the family's own config
+    assert model.config.kan_config["kind"] == "linear" and model.config.kan_config["blocks"] == [1, 2]
+    assert kallm.surgery.retrofitted_blocks(model) == [1, 2]
     after = model.state_dict()
     assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
     prefixes = feedforward_prefixes(model_type, [1, 2])
@@ -201,11 +202,11 @@ def test_gradient_checkpointing(model_type):
 
 
 def test_last_n_and_layers_select_blocks():
-    assert kallm.retrofit(tiny_model("llama"), last_n=1).config.kan_config["layers"] == [2]
-    assert kallm.retrofit(tiny_model("llama"), last_n=3).config.kan_config["layers"] == [0, 1, 2]
+    assert kallm.retrofit(tiny_model("llama"), last_n=1).config.kan_config["blocks"] == [2]
+    assert kallm.retrofit(tiny_model("llama"), last_n=3).config.kan_config["blocks"] == [0, 1, 2]
     # explicit layers win over last_n; negative indices count from the end
-    assert kallm.retrofit(tiny_model("llama"), last_n=1, layers=[-1, 0]).config.kan_config["layers"] == [0, 2]
-    assert kallm.retrofit(tiny_model("llama"), layers=(1,)).config.kan_config["layers"] == [1]
+    assert kallm.retrofit(tiny_model("llama"), last_n=1, layers=[-1, 0]).config.kan_config["blocks"] == [0, 2]
+    assert kallm.retrofit(tiny_model("llama"), layers=(1,)).config.kan_config["blocks"] == [1]
 
 
 @pytest.mark.parametrize(
@@ -215,12 +216,12 @@ def test_last_n_and_layers_select_blocks():
         ({"last_n": 4}, ValueError, "last_n must be an integer between 1 and 3"),
         ({"last_n": True}, ValueError, "last_n must be an integer"),
         ({"last_n": None}, ValueError, "last_n must be an integer"),
-        ({"layers": [3]}, ValueError, "layer index 3 is out of range for a model with 3 blocks"),
-        ({"layers": [-4]}, ValueError, "layer index -4 is out of range"),
-        ({"layers": [1.0]}, TypeError, "layer indices must be integers, got 1.0"),
-        ({"layers": [True]}, TypeError, "layer indices must be integers, got True"),
-        ({"layers": [2, -1]}, ValueError, "layers lists a block twice"),
-        ({"layers": 2}, TypeError, "layers must be a list of block indices"),
+        ({"layers": [3]}, ValueError, "block index 3 is out of range for a model with 3 blocks"),
+        ({"layers": [-4]}, ValueError, "block index -4 is out of range"),
+        ({"layers": [1.0]}, TypeError, "block indices must be integers, got 1.0"),
+        ({"layers": [True]}, TypeError, "block indices must be integers, got True"),
+        ({"layers": [2, -1]}, ValueError, "blocks lists a block twice"),
+        ({"layers": 2}, TypeError, "blocks must be a list of block indices"),
         ({"layers": []}, ValueError, "no decoder block selected"),
         ({"kind": "mlp"}, ValueError, "unknown kind 'mlp'; valid choices: kan, linear"),
         ({"basis": "chebyshev"}, ValueError, "unknown basis 'chebyshev'"),
@@ -271,7 +272,7 @@ def test_filter_fn_sees_feedforward_and_name():
 
     model = kallm.retrofit(tiny_model("llama"), last_n=3, filter_fn=keep_middle)
     assert seen == [("LlamaMLP", f"model.layers.{i}.mlp") for i in range(3)]
-    assert model.config.kan_config["layers"] == [1]
+    assert model.config.kan_config["blocks"] == [1]
 
     opt_names = []
     kallm.retrofit(tiny_model("opt"), last_n=1, filter_fn=lambda module, name: opt_names.append(name) or True)
@@ -295,7 +296,8 @@ def test_layer_options_reach_every_kan_layer(options):
     layer_options = {k: v for k, v in options.items() if k not in ("basis", "degree")}
     assert kan_config["basis"] == options["basis"]
     assert kan_config["degree"] == options.get("degree", 2)
-    assert kan_config["layer_options"] == layer_options
+    assert kan_config["input_map"] == options.get("input_map", "affine")
+    assert kan_config["basis_options"] == {k: v for k, v in layer_options.items() if k != "input_map"}
     expected = KANFeedForward(32, kan_config["intermediate_size"], options["basis"], options.get("degree", 2),
                               **layer_options)
     for index in (1, 2):
@@ -327,7 +329,7 @@ def test_extending_a_retrofitted_model_keeps_existing_blocks():
     kallm.retrofit(model, layers=[0])
 
     assert type(model) is kan_class
-    assert model.config.kan_config["layers"] == [0, 2]
+    assert model.config.kan_config["blocks"] == [0, 2]
     assert model.config.kan_config["intermediate_size"] == 30  # inherited, so the blocks stay alike
     assert model.model.layers[2].mlp is kept
     for name, param in kept.named_parameters():
@@ -341,11 +343,11 @@ def test_extending_a_retrofitted_model_keeps_existing_blocks():
 @pytest.mark.parametrize(
     ("second_call", "message"),
     [
-        ({"layers": [1, 2]}, "blocks [2] are already KAN feedforwards (retrofitted: [2]); choose other layers"),
+        ({"layers": [1, 2]}, "blocks [2] are already KAN feedforwards (retrofitted: [2]); choose other blocks"),
         ({"layers": [0], "degree": 3}, "already retrofitted with other KAN settings (degree: 2 -> 3)"),
         ({"layers": [0], "basis": "legendre"}, "basis: 'cheby2' -> 'legendre'"),
         ({"layers": [0], "intermediate_size": 12}, "intermediate_size: 22 -> 12"),
-        ({"layers": [0], "input_map": "tanh"}, "layer_options: {} -> {'input_map': 'tanh'}"),
+        ({"layers": [0], "input_map": "tanh"}, "input_map: 'affine' -> 'tanh'"),
         ({"layers": [0], "kind": "linear"}, "already has KAN feedforwards in blocks [2]"),
     ],
 )
@@ -483,7 +485,8 @@ def test_a_saved_linear_restart_still_knows_its_restarted_blocks(tmp_path):
     model = kallm.retrofit(tiny_model("llama"), layers=[1], kind="linear")
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.kallm_restarted_layers == [1]
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+    assert reloaded.config.kan_config == model.config.kan_config and reloaded.config.kan_config["blocks"] == [1]
     rows = kallm.summary(reloaded, print_table=False)["blocks"]
     assert [row["feedforward"] for row in rows] == ["original", "linear restart", "original"]
     kallm.set_trainable(reloaded, "retrofitted")
@@ -520,7 +523,7 @@ def test_research_parameter_counts_of_smollm2_shape():
     linear = kallm.retrofit(copy.deepcopy(base), last_n=5, kind="linear")
     kan = kallm.retrofit(base, last_n=5)
     assert {p.device.type for p in kan.parameters()} == {"meta"}
-    assert kan.config.kan_config["layers"] == [25, 26, 27, 28, 29]
+    assert kan.config.kan_config["blocks"] == [25, 26, 27, 28, 29]
     assert kan.config.kan_config["intermediate_size"] == 574
     assert KAN_FEEDFORWARD == 1_325_946
 
@@ -561,7 +564,7 @@ def test_retrofit_of_a_kan_class_without_kan_blocks_yet():
     assert not any(isinstance(m, KANFeedForward) for m in model.modules())
     kallm.retrofit(model, last_n=1)
     assert type(model).__name__ == "KALlamaForCausalLM"
-    assert model.config.kan_config["layers"] == [2] and model.config.kan_config["base_model_type"] == "llama"
+    assert model.config.kan_config["blocks"] == [2] and model.config.kan_config["base_model_type"] == "llama"
     assert isinstance(model.model.layers[2].mlp, KANFeedForward)
 
 
@@ -591,7 +594,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent("""
     except ValueError as error:
         result["last_n=3"] = str(error)
     kallm.retrofit(model, layers=[0])
-    result["layers"] = model.config.kan_config["layers"]
+    result["layers"] = model.config.kan_config["blocks"]
     ids = torch.arange(3, 11)[None]
     with torch.no_grad():
         logits = model(ids).logits
@@ -629,7 +632,7 @@ def test_a_model_loaded_with_its_own_code_before_kallm_is_recognised(tmp_path):
 
 def test_a_config_that_disagrees_with_the_blocks_is_refused():
     model = kallm.retrofit(tiny_model("llama"), layers=[2])
-    model.config.kan_config["layers"] = [1]
+    model.config.kan_config["blocks"] = [1]
     before = snapshot(model)
     with pytest.raises(ValueError, match=re.escape("lists KAN feedforwards in blocks [1], but blocks [2] hold them")):
         kallm.retrofit(model, layers=[0])
@@ -720,7 +723,7 @@ def test_only_the_blocks_to_retrofit_must_hold_float_weights():
     proj = model.model.layers[0].mlp.down_proj
     proj.weight = nn.Parameter(torch.zeros_like(proj.weight, dtype=torch.int8), requires_grad=False)
     kallm.retrofit(model, layers=[2])
-    assert model.config.kan_config["layers"] == [2]
+    assert model.config.kan_config["blocks"] == [2]
 
 
 def test_kan_layers_take_the_models_compute_dtype():
@@ -730,7 +733,7 @@ def test_kan_layers_take_the_models_compute_dtype():
         torch.zeros(64, 32, dtype=torch.int8), requires_grad=False
     )
     model.model.layers[1].mlp = nn.SiLU()
-    install_kan_feedforwards(model, model.config.kan_config, layers=[0, 1])
+    install_kan_feedforwards(model, model.config.kan_config, blocks=[0, 1])
     for index in (0, 1):
         assert {p.dtype for p in model.model.layers[index].mlp.parameters()} == {torch.bfloat16}
     assert torch.isfinite(model(token_ids()).logits.float()).all()

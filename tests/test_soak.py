@@ -15,7 +15,7 @@ from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm
 from kallm.saving import save_checkpoint
-from kallm.surgery import retrofitted_layers
+from kallm.surgery import retrofitted_blocks
 from kallm.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,14 +94,14 @@ def test_the_whole_chain_three_times_without_drift_or_leftovers(tmp_path, monkey
         assert len(answer["reply"]) > len(PROMPT_IDS[0])  # it generated
         del in_process
 
-        blocks = retrofitted_layers(model)
+        blocks = retrofitted_blocks(model)
         if len(blocks) < 3:
             kallm.retrofit(model, layers=[min(blocks) - 1])  # extend by one block, same settings
-            assert retrofitted_layers(model) == [min(blocks) - 1, *blocks]
+            assert retrofitted_blocks(model) == [min(blocks) - 1, *blocks]
         extended = logits(model)
         save_checkpoint(model, tokenizer, folder)
         assert torch.equal(logits(kallm.load_model(str(folder))[0]), extended)
-        assert json.loads((folder / "config.json").read_text())["kan_config"]["layers"] == retrofitted_layers(model)
+        assert json.loads((folder / "config.json").read_text())["kan_config"]["blocks"] == retrofitted_blocks(model)
 
         assert sorted(os.listdir(work)) == ["model", "run"], f"round {round_number}: left behind in {work}"
         assert os.listdir(tmp_dir) == [], f"round {round_number}: left behind in the temporary folder"

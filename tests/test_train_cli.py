@@ -57,7 +57,7 @@ def test_train_command_trains_and_saves(workspace, tmp_path, capsys):
               if "loss" in json.loads(line)]
     assert len(losses) == 3
     model, _ = kallm.load_model(str(out))
-    assert model.config.kan_config["layers"] == [2]
+    assert model.config.kan_config["blocks"] == [2]
 
 
 def test_train_command_distills_from_the_recorded_base_model(workspace, tmp_path, capsys):

@@ -10,6 +10,7 @@ from .configuration_kallm import KAN_CONFIG_CLASSES, KAN_SCHEMA_VERSION, validat
 from .kan_function import KANLinearFunction, kan_linear
 from .layers import KANFeedForward, KANLinear, intermediate_size_for_budget
 from .modeling_kallm import KAN_MODEL_CLASSES, KANModelMixin
+from .retrofit_config import RetrofitConfig, kan_config_blocks, read_retrofit_config
 
 
 def register_with_transformers() -> None:

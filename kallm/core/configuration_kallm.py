@@ -1,23 +1,12 @@
 """Configs of retrofitted models: the base family's config plus a ``kan_config`` dict.
 
-``kan_config`` (schema version 1) describes the retrofit completely, so that a model's
-``__init__`` can rebuild it before weights are loaded:
+``kan_config`` is a ``RetrofitConfig`` (retrofit_config.py) as a JSON object: it describes the
+retrofit completely, so that a model's ``__init__`` can rebuild it before weights are loaded. Its
+schema, field by field, is the dataclass; docs/checkpoint-format.md lists it.
 
-    schema_version      int, 1
-    base_model_type     the base family's model_type ("llama", "gpt2", ...)
-    base_model          where the base weights came from (informational)
-    layers              sorted list of retrofitted decoder block indices
-    blocks_path         dotted path of the decoder block list ("model.layers")
-    mlp_attribute       attribute of a block that holds the feedforward ("mlp", "fc1")
-    bypassed_attributes attributes replaced by identities (OPT's "activation_fn", "fc2")
-    hidden_size         feedforward input/output size
-    intermediate_size   KAN feedforward inner size
-    basis, degree       basis spec and degree (see bases.py)
-    layer_options       further KANLinear options (input_map, alpha, grid_size, ...)
-
-All checks of a ``kan_config`` live here: ``validate_kan_config`` (the schema, field by field,
-run whenever a config is built or loaded) and ``check_kan_config_fits_model`` (what depends on
-the built model, run by the model classes before they install the KAN feedforwards).
+All checks of a ``kan_config`` live in the core: ``validate_kan_config`` (the schema, field by
+field, run whenever a config is built or loaded) and ``check_kan_config_fits_model`` (what depends
+on the built model, run by the model classes before they install the KAN feedforwards).
 
 Part of kallm's portable core: plain torch + transformers, sibling imports only.
 """
@@ -38,89 +27,29 @@ from transformers import (
     Qwen3Config,
 )
 
-from .layers import KANFeedForward
+from .retrofit_config import SCHEMA_VERSION, RetrofitConfig
 
-KAN_SCHEMA_VERSION = 1
-KAN_CONFIG_KEYS = (
-    "schema_version", "base_model_type", "base_model", "layers", "blocks_path", "mlp_attribute",
-    "bypassed_attributes", "hidden_size", "intermediate_size", "basis", "degree", "layer_options",
-)
-#: KANLinear arguments that place tensors; a config never carries them (the model's dtype and device rule).
-_PLACEMENT_OPTIONS = ("device", "dtype")
+KAN_SCHEMA_VERSION = SCHEMA_VERSION
 
 
-def validate_kan_config(kan_config, base_model_type: str | None = None) -> None:
-    """Refuse a ``kan_config`` this code cannot rebuild exactly, naming the field and what it must be.
+def validate_kan_config(kan_config, base_model_type: str | None = None) -> RetrofitConfig | None:
+    """The ``RetrofitConfig`` of a ``kan_config`` dict (None for None), refusing one this code cannot rebuild
+    exactly with an error naming the field and what it must be.
 
     ``None`` (a retrofitted class without KAN blocks) passes. ``base_model_type``, when given,
-    is the family the config class belongs to. What depends on the built model (``blocks_path``,
-    the block attributes, ``hidden_size``) is checked by ``check_kan_config_fits_model``.
+    is the family the config class belongs to; such a class holds KAN feedforwards (a linear restart
+    keeps its family's own class). What depends on the built model (``blocks_path``, the block
+    attributes, ``hidden_size``) is checked by ``check_kan_config_fits_model``.
     """
     if kan_config is None:
-        return
-    if not isinstance(kan_config, dict):
-        raise ValueError(f"kan_config must be a dict (a JSON object) or null, got {kan_config!r}")
-    version = kan_config.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return None
+    config = RetrofitConfig.from_dict(kan_config, base_model_type)
+    if base_model_type is not None and config.kind != "kan":
         raise ValueError(
-            f"kan_config has no integer schema_version >= 1 (got {version!r}); it was not written by kallm"
+            f"kan_config.kind is {config.kind!r}, but a retrofitted config class holds KAN feedforwards; a linear "
+            f"restart keeps the {base_model_type!r} family's own classes"
         )
-    if version > KAN_SCHEMA_VERSION:
-        raise ValueError(
-            f"this checkpoint's kan_config schema_version is {version}, but the installed kallm code only "
-            f"understands versions up to {KAN_SCHEMA_VERSION}; upgrade kallm (pip install -U kallm) to load it"
-        )
-    missing = [key for key in KAN_CONFIG_KEYS if key not in kan_config]
-    if missing:
-        raise ValueError(f"kan_config is missing {missing}; expected keys: {', '.join(KAN_CONFIG_KEYS)}")
-    unknown = sorted(str(key) for key in kan_config if key not in KAN_CONFIG_KEYS)
-    if unknown:
-        raise ValueError(
-            f"kan_config has unknown keys {unknown} for schema_version {version}; expected keys: "
-            f"{', '.join(KAN_CONFIG_KEYS)}"
-        )
-    for key in ("base_model_type", "base_model", "blocks_path", "mlp_attribute", "basis"):
-        _check_text(key, kan_config[key])
-    if base_model_type is not None and kan_config["base_model_type"] != base_model_type:
-        raise ValueError(
-            f"kan_config.base_model_type is {kan_config['base_model_type']!r}, but this config class retrofits "
-            f"{base_model_type!r} models"
-        )
-    layers = kan_config["layers"]
-    valid_layers = isinstance(layers, list) and layers and all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
-    )
-    if not valid_layers or layers != sorted(set(layers)):
-        raise ValueError(
-            f"kan_config.layers must be a non-empty, sorted list of distinct non-negative block indices, got {layers!r}"
-        )
-    bypassed = kan_config["bypassed_attributes"]
-    if not isinstance(bypassed, list) or len(set(map(repr, bypassed))) != len(bypassed):
-        raise ValueError(f"kan_config.bypassed_attributes must be a list of distinct attribute names, got {bypassed!r}")
-    for name in bypassed:
-        _check_text("bypassed_attributes", name)
-    for key in ("hidden_size", "intermediate_size", "degree"):
-        value = kan_config[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"kan_config.{key} must be a positive integer, got {value!r}")
-    options = kan_config["layer_options"]
-    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
-        raise ValueError(f"kan_config.layer_options must be a dict of KANLinear options (a JSON object), got {options!r}")
-    placement = sorted(set(_PLACEMENT_OPTIONS) & set(options))
-    if placement:
-        raise ValueError(f"kan_config.layer_options may not hold {placement}: the model's own device and dtype rule")
-    try:
-        # Counting builds every basis with every option, running all of their checks, and allocates nothing.
-        KANFeedForward.count_parameters(
-            kan_config["hidden_size"], kan_config["intermediate_size"], kan_config["basis"], kan_config["degree"],
-            **options,
-        )
-    except (TypeError, ValueError) as error:
-        hint = ""
-        if "unknown basis" in str(error):
-            hint = "; a basis added with kallm.register_basis must be registered before the checkpoint is loaded"
-        raise ValueError(f"kan_config's basis, degree and layer_options do not build a KAN feedforward: {error}{hint}") \
-            from error
+    return config
 
 
 def check_kan_config_fits_model(kan_config: dict, model) -> None:
@@ -129,9 +58,9 @@ def check_kan_config_fits_model(kan_config: dict, model) -> None:
     ``blocks_path`` must name the block list, every listed block must exist and hold
     ``mlp_attribute`` and ``bypassed_attributes``, and ``hidden_size`` must be the model's.
     """
-    validate_kan_config(kan_config)
+    config = validate_kan_config(kan_config)
     name = type(model).__name__
-    path = kan_config["blocks_path"]
+    path = config.blocks_path
     try:
         blocks = model.get_submodule(path)
     except AttributeError:
@@ -140,35 +69,33 @@ def check_kan_config_fits_model(kan_config: dict, model) -> None:
         raise ValueError(
             f"kan_config.blocks_path {path!r} names a {type(blocks).__name__} in {name}, not a list of blocks"
         )
-    too_high = [i for i in kan_config["layers"] if i >= len(blocks)]
+    too_high = [i for i in config.blocks if i >= len(blocks)]
     if too_high:
-        raise ValueError(f"kan_config.layers lists blocks {too_high}, but {name} has {len(blocks)} blocks (0..{len(blocks) - 1})")
+        raise ValueError(f"kan_config.blocks lists blocks {too_high}, but {name} has {len(blocks)} blocks (0..{len(blocks) - 1})")
     for key in ("mlp_attribute", "bypassed_attributes"):
-        names = kan_config[key] if key == "bypassed_attributes" else [kan_config[key]]
-        for index in kan_config["layers"]:
+        names = config.bypassed_attributes if key == "bypassed_attributes" else [config.mlp_attribute]
+        for index in config.blocks:
             absent = [attribute for attribute in names if not isinstance(getattr(blocks[index], attribute, None), nn.Module)]
             if absent:
                 raise ValueError(f"kan_config.{key}: block {index} at {path!r} has no submodules {absent}")
     model_hidden = getattr(model.config, "hidden_size", None)
-    if model_hidden is not None and kan_config["hidden_size"] != model_hidden:
+    if model_hidden is not None and config.hidden_size != model_hidden:
         raise ValueError(
-            f"kan_config.hidden_size is {kan_config['hidden_size']}, but the model's hidden_size is {model_hidden}"
+            f"kan_config.hidden_size is {config.hidden_size}, but the model's hidden_size is {model_hidden}"
         )
 
 
-def _check_text(key, value):
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"kan_config.{key} must be a non-empty string, got {value!r}")
-
-
 class KANConfigMixin:
-    """Validates ``kan_config`` as soon as a config is built or loaded.
+    """Validates ``kan_config`` as soon as a config is built or loaded (and upgrades an older schema version).
 
     Each retrofitted config class names the config class of the family it retrofits in ``base_config_class``.
     """
 
     def __post_init__(self, **kwargs):
-        validate_kan_config(self.kan_config, self.base_config_class.model_type)
+        retrofit_config = validate_kan_config(self.kan_config, self.base_config_class.model_type)
+        if retrofit_config is not None:
+            # Configs saved by older kallm versions are read in today's schema, and saved in it again.
+            self.kan_config = retrofit_config.to_dict()
         super().__post_init__(**kwargs)
 
 

@@ -47,35 +47,25 @@ from .configuration_kallm import (
     KAQwen3Config,
     check_kan_config_fits_model,
 )
+from .retrofit_config import RetrofitConfig
 from .layers import KANFeedForward, KANLinear, is_kan_feedforward
 
 
-def build_kan_feedforward(kan_config: dict, device=None, dtype=None) -> KANFeedForward:
-    """The ``KANFeedForward`` that ``kan_config`` prescribes (same for every listed block)."""
-    return KANFeedForward(
-        kan_config["hidden_size"],
-        kan_config["intermediate_size"],
-        basis=kan_config["basis"],
-        degree=kan_config["degree"],
-        device=device,
-        dtype=dtype,
-        **kan_config["layer_options"],
-    )
-
-
-def install_kan_feedforwards(model: nn.Module, kan_config: dict, layers=None) -> list[int]:
-    """Replace the feedforward of ``layers`` (default: all of ``kan_config["layers"]``)."""
-    blocks = model.get_submodule(kan_config["blocks_path"])
-    indices = kan_config["layers"] if layers is None else layers
-    replaced = (kan_config["mlp_attribute"], *kan_config["bypassed_attributes"])
+def install_kan_feedforwards(model: nn.Module, kan_config: dict, blocks=None) -> list[int]:
+    """Replace the feedforward of ``blocks`` (default: all of ``kan_config["blocks"]``), each built from its
+    own settings (``RetrofitConfig.settings``)."""
+    config = RetrofitConfig.from_dict(kan_config)
+    block_list = model.get_submodule(config.blocks_path)
+    indices = config.blocks if blocks is None else blocks
+    replaced = (config.mlp_attribute, *config.bypassed_attributes)
     for index in indices:
-        if not 0 <= index < len(blocks):
-            raise ValueError(f"kan_config lists block {index}, but the model has {len(blocks)} blocks")
-        block = blocks[index]
+        if not 0 <= index < len(block_list):
+            raise ValueError(f"kan_config lists block {index}, but the model has {len(block_list)} blocks")
+        block = block_list[index]
         device, dtype = _placement(model, [getattr(block, name) for name in replaced])
-        feedforward = build_kan_feedforward(kan_config, device=device, dtype=dtype)
-        setattr(block, kan_config["mlp_attribute"], feedforward)
-        for name in kan_config["bypassed_attributes"]:
+        feedforward = KANFeedForward(**config.feedforward_arguments(index), device=device, dtype=dtype)
+        setattr(block, config.mlp_attribute, feedforward)
+        for name in config.bypassed_attributes:
             setattr(block, name, nn.Identity())
     return list(indices)
 
@@ -115,7 +105,8 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO") -> str
     snippets name.
     """
     kan = model.config.kan_config
-    custom = custom_bases(kan["basis"])
+    config = RetrofitConfig.from_dict(kan)
+    custom = _custom_bases(config)
     custom_note = (
         f"\nIt uses basis {', '.join(custom)}, added with `kallm.register_basis`: run the code that registers it "
         f"before loading. The code saved with the weights does not hold it, so `trust_remote_code` alone cannot "
@@ -125,7 +116,9 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO") -> str
     is_hub_id = _HUB_ID.fullmatch(kan["base_model"]) and not os.path.exists(kan["base_model"])
     base_model_line = f"base_model: {kan['base_model']}\n" if is_hub_id else ""
     kan_params = sum(count_parameters(m) for m in model.modules() if is_kan_feedforward(m))
-    options = ", ".join(f"{k}={v!r}" for k, v in kan["layer_options"].items()) or "defaults"
+    options = ", ".join(f"{k}={v!r}" for k, v in config.basis_options.items()) or "defaults"
+    own_settings = "".join(f"| block {index}'s own settings | {settings} |\n"
+                           for index, settings in sorted(config.block_settings.items()))
     name = model.__class__.__name__
     return f"""---
 library_name: transformers
@@ -135,16 +128,17 @@ tags: {json.dumps(["kallm", "kan", "kolmogorov-arnold", *(tags or ())])}
 # {kan["base_model"]} with KAN feedforwards
 
 This model is `{kan["base_model"]}` with the feedforward (MLP) of decoder blocks
-{kan["layers"]} replaced by Kolmogorov-Arnold Network feedforwards, made with kallm.
+{kan["blocks"]} replaced by Kolmogorov-Arnold Network feedforwards, made with kallm.
 
 | | |
 |---|---|
 | base model | `{kan["base_model"]}` ({kan["base_model_type"]}) |
-| retrofitted blocks | {kan["layers"]} |
+| retrofitted blocks | {kan["blocks"]} |
 | basis | `{kan["basis"]}`, degree {kan["degree"]} |
 | KAN feedforward sizes | {kan["hidden_size"]} -> {kan["intermediate_size"]} -> {kan["hidden_size"]} |
-| layer options | {options} |
-| parameters | {count_parameters(model):,} in all, {kan_params:,} in KAN feedforwards |
+| input map, bias | {kan["input_map"]}, {kan["bias"]} |
+| basis options | {options} |
+{own_settings}| parameters | {count_parameters(model):,} in all, {kan_params:,} in KAN feedforwards |
 
 ## Load it
 {custom_note}
@@ -211,9 +205,15 @@ def write_model_card(model: nn.Module, folder, tags=(), location: str = "PATH_OR
         readme.write(card)
 
 
+def _custom_bases(config: RetrofitConfig) -> list[str]:
+    """Bases added with ``kallm.register_basis`` that any block of ``config`` uses."""
+    specs = [config.basis, *(config.settings(index)["basis"] for index in config.block_settings)]
+    return list(dict.fromkeys(name for spec in specs for name in custom_bases(spec)))
+
+
 def warn_if_custom_basis(kan_config: dict) -> None:
     """Warn that a checkpoint whose basis a user registered cannot load where that basis is unknown."""
-    custom = custom_bases(kan_config["basis"])
+    custom = _custom_bases(RetrofitConfig.from_dict(kan_config))
     if custom:
         warnings.warn(
             f"this checkpoint uses basis {', '.join(repr(name) for name in custom)}, added with "
@@ -255,7 +255,7 @@ def check_weights_match_kan_config(model: nn.Module, loading_info: dict, source)
     if unexpected:
         problems.append(f"{len(unexpected)} tensors in the weights are not in the model the config describes: "
                         f"{_some(unexpected)}")
-    described = f"KAN blocks {kan_config['layers']}" if kan_config is not None else "no KAN blocks (kan_config is null)"
+    described = f"KAN blocks {kan_config['blocks']}" if kan_config is not None else "no KAN blocks (kan_config is null)"
     raise ValueError(
         f"the weights of {source} do not match its config, which describes {described}: {'; '.join(problems)}. "
         f"kallm does not initialise or drop KAN tensors of a checkpoint silently: the config.json and the weights "

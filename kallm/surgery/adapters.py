@@ -19,8 +19,9 @@ class ArchitectureAdapter:
     bypassed_attributes: block attributes the forward calls after ``mlp_attribute`` as
         part of the same feedforward (OPT runs ``fc1``, ``activation_fn``, ``fc2`` inline);
         they become identities.
-    hidden_size / intermediate_size: config attribute names; ``intermediate_default``
-        is the multiple of the hidden size used when the config leaves it as None.
+    hidden_size: the config attribute holding the feedforward's input/output size (the KAN
+        feedforward's inner size follows from the parameters of the MLP it replaces, counted on the
+        module itself, so no intermediate size is read from the config).
     final_norm_path: dotted path of the final norm (trained by the "tail+embeddings" policy).
     attention_attribute: attribute of a block holding its attention module, whose linear
         projections ``kallm.lora_targets(model, "attention")`` lists.
@@ -30,8 +31,6 @@ class ArchitectureAdapter:
     mlp_attribute: str = "mlp"
     bypassed_attributes: tuple[str, ...] = ()
     hidden_size: str = "hidden_size"
-    intermediate_size: str = "intermediate_size"
-    intermediate_default: int = 4
     final_norm_path: str = "model.norm"
     attention_attribute: str = "self_attn"
 
@@ -47,7 +46,7 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     "gemma2": _DECODER,
     "phi3": _DECODER,  # fused gate_up_proj: the whole mlp module is replaced
     "gpt2": ArchitectureAdapter(
-        blocks_path="transformer.h", hidden_size="n_embd", intermediate_size="n_inner", final_norm_path="transformer.ln_f",
+        blocks_path="transformer.h", hidden_size="n_embd", final_norm_path="transformer.ln_f",
         attention_attribute="attn",
     ),
     "gpt_neox": ArchitectureAdapter(
@@ -57,7 +56,6 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
         blocks_path="model.decoder.layers",
         mlp_attribute="fc1",
         bypassed_attributes=("activation_fn", "fc2"),
-        intermediate_size="ffn_dim",
         final_norm_path="model.decoder.final_layer_norm",
     ),
 }
@@ -78,8 +76,3 @@ def adapter_for(model_type: str) -> ArchitectureAdapter:
             f"See {ADDING_AN_ADAPTER_DOC} to add one."
         ) from None
 
-
-def feedforward_sizes(config, adapter: ArchitectureAdapter) -> tuple[int, int]:
-    hidden = getattr(config, adapter.hidden_size)
-    intermediate = getattr(config, adapter.intermediate_size, None)
-    return hidden, intermediate if intermediate is not None else adapter.intermediate_default * hidden

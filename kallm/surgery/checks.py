@@ -12,6 +12,7 @@ from torch import nn
 
 from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KANModelMixin
 from ..core.layers import is_kan_feedforward
+from ..core.retrofit_config import RetrofitConfig, read_retrofit_config
 from .adapters import ArchitectureAdapter, adapter_for
 
 #: parts of the class names of quantized linear layers: bitsandbytes (Linear4bit, Linear8bitLt),
@@ -73,11 +74,12 @@ def _refuse_peft(model, action):
         )
 
 
-def retrofitted_kan_config(model, adapter: ArchitectureAdapter, blocks) -> dict | None:
-    """The model's ``kan_config`` (None if it has no KAN blocks), checked against the blocks
+def retrofitted_kan_config(model, adapter: ArchitectureAdapter, blocks) -> RetrofitConfig | None:
+    """The model's ``RetrofitConfig`` if it has KAN blocks (else None), checked against the blocks
     that actually hold KAN feedforwards, whoever built or loaded the model."""
-    kan_config = getattr(model.config, "kan_config", None) or None
-    listed = sorted(kan_config["layers"]) if kan_config else []
+    recorded = read_retrofit_config(model.config)
+    kan_config = recorded if recorded is not None and recorded.kind == "kan" else None
+    listed = sorted(kan_config.blocks) if kan_config else []
     found = [i for i, block in enumerate(blocks) if is_kan_feedforward(getattr(block, adapter.mlp_attribute))]
     if listed != found:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import yaml
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, folder, .gguf file or bundled name")
     parser.add_argument("--out", required=True, help="folder to save the retrofitted model and tokenizer to")
     parser.add_argument("--last-n", type=int, default=5, help="retrofit the last N decoder blocks")
-    parser.add_argument("--layers", type=int, nargs="+", help="explicit block indices (overrides --last-n)")
+    parser.add_argument("--blocks", type=int, nargs="+", help="explicit decoder block indices (overrides --last-n)")
+    parser.add_argument("--layers", type=int, nargs="+", dest="deprecated_layers", help=argparse.SUPPRESS)
     parser.add_argument("--basis", default="cheby2", help="basis name, 'a+b' (parallel) or 'a>b' (sequential)")
     parser.add_argument("--degree", type=int, default=2, help="polynomial degree (or basis size) of each edge function")
     parser.add_argument("--intermediate-size", type=int, help="KAN inner size (default: half the MLP's parameters)")
@@ -48,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     options = parse_options(args.option)
+    blocks = args.blocks
+    if args.deprecated_layers is not None:
+        if blocks is not None:
+            raise ValueError("give --blocks or its deprecated name --layers, not both")
+        warnings.warn("kallm retrofit --layers is deprecated: use --blocks", FutureWarning, stacklevel=2)
+        blocks = args.deprecated_layers
     # Check the settings before spending time on loading the model.
     try:
         KANFeedForward.count_parameters(2, 2, args.basis, args.degree, **options)
@@ -63,7 +71,7 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model)
     print(f"Retrofitting ({args.kind}, basis {args.basis}, degree {args.degree}) ...")
     retrofit(
-        model, last_n=args.last_n, layers=args.layers, basis=args.basis, degree=args.degree,
+        model, last_n=args.last_n, blocks=blocks, basis=args.basis, degree=args.degree,
         intermediate_size=args.intermediate_size, kind=args.kind, init=args.init, calibration=calibration,
         tokenizer=tokenizer, **options,
     )

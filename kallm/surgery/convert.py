@@ -17,6 +17,7 @@ polynomial lies in the span of B-splines of a higher order); any other runs only
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..core.bases import _REGISTRY, Basis, ParallelBasis, RecurrenceBasis, make_basis
 from ..core.layers import LAYER_OPTIONS, KANLinear, is_kan_linear
+from ..core.retrofit_config import RetrofitConfig
 
 #: nodes per target feature for least-squares projections: enough to see the error between nodes
 LOSSY_NODES_PER_FEATURE = 16
@@ -207,15 +209,24 @@ def _update_kan_config(model, basis: str, degree: int, basis_options: dict) -> N
     kan_config = getattr(config, "kan_config", None)
     if not kan_config:
         return
-    stages = len(kan_config["basis"].split(">"))
-    kept = {k: v for k, v in kan_config["layer_options"].items() if k in LAYER_OPTIONS}
-    config.kan_config = {
-        **kan_config,
+    recorded = RetrofitConfig.from_dict(kan_config)
+
+    def converted(spec):
+        stages = len(spec.split(">"))
         # a three-stage feedforward keeps three stages; one name already means two
-        "basis": ">".join([basis] * stages) if stages > 2 else basis,
-        "degree": degree,
-        "layer_options": {**kept, **basis_options},
-    }
+        return ">".join([basis] * stages) if stages > 2 else basis
+
+    # every block now has the target basis; blocks keep only their own sizes and layer settings
+    block_settings = {}
+    for index, own in recorded.block_settings.items():
+        kept = {key: value for key, value in own.items() if key not in ("basis", "degree", "basis_options")}
+        if "basis" in own:
+            kept["basis"] = converted(own["basis"])
+        block_settings[index] = kept
+    config.kan_config = dataclasses.replace(
+        recorded, basis=converted(recorded.basis), degree=degree, basis_options=dict(basis_options),
+        block_settings=block_settings,
+    ).to_dict()
 
 
 def _describe(settings: dict) -> str:

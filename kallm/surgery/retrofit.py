@@ -2,172 +2,254 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable
+import dataclasses
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SCHEMA_VERSION
+from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES
 from ..core.layers import KANFeedForward, intermediate_size_for_budget
 from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
+from ..core.retrofit_config import AUTO, BLOCK_SETTINGS, KINDS, RetrofitConfig, read_retrofit_config
 from ..loading import public_source_name
-from .adapters import ArchitectureAdapter, feedforward_sizes
+from .adapters import ArchitectureAdapter
 from .checks import causal_lm_parts, check_weights, retrofitted_kan_config
 from .fit import check_fit_arguments, fit_new_feedforwards
 
-KINDS = ("kan", "linear")
+__all__ = ["KINDS", "retrofit", "retrofitted_blocks"]
+
 #: by default a KAN feedforward gets this share of the parameters of the MLP it replaces
 DEFAULT_PARAMETER_SHARE = 0.5
+#: what ``blocks="auto"`` ranks the candidate blocks by (see fit.py: massive-activation rows left out)
+AUTO_RANKING = "ordinary_token_error"
+#: the ``RetrofitConfig`` fields a caller may set as keywords of ``retrofit``
+REQUEST_FIELDS = ("blocks", "last_n", "num_blocks", *BLOCK_SETTINGS, "kind")
 
 
 def retrofit(
     model: nn.Module,
-    last_n: int | None = 5,
-    basis: str = "cheby2",
-    degree: int = 2,
-    layers: list[int] | None = None,
-    intermediate_size: int | None = None,
-    kind: str = "kan",
+    config: RetrofitConfig | None = None,
+    *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    init: str = "random",
+    init: str | None = None,
     calibration: list[str] | torch.Tensor | None = None,
     tokenizer=None,
-    **layer_options,
+    **fields,
 ) -> nn.Module:
-    """Replace the feedforward of the last ``last_n`` decoder blocks (or of ``layers``).
+    """Replace the feedforward of the last ``last_n`` decoder blocks (or of ``blocks``).
 
     Args:
         model: a transformers causal LM of a supported family (``kallm.supported_model_types()``).
-        last_n: how many final blocks to retrofit; ignored when ``layers`` is given.
-        basis, degree, **layer_options: the KAN layers (see ``kallm.KANLinear``).
-        layers: explicit block indices (negative ones count from the end).
-        intermediate_size: inner size of each KAN feedforward; default: the largest that
-            keeps it within half the parameters of the MLP it replaces.
-        kind: ``"kan"``, or ``"linear"`` for the "linear restart" baseline: the same blocks
-            keep an MLP of the original shape, freshly initialised.
-        filter_fn: ``filter_fn(feedforward_module, qualified_name) -> bool`` narrows the chosen
-            blocks further (e.g. to skip blocks by name).
+        config: a ``kallm.RetrofitConfig`` saying what to do; ``**fields`` set or override its fields.
+        **fields: ``RetrofitConfig`` fields as keywords (default: ``last_n=5, basis="cheby2", degree=2``):
+            ``blocks`` (indices, negative ones from the end; ``{index: settings}`` for per-block settings;
+            ``"auto"`` with ``num_blocks``), ``last_n``, ``basis``, ``degree``, ``intermediate_size``,
+            ``input_map``, ``bias``, ``basis_options``, ``kind`` (``"kan"`` or ``"linear"``, the linear-restart
+            baseline). Any other keyword is a basis option (``alpha=0.5``). ``layers=`` is the deprecated
+            name of ``blocks=``.
+        filter_fn: ``filter_fn(feedforward_module, qualified_name) -> bool`` (torchao's ``quantize_`` convention)
+            narrows the chosen blocks further (e.g. to skip blocks by name).
         init: ``"random"`` (fresh weights) or ``"fit"``: function-preserving initialisation, each
             KAN feedforward fitted to the MLP it replaces on hidden states the original model
             produces over ``calibration`` (a list of texts, with ``tokenizer``, or a LongTensor
             of token ids; default: replies the model writes itself, which needs ``tokenizer``).
             The relative error per block lands in ``model.kallm_fit_report``. See docs/fit-init.md.
+            Default: the config's (``"random"``).
+
+    ``blocks="auto", num_blocks=N`` (with ``init="fit"``) fits a KAN feedforward to every candidate block (all
+    blocks that ``filter_fn`` keeps and that are not KAN feedforwards yet), keeps the ``N`` with the lowest
+    fit error over ordinary tokens and gives the others their MLPs back; ``kan_config["selection"]`` and
+    ``model.kallm_fit_report["selection"]`` record every candidate's errors and the choice.
 
     Returns the same model object, now of the retrofitted class (``KALlamaForCausalLM``
-    for a Llama model) with ``config.kan_config`` describing the change. Weights outside
-    the retrofitted feedforwards are untouched.
+    for a Llama model) with ``config.kan_config`` (the completed ``RetrofitConfig`` as a dict)
+    describing the change. Weights outside the retrofitted feedforwards are untouched. A linear
+    restart keeps the model's class and records its ``RetrofitConfig`` (``kind="linear"``) as
+    ``config.kan_config`` too.
 
     On an already retrofitted model it adds blocks with the same settings (an omitted
-    ``intermediate_size`` keeps the one in use). Anything inconsistent (other settings,
-    blocks already replaced, mixing ``kind``s, bad arguments) raises before the model is
-    changed, and so does a model kallm cannot retrofit (bare or PEFT-wrapped, offloaded to
+    ``intermediate_size`` keeps the one in use; per-block settings of the new blocks are kept). Anything
+    inconsistent (other settings, blocks already replaced, mixing ``kind``s, bad arguments) raises before
+    the model is changed, and so does a model kallm cannot retrofit (bare or PEFT-wrapped, offloaded to
     the meta device, quantized) or a calibration too small to fit; a fit that ends with
     non-finite weights is undone before it raises. See docs/retrofitting.md.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; valid choices: {', '.join(KINDS)}")
-    check_fit_arguments(init, calibration, tokenizer)
-    if init == "fit" and kind != "kan":
-        raise ValueError("init='fit' fits KAN feedforwards; use it with kind='kan'")
+    request = _request(config, init, fields)
+    check_fit_arguments(request.init, calibration, tokenizer)
+    if request.blocks == AUTO and request.init != "fit":
+        raise ValueError("blocks='auto' ranks the blocks by the error of fit init: pass init='fit' (with "
+                         "tokenizer= or calibration=), or choose the blocks yourself")
     base_type, adapter, blocks = causal_lm_parts(model, "retrofit")
-    indices = _select_blocks(len(blocks), last_n, layers)
+    indices, own_settings = _select_blocks(len(blocks), request)
     if filter_fn is not None:
         indices = [
             i for i in indices
             if filter_fn(getattr(blocks[i], adapter.mlp_attribute), f"{adapter.blocks_path}.{i}.{adapter.mlp_attribute}")
         ]
-    if not indices:
-        raise ValueError("no decoder block selected: check last_n, layers and filter_fn")
     existing = retrofitted_kan_config(model, adapter, blocks)
-    _check_kind_consistency(model, kind, indices)
-    check_weights(model, adapter, blocks, indices, runs_model=init == "fit")
+    if request.blocks == AUTO and existing:
+        indices = [i for i in indices if i not in existing.blocks]
+    if not indices:
+        raise ValueError("no decoder block selected: check last_n, blocks and filter_fn")
+    if request.blocks == AUTO and request.num_blocks > len(indices):
+        raise ValueError(f"num_blocks={request.num_blocks} but only {len(indices)} candidate blocks {indices} are "
+                         f"left for blocks='auto'")
+    _check_kind_consistency(model, request.kind, indices)
+    check_weights(model, adapter, blocks, indices, runs_model=request.init == "fit")
 
-    if kind == "linear":
+    hidden = getattr(model.config, adapter.hidden_size)
+    resolved = dataclasses.replace(
+        request, blocks=sorted(indices), last_n=None, num_blocks=None, selection=None,
+        block_settings={i: settings for i, settings in own_settings.items() if i in indices and settings},
+        base_model_type=base_type,
+        base_model=public_source_name(getattr(model.config, "_name_or_path", "")) or base_type,
+        blocks_path=adapter.blocks_path, mlp_attribute=adapter.mlp_attribute,
+        bypassed_attributes=list(adapter.bypassed_attributes), hidden_size=hidden,
+    )
+    if request.kind == "linear":
+        previous = read_retrofit_config(model.config)
+        resolved = dataclasses.replace(resolved, blocks=sorted(set(previous.blocks if previous else ()) | set(indices)))
         _restart_feedforwards(model, adapter, indices)
+        _record(model.config, resolved)
         return model
 
-    _check_layer_options(layer_options)
-    hidden, _ = feedforward_sizes(model.config, adapter)
-    if intermediate_size is None and existing:
-        # Extending keeps the size already chosen, so that all KAN blocks stay alike.
-        intermediate_size = existing["intermediate_size"]
-    if intermediate_size is None:
-        replaced = _feedforward_parameters(blocks[indices[0]], adapter)
-        intermediate_size = intermediate_size_for_budget(
-            hidden, int(replaced * DEFAULT_PARAMETER_SHARE), basis, degree, **layer_options
-        )
-    # Build one module first so that bad basis options fail before the model is touched.
-    template = KANFeedForward(hidden, intermediate_size, basis, degree, **layer_options)
-
-    new_config = {
-        "schema_version": KAN_SCHEMA_VERSION,
-        "base_model_type": base_type,
-        "base_model": public_source_name(getattr(model.config, "_name_or_path", "")) or base_type,
-        "layers": sorted(indices),
-        "blocks_path": adapter.blocks_path,
-        "mlp_attribute": adapter.mlp_attribute,
-        "bypassed_attributes": list(adapter.bypassed_attributes),
-        "hidden_size": hidden,
-        "intermediate_size": intermediate_size,
-        "basis": basis,
-        "degree": degree,
-        "layer_options": dict(layer_options),
-    }
-    if existing:
-        new_config = _extend(existing, new_config)
+    resolved = _resolve_sizes(resolved, existing, blocks, adapter)
+    # Build one module per distinct setting first so that bad basis options fail before the model is touched.
+    templates = {}
+    for index in indices:
+        arguments = resolved.feedforward_arguments(index)
+        key = repr(sorted(arguments.items()))
+        if key not in templates:
+            templates[key] = KANFeedForward(**arguments)
+    new_config = _extend(existing, resolved) if existing else resolved
+    new_config.check_complete(base_type)
 
     def install():
         if existing:
-            install_kan_feedforwards(model, new_config, layers=sorted(set(indices)))
-            model.config.kan_config = new_config
+            install_kan_feedforwards(model, new_config.to_dict(), blocks=sorted(set(indices)))
+            model.config.kan_config = new_config.to_dict()
         else:
-            _convert_class(model, base_type, new_config)
-            install_kan_feedforwards(model, new_config)
+            _convert_class(model, base_type, new_config.to_dict())
+            install_kan_feedforwards(model, new_config.to_dict())
 
-    undo = _undo_point(model, adapter, indices)
+    saved = _SavedState(model, adapter, indices)
     try:
-        if init == "fit":
-            fit_new_feedforwards(model, adapter, indices, install, template, calibration, tokenizer)
+        if request.init == "fit":
+            template = max(templates.values(), key=lambda module: max(layer.weight.shape[1] for layer in module.layers))
+            report = fit_new_feedforwards(model, adapter, indices, install, template, calibration, tokenizer)
+            if request.blocks == AUTO:
+                _keep_the_best_fits(model, new_config, report, request.num_blocks, saved)
         else:
             install()
     except BaseException:
         # Whatever failed (a fit gone non-finite, an interrupt), the model is left as it was.
-        undo()
+        saved.undo()
         raise
     return model
 
 
+def retrofitted_blocks(model: nn.Module) -> list[int]:
+    """Indices of the decoder blocks kallm changed (KAN or linear restart); empty if none."""
+    retrofit_config = read_retrofit_config(model.config)
+    return list(retrofit_config.blocks) if retrofit_config else []
+
+
 def retrofitted_layers(model: nn.Module) -> list[int]:
-    """Indices of the blocks kallm changed (KAN or linear restart); empty if none."""
-    kan_config = getattr(model.config, "kan_config", None)
-    if kan_config:
-        return list(kan_config["layers"])
-    return _restarted_layers(model)
+    """Deprecated name of ``retrofitted_blocks``."""
+    warnings.warn("kallm.surgery.retrofitted_layers is deprecated: use retrofitted_blocks", FutureWarning,
+                  stacklevel=2)
+    return retrofitted_blocks(model)
 
 
-def _restarted_layers(model) -> list[int]:
-    return list(getattr(model.config, "kallm_restarted_layers", None) or [])
+def _request(config, init, fields) -> RetrofitConfig:
+    """The ``RetrofitConfig`` a call asks for: ``config`` (default: ``RetrofitConfig()``) with ``fields`` and
+    ``init`` on top, checked field by field."""
+    if config is not None and not isinstance(config, RetrofitConfig):
+        raise TypeError(f"config must be a kallm.RetrofitConfig, got {type(config).__name__}; pass settings such "
+                        f"as last_n= or basis= as keywords")
+    fields = dict(fields)
+    if "layers" in fields:
+        layers = fields.pop("layers")
+        if layers is not None:
+            warnings.warn("retrofit(layers=...) is deprecated: the decoder block indices are now blocks=...",
+                          FutureWarning, stacklevel=3)
+            if fields.get("blocks") is not None:
+                raise ValueError("give blocks= or its deprecated name layers=, not both")
+            fields["blocks"] = layers
+    placement = sorted({"device", "dtype"} & set(fields))
+    if placement:
+        raise ValueError(
+            f"retrofit does not take {placement}: KAN feedforwards get the device and dtype of the MLP they "
+            f"replace; move or cast the model itself (model.to(...))"
+        )
+    known = {f.name for f in dataclasses.fields(RetrofitConfig)}
+    completed = sorted(name for name in fields if name in known and name not in REQUEST_FIELDS)
+    if completed:
+        raise ValueError(f"retrofit fills in {completed} itself; it takes these settings: {', '.join(REQUEST_FIELDS)}"
+                         f", and basis options")
+    base = config if config is not None else RetrofitConfig()
+    basis_options = {name: fields.pop(name) for name in list(fields) if name not in known}
+    if basis_options:
+        fields["basis_options"] = {**fields.get("basis_options", base.basis_options), **basis_options}
+    if init is not None:
+        fields["init"] = init
+    return dataclasses.replace(base, **fields) if fields else base
 
 
-def _select_blocks(count, last_n, layers):
-    if layers is not None:
-        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-            raise TypeError(f"layers must be a list of block indices, got {layers!r}")
-        selected = []
-        for index in layers:
-            if not isinstance(index, int) or isinstance(index, bool):
-                raise TypeError(f"layer indices must be integers, got {index!r}")
+def _select_blocks(count, request: RetrofitConfig) -> tuple[list[int], dict[int, dict]]:
+    """The block indices a request names (negative ones resolved) and their own settings."""
+    if request.blocks == AUTO:
+        return list(range(count)), {}
+    if request.blocks is not None:
+        resolved = {}
+        for index in request.blocks:
             if not -count <= index < count:
-                raise ValueError(f"layer index {index!r} is out of range for a model with {count} blocks")
-            selected.append(index % count)
-        if len(set(selected)) != len(selected):
-            raise ValueError(f"layers lists a block twice: {list(layers)}")
-        return sorted(selected)
+                raise ValueError(f"block index {index!r} is out of range for a model with {count} blocks")
+            resolved[index] = index % count
+        if len(set(resolved.values())) != len(request.blocks):
+            raise ValueError(f"blocks lists a block twice: {list(request.blocks)}")
+        unlisted = sorted(set(request.block_settings) - set(resolved))
+        if unlisted:
+            raise ValueError(f"block_settings has settings for blocks {unlisted}, which blocks does not list")
+        settings = {resolved[index]: own for index, own in request.block_settings.items()}
+        return sorted(resolved.values()), settings
+    last_n = request.last_n
+    if request.block_settings:
+        raise ValueError("block_settings needs the blocks listed: blocks={index: settings, ...}")
     if not isinstance(last_n, int) or isinstance(last_n, bool) or not 1 <= last_n <= count:
         raise ValueError(f"last_n must be an integer between 1 and {count} (the model's block count), got {last_n!r}")
-    return list(range(count - last_n, count))
+    return list(range(count - last_n, count)), {}
+
+
+def _resolve_sizes(config: RetrofitConfig, existing: RetrofitConfig | None, blocks, adapter) -> RetrofitConfig:
+    """``config`` with every intermediate size decided: given; else, when extending, the one in use (so that
+    all KAN blocks stay alike); else the largest within ``DEFAULT_PARAMETER_SHARE`` of the MLP it replaces,
+    computed for each block with settings of its own."""
+    def budget_size(index, settings):
+        replaced = _feedforward_parameters(blocks[index], adapter)
+        return intermediate_size_for_budget(
+            config.hidden_size, int(replaced * DEFAULT_PARAMETER_SHARE), settings["basis"], settings["degree"],
+            input_map=settings["input_map"], bias=settings["bias"], **settings["basis_options"],
+        )
+
+    explicit = config.intermediate_size is not None
+    size = config.intermediate_size
+    if size is None and existing:
+        size = existing.intermediate_size
+    if size is None:
+        size = budget_size(config.blocks[0], {name: getattr(config, name) for name in BLOCK_SETTINGS})
+    own_settings = {}
+    for index, own in config.block_settings.items():
+        own = dict(own)
+        if "intermediate_size" not in own and not explicit and set(own) - {"intermediate_size"}:
+            own_size = budget_size(index, {**config.settings(index), "intermediate_size": size})
+            if own_size != size:
+                own["intermediate_size"] = own_size
+        own_settings[index] = own
+    return dataclasses.replace(config, intermediate_size=size, block_settings=own_settings)
 
 
 def _feedforward_parameters(block, adapter: ArchitectureAdapter) -> int:
@@ -175,80 +257,99 @@ def _feedforward_parameters(block, adapter: ArchitectureAdapter) -> int:
     return sum(count_parameters(getattr(block, name)) for name in names)
 
 
-def _extend(old: dict, new: dict) -> dict:
-    """Add blocks to an already retrofitted model, if the KAN settings agree."""
-    overlap = sorted(set(old["layers"]) & set(new["layers"]))
+def _extend(old: RetrofitConfig, new: RetrofitConfig) -> RetrofitConfig:
+    """Add blocks to an already retrofitted model, if the config-wide KAN settings agree."""
+    overlap = sorted(set(old.blocks) & set(new.blocks))
     if overlap:
         raise ValueError(
-            f"blocks {overlap} are already KAN feedforwards (retrofitted: {old['layers']}); choose other layers"
+            f"blocks {overlap} are already KAN feedforwards (retrofitted: {old.blocks}); choose other blocks"
         )
-    settings = ("basis", "degree", "intermediate_size", "layer_options", "hidden_size")
-    differing = [key for key in settings if old[key] != new[key]]
+    differing = [key for key in (*BLOCK_SETTINGS, "hidden_size") if getattr(old, key) != getattr(new, key)]
     if differing:
-        detail = ", ".join(f"{key}: {old[key]!r} -> {new[key]!r}" for key in differing)
+        detail = ", ".join(f"{key}: {getattr(old, key)!r} -> {getattr(new, key)!r}" for key in differing)
         raise ValueError(
-            f"this model is already retrofitted with other KAN settings ({detail}); a checkpoint holds one "
-            f"setting for all its KAN blocks. Retrofit the original model instead, or pass the same settings"
+            f"this model is already retrofitted with other KAN settings ({detail}); new blocks take the model's "
+            f"settings, or settings of their own as blocks={{index: settings}}. Retrofit the original model "
+            f"instead, or pass the same settings"
         )
-    return {**old, "layers": sorted(set(old["layers"]) | set(new["layers"]))}
+    return dataclasses.replace(
+        old, blocks=sorted(set(old.blocks) | set(new.blocks)), block_settings={**old.block_settings, **new.block_settings},
+        # init records how the blocks started; None once they started differently
+        init=old.init if old.init == new.init else None,
+    )
 
 
 def _check_kind_consistency(model, kind, indices):
     """One model is one experimental arm: KAN blocks and restarted MLPs never mix."""
-    kan_config = getattr(model.config, "kan_config", None)
-    restarted = _restarted_layers(model)
-    if kind == "linear" and kan_config:
+    recorded = read_retrofit_config(model.config)
+    if recorded is None:
+        return
+    if kind == "linear" and recorded.kind == "kan":
         raise ValueError(
-            f"this model already has KAN feedforwards in blocks {kan_config['layers']}; the linear restart is the "
+            f"this model already has KAN feedforwards in blocks {recorded.blocks}; the linear restart is the "
             f"baseline arm, so apply kind='linear' to the original model instead"
         )
-    if kind == "kan" and restarted:
-        raise ValueError(
-            f"blocks {restarted} of this model were linear-restarted (kind='linear'); apply kind='kan' to the "
-            f"original model instead of mixing both arms in one model"
-        )
-    overlap = sorted(set(restarted) & set(indices))
-    if overlap:
-        raise ValueError(f"blocks {overlap} were already linear-restarted; choose other layers")
+    if recorded.kind == "linear":
+        if kind == "kan":
+            raise ValueError(
+                f"blocks {recorded.blocks} of this model were linear-restarted (kind='linear'); apply kind='kan' to "
+                f"the original model instead of mixing both arms in one model"
+            )
+        overlap = sorted(set(recorded.blocks) & set(indices))
+        if overlap:
+            raise ValueError(f"blocks {overlap} were already linear-restarted; choose other blocks")
 
 
-def _check_layer_options(layer_options):
-    placement = sorted({"device", "dtype"} & set(layer_options))
-    if placement:
-        raise ValueError(
-            f"retrofit does not take {placement}: KAN feedforwards get the device and dtype of the MLP they "
-            f"replace; move or cast the model itself (model.to(...))"
-        )
-    # kan_config travels in config.json, so options must survive a JSON round trip unchanged.
-    try:
-        same = json.loads(json.dumps(layer_options)) == layer_options
-    except (TypeError, ValueError):
-        same = False
-    if not same:
-        raise TypeError(
-            f"layer options must be plain JSON values (str, int, float, bool, lists), got {layer_options!r}"
-        )
+def _record(config: PretrainedConfig, retrofit_config: RetrofitConfig) -> None:
+    """Store a linear restart's ``RetrofitConfig`` in the model's own (family) config as ``kan_config``."""
+    config.kan_config = retrofit_config.to_dict()
+    if hasattr(config, "kallm_restarted_layers"):  # kallm before schema version 2 recorded restarts there
+        del config.kallm_restarted_layers
 
 
-def _undo_point(model, adapter, indices) -> Callable[[], None]:
-    """A function that puts back the class, config and feedforwards ``model`` has now."""
-    model_class, kan_config = type(model), getattr(model.config, "kan_config", None)
-    configs = [(module, module.config) for module in model.modules()
-               if isinstance(getattr(module, "config", None), PretrainedConfig)]
-    blocks = model.get_submodule(adapter.blocks_path)
-    feedforwards = [(blocks[i], name, getattr(blocks[i], name))
-                    for i in indices for name in (adapter.mlp_attribute, *adapter.bypassed_attributes)]
+class _SavedState:
+    """The class, configs and feedforwards ``model`` has now, to put back in whole (``undo``) or for some
+    blocks (``restore_feedforwards``)."""
 
-    def undo():
-        for block, name, module in feedforwards:
-            setattr(block, name, module)
-        for module, config in configs:
+    def __init__(self, model, adapter: ArchitectureAdapter, indices):
+        self.model, self.model_class = model, type(model)
+        self.kan_config = getattr(model.config, "kan_config", None)
+        self.configs = [(module, module.config) for module in model.modules()
+                        if isinstance(getattr(module, "config", None), PretrainedConfig)]
+        blocks = model.get_submodule(adapter.blocks_path)
+        self.feedforwards = {i: [(blocks[i], name, getattr(blocks[i], name))
+                                 for name in (adapter.mlp_attribute, *adapter.bypassed_attributes)] for i in indices}
+
+    def restore_feedforwards(self, indices):
+        for index in indices:
+            for block, name, module in self.feedforwards[index]:
+                setattr(block, name, module)
+
+    def undo(self):
+        self.restore_feedforwards(self.feedforwards)
+        for module, config in self.configs:
             module.config = config
-        if hasattr(model.config, "kan_config"):
-            model.config.kan_config = kan_config
-        model.__class__ = model_class
+        if hasattr(self.model.config, "kan_config"):
+            self.model.config.kan_config = self.kan_config
+        self.model.__class__ = self.model_class
 
-    return undo
+
+def _keep_the_best_fits(model, config: RetrofitConfig, report: dict, count: int, saved: _SavedState) -> None:
+    """``blocks="auto"``: keep the ``count`` fitted candidates with the lowest ``AUTO_RANKING`` error, give the
+    others their MLPs back, and record the errors and the choice in ``kan_config`` and the fit report."""
+    errors = report[AUTO_RANKING]
+    candidates = sorted(errors)
+    chosen = sorted(sorted(candidates, key=lambda index: (errors[index], index))[:count])
+    saved.restore_feedforwards([index for index in candidates if index not in chosen])
+    selection = {
+        "method": "lowest fit error", "ranked_by": AUTO_RANKING, "num_blocks": count, "candidates": candidates,
+        "chosen": chosen, "calibration_tokens": report["calibration_tokens"],
+        **{key: {str(index): round(float(value), 6) for index, value in report[key].items()}
+           for key in ("relative_error", "ordinary_token_error")},
+    }
+    kept = [index for index in config.blocks if index not in candidates or index in chosen]
+    model.config.kan_config = dataclasses.replace(config, blocks=kept, selection=selection).to_dict()
+    report["selection"] = selection
 
 
 def _convert_class(model, base_type, kan_config):
@@ -281,5 +382,3 @@ def _restart_feedforwards(model, adapter, indices):
                     weight.normal_(0.0, std)
                 if isinstance(bias, torch.Tensor):
                     bias.zero_()
-    # kept in the config, so a saved restarted model still says which blocks start from scratch
-    model.config.kallm_restarted_layers = sorted(set(retrofitted_layers(model)) | set(indices))

@@ -9,7 +9,7 @@ from torch import nn
 from ..core.layers import is_kan_feedforward
 from ..core.modeling_kallm import count_parameters
 from .checks import causal_lm_parts
-from .retrofit import retrofitted_layers
+from .retrofit import retrofitted_blocks
 
 POLICIES = ("retrofitted", "tail", "tail+embeddings", "all")
 
@@ -31,7 +31,7 @@ def set_trainable(model: nn.Module, policy: str = "tail+embeddings") -> int:
         raise ValueError(f"unknown trainable policy {policy!r}; valid choices: {', '.join(POLICIES)}")
     base, adapter_parameters = _unwrap_peft(model)
     _, adapter, blocks = causal_lm_parts(base, "set_trainable", allow_adapters=base is not model)
-    if policy != "all" and not retrofitted_layers(base):
+    if policy != "all" and not retrofitted_blocks(base):
         raise ValueError(f"policy {policy!r} needs a retrofitted model; call kallm.retrofit first (or use 'all')")
     adapters_trainable = [p.requires_grad for p in adapter_parameters]
     _apply_policy(base, adapter, blocks, policy)
@@ -45,7 +45,7 @@ def _apply_policy(model, adapter, blocks, policy):
         model.requires_grad_(True)
         return
     model.requires_grad_(False)
-    for index in retrofitted_layers(model):
+    for index in retrofitted_blocks(model):
         block = blocks[index]
         if policy == "retrofitted":
             for name in (adapter.mlp_attribute, *adapter.bypassed_attributes):
@@ -83,7 +83,7 @@ def summary(model: nn.Module, print_table: bool = True) -> dict:
     """
     base, adapter_parameters = _unwrap_peft(model)
     _, adapter, blocks = causal_lm_parts(base, "summary", allow_adapters=base is not model)
-    retrofitted = set(retrofitted_layers(base))
+    retrofitted = set(retrofitted_blocks(base))
     rows = []
     for index, block in enumerate(blocks):
         if is_kan_feedforward(getattr(block, adapter.mlp_attribute)):

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..surgery.checks import causal_lm_parts
 from ..surgery.fit import default_calibration, original_feedforward, outlier_rows, record_feedforwards
-from ..surgery.retrofit import retrofitted_layers
+from ..surgery.retrofit import retrofitted_blocks
 from ..surgery.trainable import POLICIES, set_trainable
 
 logger = logging.getLogger("kallm")
@@ -201,12 +201,12 @@ class _Layout:
     def __init__(self, model, teacher, policy: str):
         if teacher is model:
             raise ValueError("the teacher must be a separate model (the original, un-retrofitted one)")
-        self.layers = retrofitted_layers(model)
-        if not self.layers:
+        self.blocks = retrofitted_blocks(model)
+        if not self.blocks:
             raise ValueError("the model has no retrofitted block; call kallm.retrofit first (heal brings a "
                              "retrofitted model back to its original)")
-        if retrofitted_layers(teacher):
-            raise ValueError(f"the teacher is itself retrofitted (blocks {retrofitted_layers(teacher)}); pass the "
+        if retrofitted_blocks(teacher):
+            raise ValueError(f"the teacher is itself retrofitted (blocks {retrofitted_blocks(teacher)}); pass the "
                              f"original model the student was retrofitted from")
         student_type, self.adapter, self.student_blocks = causal_lm_parts(model, "heal")
         teacher_type, _, self.teacher_blocks = causal_lm_parts(teacher, "heal")
@@ -216,7 +216,7 @@ class _Layout:
         if len(self.student_blocks) != len(self.teacher_blocks):
             raise ValueError(f"the teacher has {len(self.teacher_blocks)} blocks, the student "
                              f"{len(self.student_blocks)}; pass the original model the student was retrofitted from")
-        self.first = min(self.layers)
+        self.first = min(self.blocks)
         self.trained = _trained_names(model, policy)
         self._check_teacher_matches(model, teacher)
         upstream = self._upstream_parameters(model)
@@ -225,7 +225,7 @@ class _Layout:
 
     def feedforward_prefixes(self) -> tuple[str, ...]:
         names = (self.adapter.mlp_attribute, *self.adapter.bypassed_attributes)
-        return tuple(f"{self.adapter.blocks_path}.{i}.{name}." for i in self.layers for name in names)
+        return tuple(f"{self.adapter.blocks_path}.{i}.{name}." for i in self.blocks for name in names)
 
     def _check_teacher_matches(self, model, teacher):
         replaced = self.feedforward_prefixes()
@@ -515,7 +515,7 @@ class _Healer:
             rows.append(sequence[:config.local_tokens - total])
             total += rows[-1].numel()
         records = self._record(rows, budget * LOCAL_RECORDING_SHARE if budget is not None else None)
-        feedforwards = {i: original_feedforward(layout.student_blocks[i], layout.adapter) for i in layout.layers}
+        feedforwards = {i: original_feedforward(layout.student_blocks[i], layout.adapter) for i in layout.blocks}
         generator = torch.Generator().manual_seed(config.seed)
         splits, optimizers, best = {}, {}, {}
         for index, (x, y) in records.items():
@@ -580,10 +580,10 @@ class _Healer:
             if parts and deadline is not None and self.clock() >= deadline:
                 break
             chunk = rows[start:start + RECORDING_BATCH]
-            parts.append(record_feedforwards(self.teacher, layout.adapter, layout.layers, chunk, progress=False))
+            parts.append(record_feedforwards(self.teacher, layout.adapter, layout.blocks, chunk, progress=False))
             bar.update(sum(r.numel() for r in chunk))
         bar.close()
-        return {i: (torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in layout.layers}
+        return {i: (torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in layout.blocks}
 
     def _local_point(self, step: int, errors: dict[int, float], bar):
         point = {"stage": "local", "step": step, "seconds": self.clock(), "tokens": 0,
@@ -838,7 +838,7 @@ class _Blend:
         self.alpha = 0.0
         names = (layout.adapter.mlp_attribute, *layout.adapter.bypassed_attributes)
         self.hooks = []
-        for index in layout.layers:
+        for index in layout.blocks:
             original = original_feedforward(layout.teacher_blocks[index], layout.adapter)
             # OPT spreads its feedforward over fc1, activation, fc2: the blend sits after fc1, whose input is
             # the feedforward's, and the bypassed modules are identities in the student.
