@@ -528,7 +528,7 @@ def run_fresh_processes(requests: dict, tmp_path) -> dict:
 
 # saved folders every load path must refuse -> what the error says
 REFUSED_IN_FRESH_PROCESSES = {
-    "llama-newer-schema": "schema_version is 99, but the installed kallm code only understands versions up to 1; "
+    "llama-newer-schema": "schema_version is 99, but the installed kallm code only understands versions up to 2; "
                           "upgrade kallm",
     "llama-kan-weight-dropped": "1 tensors the config describes are missing from the weights: "
                                 "model.layers.2.mlp.layers.0.weight.",
