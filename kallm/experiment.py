@@ -200,7 +200,10 @@ def run_arm(config: ExperimentConfig, arm: Arm, seed: int) -> dict:
     record = {"arm": arm.name, "seed": seed, "kind": arm.kind, "init": arm.init, "distill": arm.distill}
     started = time.perf_counter()
     if arm.kind != "baseline":
-        retrofit(model, kind=arm.kind, init=arm.init, tokenizer=tokenizer, **config.retrofit)
+        settings = config.retrofit
+        if arm.kind == "linear":  # the restart keeps the MLP shape: only the block choice applies to it
+            settings = {key: value for key, value in settings.items() if key in ("last_n", "blocks", "layers")}
+        retrofit(model, kind=arm.kind, init=arm.init, tokenizer=tokenizer, **settings)
     if arm.init == "fit":
         record["fit_report"] = model.kallm_fit_report
     record["retrofit_seconds"] = round(time.perf_counter() - started, 1)

@@ -32,7 +32,8 @@ CODE_FILES = ("modeling_kallm.py", "configuration_kallm.py", "retrofit_config.py
 CASES = {family: (family, {"last_n": 2}) for family in sorted(TINY_CONFIGS)}
 CASES.update({
     "llama-parallel-then-legendre": ("llama", {"last_n": 2, "basis": "cheby2+rbf>legendre"}),
-    "gpt2-rational": ("gpt2", {"layers": [0, 2], "basis": "rational", "denominator_degree": 2}),
+    "gpt2-rational": ("gpt2", {"blocks": [0, 2], "basis": "rational", "denominator_degree": 2}),
+    "llama-per-block": ("llama", {"blocks": {1: {"basis": "legendre", "degree": 3}, 2: {"intermediate_size": 12}}}),
     "qwen2-gegenbauer-tanh": ("qwen2", {"last_n": 1, "basis": "gegenbauer", "alpha": 0.5, "input_map": "tanh"}),
 })
 TOKENIZER_CASE = "llama"

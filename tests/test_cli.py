@@ -198,11 +198,15 @@ def test_strongest_edges_ranks_by_coefficient_norm():
 
 def test_plot_command_writes_png_and_rejects_non_kan_blocks(saved_tiny, tmp_path, capsys):
     out = tmp_path / "kan"
-    main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "1"])
+    main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--blocks", "2"])
     png = tmp_path / "f.png"
-    assert main(["plot", str(out), "--layer", "2", "--edges", "6", "--out", str(png)]) == 0
+    assert main(["plot", str(out), "--block", "2", "--edges", "6", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["plot", str(out), "--layer", "0"]) == 2
+    assert main(["plot", str(out), "--block", "0"]) == 2
+    assert "not a KAN block" in capsys.readouterr().err
+    # --layer is the deprecated name of --block
+    with pytest.warns(FutureWarning, match="--layer is deprecated: use --block"):
+        assert main(["plot", str(out), "--layer", "0"]) == 2
     assert "not a KAN block" in capsys.readouterr().err
 
 

@@ -50,7 +50,7 @@ def test_tiny_experiment_runs_every_arm_and_writes_the_report(workspace, monkeyp
     path = write_config(
         tmp_path,
         model=str(model_dir), out=str(tmp_path / "out"), seeds=[0, 1], data="${KALLM_TINY_DATA}/chat.jsonl",
-        retrofit={"last_n": 1, "basis": "cheby2", "degree": 2},
+        retrofit={"last_n": 1, "basis": "cheby2", "degree": 3},  # KAN settings: the linear arm takes only last_n
         arms={"base": {"kind": "baseline"}, "linear": {"kind": "linear"},
               "kan": {"kind": "kan", "init": "fit", "distill": True}},
         train={"max_steps": 2, "batch_size": 4, "max_length": 64, "logging_steps": 1, "progress_bar": False},

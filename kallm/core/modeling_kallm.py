@@ -47,8 +47,8 @@ from .configuration_kallm import (
     KAQwen3Config,
     check_kan_config_fits_model,
 )
-from .retrofit_config import RetrofitConfig
 from .layers import KANFeedForward, KANLinear, is_kan_feedforward
+from .retrofit_config import RetrofitConfig
 
 
 def install_kan_feedforwards(model: nn.Module, kan_config: dict, blocks=None) -> list[int]:

@@ -236,10 +236,10 @@ class RetrofitConfig:
             if unknown:
                 raise ValueError(f"{owner} has unknown settings {unknown}; a block may set: {', '.join(BLOCK_SETTINGS)}")
             self._check_settings(owner, own)
-        if self.kind == "linear":
-            self._check_linear()
         for index in [None, *self.block_settings]:
             self._check_builds(index)
+        if self.kind == "linear":
+            self._check_linear()
 
     @staticmethod
     def _check_settings(owner: str, settings: dict):
