@@ -26,7 +26,9 @@ import kallm.loading
 from kallm.core.layers import KANFeedForward
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_FILES = ("modeling_kallm.py", "configuration_kallm.py", "retrofit_config.py", "layers.py", "bases.py", "kan_function.py")
+CODE_FILES = (
+    "modeling_kallm.py", "configuration_kallm.py", "retrofit_config.py", "layers.py", "bases.py", "kan_function.py"
+)
 
 # name -> (family, retrofit options); every family plus bases and options that change the module tree
 CASES = {family: (family, {"last_n": 2}) for family in sorted(TINY_CONFIGS)}

@@ -138,8 +138,8 @@ def test_an_extension_may_bring_its_own_settings_and_records_mixed_inits():
 
 
 def test_per_block_settings_save_and_reload(tmp_path):
-    model = kallm.retrofit(tiny_model("gpt2"), blocks={0: {"basis": "rational", "basis_options": {"denominator_degree": 2}},
-                                                      2: {"degree": 4, "input_map": "tanh"}})
+    rational = {"basis": "rational", "basis_options": {"denominator_degree": 2}}
+    model = kallm.retrofit(tiny_model("gpt2"), blocks={0: rational, 2: {"degree": 4, "input_map": "tanh"}})
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.kan_config == model.config.kan_config
@@ -201,7 +201,8 @@ def test_auto_refusals_leave_the_model_as_it_was(kwargs, message):
     [
         ({"basis": "bogus"}, "unknown basis 'bogus'"),
         ({"degree": -3}, "degree must be an integer >= 1"),
-        ({"degree": 3}, "kind='linear' restarts the MLPs in their own shape, so KAN settings do not apply; got degree=3"),
+        ({"degree": 3}, "kind='linear' restarts the MLPs in their own shape, so KAN settings do not apply; "
+                        "got degree=3"),
         ({"intermediate_size": 40}, "KAN settings do not apply; got intermediate_size=40"),
         ({"blocks": {1: {"degree": 3}}}, "KAN settings do not apply; got per-block settings"),
         ({"alpha": 0.5}, "basis 'cheby2' does not take options ['alpha']"),

@@ -197,16 +197,18 @@ class RecurrenceBasis(Basis):
                 slot.add_(current, alpha=b)
 
     def input_gradient(self, t, values, grads):
+        # Shapes: t, every values[k] = P_{k+1} and every grads[k] = g_{k+1} = dL/dP_{k+1} are (N, I), the
+        # fused op's rows by inputs; all updates are elementwise and in place, so nothing else is allocated.
         # Accumulates dL/dt / a0 in grads[0] alongside g_1, then scales once: no extra buffer.
         _, a0, b0 = self.first()
         for n in range(self.degree - 1, 1, -1):
             a, b, c = self.step(n)
-            upper = grads[n]
-            grads[n - 1].addcmul_(t, upper, value=a)
+            upper = grads[n]  # g_{n+1}: (N, I), final once every higher step has run
+            grads[n - 1].addcmul_(t, upper, value=a)  # g_n += a_n t g_{n+1}
             if b:
-                grads[n - 1].add_(upper, alpha=b)
-            grads[n - 2].add_(upper, alpha=-c)
-            grads[0].addcmul_(values[n - 1], upper, value=a / a0)
+                grads[n - 1].add_(upper, alpha=b)  # g_n += b_n g_{n+1}
+            grads[n - 2].add_(upper, alpha=-c)  # g_{n-1} -= c_n g_{n+1}
+            grads[0].addcmul_(values[n - 1], upper, value=a / a0)  # dL/dt / a0 += a_n P_n g_{n+1} / a0
         if self.degree >= 2:
             # Step 1 adds (a t + b) g_2 to g_1 and a P_1 g_2 / a0 to dL/dt / a0; as P_1 = a0 t + b0
             # both are linear in t and merge into one pass.
@@ -214,7 +216,7 @@ class RecurrenceBasis(Basis):
             grads[0].addcmul_(t, grads[1], value=2 * a)
             if b + a * b0 / a0:
                 grads[0].add_(grads[1], alpha=b + a * b0 / a0)
-        return grads[0].mul_(a0)
+        return grads[0].mul_(a0)  # a0 g_1 plus the a_n P_n g_{n+1} terms = dL/dt: (N, I), as P'_1 = a0
 
 
 class Chebyshev1(RecurrenceBasis):

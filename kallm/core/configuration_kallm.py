@@ -71,7 +71,9 @@ def check_kan_config_fits_model(kan_config: dict, model) -> None:
         )
     too_high = [i for i in config.blocks if i >= len(blocks)]
     if too_high:
-        raise ValueError(f"kan_config.blocks lists blocks {too_high}, but {name} has {len(blocks)} blocks (0..{len(blocks) - 1})")
+        raise ValueError(
+            f"kan_config.blocks lists blocks {too_high}, but {name} has {len(blocks)} blocks (0..{len(blocks) - 1})"
+        )
     for key in ("mlp_attribute", "bypassed_attributes"):
         names = config.bypassed_attributes if key == "bypassed_attributes" else [config.mlp_attribute]
         for index in config.blocks:

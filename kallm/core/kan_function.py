@@ -88,15 +88,19 @@ def _features(basis, t, params):
 
 
 class KANLinearFunction(torch.autograd.Function):
+    # Shapes: N rows (tokens), I = in_features, O = out_features, K = basis.num_features.
+    # x (N, I); weight (O, K*I), column k*I + i holds feature k of input i; bias (O,); scale, shift (I,).
+
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, basis: Basis, *basis_params):
         compute_dtype = _compute_dtype(x, weight)
         with torch.autocast(x.device.type, enabled=False):
             math_dtype = _math_dtype(x)
-            t = _input_map(x.to(math_dtype), scale, shift)
-            features, _ = _features(basis, t, [p.to(math_dtype) for p in basis_params])
+            t = _input_map(x.to(math_dtype), scale, shift)  # (N, I)
+            features, _ = _features(basis, t, [p.to(math_dtype) for p in basis_params])  # F: (N, K*I)
             del t
             b = None if bias is None else bias.to(compute_dtype)
+            # (N, K*I) @ (K*I, O) + (O,) -> y: (N, O)
             y = _matmul(features.to(compute_dtype), weight.to(compute_dtype).t(), b).contiguous()
         ctx.basis = basis
         ctx.compute_dtype = compute_dtype
@@ -114,24 +118,27 @@ class KANLinearFunction(torch.autograd.Function):
         param_grads = [None] * len(basis_params)
 
         with torch.autocast(x.device.type, enabled=False):
-            grad_y = grad_y.to(dtype)
+            grad_y = grad_y.to(dtype)  # dL/dy: (N, O)
             math_dtype = _math_dtype(x)
             if bias is not None and needs[2]:
-                grad_bias = grad_y.to(math_dtype).sum(0).to(bias.dtype)
+                grad_bias = grad_y.to(math_dtype).sum(0).to(bias.dtype)  # sum over rows: (N, O) -> (O,)
             if not (need_t or need_params or needs[1]):
                 return (grad_x, grad_weight, grad_bias, grad_scale, grad_shift, None, *param_grads)
 
-            xm = x.to(math_dtype)
-            t = _input_map(xm, scale, shift)
+            xm = x.to(math_dtype)  # (N, I)
+            t = _input_map(xm, scale, shift)  # recomputed, (N, I)
             grad_blocks = None
             if need_t or need_params:
+                # dL/dF = dL/dy @ weight: (N, O) @ (O, K*I) -> (N, K*I)
                 grad_features = _matmul(grad_y, weight.to(dtype)).to(math_dtype)
+                # (N, K*I) viewed as (N, K, I), split along K: K blocks dL/dphi_k, each an (N, I) view
                 grad_blocks = list(grad_features.view(t.shape[0], basis.num_features, t.shape[1]).unbind(1))
 
             grad_t = None
             if basis.has_derivatives and not basis_params:
-                features, blocks = _features(basis, t, [])
+                features, blocks = _features(basis, t, [])  # F recomputed: (N, K*I); blocks: K views (N, I)
                 if need_t:
+                    # dL/dt = sum_k dL/dphi_k * phi_k'(t), elementwise over (N, I) -> (N, I)
                     grad_t = basis.input_gradient(t, blocks, grad_blocks)
             else:
                 features, grad_t, param_grads = _autograd_recompute(
@@ -139,18 +146,21 @@ class KANLinearFunction(torch.autograd.Function):
                 )
 
             if needs[1]:
+                # dL/dweight = dL/dy^T @ F: (O, N) @ (N, K*I) -> (O, K*I), the weight's own layout
                 grad_weight = _matmul(grad_y.t(), features.to(dtype)).to(weight.dtype).contiguous()
             if grad_t is not None:
+                # through t = tanh(u), u = scale * x + shift: dL/du = dL/dt * (1 - t^2), (N, I)
                 grad_u = torch.ops.aten.tanh_backward(grad_t, t)
                 if scale is None:
                     grad_x = grad_u.to(x.dtype) if needs[0] else None
                 else:
                     if needs[0]:
-                        grad_x = (grad_u * scale.to(math_dtype)).to(x.dtype)
+                        grad_x = (grad_u * scale.to(math_dtype)).to(x.dtype)  # (N, I) * (I,) -> (N, I)
                     if needs[3]:
+                        # sum over rows of dL/du * x: (N, I), (N, I) -> (I,)
                         grad_scale = torch.linalg.vecdot(grad_u, xm, dim=0).to(scale.dtype)
                     if needs[4]:
-                        grad_shift = grad_u.sum(0).to(shift.dtype)
+                        grad_shift = grad_u.sum(0).to(shift.dtype)  # (N, I) -> (I,)
         return (grad_x, grad_weight, grad_bias, grad_scale, grad_shift, None, *param_grads)
 
 
@@ -158,14 +168,14 @@ def _autograd_recompute(basis, t, basis_params, grad_blocks, need_t, needs_param
     """The features, and the gradients with respect to ``t`` and each basis parameter (None
     where not needed), by a local autograd pass over the recomputed basis values."""
     with torch.enable_grad():
-        t_leaf = t.detach().requires_grad_(need_t)
+        t_leaf = t.detach().requires_grad_(need_t)  # (N, I)
         params = [p.detach().to(t.dtype).requires_grad_(n) for p, n in zip(basis_params, needs_params)]
-        values = basis.values(t_leaf, params)
+        values = basis.values(t_leaf, params)  # K tensors phi_k(t), each (N, I)
     if len(values) != basis.num_features:
         raise ValueError(
             f"basis {basis.name!r} returned {len(values)} features but its num_features is {basis.num_features}"
         )
-    features = torch.cat([value.detach() for value in values], dim=-1)
+    features = torch.cat([value.detach() for value in values], dim=-1)  # K x (N, I) -> F: (N, K*I)
 
     inputs = [t_leaf] * need_t + [p for p in params if p.requires_grad]
     if not inputs:
@@ -174,6 +184,8 @@ def _autograd_recompute(basis, t, basis_params, grad_blocks, need_t, needs_param
     pairs = [(value, grad) for value, grad in zip(values, grad_blocks) if value.requires_grad]
     grads = [None] * len(inputs)
     if pairs:
+        # vector-Jacobian product: each phi_k (N, I) paired with its dL/dphi_k block (N, I); the gradients
+        # come back shaped like the inputs: t (N, I), each parameter its own shape
         outputs, grad_outputs = zip(*pairs)
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
     grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]

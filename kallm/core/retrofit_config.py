@@ -234,7 +234,9 @@ class RetrofitConfig:
                 raise ValueError(f"{owner} must be a dict of settings, got {own!r}")
             unknown = sorted(set(own) - set(BLOCK_SETTINGS))
             if unknown:
-                raise ValueError(f"{owner} has unknown settings {unknown}; a block may set: {', '.join(BLOCK_SETTINGS)}")
+                raise ValueError(
+                    f"{owner} has unknown settings {unknown}; a block may set: {', '.join(BLOCK_SETTINGS)}"
+                )
             self._check_settings(owner, own)
         for index in [None, *self.block_settings]:
             self._check_builds(index)
@@ -271,7 +273,9 @@ class RetrofitConfig:
             except (TypeError, ValueError):
                 same = False
             if not same:
-                raise TypeError(f"layer options must be plain JSON values (str, int, float, bool, lists), got {options!r}")
+                raise TypeError(
+                    f"layer options must be plain JSON values (str, int, float, bool, lists), got {options!r}"
+                )
 
     def _check_linear(self):
         """The linear restart keeps each MLP's shape: KAN settings other than the defaults mean a mistake."""
@@ -341,7 +345,9 @@ def _upgrade_version_1(data: dict) -> dict:
     _check_block_list("layers", data["layers"])
     options = data["layer_options"]
     if not isinstance(options, dict):
-        raise ValueError(f"kan_config.layer_options must be a dict of KANLinear options (a JSON object), got {options!r}")
+        raise ValueError(
+            f"kan_config.layer_options must be a dict of KANLinear options (a JSON object), got {options!r}"
+        )
     upgraded = {key: value for key, value in data.items() if key not in ("layers", "layer_options")}
     upgraded.update(
         schema_version=SCHEMA_VERSION, blocks=data["layers"], last_n=None, num_blocks=None, kind="kan", init=None,

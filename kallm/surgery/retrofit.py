@@ -85,10 +85,8 @@ def retrofit(
     base_type, adapter, blocks = causal_lm_parts(model, "retrofit")
     indices, own_settings = _select_blocks(len(blocks), request)
     if filter_fn is not None:
-        indices = [
-            i for i in indices
-            if filter_fn(getattr(blocks[i], adapter.mlp_attribute), f"{adapter.blocks_path}.{i}.{adapter.mlp_attribute}")
-        ]
+        mlp = adapter.mlp_attribute
+        indices = [i for i in indices if filter_fn(getattr(blocks[i], mlp), f"{adapter.blocks_path}.{i}.{mlp}")]
     existing = retrofitted_kan_config(model, adapter, blocks)
     if request.blocks == AUTO and existing:
         indices = [i for i in indices if i not in existing.blocks]
@@ -273,7 +271,8 @@ def _extend(old: RetrofitConfig, new: RetrofitConfig) -> RetrofitConfig:
             f"instead, or pass the same settings"
         )
     return dataclasses.replace(
-        old, blocks=sorted(set(old.blocks) | set(new.blocks)), block_settings={**old.block_settings, **new.block_settings},
+        old, blocks=sorted(set(old.blocks) | set(new.blocks)),
+        block_settings={**old.block_settings, **new.block_settings},
         # init records how the blocks started; None once they started differently
         init=old.init if old.init == new.init else None,
     )
