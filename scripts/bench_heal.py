@@ -54,6 +54,8 @@ def parse(argv=None):
     parser.add_argument("--last-n", type=int, default=5)
     parser.add_argument("--trainable", default="retrofitted", help="kallm.heal's trainable policy")
     parser.add_argument("--lr", type=float, default=None, help="kallm.heal's learning rate (default: its own)")
+    parser.add_argument("--heal-option", action="append", default=[], metavar="FIELD=VALUE",
+                        help="any other kallm.HealConfig field for the heal arms, e.g. local_fraction=0.5 (repeatable)")
     parser.add_argument("--bbh-limit", type=int, default=12, help="examples per BBH task")
     parser.add_argument("--chat-limit", type=int, default=48, help="HH-RLHF conversations for the chat loss")
     parser.add_argument("--threads", type=int, default=2)
@@ -113,7 +115,7 @@ def run_arm(args, arm: str) -> dict:
         texts += [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
                   for line in paths["oasst"].read_text(encoding="utf-8").splitlines() if line.strip()]
         before = block_errors(student, teacher, tokenizer, scored) if arm == "kan-fit+heal" else None
-        options = {"learning_rate": args.lr} if args.lr else {}
+        options = heal_options(args)
         trainable = "tail" if arm.endswith("-tail") else args.trainable
         report = kallm.heal(student, teacher, tokenizer, data=texts, minutes=args.minutes, trainable=trainable,
                             callbacks=[evaluator.heal_callback], progress_bar=False, **options)
@@ -128,6 +130,20 @@ def run_arm(args, arm: str) -> dict:
         result.update(train_arm(student, teacher, tokenizer, args, paths, evaluator))
     result["curve"] = evaluator.points
     return finish(result, student, teacher, tokenizer, args, paths)
+
+
+def heal_options(args) -> dict:
+    """``--lr`` and the ``--heal-option FIELD=VALUE`` pairs, each value read as a Python literal where it is one."""
+    import ast
+
+    options = {"learning_rate": args.lr} if args.lr else {}
+    for pair in args.heal_option:
+        field, _, value = pair.partition("=")
+        try:
+            options[field.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[field.strip()] = value.strip()
+    return options
 
 
 def build_student(arm, teacher, tokenizer, args):
