@@ -264,3 +264,16 @@ def test_without_triton_the_fused_device_falls_back_to_the_plain_op(monkeypatch)
     torch.testing.assert_close(layer(x), _plain(x, layer.weight, layer.bias, layer.input_scale, layer.input_shift,
                                                 layer.basis))
     assert kan_function._triton_kernels == [None]
+
+
+def test_the_gpu_check_recipe_is_the_research_recipe_shortened(monkeypatch):
+    from pathlib import Path
+
+    from kallm.experiment import load_experiment
+
+    monkeypatch.setenv("KALLM_DATA_DIR", "/data")
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    check, research = load_experiment(configs / "gpu-check.yaml"), load_experiment(configs / "research.yaml")
+    assert check.retrofit == research.retrofit and check.train["bf16"] and research.train["bf16"]
+    assert check.train["trainable"] == research.train["trainable"] and check.train["max_steps"] <= 50
+    assert {arm.kind for arm in check.arms} == {"baseline", "linear", "kan"} and check.data.startswith("/data/")

@@ -46,6 +46,9 @@ MAX_KERNEL_DEGREE = 8
 #: scale and shift grads are laid out by it.
 GRAD_INPUT_BLOCK_M = 64
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: ``KALLM_TRITON_AUTOTUNE=0`` gives each kernel one tile instead of timing several on first use (which
+#: compiles each candidate): quicker for runs over many shapes, such as the tests.
+_AUTOTUNE = os.environ.get("KALLM_TRITON_AUTOTUNE", "1") != "0"
 
 
 def kernel_recurrence(basis, basis_params) -> list[float] | None:
@@ -68,8 +71,9 @@ def kernel_recurrence(basis, basis_params) -> list[float] | None:
 def _configs(tiles, interpreter_tile):
     if _INTERPRETING:  # the interpreter cannot time configs, and runs fastest with few, large tiles
         return [triton.Config(interpreter_tile, num_warps=4, num_stages=1)]
-    return [triton.Config(tile, num_warps=warps, num_stages=stages) for tile in tiles for warps, stages in
-            ((4, 3), (8, 3), (4, 4))]
+    if not _AUTOTUNE:
+        return [triton.Config(tiles[1], num_warps=4, num_stages=3)]
+    return [triton.Config(tile, num_warps=warps, num_stages=3) for tile in tiles for warps in (4, 8)]
 
 
 _FORWARD_TILES = [
