@@ -78,7 +78,10 @@ def test_real_smollm2_shrinks_to_a_mini_model_that_agrees_on_kept_tokens(smollm2
     base, tokenizer = smollm2
     texts = ["Wall St. Bears Claw Back Into the Black (Reuters)", "Olympic champion wins gold in Athens",
              "New chip doubles laptop battery life", "Oil prices hit a record as supply fears grow"]
-    small, small_tokenizer = kallm.shrink(base, tokenizer, num_blocks=3, vocab_from=texts)
+    messages = [{"role": "user", "content": texts[0]}]
+    # a rendered conversation keeps the chat template's own tokens ("user", "assistant", newlines)
+    chat = tokenizer.apply_chat_template(messages, tokenize=False)
+    small, small_tokenizer = kallm.shrink(base, tokenizer, num_blocks=3, vocab_from=[*texts, chat])
     assert small.config.num_hidden_layers == 3 and small.config.tie_word_embeddings
     assert kallm.core.modeling_kallm.count_parameters(small) < kallm.core.modeling_kallm.count_parameters(base) / 10
     # the 256 byte symbols, the 17 added tokens and the texts' tokens with what they are merged from
@@ -88,7 +91,6 @@ def test_real_smollm2_shrinks_to_a_mini_model_that_agrees_on_kept_tokens(smollm2
     loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     vocab = tokenizer.get_vocab()
     kept_ids = [vocab[token] for token, _ in sorted(loaded_tokenizer.get_vocab().items(), key=lambda item: item[1])]
-    messages = [{"role": "user", "content": texts[0]}]
     for text in texts:
         assert [kept_ids[i] for i in loaded_tokenizer(text)["input_ids"]] == tokenizer(text)["input_ids"]
     assert [kept_ids[i] for i in loaded_tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]] == \
