@@ -33,6 +33,7 @@ _EXPORTS = {
     "lora_targets": "surgery",
     "retrofit": "surgery",
     "set_trainable": "surgery",
+    "shrink": "surgery",
     "summary": "surgery",
     "supported_model_types": "surgery",
     "with_kan_lora": "surgery",

@@ -18,6 +18,7 @@ COMMANDS = {
     "heal": ("kallm.train.cli_heal", "bring a retrofitted model back to its original by distillation, cheaply"),
     "eval": ("kallm.eval.cli", "evaluate on BIG-Bench Hard, perplexity, chat loss"),
     "experiment": ("kallm.experiment", "run a research recipe from a YAML config"),
+    "sweep": ("kallm.sweep", "compare many KAN variants of a shrunk mini model on a classification task"),
     "plot": ("kallm.plot", "draw the learned functions of a KAN layer"),
     "demo": ("kallm.demo", "the main job: retrofit, heal, evaluate, save, reload, reply"),
 }

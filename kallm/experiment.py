@@ -345,29 +345,39 @@ def load_recorded_runs(path: Path) -> dict:
     return {(record.get("arm"), record.get("seed")): record for record in records}
 
 
+def run_recorded(out: Path, jobs: list[tuple[str, int, dict]], run_one, restart: bool = False) -> list[dict]:
+    """Run ``jobs`` (arm name, seed, settings) with ``run_one(name, seed) -> record``, recording each finished run
+    with its settings in ``OUT/runs.json`` as it ends; a run recorded there with the same settings is kept instead
+    (unless ``restart``), so that an interrupted grid resumes where it stopped. Returns the records in job order."""
+    recorded = {} if restart else load_recorded_runs(out / "runs.json")
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for number, (name, seed, settings) in enumerate(jobs, 1):
+        progress = f"=== [{number}/{len(jobs)}] arm {name}, seed {seed}"
+        previous = recorded.get((name, seed))
+        if previous is not None and previous.get("settings") == settings:
+            print(f"{progress}: already in runs.json with the same settings, skipped (--restart runs it again)",
+                  flush=True)
+            records.append(previous)
+            continue
+        changed = ": in runs.json with other settings, running it again" if previous is not None else ""
+        print(f"{progress}{changed}", flush=True)
+        records.append({**run_one(name, seed), "settings": settings})
+        (out / "runs.json").write_text(json.dumps(records, indent=2, default=str) + "\n", encoding="utf-8")
+    return records
+
+
 def run_experiment(config: ExperimentConfig, restart: bool = False) -> dict:
     """Run every arm for every seed (the untrained baseline once), then write the report.
 
     A run already in ``OUT/runs.json`` with the same settings is kept rather than run again, so an interrupted
     experiment resumes where it stopped; ``restart`` runs everything again.
     """
+    jobs = [(arm.name, seed, run_settings(config, arm))
+            for arm in config.arms for seed in (config.seeds[:1] if arm.kind == "baseline" else config.seeds)]
+    arms = {arm.name: arm for arm in config.arms}
     out = Path(config.out)
-    recorded = {} if restart else load_recorded_runs(out / "runs.json")
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for arm in config.arms:
-        settings = run_settings(config, arm)
-        for seed in config.seeds[:1] if arm.kind == "baseline" else config.seeds:
-            previous = recorded.get((arm.name, seed))
-            if previous is not None and previous.get("settings") == settings:
-                print(f"=== arm {arm.name}, seed {seed}: already in runs.json with the same settings, skipped "
-                      f"(--restart runs it again)", flush=True)
-                records.append(previous)
-                continue
-            changed = ": in runs.json with other settings, running it again" if previous is not None else ""
-            print(f"=== arm {arm.name}, seed {seed}{changed}", flush=True)
-            records.append({**run_arm(config, arm, seed), "settings": settings})
-            (out / "runs.json").write_text(json.dumps(records, indent=2, default=str) + "\n", encoding="utf-8")
+    records = run_recorded(out, jobs, lambda name, seed: run_arm(config, arms[name], seed), restart)
     rows = summarize(records)
     report = to_markdown(config, rows)
     (out / "results.md").write_text(report, encoding="utf-8")

@@ -138,3 +138,31 @@ def test_bench_heal_runs_its_arms_and_writes_table_json_and_curve(tmp_path, data
     table = output.with_suffix(".md").read_text()
     assert "| kan-fit+heal |" in table and "| kan-fit+train |" in table and "| block |" in table
     assert output.with_suffix(".png").stat().st_size > 1000
+
+
+def test_bench_mini_model_compares_full_and_mini_models(tmp_path):
+    import torch
+
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "dev"):
+        rows = [{"text": f"{split} text number {i}", "label": i % 2} for i in range(8)]
+        (data / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = load_script("bench_mini_model").main([
+        "--model", str(folder), "--data", str(data), "--num-blocks", "1", "--batch-size", "2", "--steps", "1",
+        "--eval-texts", "4", "--json", str(out_json), "--markdown", str(out_md)])
+    assert code == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [row["model"] for row in rows] == ["full", "1 blocks", "1 blocks, trimmed vocabulary"]
+    full, blocks, trimmed = rows
+    assert full["parameters"] > blocks["parameters"] > trimmed["parameters"]
+    assert trimmed["vocabulary"] < blocks["vocabulary"]
+    # on texts of the kept vocabulary: the same tokens, and no worse a language model (the same logits, fewer rivals)
+    assert trimmed["train_tokens_per_text"] == blocks["train_tokens_per_text"]
+    assert trimmed["train_bits_per_character"] <= blocks["train_bits_per_character"] + 1e-6
+    assert all(torch.isfinite(torch.tensor(row["seconds_per_step"])) for row in rows)
+    assert "| full |" in out_md.read_text()

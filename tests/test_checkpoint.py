@@ -134,6 +134,9 @@ def test_saved_folder_holds_safetensors_config_code_and_card(saved, name):
     assert config["auto_map"] == {
         "AutoConfig": f"configuration_kallm.{config_class}",
         "AutoModelForCausalLM": f"modeling_kallm.{model_class}",
+        "AutoModelForSequenceClassification": f"modeling_kallm.{model_class.replace('LMHeadModel', 'ForCausalLM')}"
+                                              .replace("ForCausalLM", "ForSequenceClassification"),
+        "AutoModel": f"modeling_kallm.{model_class.replace('LMHeadModel', 'ForCausalLM').replace('ForCausalLM', 'Model')}",
     }
     assert config["architectures"] == [model_class]
     assert config["model_type"] == type(model.config).model_type

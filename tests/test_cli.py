@@ -116,7 +116,7 @@ def test_retrofit_command_saves_a_loadable_model_and_prints_the_table(saved_tiny
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.kan_config["blocks"] == [1, 2]
     assert model.config.kan_config["basis"] == "legendre" and model.config.kan_config["degree"] == 3
-    assert model.config.kan_config["layer_options"] == {"input_map": "tanh"}
+    assert model.config.kan_config["input_map"] == "tanh"
     assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
 
 

@@ -60,7 +60,7 @@ def test_basis_options_of_the_target_reach_the_layers_and_the_config(tmp_path):
     reference = _logits(model)
     converted = kallm.convert(model, basis="jacobi", degree=3, alpha=0.5, beta=2.0)
     torch.testing.assert_close(_logits(converted), reference)
-    assert converted.config.kan_config["layer_options"] == {"alpha": 0.5, "beta": 2.0}
+    assert converted.config.kan_config["basis_options"] == {"alpha": 0.5, "beta": 2.0}
     assert converted.model.layers[1].mlp.layers[0].basis.describe() == {
         "basis": "jacobi", "degree": 3, "alpha": 0.5, "beta": 2.0
     }

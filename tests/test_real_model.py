@@ -70,3 +70,33 @@ def test_real_smollm2_retrofit_save_and_reload(smollm2, tmp_path):
         assert result["new_tokens"] == expected_tokens
         assert 1 <= len(result["new_tokens"]) <= NEW_TOKENS
         assert isinstance(result["reply"], str)
+
+
+def test_real_smollm2_shrinks_to_a_mini_model_that_agrees_on_kept_tokens(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, tokenizer = smollm2
+    texts = ["Wall St. Bears Claw Back Into the Black (Reuters)", "Olympic champion wins gold in Athens",
+             "New chip doubles laptop battery life", "Oil prices hit a record as supply fears grow"]
+    messages = [{"role": "user", "content": texts[0]}]
+    # a rendered conversation keeps the chat template's own tokens ("user", "assistant", newlines)
+    chat = tokenizer.apply_chat_template(messages, tokenize=False)
+    small, small_tokenizer = kallm.shrink(base, tokenizer, num_blocks=3, vocab_from=[*texts, chat])
+    assert small.config.num_hidden_layers == 3 and small.config.tie_word_embeddings
+    assert kallm.core.modeling_kallm.count_parameters(small) < kallm.core.modeling_kallm.count_parameters(base) / 10
+    # the 256 byte symbols, the 17 added tokens and the texts' tokens with what they are merged from
+    assert 256 + 17 < len(small_tokenizer) < 1000
+    small.save_pretrained(tmp_path)
+    small_tokenizer.save_pretrained(tmp_path)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    vocab = tokenizer.get_vocab()
+    kept_ids = [vocab[token] for token, _ in sorted(loaded_tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    for text in texts:
+        assert [kept_ids[i] for i in loaded_tokenizer(text)["input_ids"]] == tokenizer(text)["input_ids"]
+    assert [kept_ids[i] for i in loaded_tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]] == \
+        tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert loaded_tokenizer.decode(loaded_tokenizer("Zürich 🙂")["input_ids"]) == "Zürich 🙂"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([loaded_tokenizer(texts[1])["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, small.eval()(ids).logits)

@@ -748,10 +748,11 @@ def _peft_wrapped(model):
     ("build", "message"),
     [
         (lambda: transformers.AutoModel.from_config(TINY_CONFIGS["llama"]()),
-         "needs a causal LM with its LM head (LlamaForCausalLM for model_type 'llama'), got LlamaModel"),
+         "needs a causal LM or a sequence classifier (LlamaForCausalLM or LlamaForSequenceClassification for "
+         "model_type 'llama'), got LlamaModel"),
         (lambda: transformers.AutoModel.from_config(TINY_CONFIGS["gpt2"]()), "got GPT2Model"),
-        (lambda: transformers.AutoModelForSequenceClassification.from_config(TINY_CONFIGS["llama"]()),
-         "got LlamaForSequenceClassification"),
+        (lambda: transformers.AutoModelForTokenClassification.from_config(TINY_CONFIGS["llama"]()),
+         "got LlamaForTokenClassification"),
     ],
 )
 def test_bare_models_are_refused_everywhere(build, message):

@@ -60,7 +60,7 @@ def check_kan_config_fits_model(kan_config: dict, model) -> None:
     """
     config = validate_kan_config(kan_config)
     name = type(model).__name__
-    path = config.blocks_path
+    path = blocks_path_in(model, config.blocks_path)
     try:
         blocks = model.get_submodule(path)
     except AttributeError:
@@ -85,6 +85,15 @@ def check_kan_config_fits_model(kan_config: dict, model) -> None:
         raise ValueError(
             f"kan_config.hidden_size is {config.hidden_size}, but the model's hidden_size is {model_hidden}"
         )
+
+
+def blocks_path_in(model, blocks_path: str) -> str:
+    """``blocks_path`` (written from the causal LM) as seen from ``model``: a base model without a head
+    (``LlamaModel``) lacks the causal LM's first name, its ``base_model_prefix`` ("model.layers" -> "layers")."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if blocks_path.startswith(prefix) and not hasattr(model, prefix[:-1]):
+        return blocks_path[len(prefix):]
+    return blocks_path
 
 
 class KANConfigMixin:

@@ -20,16 +20,37 @@ import warnings
 import torch
 from torch import nn
 from transformers import (
+    AutoModel,
     Gemma2ForCausalLM,
+    Gemma2ForSequenceClassification,
+    Gemma2Model,
     GemmaForCausalLM,
+    GemmaForSequenceClassification,
+    GemmaModel,
+    GPT2ForSequenceClassification,
     GPT2LMHeadModel,
+    GPT2Model,
     GPTNeoXForCausalLM,
+    GPTNeoXForSequenceClassification,
+    GPTNeoXModel,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
     MistralForCausalLM,
+    MistralForSequenceClassification,
+    MistralModel,
     OPTForCausalLM,
+    OPTForSequenceClassification,
+    OPTModel,
     Phi3ForCausalLM,
+    Phi3ForSequenceClassification,
+    Phi3Model,
     Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+    Qwen2Model,
     Qwen3ForCausalLM,
+    Qwen3ForSequenceClassification,
+    Qwen3Model,
 )
 from transformers.initialization import guard_torch_init_functions
 
@@ -45,6 +66,7 @@ from .configuration_kallm import (
     KAPhi3Config,
     KAQwen2Config,
     KAQwen3Config,
+    blocks_path_in,
     check_kan_config_fits_model,
 )
 from .layers import KANFeedForward, KANLinear, is_kan_feedforward
@@ -55,7 +77,7 @@ def install_kan_feedforwards(model: nn.Module, kan_config: dict, blocks=None) ->
     """Replace the feedforward of ``blocks`` (default: all of ``kan_config["blocks"]``), each built from its
     own settings (``RetrofitConfig.settings``)."""
     config = RetrofitConfig.from_dict(kan_config)
-    block_list = model.get_submodule(config.blocks_path)
+    block_list = model.get_submodule(blocks_path_in(model, config.blocks_path))
     indices = config.blocks if blocks is None else blocks
     replaced = (config.mlp_attribute, *config.bypassed_attributes)
     for index in indices:
@@ -120,6 +142,8 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO") -> str
     own_settings = "".join(f"| block {index}'s own settings | {settings} |\n"
                            for index, settings in sorted(config.block_settings.items()))
     name = model.__class__.__name__
+    auto_class = next((auto for auto, classes in KAN_AUTO_CLASSES.items() if type(model) in classes.values()),
+                      "AutoModelForCausalLM")
     return f"""---
 library_name: transformers
 tags: {json.dumps(["kallm", "kan", "kolmogorov-arnold", *(tags or ())])}
@@ -146,16 +170,16 @@ With kallm installed (`pip install kallm`):
 
 ```python
 import kallm  # registers the {name} class with transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{location}")
+from transformers import {auto_class}, AutoTokenizer
+model = {auto_class}.from_pretrained("{location}")
 tokenizer = AutoTokenizer.from_pretrained("{location}")
 ```
 
 Without kallm, the modeling code saved next to the weights is used:
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{location}", trust_remote_code=True)
+from transformers import {auto_class}, AutoTokenizer
+model = {auto_class}.from_pretrained("{location}", trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("{location}", trust_remote_code=True)
 ```
 {CARD_END}
@@ -238,9 +262,10 @@ def check_weights_match_kan_config(model: nn.Module, loading_info: dict, source)
     kan_config = model.config.kan_config
     prefixes = ()
     if kan_config is not None:
-        block_count = len(model.get_submodule(kan_config["blocks_path"]))
+        path = blocks_path_in(model, kan_config["blocks_path"])
+        block_count = len(model.get_submodule(path))
         attributes = (kan_config["mlp_attribute"], *kan_config["bypassed_attributes"])
-        prefixes = tuple(f"{kan_config['blocks_path']}.{i}.{name}." for i in range(block_count) for name in attributes)
+        prefixes = tuple(f"{path}.{i}.{name}." for i in range(block_count) for name in attributes)
 
     def in_a_feedforward(key):
         return key.startswith(prefixes) or _KAN_TENSOR.search(key) is not None
@@ -269,14 +294,31 @@ def _some(keys, shown=6):
 
 
 class KANModelMixin:
-    """What every retrofitted causal LM class adds to its base class (the mixin comes first in the bases, so
-    that its methods run around the base class's)."""
+    """What every retrofitted class (causal LM, sequence classifier, base model) adds to its base class (the
+    mixin comes first in the bases, so that its methods run around the base class's)."""
 
     def __init__(self, config, *args, **kwargs):
+        # Most families' sequence classifiers build their base model with AutoModel.from_config(config), which
+        # must find the retrofitted base model for this config's class: through trust_remote_code that class
+        # comes from another copy of configuration_kallm.py than this file's, unknown to transformers.
+        AutoModel.register(type(config), KAN_BASE_MODEL_CLASSES[self.config_class], exist_ok=True)
         super().__init__(config, *args, **kwargs)
-        if self.config.kan_config is not None:
-            check_kan_config_fits_model(self.config.kan_config, self)
-            install_kan_feedforwards(self, self.config.kan_config)
+        kan_config = self.config.kan_config
+        if kan_config is not None:
+            check_kan_config_fits_model(kan_config, self)
+            blocks = self.get_submodule(blocks_path_in(self, kan_config["blocks_path"]))
+            # A classifier whose base model AutoModel built is retrofitted already (as KA<Family>Model).
+            missing = [i for i in kan_config["blocks"]
+                       if not is_kan_feedforward(getattr(blocks[i], kan_config["mlp_attribute"]))]
+            install_kan_feedforwards(self, kan_config, blocks=missing)
+
+    def _record_auto_classes(self):
+        """Name this family's causal LM, classifier and base model in ``auto_map``, whichever of them is saved, so
+        that every Auto class loads the checkpoint through trust_remote_code."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for auto_class, classes in KAN_AUTO_CLASSES.items():
+            auto_map[auto_class] = f"{__name__.split('.')[-1]}.{classes[self.config_class].__name__}"
+        self.config.auto_map = auto_map
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, output_loading_info: bool = False, **kwargs):
@@ -304,6 +346,7 @@ class KANModelMixin:
         in the folder. With ``push_to_hub=True`` (``repo_id=``, ``commit_message=``, ``create_pr=``,
         ``private=``, ``token=`` as in transformers) it uploads what the save wrote, kallm's card
         included, where transformers would upload its generic card."""
+        self._record_auto_classes()
         if self.config.kan_config is None:
             return super().save_pretrained(save_directory, is_main_process=is_main_process, push_to_hub=push_to_hub,
                                            **kwargs)
@@ -322,6 +365,7 @@ class KANModelMixin:
         transformers' own ``push_to_hub`` replaces README.md with a generic card after
         saving; this uploads kallm's card, which describes the retrofit.
         """
+        self._record_auto_classes()
         if self.config.kan_config is None:
             return super().push_to_hub(
                 repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
@@ -359,7 +403,23 @@ class KALlamaForCausalLM(KANModelMixin, LlamaForCausalLM):
     config_class = KALlamaConfig
 
 
+class KALlamaForSequenceClassification(KANModelMixin, LlamaForSequenceClassification):
+    config_class = KALlamaConfig
+
+
+class KALlamaModel(KANModelMixin, LlamaModel):
+    config_class = KALlamaConfig
+
+
 class KAMistralForCausalLM(KANModelMixin, MistralForCausalLM):
+    config_class = KAMistralConfig
+
+
+class KAMistralForSequenceClassification(KANModelMixin, MistralForSequenceClassification):
+    config_class = KAMistralConfig
+
+
+class KAMistralModel(KANModelMixin, MistralModel):
     config_class = KAMistralConfig
 
 
@@ -367,7 +427,23 @@ class KAQwen2ForCausalLM(KANModelMixin, Qwen2ForCausalLM):
     config_class = KAQwen2Config
 
 
+class KAQwen2ForSequenceClassification(KANModelMixin, Qwen2ForSequenceClassification):
+    config_class = KAQwen2Config
+
+
+class KAQwen2Model(KANModelMixin, Qwen2Model):
+    config_class = KAQwen2Config
+
+
 class KAQwen3ForCausalLM(KANModelMixin, Qwen3ForCausalLM):
+    config_class = KAQwen3Config
+
+
+class KAQwen3ForSequenceClassification(KANModelMixin, Qwen3ForSequenceClassification):
+    config_class = KAQwen3Config
+
+
+class KAQwen3Model(KANModelMixin, Qwen3Model):
     config_class = KAQwen3Config
 
 
@@ -375,7 +451,23 @@ class KAGemmaForCausalLM(KANModelMixin, GemmaForCausalLM):
     config_class = KAGemmaConfig
 
 
+class KAGemmaForSequenceClassification(KANModelMixin, GemmaForSequenceClassification):
+    config_class = KAGemmaConfig
+
+
+class KAGemmaModel(KANModelMixin, GemmaModel):
+    config_class = KAGemmaConfig
+
+
 class KAGemma2ForCausalLM(KANModelMixin, Gemma2ForCausalLM):
+    config_class = KAGemma2Config
+
+
+class KAGemma2ForSequenceClassification(KANModelMixin, Gemma2ForSequenceClassification):
+    config_class = KAGemma2Config
+
+
+class KAGemma2Model(KANModelMixin, Gemma2Model):
     config_class = KAGemma2Config
 
 
@@ -383,7 +475,23 @@ class KAPhi3ForCausalLM(KANModelMixin, Phi3ForCausalLM):
     config_class = KAPhi3Config
 
 
+class KAPhi3ForSequenceClassification(KANModelMixin, Phi3ForSequenceClassification):
+    config_class = KAPhi3Config
+
+
+class KAPhi3Model(KANModelMixin, Phi3Model):
+    config_class = KAPhi3Config
+
+
 class KAGPT2LMHeadModel(KANModelMixin, GPT2LMHeadModel):
+    config_class = KAGPT2Config
+
+
+class KAGPT2ForSequenceClassification(KANModelMixin, GPT2ForSequenceClassification):
+    config_class = KAGPT2Config
+
+
+class KAGPT2Model(KANModelMixin, GPT2Model):
     config_class = KAGPT2Config
 
 
@@ -391,7 +499,23 @@ class KAGPTNeoXForCausalLM(KANModelMixin, GPTNeoXForCausalLM):
     config_class = KAGPTNeoXConfig
 
 
+class KAGPTNeoXForSequenceClassification(KANModelMixin, GPTNeoXForSequenceClassification):
+    config_class = KAGPTNeoXConfig
+
+
+class KAGPTNeoXModel(KANModelMixin, GPTNeoXModel):
+    config_class = KAGPTNeoXConfig
+
+
 class KAOPTForCausalLM(KANModelMixin, OPTForCausalLM):
+    config_class = KAOPTConfig
+
+
+class KAOPTForSequenceClassification(KANModelMixin, OPTForSequenceClassification):
+    config_class = KAOPTConfig
+
+
+class KAOPTModel(KANModelMixin, OPTModel):
     config_class = KAOPTConfig
 
 
@@ -399,8 +523,34 @@ class KAOPTForCausalLM(KANModelMixin, OPTForCausalLM):
 KAN_MODEL_CLASSES = {
     cls.config_class: cls
     for cls in (
-        KALlamaForCausalLM, KAMistralForCausalLM, KAQwen2ForCausalLM, KAQwen3ForCausalLM,
-        KAGemmaForCausalLM, KAGemma2ForCausalLM, KAPhi3ForCausalLM, KAGPT2LMHeadModel,
-        KAGPTNeoXForCausalLM, KAOPTForCausalLM,
+        KALlamaForCausalLM, KAMistralForCausalLM, KAQwen2ForCausalLM, KAQwen3ForCausalLM, KAGemmaForCausalLM,
+        KAGemma2ForCausalLM, KAPhi3ForCausalLM, KAGPT2LMHeadModel, KAGPTNeoXForCausalLM, KAOPTForCausalLM,
     )
+}
+
+#: retrofitted config class -> retrofitted sequence classification class
+KAN_SEQUENCE_CLASSIFICATION_CLASSES = {
+    cls.config_class: cls
+    for cls in (
+        KALlamaForSequenceClassification, KAMistralForSequenceClassification, KAQwen2ForSequenceClassification,
+        KAQwen3ForSequenceClassification, KAGemmaForSequenceClassification, KAGemma2ForSequenceClassification,
+        KAPhi3ForSequenceClassification, KAGPT2ForSequenceClassification, KAGPTNeoXForSequenceClassification,
+        KAOPTForSequenceClassification,
+    )
+}
+
+#: retrofitted config class -> retrofitted base model class (the blocks without a head)
+KAN_BASE_MODEL_CLASSES = {
+    cls.config_class: cls
+    for cls in (
+        KALlamaModel, KAMistralModel, KAQwen2Model, KAQwen3Model, KAGemmaModel, KAGemma2Model, KAPhi3Model,
+        KAGPT2Model, KAGPTNeoXModel, KAOPTModel,
+    )
+}
+
+#: Auto class name -> its retrofitted classes by config class; each saved config's auto_map names all of them
+KAN_AUTO_CLASSES = {
+    "AutoModelForCausalLM": KAN_MODEL_CLASSES,
+    "AutoModelForSequenceClassification": KAN_SEQUENCE_CLASSIFICATION_CLASSES,
+    "AutoModel": KAN_BASE_MODEL_CLASSES,
 }

@@ -10,7 +10,7 @@ import re
 
 from torch import nn
 
-from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KANModelMixin
+from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SEQUENCE_CLASSIFICATION_CLASSES, KANModelMixin
 from ..core.layers import is_kan_feedforward
 from ..core.retrofit_config import RetrofitConfig, read_retrofit_config
 from .adapters import ArchitectureAdapter, adapter_for
@@ -25,7 +25,7 @@ LISTED_NAMES = 4
 def causal_lm_parts(
     model: nn.Module, action: str, allow_adapters: bool = False
 ) -> tuple[str, ArchitectureAdapter, nn.ModuleList]:
-    """``(base model_type, adapter, decoder blocks)`` of a supported causal LM.
+    """``(base model_type, adapter, decoder blocks)`` of a supported causal LM or sequence classifier.
 
     ``action`` names the caller in error messages ("retrofit", "set_trainable", ...). Models with
     PEFT adapters inside are refused unless ``allow_adapters`` (callers that unwrap a PeftModel).
@@ -37,12 +37,13 @@ def causal_lm_parts(
         raise TypeError(f"{action} needs a transformers causal LM, got {type(model).__name__}")
     base_type = base_model_type(config)
     adapter = adapter_for(base_type)
-    causal_class = _family_causal_lm(base_type)
-    if not isinstance(model, causal_class):
+    family_classes = retrofittable_classes(base_type)
+    if not isinstance(model, tuple(family_classes)):
+        names = " or ".join(cls.__name__ for cls in family_classes)
         raise TypeError(
-            f"{action} needs a causal LM with its LM head ({causal_class.__name__} for model_type {base_type!r}), "
-            f"got {type(model).__name__}; load the model with AutoModelForCausalLM.from_pretrained, not AutoModel "
-            f"or a task-specific class"
+            f"{action} needs a causal LM or a sequence classifier ({names} for model_type {base_type!r}), got "
+            f"{type(model).__name__}; load the model with AutoModelForCausalLM or AutoModelForSequenceClassification, "
+            f"not AutoModel or another task's class"
         )
     return base_type, adapter, model.get_submodule(adapter.blocks_path)
 
@@ -57,9 +58,20 @@ def base_model_type(config) -> str:
     return bases[0] if bases else config.model_type
 
 
-def _family_causal_lm(base_type: str) -> type:
-    kan_class = KAN_MODEL_CLASSES[KAN_CONFIG_CLASSES[base_type]]
-    return next(cls for cls in kan_class.__bases__ if cls is not KANModelMixin)
+def retrofittable_classes(base_type: str) -> dict[type, type]:
+    """The family's classes kallm retrofits (its causal LM and sequence classifier) -> their retrofitted classes."""
+    config_class = KAN_CONFIG_CLASSES[base_type]
+    family_classes = {}
+    for classes in (KAN_MODEL_CLASSES, KAN_SEQUENCE_CLASSIFICATION_CLASSES):
+        kan_class = classes[config_class]
+        family_classes[next(cls for cls in kan_class.__bases__ if cls is not KANModelMixin)] = kan_class
+    return family_classes
+
+
+def retrofitted_class(model, base_type: str) -> type:
+    """The retrofitted class ``model`` (a causal LM or classifier of family ``base_type``) becomes."""
+    return next(kan_class for family_class, kan_class in retrofittable_classes(base_type).items()
+                if isinstance(model, family_class))
 
 
 def _refuse_peft(model, action):

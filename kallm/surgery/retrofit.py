@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES
+from ..core import KAN_CONFIG_CLASSES
 from ..core.layers import KANFeedForward, intermediate_size_for_budget
 from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
 from ..core.retrofit_config import AUTO, BLOCK_SETTINGS, KINDS, RetrofitConfig, read_retrofit_config
 from ..loading import public_source_name
 from .adapters import ArchitectureAdapter
-from .checks import causal_lm_parts, check_weights, retrofitted_kan_config
+from .checks import causal_lm_parts, check_weights, retrofitted_class, retrofitted_kan_config
 from .fit import check_fit_arguments, fit_new_feedforwards
 
 __all__ = ["KINDS", "retrofit", "retrofitted_blocks"]
@@ -365,7 +365,7 @@ def _convert_class(model, base_type, kan_config):
     for module in model.modules():
         if getattr(module, "config", None) is old_config:
             module.config = new_config
-    model.__class__ = KAN_MODEL_CLASSES[config_class]
+    model.__class__ = retrofitted_class(model, base_type)
 
 
 @torch.no_grad()

@@ -1,0 +1,455 @@
+"""``kallm sweep CONFIG.yaml``: many KAN variants of a mini model on a classification task, over seeds.
+
+The model is shrunk once (``kallm.shrink``: a few blocks, the vocabulary of the training texts) and saved in
+``OUT/mini-model``; every arm starts from it as a sequence classifier, changes its feedforwards (a KAN basis, the
+linear restart, or none: the original MLP retrained), trains on the training rows and is scored on the dev rows.
+``results.md``, ``results.json`` and ``accuracy_vs_time.png`` (with the Pareto front) are written at the end.
+
+It shares ``kallm experiment``'s machinery: ``${KALLM_*}`` variables in the config, arm names, and ``runs.json``
+(an interrupted sweep resumes from the runs it recorded; ``--restart`` runs everything again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from .core.layers import KANFeedForward
+from .experiment import ARM_NAME, ARM_NAME_RULE, PeakMemory, _expand_env, run_recorded
+from .loading import DEFAULT_MODEL
+
+#: what an arm does to the mini model's feedforwards: KAN ones, the linear restart, or nothing (MLP retrained)
+SWEEP_KINDS = ("kan", "linear", "mlp")
+#: arm settings that are not KAN layer options
+ARM_KEYS = ("kind", "basis", "degree", "last_n", "layers", "intermediate_size")
+DATA_KEYS = ("train", "dev", "train_split", "dev_split", "text_column", "label_column", "train_limit", "dev_limit",
+             "num_labels")
+TRAIN_KEYS = ("steps", "batch_size", "max_length", "learning_rate", "weight_decay", "eval_batch_size")
+
+
+@dataclass
+class SweepConfig:
+    name: str
+    data: dict
+    arms: dict
+    model: str = DEFAULT_MODEL
+    out: str = "runs/sweep"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    #: kallm.shrink keyword arguments besides vocab_from (num_blocks, layers, max_tokens); the vocabulary comes from
+    #: the training texts unless ``trim_vocabulary`` is false
+    shrink: dict = field(default_factory=lambda: {"num_blocks": 3})
+    trim_vocabulary: bool = True
+    #: defaults of every arm (kallm.retrofit keyword arguments: last_n, basis, degree, layer options)
+    retrofit: dict = field(default_factory=lambda: {"last_n": 1, "basis": "cheby2", "degree": 2})
+    train: dict = field(default_factory=dict)
+    #: each entry maps arm settings to lists of values; every combination becomes an arm named after its values
+    grid: list[dict] = field(default_factory=list)
+
+
+def load_sweep(path: str | os.PathLike) -> SweepConfig:
+    """Read a YAML sweep config, expand its grid into arms and check every setting, before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep config not found: {path}")
+    raw = _expand_env(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a sweep config is a mapping of settings, got {type(raw).__name__}")
+    known = {f.name for f in fields(SweepConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown sweep keys {unknown}; valid keys: {', '.join(sorted(known))}")
+    raw.setdefault("name", path.stem)
+    for key in ("data", "arms", "shrink", "retrofit", "train"):
+        if key in raw and not isinstance(raw[key] or {}, dict):
+            raise ValueError(f"'{key}' must be a mapping, got {raw[key]!r}")
+    raw["arms"] = raw.get("arms") or {}
+    if "data" not in raw:
+        raise ValueError("a sweep needs 'data': {train: FILE_OR_HUB_ID, dev: FILE_OR_HUB_ID}")
+    config = SweepConfig(**raw)
+    config.arms = {**expand_grid(config.grid), **config.arms}
+    check_sweep(config)
+    return config
+
+
+def expand_grid(grid) -> dict:
+    """Arms from grid entries such as ``{basis: [cheby2, legendre], degree: [2, 3]}``: every combination, named
+    after its values (``cheby2-d2``, ``legendre-d3``; other settings as ``key=value``)."""
+    if not isinstance(grid, list) or not all(isinstance(entry, dict) for entry in grid):
+        raise ValueError(f"'grid' must be a list of mappings from arm settings to lists of values, got {grid!r}")
+    arms = {}
+    for entry in grid:
+        keys = list(entry)
+        values = [value if isinstance(value, list) else [value] for value in entry.values()]
+        for combination in itertools.product(*values):
+            settings = dict(zip(keys, combination))
+            parts = [str(settings.get("basis", settings.get("kind", "kan")))]
+            parts += [f"d{settings['degree']}"] if "degree" in settings else []
+            parts += [f"{key}={value}" for key, value in settings.items() if key not in ("basis", "degree", "kind")]
+            arms["-".join(parts).replace(">", "_then_").replace("+", "_plus_")] = settings
+    return arms
+
+
+def check_sweep(config: SweepConfig) -> None:
+    """Refuse a sweep that would fail later, naming the setting and the valid choices."""
+    if not config.arms:
+        raise ValueError("a sweep needs at least one arm ('arms' or 'grid')")
+    if not isinstance(config.seeds, list) or not config.seeds or not all(
+        isinstance(seed, int) and not isinstance(seed, bool) for seed in config.seeds
+    ):
+        raise ValueError(f"seeds must be a non-empty list of integers, got {config.seeds!r}")
+    for section, valid in (("data", DATA_KEYS), ("train", TRAIN_KEYS)):
+        unknown = sorted(set(getattr(config, section)) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown {section} settings {unknown}; valid: {', '.join(valid)}")
+    for key in ("train", "dev"):
+        if not isinstance(config.data.get(key), str):
+            raise ValueError(f"data.{key} must name a local .jsonl/.csv file or a hub dataset, got "
+                             f"{config.data.get(key)!r}")
+    unknown = sorted(set(config.shrink) - {"num_blocks", "layers", "max_tokens"})
+    if unknown:
+        raise ValueError(f"unknown shrink settings {unknown}; valid: num_blocks, layers, max_tokens")
+    for name in config.arms:
+        arm_settings(config, name)
+
+
+def arm_settings(config: SweepConfig, name: str) -> dict:
+    """The arm's settings merged over the config's retrofit defaults, checked (basis, options, kind)."""
+    if not isinstance(name, str) or not ARM_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"arm name {name!r} is not allowed: arm names become folder names, so they must be "
+                         f"{ARM_NAME_RULE}")
+    own = config.arms[name] or {}
+    if not isinstance(own, dict):
+        raise ValueError(f"arm {name!r}: settings must be a mapping such as {{basis: cheby2, degree: 2}}, got {own!r}")
+    kind = own.get("kind", "kan")
+    if kind not in SWEEP_KINDS:
+        raise ValueError(f"arm {name!r}: unknown kind {kind!r}; valid choices: {', '.join(SWEEP_KINDS)}")
+    settings = {**config.retrofit, **own, "kind": kind}
+    if kind == "mlp":
+        return {"kind": "mlp"}
+    if kind == "linear":
+        return {key: settings[key] for key in ("kind", "last_n", "layers") if key in settings}
+    options = {key: value for key, value in settings.items() if key not in ARM_KEYS}
+    try:  # builds the basis with its options without allocating anything; unknown bases name the valid ones
+        KANFeedForward.count_parameters(8, 8, settings.get("basis", "cheby2"), settings.get("degree", 2), **options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"arm {name!r}: {error}") from error
+    return settings
+
+
+def read_rows(source: str, split: str, text_column: str, label_column: str, limit: int | None) -> list[dict]:
+    """``[{"text", "label"}]`` from a local .jsonl/.csv file, or a hub dataset's ``split``."""
+    path = Path(source)
+    if path.suffix in (".jsonl", ".csv"):
+        if not path.is_file():
+            raise FileNotFoundError(f"classification data not found: {source}")
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle)) if path.suffix == ".csv" else [
+                json.loads(line) for line in handle if line.strip()
+            ]
+    else:
+        import datasets
+
+        rows = list(datasets.load_dataset(source, split=split))
+    if not rows:
+        raise ValueError(f"{source} holds no rows")
+    columns = sorted(rows[0])
+    missing = [column for column in (text_column, label_column) if column not in rows[0]]
+    if missing:
+        raise ValueError(f"{source} has no column {missing}; its columns are {columns}. A classification dataset "
+                         f"needs a text and an integer label column (data.text_column, data.label_column)")
+    result = []
+    for number, row in enumerate(rows[:limit], 1):
+        label = row[label_column]
+        try:
+            label = int(label)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}, row {number}: label {label!r} is not an integer class index") from None
+        if not isinstance(row[text_column], str):
+            raise ValueError(f"{source}, row {number}: text {row[text_column]!r} is not a string")
+        result.append({"text": row[text_column], "label": label})
+    return result
+
+
+def load_data(config: SweepConfig) -> tuple[list[dict], list[dict], int]:
+    """Training rows, dev rows and the number of labels, checked: every label in ``0 .. num_labels - 1``."""
+    data = config.data
+    columns = data.get("text_column", "text"), data.get("label_column", "label")
+    train = read_rows(data["train"], data.get("train_split", "train"), *columns, data.get("train_limit"))
+    dev = read_rows(data["dev"], data.get("dev_split", "test"), *columns, data.get("dev_limit"))
+    num_labels = data.get("num_labels") or max(row["label"] for row in train) + 1
+    for source, rows in ((data["train"], train), (data["dev"], dev)):
+        bad = sorted({row["label"] for row in rows if not 0 <= row["label"] < num_labels})
+        if bad:
+            raise ValueError(f"{source} has labels {bad[:5]} outside 0..{num_labels - 1} ({num_labels} classes); "
+                             f"labels must be class indices (set data.num_labels if the training rows lack a class)")
+    return train, dev, num_labels
+
+
+def prepare_mini_model(config: SweepConfig, train_rows: list[dict]) -> Path:
+    """``OUT/mini-model``: the shrunk model and its tokenizer, made once (kept while the settings match)."""
+    from .loading import load_model
+    from .saving import save_checkpoint
+    from .surgery.shrink import shrink
+
+    folder = Path(config.out) / "mini-model"
+    settings = {"model": config.model, "shrink": config.shrink, "trim_vocabulary": config.trim_vocabulary,
+                "train": config.data["train"], "train_limit": config.data.get("train_limit")}
+    record = folder / "kallm_sweep_mini_model.json"
+    if record.is_file() and json.loads(record.read_text(encoding="utf-8")) == settings:
+        return folder
+    print(f"=== shrinking {config.model}: {config.shrink}, vocabulary of the {len(train_rows)} training texts",
+          flush=True)
+    model, tokenizer = load_model(config.model)
+    texts = [row["text"] for row in train_rows] if config.trim_vocabulary else None
+    small, small_tokenizer = shrink(model, tokenizer, vocab_from=texts, **config.shrink)
+    if small_tokenizer.pad_token is None:
+        raise ValueError(f"the tokenizer of {config.model} has no pad token and no eos token to pad with; a "
+                         f"classifier needs one to batch texts")
+    save_checkpoint(small, small_tokenizer, folder)
+    record.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def build_arm(mini_model: Path, settings: dict, num_labels: int, seed: int):
+    """The mini model as a classifier, its feedforwards changed as the arm says."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+
+    from .surgery.retrofit import retrofit
+
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(mini_model)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        mini_model, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32
+    )
+    if settings["kind"] != "mlp":
+        retrofit(model, **settings)
+    return model, tokenizer
+
+
+def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], int]]:
+    ids = tokenizer([row["text"] for row in rows], truncation=True, max_length=max_length)["input_ids"]
+    return [(row_ids, row["label"]) for row_ids, row in zip(ids, rows)]
+
+
+def batch(examples, pad_id: int):
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, _) in enumerate(examples):  # right padding: the classifier reads each row's last real token
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention[row, :len(ids)] = 1
+    return input_ids, attention, torch.tensor([label for _, label in examples])
+
+
+def train_classifier(model, train, pad_id: int, settings: dict, seed: int) -> dict:
+    """Plain AdamW training, every parameter, on batches drawn in a seeded order; returns timings and losses."""
+    steps, batch_size = settings.get("steps", 100), settings.get("batch_size", 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.get("learning_rate", 1e-3),
+                                  weight_decay=settings.get("weight_decay", 0.0))
+    generator = torch.Generator().manual_seed(seed)
+    order = []
+    model.train()
+    losses, started = [], time.perf_counter()
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(train), generator=generator).tolist()
+        chosen, order = order[:batch_size], order[batch_size:]
+        input_ids, attention, labels = batch([train[i] for i in chosen], pad_id)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+    seconds = time.perf_counter() - started
+    return {"train_seconds": round(seconds, 2), "seconds_per_step": round(seconds / steps, 4), "losses": losses}
+
+
+@torch.no_grad()
+def accuracy(model, dev, pad_id: int, batch_size: int) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(dev), batch_size):
+        input_ids, attention, labels = batch(dev[start:start + batch_size], pad_id)
+        correct += (model(input_ids=input_ids, attention_mask=attention).logits.argmax(-1) == labels).sum().item()
+    return correct / len(dev)
+
+
+def run_sweep_arm(config: SweepConfig, name: str, seed: int, mini_model: Path, data, save_models: bool) -> dict:
+    from .core.modeling_kallm import count_parameters
+    from .saving import save_checkpoint
+
+    train_rows, dev_rows, num_labels = data
+    settings = arm_settings(config, name)
+    model, tokenizer = build_arm(mini_model, settings, num_labels, seed)
+    max_length = config.train.get("max_length", 64)
+    train, dev = encode(tokenizer, train_rows, max_length), encode(tokenizer, dev_rows, max_length)
+    with PeakMemory() as memory:
+        record = train_classifier(model, train, tokenizer.pad_token_id, config.train, seed)
+    record.update(
+        arm=name, seed=seed, accuracy=accuracy(model, dev, tokenizer.pad_token_id,
+                                               config.train.get("eval_batch_size", 64)),
+        trainable_parameters=count_parameters(model, trainable_only=True), total_parameters=count_parameters(model),
+        peak_memory_bytes=memory.peak_bytes,
+    )
+    print(f"    accuracy {100 * record['accuracy']:.1f}%, {record['train_seconds']:.0f} s "
+          f"({record['seconds_per_step']:.2f} s/step)", flush=True)
+    if save_models:
+        save_checkpoint(model, tokenizer, Path(config.out) / "models" / name / f"seed{seed}")
+    return record
+
+
+def summarize_sweep(records: list[dict], dev_size: int) -> list[dict]:
+    """One row per arm: accuracy mean, std and standard error over seeds, parameters, times, memory."""
+    rows = []
+    for arm in dict.fromkeys(record["arm"] for record in records):
+        runs = [record for record in records if record["arm"] == arm]
+        values = [run["accuracy"] for run in runs]
+        mean = statistics.fmean(values)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        # the error of the mean: seed-to-seed spread, or with one seed the binomial error of one dev set
+        error = std / math.sqrt(len(values)) if len(values) > 1 else math.sqrt(mean * (1 - mean) / dev_size)
+        rows.append({
+            "arm": arm, "seeds": [run["seed"] for run in runs],
+            "accuracy": {"mean": mean, "std": std, "stderr": error, "n": len(values)},
+            "trainable_parameters": runs[0]["trainable_parameters"], "total_parameters": runs[0]["total_parameters"],
+            "train_seconds": statistics.fmean(run["train_seconds"] for run in runs),
+            "seconds_per_step": statistics.fmean(run["seconds_per_step"] for run in runs),
+            "peak_memory_bytes": max(run["peak_memory_bytes"] for run in runs),
+        })
+    front = pareto_front(rows)
+    for row in rows:
+        row["pareto"] = row["arm"] in front
+    return rows
+
+
+def pareto_front(rows: list[dict]) -> set[str]:
+    """Arms no other arm beats on both accuracy (higher) and training time (lower)."""
+    return {
+        row["arm"] for row in rows
+        if not any(other["accuracy"]["mean"] >= row["accuracy"]["mean"] and other["train_seconds"] <= row["train_seconds"]
+                   and (other["accuracy"]["mean"], other["train_seconds"]) != (row["accuracy"]["mean"], row["train_seconds"])
+                   for other in rows)
+    }
+
+
+def sweep_markdown(config: SweepConfig, rows: list[dict], dev_size: int) -> str:
+    memory = "peak GPU memory" if torch.cuda.is_available() else "peak RSS"
+    lines = [
+        f"# Sweep {config.name}", "",
+        f"Model `{config.model}` shrunk with {config.shrink}"
+        f"{', vocabulary of the training texts' if config.trim_vocabulary else ''}; arm defaults {config.retrofit}; "
+        f"training {config.train}; seeds {config.seeds}; {dev_size} dev rows. Accuracy: mean ± std over seeds "
+        f"(standard error of the mean in brackets). * marks the Pareto front of accuracy against training time.", "",
+        f"| arm | accuracy | trainable params | total params | train time | s/step | {memory} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        stat = row["accuracy"]
+        lines.append(
+            f"| {row['arm']}{' *' if row['pareto'] else ''} | {100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}% "
+            f"({100 * stat['stderr']:.1f}) | {row['trainable_parameters']:,} | {row['total_parameters']:,} | "
+            f"{row['train_seconds']:.0f} s | {row['seconds_per_step']:.3f} | {row['peak_memory_bytes'] / 2**30:.2f} GiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(rows: list[dict], path: Path) -> Path:
+    """Accuracy against training time, one point per arm with its standard error, the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 6))
+    for row in rows:
+        color = "tab:red" if row["pareto"] else "tab:blue"
+        axis.errorbar(row["train_seconds"], 100 * row["accuracy"]["mean"], yerr=100 * row["accuracy"]["stderr"],
+                      fmt="o", color=color, capsize=3)
+        axis.annotate(row["arm"], (row["train_seconds"], 100 * row["accuracy"]["mean"]), fontsize=7,
+                      textcoords="offset points", xytext=(4, 3))
+    front = sorted((row for row in rows if row["pareto"]), key=lambda row: row["train_seconds"])
+    axis.plot([row["train_seconds"] for row in front], [100 * row["accuracy"]["mean"] for row in front],
+              color="tab:red", linestyle="--", label="Pareto front")
+    axis.set_xlabel("training time per run (s)")
+    axis.set_ylabel("dev accuracy (%), mean ± standard error over seeds")
+    axis.set_title("Accuracy against training time, one point per arm")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def run_sweep(config: SweepConfig, restart: bool = False, save_models: bool = False) -> dict:
+    """Run every arm for every seed (resuming from ``OUT/runs.json``), then write the report and the plot."""
+    data = load_data(config)  # bad data fails here, before anything is loaded or written
+    out = Path(config.out)
+    mini_model = prepare_mini_model(config, data[0])
+    jobs = [(name, seed, _run_settings(config, name, save_models)) for name in config.arms for seed in config.seeds]
+    records = run_recorded(out, jobs, lambda name, seed: run_sweep_arm(config, name, seed, mini_model, data,
+                                                                        save_models), restart)
+    rows = summarize_sweep(records, len(data[1]))
+    report = sweep_markdown(config, rows, len(data[1]))
+    (out / "results.md").write_text(report, encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps({"config": asdict(config), "arms": rows, "runs": records}, indent=2, default=str) + "\n",
+        encoding="utf-8",
+    )
+    plot = plot_sweep(rows, out / "accuracy_vs_time.png")
+    print(report)
+    return {"rows": rows, "runs": records, "report": str(out / "results.md"), "plot": str(plot)}
+
+
+def _run_settings(config: SweepConfig, name: str, save_models: bool) -> dict:
+    """What decides a run's result besides its seed, as runs.json stores it."""
+    settings = {"model": config.model, "shrink": config.shrink, "trim_vocabulary": config.trim_vocabulary,
+                "data": config.data, "train": config.train, "arm": arm_settings(config, name)}
+    if save_models:  # a run recorded without its saved model runs again when models are asked for
+        settings["saved_model"] = True
+    return json.loads(json.dumps(settings, default=str))
+
+
+def select(config: SweepConfig, arms: str | None, seeds: str | None) -> SweepConfig:
+    """The config narrowed to ``--arms a,b`` and ``--seeds 0,1`` (names and seeds the config holds)."""
+    if arms:
+        chosen = [name.strip() for name in arms.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in config.arms]
+        if unknown:
+            raise ValueError(f"--arms: {unknown} are not arms of {config.name}; its arms: {', '.join(config.arms)}")
+        config.arms = {name: config.arms[name] for name in chosen}
+    if seeds:
+        try:
+            config.seeds = [int(seed) for seed in seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds takes integers separated by commas, e.g. 0,1; got {seeds!r}") from None
+    return config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML sweep config (see configs/sweep-agnews.yaml)")
+    parser.add_argument("--arms", help="run only these arms, comma-separated")
+    parser.add_argument("--seeds", help="run only these seeds, comma-separated, e.g. 0 or 0,1")
+    parser.add_argument("--out", help="override the config's output folder")
+    parser.add_argument("--save-models", action="store_true",
+                        help="save every trained arm to OUT/models/ARM/seedN (model + trimmed tokenizer)")
+    parser.add_argument("--restart", action="store_true",
+                        help="run every arm again, ignoring the runs OUT/runs.json already holds")
+
+
+def run(args) -> int:
+    config = select(load_sweep(args.config), args.arms, args.seeds)
+    if args.out:
+        config.out = args.out
+    run_sweep(config, restart=args.restart, save_models=args.save_models)
+    return 0

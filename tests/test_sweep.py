@@ -1,0 +1,172 @@
+"""kallm sweep: config and data checks, a tiny end-to-end sweep, resume, subsets and saved models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import make_tiny_tokenizer, tiny_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from kallm.cli import main
+from kallm.sweep import expand_grid, load_sweep, pareto_front, run_sweep, select
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORDS = {0: ["ball", "goal", "team"], 1: ["bank", "stock", "price"]}
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    for split, count in (("train", 24), ("dev", 8)):
+        rows = [{"text": f"the {WORDS[i % 2][i % 3]} news {i}", "label": i % 2} for i in range(count)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return tmp_path
+
+
+def write_config(tmp_path, **overrides):
+    config = {
+        "name": "tiny-sweep", "model": str(tmp_path / "model"), "out": str(tmp_path / "out"), "seeds": [0, 1],
+        "shrink": {"num_blocks": 2}, "retrofit": {"last_n": 1},
+        "data": {"train": "${KALLM_TINY}/train.jsonl", "dev": "${KALLM_TINY}/dev.jsonl"},
+        "train": {"steps": 2, "batch_size": 4, "max_length": 16},
+        "grid": [{"basis": ["cheby2", "rbf"], "degree": [2]}],
+        "arms": {"mix": {"basis": "cheby2+rbf>legendre"}, "linear-restart": {"kind": "linear"},
+                 "mlp": {"kind": "mlp"}, "all-kan": {"basis": "legendre", "degree": 3, "last_n": 2}},
+        **overrides,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_tiny_sweep_runs_every_arm_writes_the_report_and_resumes(workspace, monkeypatch, capsys):
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    config = load_sweep(write_config(workspace))
+    assert list(config.arms) == ["cheby2-d2", "rbf-d2", "mix", "linear-restart", "mlp", "all-kan"]
+    result = run_sweep(config)
+    out = workspace / "out"
+    assert {"results.md", "results.json", "runs.json", "accuracy_vs_time.png", "mini-model"} <= {
+        p.name for p in out.iterdir()}
+    rows = {row["arm"]: row for row in result["rows"]}
+    assert len(result["runs"]) == 12 and set(rows) == set(config.arms)
+    for row in rows.values():
+        assert 0.0 <= row["accuracy"]["mean"] <= 1.0 and row["accuracy"]["n"] == 2
+        assert row["seconds_per_step"] > 0 and row["peak_memory_bytes"] > 0
+        assert row["trainable_parameters"] == row["total_parameters"]
+    # the mini model: 2 blocks, the vocabulary of the training texts
+    mini = json.loads((out / "mini-model" / "config.json").read_text())
+    assert mini["num_hidden_layers"] == 2 and mini["vocab_size"] < 128
+    # the MLP arm has no KAN layers; the fully KAN arm replaced both blocks' feedforwards
+    assert rows["mlp"]["total_parameters"] != rows["cheby2-d2"]["total_parameters"]
+    assert rows["all-kan"]["total_parameters"] != rows["cheby2-d2"]["total_parameters"]
+    assert any(row["pareto"] for row in rows.values())
+    report = (out / "results.md").read_text()
+    assert "| mlp" in report and "s/step" in report
+    capsys.readouterr()
+
+    run_sweep(load_sweep(write_config(workspace)))
+    log = capsys.readouterr().out
+    assert log.count("already in runs.json with the same settings, skipped") == 12
+    assert "shrinking" not in log  # the mini model is reused too
+
+
+def test_cli_subset_and_saved_models_load_as_classifiers(workspace, monkeypatch):
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    path = write_config(workspace)
+    out = workspace / "subset"
+    assert main(["sweep", str(path), "--arms", "rbf-d2,mlp", "--seeds", "1", "--out", str(out), "--save-models"]) == 0
+    runs = json.loads((out / "runs.json").read_text())
+    assert [(run["arm"], run["seed"]) for run in runs] == [("rbf-d2", 1), ("mlp", 1)]
+    saved = out / "models" / "rbf-d2" / "seed1"
+    model = AutoModelForSequenceClassification.from_pretrained(saved).eval()
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    assert type(model).__name__ == "KALlamaForSequenceClassification"
+    ids = tokenizer(["the ball news"], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**ids).logits.shape == (1, 2)
+    assert runs[0]["accuracy"] == pytest.approx(
+        sum(model(**tokenizer([row["text"]], return_tensors="pt")).logits.argmax(-1).item() == row["label"]
+            for row in map(json.loads, (workspace / "dev.jsonl").read_text().splitlines())) / 8)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"arms": {"bad": {"basis": "chebyshev9"}}}, "arm 'bad': unknown basis 'chebyshev9'"),
+    ({"arms": {"bad": {"kind": "lstm"}}}, "arm 'bad': unknown kind 'lstm'; valid choices: kan, linear, mlp"),
+    ({"arms": {"bad": {"basis": "cheby2", "alpha": 2.0}}}, "arm 'bad'"),
+    ({"arms": {"../x": {}}}, "arm name '../x' is not allowed"),
+    ({"seeds": []}, "seeds must be a non-empty list of integers"),
+    ({"train": {"epochs": 1}}, "unknown train settings ['epochs']"),
+    ({"shrink": {"blocks": 2}}, "unknown shrink settings ['blocks']"),
+    ({"surprise": 1}, "unknown sweep keys ['surprise']"),
+])
+def test_bad_configs_are_refused_when_loaded(workspace, monkeypatch, change, message):
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)").replace(".", r"\.")):
+        load_sweep(write_config(workspace, **change))
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"sentence": "a", "label": 0}], "has no column ['text']; its columns are ['label', 'sentence']"),
+    ([{"text": "a", "label": "sports"}], "row 1: label 'sports' is not an integer class index"),
+    ([{"text": "a", "label": 7}], "labels [7] outside 0..1 (2 classes)"),
+])
+def test_bad_data_is_refused_before_anything_is_written(workspace, monkeypatch, rows, message):
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    (workspace / "dev.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)").replace(".", r"\.")):
+        run_sweep(load_sweep(write_config(workspace)))
+    assert not (workspace / "out").exists()
+
+
+def test_subset_selection_refuses_unknown_arms(workspace, monkeypatch):
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    config = load_sweep(write_config(workspace))
+    with pytest.raises(ValueError, match="--arms: \\['nope'\\] are not arms of tiny-sweep; its arms: cheby2-d2"):
+        select(config, "nope,mlp", None)
+    with pytest.raises(ValueError, match="--seeds takes integers"):
+        select(config, None, "zero")
+
+
+def test_grid_names_and_pareto_front():
+    assert list(expand_grid([{"basis": ["cheby2", "a+b", "a>b"], "degree": [2, 3]}])) == [
+        "cheby2-d2", "cheby2-d3", "a_plus_b-d2", "a_plus_b-d3", "a_then_b-d2", "a_then_b-d3"]
+    rows = [{"arm": name, "accuracy": {"mean": accuracy}, "train_seconds": seconds}
+            for name, accuracy, seconds in [("fast", 0.5, 1), ("best", 0.7, 5), ("worse", 0.6, 6), ("mid", 0.6, 2)]]
+    assert pareto_front(rows) == {"fast", "best", "mid"}
+
+
+def test_the_agnews_config_loads_with_every_arm_the_issue_asks_for(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    monkeypatch.setenv("KALLM_DATA_DIR", str(tmp_path))
+    config = load_sweep(Path(__file__).resolve().parent.parent / "configs" / "sweep-agnews.yaml")
+    assert len(config.arms) == 13 + 10 + 4 + 3 and config.seeds == [0, 1, 2]
+    kinds = [settings.get("kind", "kan") for settings in config.arms.values()]
+    assert kinds.count("linear") == 1 and kinds.count("mlp") == 1
+    assert sum("+" in settings.get("basis", "") for settings in config.arms.values()) == 2
+    assert sum(">" in settings.get("basis", "") for settings in config.arms.values()) == 2
+    assert config.arms["fully-kan-cheby2-d2"]["last_n"] == 3 == config.shrink["num_blocks"]
+
+
+def test_a_tokenizer_without_pad_or_eos_token_is_refused_before_anything_is_written(workspace, monkeypatch):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                   unk_token="<unk>")
+    bare.save_pretrained(workspace / "model")
+    (workspace / "model" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend",
+                                                                          "unk_token": "<unk>"}))
+    with pytest.raises(ValueError, match="has no pad token and no eos token to pad with"):
+        run_sweep(load_sweep(write_config(workspace)))
+    assert not (workspace / "out").exists()
