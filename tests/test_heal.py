@@ -13,7 +13,7 @@ from test_train_data import conversation
 
 import kallm
 from kallm.surgery.adapters import adapter_for
-from kallm.train.data import tokenize_conversation
+from kallm.data import tokenize_conversation
 from kallm.train.heal import HealConfig, distillation_loss, healing_sequences, shared_prefix_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")

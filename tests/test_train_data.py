@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 import kallm
 from kallm.train import check_packing_support
-from kallm.train.data import (
+from kallm.data import (
     IGNORE_INDEX,
     ChatCollator,
     clean_messages,

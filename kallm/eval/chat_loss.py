@@ -1,6 +1,6 @@
 """Held-out chat loss: the mean loss on assistant tokens of ``messages``-format conversations.
 
-Conversations are read, cleaned and tokenized exactly as for training (``kallm.train.data``):
+Conversations are read, cleaned and tokenized exactly as for training (``kallm.data``):
 the model's chat template, and a mask that keeps only the assistant replies, so the number
 is directly comparable with the training loss.
 """
@@ -26,7 +26,7 @@ def chat_loss(model, tokenizer, source, max_length: int = 1024, batch_size: int 
     """
     from tqdm.auto import tqdm
 
-    from ..train.data import ChatCollator, prepare_chat_dataset
+    from ..data import ChatCollator, prepare_chat_dataset
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -10,7 +10,7 @@ from dataclasses import fields
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..surgery.trainable import POLICIES
-    from .data import TRUNCATION
+    from ..data import TRUNCATION
     from .trainer import SCHEDULERS, TrainConfig
 
     default = {f.name: f.default for f in fields(TrainConfig)}
@@ -97,7 +97,7 @@ def run(args) -> int:
     teacher = _load_teacher(args.teacher or recorded_base_model(model, "--distill")) if args.distill else None
     result = train(model, tokenizer, args.data, config, teacher=teacher)
     if int(os.environ.get("RANK", "0")) == 0:
-        from .data import DataStats
+        from ..data import DataStats
 
         stats = DataStats(**result.data)
         loss = result.metrics.get("last_logged_loss")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .data import IGNORE_INDEX
+from ..data import IGNORE_INDEX
 
 
 class DistillationTrainer(Trainer):

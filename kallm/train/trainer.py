@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..saving import replacing_checkpoint
 from ..surgery.trainable import POLICIES, set_trainable
-from .data import TRUNCATION, ChatCollator, prepare_chat_dataset
+from ..data import TRUNCATION, ChatCollator, prepare_chat_dataset
 from .distill import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
 
     ``data``: a local JSONL/JSON/parquet file or folder, a hub dataset id, a
     ``datasets.Dataset`` or a list of rows, each with a ``messages`` list (see
-    ``kallm.train.data``). Only assistant tokens are targets. Trainable parameters follow
+    ``kallm.data``). Only assistant tokens are targets. Trainable parameters follow
     ``kallm.set_trainable(model, config.trainable)``. With ``teacher`` (usually the original,
     un-retrofitted model), the loss mixes in a KL divergence to the teacher's next-token
     distribution (``config.distill_alpha``, ``config.distill_temperature``).
