@@ -9,8 +9,8 @@ from dataclasses import fields
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..surgery.trainable import POLICIES
     from ..data import TRUNCATION
+    from ..surgery.trainable import POLICIES
     from .trainer import SCHEDULERS, TrainConfig
 
     default = {f.name: f.default for f in fields(TrainConfig)}

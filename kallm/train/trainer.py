@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..data import TRUNCATION, ChatCollator, prepare_chat_dataset
 from ..saving import replacing_checkpoint
 from ..surgery.trainable import POLICIES, set_trainable
-from ..data import TRUNCATION, ChatCollator, prepare_chat_dataset
 from .distill import DistillationTrainer
 
 logger = logging.getLogger(__name__)
