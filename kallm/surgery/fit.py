@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..inference import chat_prompt, eval_mode, generate, model_device
 from .adapters import ArchitectureAdapter
 
 logger = logging.getLogger("kallm")
@@ -129,30 +130,10 @@ def default_calibration(model, tokenizer, prompts: Sequence[str] | None = None, 
     prompts = DEFAULT_PROMPTS if prompts is None else prompts
     max_new_tokens = DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     _check_chat_template(tokenizer)
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        batch = tokenizer.apply_chat_template(
-            [[{"role": "user", "content": prompt}] for prompt in prompts],
-            add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True,
-        )
-    finally:
-        tokenizer.padding_side = side
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        generated = model.generate(
-            **batch.to(device), max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
-            pad_token_id=pad,
-        ).cpu()
-    prompt_length = batch["input_ids"].shape[1]
-    sequences = []
-    for row, mask in zip(generated, batch["attention_mask"]):
-        reply = row[prompt_length:]
-        ends = (reply == tokenizer.eos_token_id).nonzero()
-        stop = int(ends[0]) + 1 if len(ends) else reply.numel()
-        sequences.append(torch.cat([row[:prompt_length][mask.bool()], reply[:stop]]))
-    return sequences
+    conversations = generate(model, tokenizer, [chat_prompt(tokenizer, prompt) for prompt in prompts],
+                             max_new_tokens=max_new_tokens, batch_size=len(prompts), temperature=0.8, top_p=0.95,
+                             seed=seed)
+    return [torch.cat([prompt, reply]) for prompt, reply in conversations]
 
 
 def original_feedforward(block: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
@@ -189,29 +170,27 @@ def record_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int],
         names = (adapter.mlp_attribute, *adapter.bypassed_attributes)
         hooks.append(getattr(blocks[index], names[0]).register_forward_hook(hook_for(index, 0)))
         hooks.append(getattr(blocks[index], names[-1]).register_forward_hook(hook_for(index, 1)))
-    device = next(model.parameters()).device
+    device = model_device(model)
     order = sorted(range(len(sequences)), key=lambda i: -sequences[i].numel())
-    was_training = model.training
-    model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="kallm fit: recording", disable=not progress,
-                          unit="batch"):
-            batch = [sequences[i] for i in order[start : start + batch_size]]
-            width = batch[0].numel()
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, sequence in enumerate(batch):
-                ids[row, : sequence.numel()] = sequence
-                mask[row, : sequence.numel()] = 1
-            keep = mask.reshape(-1).bool().to(device)
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with eval_mode(model):
+            for start in tqdm(range(0, len(order), batch_size), desc="kallm fit: recording",
+                              disable=not progress, unit="batch"):
+                batch = [sequences[i] for i in order[start : start + batch_size]]
+                width = batch[0].numel()
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                for row, sequence in enumerate(batch):
+                    ids[row, : sequence.numel()] = sequence
+                    mask[row, : sequence.numel()] = 1
+                keep = mask.reshape(-1).bool().to(device)
+                try:
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
     return {i: (torch.cat(inputs), torch.cat(outputs)) for i, (inputs, outputs) in records.items()}
 
 
