@@ -100,10 +100,12 @@ def _check_chat_template(tokenizer):
         )
 
 
-def calibration_sequences(model, calibration, tokenizer, max_length: int = MAX_SEQUENCE_LENGTH) -> list[torch.Tensor]:
-    """The calibration as a list of 1-D token id tensors of at most ``max_length`` tokens."""
+def calibration_sequences(model, calibration, tokenizer, max_length: int = MAX_SEQUENCE_LENGTH,
+                          progress: bool = False) -> list[torch.Tensor]:
+    """The calibration as a list of 1-D token id tensors of at most ``max_length`` tokens (``progress``: a bar
+    while the default calibration is generated)."""
     if calibration is None:
-        return default_calibration(model, tokenizer)
+        return default_calibration(model, tokenizer, progress=progress)
     if isinstance(calibration, torch.Tensor):
         rows = [calibration] if calibration.dim() == 1 else list(calibration)
     else:
@@ -121,7 +123,7 @@ def calibration_sequences(model, calibration, tokenizer, max_length: int = MAX_S
 
 @torch.no_grad()
 def default_calibration(model, tokenizer, prompts: Sequence[str] | None = None, max_new_tokens: int | None = None,
-                        seed: int = 0) -> list[torch.Tensor]:
+                        seed: int = 0, progress: bool = False) -> list[torch.Tensor]:
     """Conversations the original model writes itself: each prompt (default ``DEFAULT_PROMPTS``)
     as a user turn through the tokenizer's chat template, answered in one batch by seeded
     sampling (temperature 0.8, at most ``DEFAULT_NEW_TOKENS`` tokens), so the same model always
@@ -132,7 +134,7 @@ def default_calibration(model, tokenizer, prompts: Sequence[str] | None = None, 
     _check_chat_template(tokenizer)
     conversations = generate(model, tokenizer, [chat_prompt(tokenizer, prompt) for prompt in prompts],
                              max_new_tokens=max_new_tokens, batch_size=len(prompts), temperature=0.8, top_p=0.95,
-                             seed=seed)
+                             seed=seed, progress=progress, desc="kallm fit: generating calibration text")
     return [torch.cat([prompt, reply]) for prompt, reply in conversations]
 
 
@@ -212,7 +214,7 @@ def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int]
     """
     blocks = model.get_submodule(adapter.blocks_path)
     originals = {i: original_feedforward(blocks[i], adapter) for i in indices}
-    sequences = calibration_sequences(model, calibration, tokenizer)
+    sequences = calibration_sequences(model, calibration, tokenizer, progress=progress)
     tokens = sum(int(s.numel()) for s in sequences)
     _check_calibration_size(template, tokens)
     records = record_feedforwards(model, adapter, indices, sequences, progress=progress)
