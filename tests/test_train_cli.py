@@ -220,7 +220,8 @@ def test_trainer_push_to_hub_uploads_kallms_card(workspace, tmp_path, monkeypatc
                         lambda self, repo_id, **kwargs: type("RepoUrl", (), {"repo_id": repo_id})())
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     run(parse("--model", workspace / "student", "--data", workspace / "chat.jsonl", "--out", tmp_path / "out",
-              "--max-steps", 1, "--batch-size", 4, "--push-to-hub", "--hub-model-id", "someone/tiny-kan",
+              "--max-steps", 1, "--batch-size", 4, "--logging-steps", 1, "--push-to-hub", "--hub-model-id",
+              "someone/tiny-kan",
               "--training-args", _yaml(tmp_path, "hub_strategy: end\n"), "--quiet"))
     assert uploads and set(uploads) == {"someone/tiny-kan"}
     card = (tmp_path / "hub" / "README.md").read_text()
