@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 import transformers
 from conftest import TINY_CONFIGS, tiny_model
+from huggingface_hub import ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -538,8 +539,10 @@ def test_model_card_describes_the_retrofit_and_both_load_paths(saved):
     kan_config = model.config.kan_config
     total = sum(p.numel() for p in model.parameters())
     kan_total = sum(p.numel() for m in model.modules() if isinstance(m, KANFeedForward) for p in m.parameters())
-    assert card.startswith("---\nlibrary_name: transformers\n")
-    assert '"kallm"' in card and "base_model:" not in card  # "gpt2" here is a local tiny model, no Hub repo
+    metadata = ModelCard(card).data
+    assert metadata.library_name == "transformers" and "kallm" in metadata.tags
+    assert metadata.base_model is None  # "gpt2" here is a local tiny model, no Hub repo
+    assert metadata.kan_config == kan_config
     assert "| base model | `gpt2` (gpt2) |" in card
     assert "| retrofitted blocks | [0, 2] |" in card
     assert "| basis | `rational`, degree 2 |" in card
@@ -555,8 +558,9 @@ def test_model_card_names_a_hub_base_model():
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     kallm.retrofit(model, last_n=1)
     card = kallm.core.modeling_kallm.model_card(model, tags=["chat"], location="me/kan-smol")
-    assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card
-    assert 'tags: ["kallm", "kan", "kolmogorov-arnold", "chat"]' in card
+    metadata = ModelCard(card).data
+    assert metadata.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert metadata.tags == ["kallm", "kan", "kolmogorov-arnold", "chat"]
     assert 'from_pretrained("me/kan-smol", trust_remote_code=True)' in card
 
 
