@@ -31,8 +31,11 @@ class ChatTrainer(Trainer):
 
     def write_model_card(self, folder, tags=()) -> None:
         """kallm's card in ``folder``/README.md, with the training data as ``datasets`` (hub ids only) and the
-        last logged training and evaluation losses as ``model-index`` results."""
+        last logged training and evaluation losses as ``model-index`` results; nothing for a model without KAN
+        feedforwards, whose save keeps transformers' behaviour."""
         model = self.accelerator.unwrap_model(self.model)
+        if not getattr(model.config, "kan_config", None):
+            return
         location = self.args.hub_model_id if self.args.push_to_hub and self.args.hub_model_id else "PATH_OR_REPO"
         write_model_card(model, folder, tags, location=location, datasets=self._hub_datasets(),
                          eval_results=self._results())
