@@ -16,7 +16,6 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import kallm
-from kallm.train import check_packing_support
 from kallm.data import (
     IGNORE_INDEX,
     ChatCollator,
@@ -27,6 +26,7 @@ from kallm.data import (
     render_segments,
     tokenize_conversation,
 )
+from kallm.train import check_packing_support
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
