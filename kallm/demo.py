@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .eval.evaluate import evaluate
+from .inference import chat_prompt, generate_replies
 from .loading import DEFAULT_MODEL, load_model
 from .saving import save_checkpoint
 from .surgery.fit import INITS, format_errors
@@ -75,27 +74,6 @@ HEAL_SHAKESPEARE_CHARACTERS = 300_000
 HEAL_CHAT_FILES = ("chat/oasst_en100/all_paths.jsonl",)
 
 
-@torch.no_grad()
-def generate_replies(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    """Greedy replies of ``model`` to single-turn chat ``prompts`` (batched, left padded)."""
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    replies = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                              add_generation_prompt=True)
-                for p in prompts[start:start + batch_size]
-            ]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-            replies += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = padding_side
-    return [reply.strip() for reply in replies]
-
-
 def conversations(prompts, replies) -> list[dict]:
     return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
             for p, r in zip(prompts, replies)]
@@ -127,7 +105,7 @@ def measure(model, tokenizer, held_out: Path, args) -> dict:
     tasks = ["chat_loss"] + (["perplexity"] if args.text else []) + (["bbh"] if args.bbh_dir else [])
     results = evaluate(
         model, tokenizer, tasks, chat_data=str(held_out), text=args.text, max_tokens=args.text_tokens,
-        bbh_source=args.bbh_dir, bbh_tasks=args.bbh_tasks, limit=args.bbh_limit, mode="loglik", progress=False,
+        bbh_source=args.bbh_dir, bbh_tasks=args.bbh_tasks, limit=args.bbh_limit, mode="loglik", progress=True,
     )
     row = {"chat_loss": results["chat_loss"]["loss"]}
     if "perplexity" in results:
@@ -179,11 +157,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data_dir = os.environ.get("KALLM_DATA_DIR")
     wikitext = Path(data_dir, "text/wikitext2/wiki.test.raw") if data_dir else None
     bbh = Path(data_dir, "bbh/bbh") if data_dir else None
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="model to retrofit: a hub id, a folder, a .gguf file or a bundled name")
     parser.add_argument("--out", default="runs/demo", help="working folder; the healed model goes to OUT/model")
-    parser.add_argument("--last-n", type=int, default=5)
-    parser.add_argument("--basis", default="cheby2")
-    parser.add_argument("--degree", type=int, default=2)
+    parser.add_argument("--last-n", type=int, default=5, help="retrofit the last N decoder blocks")
+    parser.add_argument("--basis", default="cheby2", help="KAN basis (kallm.list_bases(), or a composed spec)")
+    parser.add_argument("--degree", type=int, default=2, help="degree of the basis")
     parser.add_argument("--init", default="fit", choices=INITS,
                         help="fit (default): start from the MLPs' function, fitted on the generated conversations")
     parser.add_argument("--heal-minutes", type=float, default=HEAL_MINUTES,
@@ -200,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bbh-tasks", default="boolean_expressions,navigate,causal_judgement,hyperbaton,"
                         "formal_fallacies", help="BBH tasks to score (comma-separated)")
     parser.add_argument("--bbh-limit", type=int, default=12, help="examples per BBH task")
-    parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--question", default=QUESTION, help="what the reloaded model is asked at the end")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="length of the generated replies")
 
 
@@ -215,7 +194,10 @@ def run(args) -> int:
     original = copy.deepcopy(model).eval()
 
     print(f"[2/6] Generating {len(PROMPTS)} conversations with the original model ...", flush=True)
-    data = conversations(PROMPTS, generate_replies(model, tokenizer, list(PROMPTS), args.max_new_tokens))
+    replies = generate_replies(model, tokenizer, [chat_prompt(tokenizer, prompt) for prompt in PROMPTS],
+                               max_new_tokens=args.max_new_tokens, batch_size=16, progress=True,
+                               desc="generating conversations")
+    data = conversations(PROMPTS, replies)
     write_jsonl(data[args.held_out:], out / "generated_train.jsonl")
     held_out = write_jsonl(data[:args.held_out], out / "generated_held_out.jsonl")
     rows = {"original": measure(original, tokenizer, held_out, args)}

@@ -223,7 +223,7 @@ def run_arm(config: ExperimentConfig, arm: Arm, seed: int) -> dict:
     del teacher
     set_trainable(model, "all")
     model.eval()
-    record["eval"] = evaluate(model, tokenizer, progress=False, **config.eval)
+    record["eval"] = evaluate(model, tokenizer, progress=True, **config.eval)
     return record
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +16,12 @@ BUNDLED_MODELS = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _is_hub_id(name: str) -> bool:
+    from .core.modeling_kallm import HUB_ID  # the core's pattern, imported when needed: kallm --help stays fast
+
+    return HUB_ID.fullmatch(name) is not None
 
 
 def resolve_model(name_or_path: str) -> tuple[str, str | None]:
@@ -48,7 +51,7 @@ def resolve_model(name_or_path: str) -> tuple[str, str | None]:
         return str(path), None
     if path.exists():
         raise ValueError(f"{name_or_path} is a file; pass a model folder, a .gguf file, a hub id or a bundled name")
-    if _HUB_ID.fullmatch(name_or_path):
+    if _is_hub_id(name_or_path):
         return name_or_path, None
     raise FileNotFoundError(
         f"model {name_or_path!r} not found: it is no folder, .gguf file, hub id ('user/name') or bundled name "
@@ -62,7 +65,7 @@ def public_source_name(name_or_path: str) -> str:
     path on this machine is private."""
     if not name_or_path:
         return ""
-    if _HUB_ID.fullmatch(name_or_path) and not os.path.exists(name_or_path):
+    if _is_hub_id(name_or_path) and not os.path.exists(name_or_path):
         return name_or_path
     return Path(name_or_path).name
 
@@ -137,27 +140,21 @@ def _damaged_weights(source: str) -> str:
 
 
 def push_to_hub(model, repo_id: str, tokenizer=None, private: bool | None = None, token: str | None = None,
-                commit_message: str = "Upload kallm retrofitted model", api=None) -> str:
-    """Save ``model`` (safetensors weights, config, modeling code, model card) and
-    ``tokenizer`` to a folder and upload it to the Hub repository ``repo_id``; returns the
-    commit URL.
+                commit_message: str = "Upload kallm retrofitted model") -> str:
+    """Upload a retrofitted ``model`` (safetensors weights, config, modeling code, kallm's model card) and
+    ``tokenizer`` to the Hub repository ``repo_id`` in one commit; returns the commit URL.
 
-    ``api`` is an ``huggingface_hub.HfApi`` (one is made from ``token`` if omitted).
+    The same upload as ``model.push_to_hub(repo_id, tokenizer=tokenizer)``; this form checks ``repo_id`` before
+    anything is saved or sent.
     """
-    if not isinstance(repo_id, str) or not _HUB_ID.fullmatch(repo_id):
+    if not isinstance(repo_id, str) or not _is_hub_id(repo_id):
         raise ValueError(f"repo_id must look like 'user/name' or 'name', got {repo_id!r}")
-    from huggingface_hub import HfApi
-
-    from .core.modeling_kallm import write_model_card
     from .core.retrofit_config import kan_config_blocks
 
-    api = api or HfApi(token=token)
-    repo_id = getattr(api.create_repo(repo_id, private=private, exist_ok=True), "repo_id", repo_id)
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        if kan_config_blocks(model.config):  # a retrofitted class (a linear restart keeps its family's card)
-            write_model_card(model, folder, location=repo_id)  # the load snippets name the repo
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    # A linear restart keeps its family's class (no kallm card), so it is not published here either.
+    if not kan_config_blocks(model.config) or not hasattr(model, "_save"):
+        raise ValueError("kallm.push_to_hub publishes retrofitted models, and this one has no KAN feedforwards; "
+                         "use model.push_to_hub (and tokenizer.push_to_hub) for other models")
+    commit = model.push_to_hub(repo_id, tokenizer=tokenizer, private=private, token=token,
+                               commit_message=commit_message)
     return str(getattr(commit, "commit_url", commit))

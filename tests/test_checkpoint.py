@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 import transformers
 from conftest import TINY_CONFIGS, tiny_model
+from huggingface_hub import ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -607,8 +608,10 @@ def test_model_card_describes_the_retrofit_and_both_load_paths(saved):
     kan_config = model.config.kan_config
     total = sum(p.numel() for p in model.parameters())
     kan_total = sum(p.numel() for m in model.modules() if isinstance(m, KANFeedForward) for p in m.parameters())
-    assert card.startswith("---\nlibrary_name: transformers\n")
-    assert '"kallm"' in card and "base_model:" not in card  # "gpt2" here is a local tiny model, no Hub repo
+    metadata = ModelCard(card).data
+    assert metadata.library_name == "transformers" and "kallm" in metadata.tags
+    assert metadata.base_model is None  # "gpt2" here is a local tiny model, no Hub repo
+    assert metadata.kan_config == kan_config
     assert "| base model | `gpt2` (gpt2) |" in card
     assert "| retrofitted blocks | [0, 2] |" in card
     assert "| basis | `rational`, degree 2 |" in card
@@ -624,8 +627,9 @@ def test_model_card_names_a_hub_base_model():
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     kallm.retrofit(model, last_n=1)
     card = kallm.core.modeling_kallm.model_card(model, tags=["chat"], location="me/kan-smol")
-    assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card
-    assert 'tags: ["kallm", "kan", "kolmogorov-arnold", "chat"]' in card
+    metadata = ModelCard(card).data
+    assert metadata.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert metadata.tags == ["kallm", "kan", "kolmogorov-arnold", "chat"]
     assert 'from_pretrained("me/kan-smol", trust_remote_code=True)' in card
 
 
@@ -672,22 +676,6 @@ def test_a_built_in_name_overwritten_by_a_user_basis_counts_as_the_users(registr
 # ------------------------------------------------------------------------------------ Hub upload
 
 
-class FakeHubApi:
-    """Records what would be uploaded, and keeps a copy of the uploaded folder."""
-
-    def __init__(self, store: Path):
-        self.store, self.calls = store, []
-
-    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
-        self.calls.append(("create_repo", repo_id, {"private": private, "exist_ok": exist_ok}))
-        return type("RepoUrl", (), {"repo_id": repo_id})()
-
-    def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
-        self.calls.append(("upload_folder", repo_id, {"commit_message": commit_message}))
-        shutil.copytree(folder_path, self.store / repo_id.replace("/", "--"))
-        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
-
-
 def check_uploaded_folder(folder: Path, model, repo_id, with_tokenizer):
     files = set(os.listdir(folder))
     assert {"config.json", "model.safetensors", "README.md", *CODE_FILES} <= files
@@ -701,17 +689,6 @@ def check_uploaded_folder(folder: Path, model, repo_id, with_tokenizer):
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     ids = token_ids()
     assert (logits_of(loaded, ids) - logits_of(model, ids)).abs().max().item() == 0.0
-
-
-def test_kallm_push_to_hub_uploads_weights_code_card_and_tokenizer(saved, tmp_path):
-    _, model, _ = saved["llama"]
-    api = FakeHubApi(tmp_path)
-    url = kallm.push_to_hub(model, "someone/tiny-kan", tokenizer=tiny_tokenizer(), private=True, api=api)
-    assert url == "https://huggingface.co/someone/tiny-kan/commit/0"
-    assert [call[:2] for call in api.calls] == [("create_repo", "someone/tiny-kan"), ("upload_folder", "someone/tiny-kan")]
-    assert api.calls[0][2] == {"private": True, "exist_ok": True}
-    check_uploaded_folder(tmp_path / "someone--tiny-kan", model, "someone/tiny-kan", with_tokenizer=True)
-    assert AutoTokenizer.from_pretrained(tmp_path / "someone--tiny-kan")("w1")["input_ids"] == [4]
 
 
 class RecordingHub:
@@ -736,6 +713,25 @@ class RecordingHub:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(operation.path_or_fileobj, target)
         return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+
+def test_kallm_push_to_hub_uploads_weights_code_card_and_tokenizer_in_one_commit(saved, tmp_path, monkeypatch):
+    _, model, _ = saved["llama"]
+    hub = RecordingHub(tmp_path, monkeypatch)
+    url = kallm.push_to_hub(model, "someone/tiny-kan", tokenizer=tiny_tokenizer(), private=True)
+    assert url == "https://huggingface.co/someone/tiny-kan/commit/0"
+    assert [call[:2] for call in hub.calls] == [("create_repo", "someone/tiny-kan"), ("create_commit", "someone/tiny-kan")]
+    assert hub.calls[0][2] == {"private": True, "exist_ok": True}
+    assert hub.calls[1][2] == {"commit_message": "Upload kallm retrofitted model"}
+    check_uploaded_folder(tmp_path / "someone--tiny-kan", model, "someone/tiny-kan", with_tokenizer=True)
+    assert AutoTokenizer.from_pretrained(tmp_path / "someone--tiny-kan")("w1")["input_ids"] == [4]
+
+
+def test_kallm_push_to_hub_refuses_a_model_without_kan_feedforwards(tmp_path, monkeypatch):
+    hub = RecordingHub(tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match="publishes retrofitted models.*use model.push_to_hub"):
+        kallm.push_to_hub(tiny_model("llama"), "someone/plain")
+    assert hub.calls == []
 
 
 def test_standard_model_push_to_hub_includes_code_and_kallm_card(saved, tmp_path, monkeypatch):
@@ -828,11 +824,11 @@ def test_a_card_without_front_matter_gets_kallms(saved, tmp_path):
 
 
 @pytest.mark.parametrize("repo_id", ["", "a/b/c", "/name", "name with space", 7])
-def test_push_to_hub_refuses_bad_repo_ids(saved, tmp_path, repo_id):
-    api = FakeHubApi(tmp_path)
+def test_push_to_hub_refuses_bad_repo_ids(saved, tmp_path, repo_id, monkeypatch):
+    hub = RecordingHub(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="repo_id must look like 'user/name' or 'name'"):
-        kallm.push_to_hub(saved["llama"][1], repo_id, api=api)
-    assert api.calls == []
+        kallm.push_to_hub(saved["llama"][1], repo_id)
+    assert hub.calls == []
 
 
 # ------------------------------------------------------------------------------------ kallm.load_model

@@ -156,8 +156,8 @@ def test_batched_left_padded_generation_equals_one_by_one(family, tiny_tokenizer
     model = chat_model(family)
     tiny_tokenizer.padding_side = "right"
     prompts = [bbh.build_prompt(tiny_tokenizer, q) for q in QUESTIONS]
-    batched = bbh.generate_responses(model, tiny_tokenizer, prompts, batch_size=3, max_new_tokens=10)
-    single = [bbh.generate_responses(model, tiny_tokenizer, [p], batch_size=1, max_new_tokens=10)[0] for p in prompts]
+    batched = bbh.generate_replies(model, tiny_tokenizer, prompts, batch_size=3, max_new_tokens=10)
+    single = [bbh.generate_replies(model, tiny_tokenizer, [p], batch_size=1, max_new_tokens=10)[0] for p in prompts]
     assert batched == single
     assert any(batched)  # a random model says something
     assert tiny_tokenizer.padding_side == "right"  # restored
@@ -166,7 +166,7 @@ def test_batched_left_padded_generation_equals_one_by_one(family, tiny_tokenizer
 def test_generation_is_greedy_decoding(tiny_tokenizer):
     model = chat_model("llama")
     prompt = bbh.build_prompt(tiny_tokenizer, "hi")
-    reply = bbh.generate_responses(model, tiny_tokenizer, [prompt], max_new_tokens=6)[0]
+    reply = bbh.generate_replies(model, tiny_tokenizer, [prompt], max_new_tokens=6)[0]
     ids = tiny_tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
         for _ in range(6):
@@ -205,7 +205,7 @@ def test_choice_logprobs_errors(tiny_tokenizer):
     with pytest.raises(ValueError, match="tokenizes to nothing"):
         bbh.choice_logprobs(model, tiny_tokenizer, ["a"], [["x", ""]])
     with pytest.raises(ValueError, match="batch_size"):
-        bbh.generate_responses(model, tiny_tokenizer, ["a"], batch_size=0)
+        bbh.generate_replies(model, tiny_tokenizer, ["a"], batch_size=0, max_new_tokens=1)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -219,11 +219,11 @@ def test_generate_mode_accounting(monkeypatch, tiny_tokenizer):
     }
     seen = {}
 
-    def scripted(model, tokenizer, prompts, batch_size, max_new_tokens, progress):
+    def scripted(model, tokenizer, prompts, *, batch_size, max_new_tokens, progress, desc):
         seen.update(batch_size=batch_size, max_new_tokens=max_new_tokens)
         return [next(reply for question, reply in replies.items() if f"user\n{question}<" in p) for p in prompts]
 
-    monkeypatch.setattr(bbh, "generate_responses", scripted)
+    monkeypatch.setattr(bbh, "generate_replies", scripted)
     result = bbh.evaluate_bbh(None, tiny_tokenizer, TOY, batch_size=5, max_new_tokens=7, progress=False)
     assert seen == {"batch_size": 5, "max_new_tokens": 7}
     assert result["tasks"]["boolean_expressions"] == {"accuracy": 2 / 3, "correct": 2, "total": 3, "skipped": 0}
@@ -273,7 +273,7 @@ def test_generate_mode_end_to_end_on_a_tiny_model():
     model = chat_model("llama")
     result = bbh.evaluate_bbh(model, tokenizer, TOY, batch_size=4, max_new_tokens=5, progress=False)
     prompts = [bbh.build_prompt(tokenizer, e["input"]) for examples in TOY.values() for e in examples]
-    replies = [bbh.generate_responses(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    replies = [bbh.generate_replies(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
     assert [record["response"] for record in result["examples"]] == replies
     assert [record["correct"] for record in result["examples"]] == [
         bbh.is_correct(reply, e["target"], e["input"])

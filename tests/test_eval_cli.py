@@ -110,6 +110,7 @@ def test_command_end_to_end(saved_model, inputs, tmp_path, capsys):
     (["--tasks", "bbh,mmlu"], "unknown evaluation"),
     (["--tasks", "bbh", "--bbh-tasks", "nope"], "unknown BBH task"),
     (["--tasks", "bbh", "--limit", "0"], "limit must be a positive"),
+    (["--tasks", "bbh", "--card", "--model", "someone/hub-model"], "--card writes into the model card of a local"),
 ])
 def test_command_rejects_bad_input_before_loading_the_model(argv, message, inputs, monkeypatch):
     import kallm.loading
@@ -176,3 +177,26 @@ def test_real_model_on_two_bbh_tasks(smollm2, data_dir, tmp_path):
     assert all(entry["total"] == 2 for entry in scored["tasks"].values())
     for record in scored["examples"]:
         assert record["predicted"] in record["choices"] and all(lp < 0 for lp in record["logprobs"])
+
+
+def test_card_adds_the_results_to_a_checkpoints_model_index(inputs, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    import kallm
+
+    folder = tmp_path / "kan"
+    kallm.retrofit(chat_model("llama"), last_n=1).save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\n## My notes\n")
+    cli.run(parse(["--model", str(folder), "--tasks", "perplexity,chat_loss", "--text", str(inputs["text"]),
+                   "--max-length", "16", "--chat-data", str(inputs["chats"]), "--card", "--quiet"]))
+    card = ModelCard((folder / "README.md").read_text())
+    metrics = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert set(metrics) == {("text.txt", "perplexity"), ("chats.jsonl", "loss")}  # local files by name only
+    assert "## My notes" in card.text and "| text.txt (n/a) | perplexity (" in card.text
+    assert "added the results to" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="is no retrofitted kallm checkpoint"):
+        plain = tmp_path / "plain"
+        chat_model("llama").save_pretrained(plain)
+        make_tiny_tokenizer().save_pretrained(plain)
+        cli.run(parse(["--model", str(plain), "--tasks", "perplexity", "--text", str(inputs["text"]), "--card"]))

@@ -62,9 +62,9 @@ def test_saved_checkpoint_scores_the_same_through_transformers_auto_classes(tmp_
     loaded, tokenizer = kallm.load_model(str(folder))
     data = {"boolean_expressions": TOY["boolean_expressions"], "hyperbaton": TOY["hyperbaton"]}
     scored = bbh.evaluate_bbh(loaded, tokenizer, data, mode="loglik", progress=False)["examples"]
-    replies = bbh.generate_responses(loaded, tokenizer, [bbh.build_prompt(tokenizer, e["input"])
-                                                         for examples in data.values() for e in examples],
-                                     max_new_tokens=8)
+    replies = bbh.generate_replies(loaded, tokenizer, [bbh.build_prompt(tokenizer, e["input"])
+                                                       for examples in data.values() for e in examples],
+                                   max_new_tokens=8)
     examples = [{"input": data[r["task"]][r["index"]]["input"], "choices": r["choices"]} for r in scored]
 
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}

@@ -16,8 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import kallm
-from kallm.train import check_packing_support
-from kallm.train.data import (
+from kallm.data import (
     IGNORE_INDEX,
     ChatCollator,
     clean_messages,
@@ -27,6 +26,7 @@ from kallm.train.data import (
     render_segments,
     tokenize_conversation,
 )
+from kallm.train import check_packing_support
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (

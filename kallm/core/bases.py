@@ -584,9 +584,29 @@ def make_basis(spec: str, degree: int = 2, **options) -> Basis:
     """
     names = _split_spec(spec)
     if len(names) == 1:
-        return _build(names[0], degree, options, strict=True)
-    _check_options_taken(spec, options)
-    return ParallelBasis([_build(name, degree, options, strict=False) for name in names])
+        return _build(names[0], degree, options)
+    routed = route_options(f"basis in {spec!r}", [getattr(_REGISTRY[name], "option_names", None) for name in names],
+                           options)
+    return ParallelBasis([_build(name, degree, member_options) for name, member_options in zip(names, routed)])
+
+
+def route_options(where: str, accepted: list, options: dict, shared=()) -> list[dict]:
+    """The options for each part of a composed basis (the members of ``"a+b"``, the stages of ``"a>b"``).
+
+    ``accepted`` holds the option names each part takes (None: its factory does not say, and it gets every
+    option); each part gets those it takes, plus the ``shared`` ones, which go to every part. An option no part
+    takes is refused, naming ``where`` (``"basis in 'cheby2+rbf'"``) and the valid options.
+    """
+    own = {name: value for name, value in options.items() if name not in shared}
+    if None not in accepted:
+        unused = set(own).difference(*accepted)
+        if unused:
+            valid = sorted(set(shared).union(*accepted))
+            raise ValueError(f"options {sorted(unused)} are not taken by any {where}; "
+                             f"valid options: {', '.join(valid) or 'none besides degree'}")
+    common = {name: value for name, value in options.items() if name in shared}
+    return [{**common, **{name: value for name, value in own.items() if taken is None or name in taken}}
+            for taken in accepted]
 
 
 def accepted_options(spec: str) -> set[str] | None:
@@ -605,27 +625,15 @@ def _split_spec(spec):
     return names
 
 
-def _check_options_taken(spec, options):
-    accepted = accepted_options(spec)
-    unused = set() if accepted is None else set(options) - accepted
-    if unused:
-        raise ValueError(
-            f"options {sorted(unused)} are not taken by any basis in {spec!r}; "
-            f"valid options: {', '.join(sorted(accepted)) or 'none besides degree'}"
-        )
-
-
-def _build(name, degree, options, strict):
+def _build(name, degree, options):
     factory = _REGISTRY[name]
     accepted = getattr(factory, "option_names", None)
-    if accepted is not None:
-        unknown = set(options) - set(accepted)
-        if unknown and strict:
-            raise ValueError(
-                f"basis {name!r} does not take options {sorted(unknown)}; "
-                f"valid options: {', '.join(accepted) if accepted else 'none besides degree'}"
-            )
-        options = {k: v for k, v in options.items() if k in accepted}
+    unknown = set(options) - set(accepted) if accepted is not None else set()
+    if unknown:
+        raise ValueError(
+            f"basis {name!r} does not take options {sorted(unknown)}; "
+            f"valid options: {', '.join(accepted) if accepted else 'none besides degree'}"
+        )
     basis = factory(degree, **options)
     if not isinstance(basis, Basis):
         raise TypeError(f"the factory registered as basis {name!r} returned {type(basis).__name__}, not a Basis")

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .bases import Basis, accepted_options, make_basis
+from .bases import Basis, accepted_options, make_basis, route_options
 from .kan_function import kan_linear
 
 INPUT_MAPS = ("affine", "tanh")
@@ -214,20 +214,8 @@ def _plan(hidden_size, intermediate_size, basis, options):
     sizes = [hidden_size] + [intermediate_size] * (len(stages) - 1) + [hidden_size]
     per_stage = [options] * len(stages)
     if len(set(stages)) > 1:
-        layer_options = {k: v for k, v in options.items() if k in LAYER_OPTIONS}
-        basis_options = {k: v for k, v in options.items() if k not in LAYER_OPTIONS}
-        accepted = [accepted_options(stage) for stage in stages]
-        if None not in accepted:
-            unused = set(basis_options).difference(*accepted)
-            if unused:
-                raise ValueError(
-                    f"options {sorted(unused)} are not taken by any stage of {basis!r}; valid options: "
-                    f"{', '.join(sorted(set(LAYER_OPTIONS).union(*accepted)))}"
-                )
-        per_stage = [
-            {**layer_options, **{k: v for k, v in basis_options.items() if taken is None or k in taken}}
-            for taken in accepted
-        ]
+        per_stage = route_options(f"stage of {basis!r}", [accepted_options(stage) for stage in stages], options,
+                                  shared=LAYER_OPTIONS)
     return list(zip(stages, zip(sizes[:-1], sizes[1:]), per_stage))
 
 

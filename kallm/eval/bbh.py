@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..inference import chat_prompt, eval_mode, generate_replies, model_device
+
 #: the 27 tasks of BIG-Bench Hard
 TASKS = (
     "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
@@ -305,8 +307,7 @@ def build_prompt(tokenizer, question: str) -> str:
             "BBH puts each question to the model through its chat template, but this tokenizer has none; "
             "set tokenizer.chat_template (a Jinja template) first"
         )
-    messages = [{"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return chat_prompt(tokenizer, question)
 
 
 def answer_choices(example: dict) -> list[str] | None:
@@ -325,50 +326,10 @@ def answer_choices(example: dict) -> list[str] | None:
     return choices if target in choices else None
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, unit="ex")
-
-
-@torch.no_grad()
-def generate_responses(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 256,
-                       progress: bool = False) -> list[str]:
-    """Greedy replies to already-formatted ``prompts``, decoded in left-padded batches."""
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
-    device = _model_device(model)
-    eos = model.generation_config.eos_token_id
-    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-    eos = list(dict.fromkeys(eos + [tokenizer.eos_token_id]))
-    # Longest prompts first: similar lengths share a batch (little padding) and memory
-    # trouble shows up at once, not at the end.
-    order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
-    replies = [""] * len(prompts)
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    try:
-        with _progress(len(prompts), progress, "bbh generate") as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                                  add_special_tokens=False).to(device)
-                output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                                        temperature=None, top_p=None, top_k=None)
-                texts = tokenizer.batch_decode(output[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-                for index, text in zip(chunk, texts):
-                    replies[index] = text.strip()
-                bar.update(len(chunk))
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return replies
 
 
 @torch.no_grad()
@@ -382,21 +343,16 @@ def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[list[str
         raise ValueError(f"got {len(prompts)} prompts but {len(choices)} choice lists")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _model_device(model)
+    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: list[list[float]] = [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        with _progress(len(prompts), progress, "bbh loglik") as bar:
-            for start in range(0, len(prompts), batch_size):
-                rows = range(start, min(start + batch_size, len(prompts)))
-                for index, values in zip(rows, _score_batch(model, tokenizer, [prompts[i] for i in rows],
-                                                            [choices[i] for i in rows], pad, device)):
-                    scores[index] = values
-                bar.update(len(rows))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), _progress(len(prompts), progress, "bbh loglik") as bar:
+        for start in range(0, len(prompts), batch_size):
+            rows = range(start, min(start + batch_size, len(prompts)))
+            for index, values in zip(rows, _score_batch(model, tokenizer, [prompts[i] for i in rows],
+                                                        [choices[i] for i in rows], pad, device)):
+                scores[index] = values
+            bar.update(len(rows))
     return scores
 
 
@@ -471,7 +427,8 @@ def evaluate_bbh(model, tokenizer, data: dict[str, list[dict]], mode: str = "gen
     records = []
     if mode == "generate":
         prompts = [build_prompt(tokenizer, example["input"]) for _, _, example in items]
-        replies = generate_responses(model, tokenizer, prompts, batch_size, max_new_tokens, progress)
+        replies = generate_replies(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   progress=progress, desc="bbh generate")
         for (task, index, example), reply in zip(items, replies):
             records.append({"task": task, "index": index, "target": example["target"], "response": reply,
                             "predicted": extract_answer(reply, example["target"], example["input"]),

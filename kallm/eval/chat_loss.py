@@ -1,6 +1,6 @@
 """Held-out chat loss: the mean loss on assistant tokens of ``messages``-format conversations.
 
-Conversations are read, cleaned and tokenized exactly as for training (``kallm.train.data``):
+Conversations are read, cleaned and tokenized exactly as for training (``kallm.data``):
 the model's chat template, and a mask that keeps only the assistant replies, so the number
 is directly comparable with the training loss.
 """
@@ -11,7 +11,8 @@ import math
 
 import torch
 
-IGNORE_INDEX = -100
+from ..data import ChatCollator, prepare_chat_dataset
+from ..inference import eval_mode, masked_nll, model_device
 
 
 @torch.no_grad()
@@ -26,30 +27,21 @@ def chat_loss(model, tokenizer, source, max_length: int = 1024, batch_size: int 
     """
     from tqdm.auto import tqdm
 
-    from ..train.data import ChatCollator, prepare_chat_dataset
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dataset, stats = prepare_chat_dataset(source, tokenizer, max_length=max_length, split=split, limit=limit)
     rows = sorted(({"input_ids": ids, "labels": labels} for ids, labels in zip(dataset["input_ids"], dataset["labels"])),
                   key=lambda row: -len(row["input_ids"]))
     collate = ChatCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    device = next(model.parameters()).device
+    device = model_device(model)
     total_nll, total_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="chat loss", unit="batch"):
             batch = {key: value.to(device) for key, value in collate(rows[start : start + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            targets = batch["labels"][:, 1:]
-            total_nll += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum",
-            ))
-            total_tokens += int((targets != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, tokens = masked_nll(logits, batch["labels"])
+            total_nll += float(nll)
+            total_tokens += tokens
     loss = total_nll / total_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": total_tokens, "conversations": stats.kept,
             "skipped": dict(stats.skipped), "truncated": stats.truncated}

@@ -56,7 +56,8 @@ def evaluate(model, tokenizer, tasks=("bbh", "perplexity"), *, bbh_source=None, 
             results[task] = evaluate_bbh(model, tokenizer, data, mode, batch_size, max_new_tokens, progress)
         elif task == "perplexity":
             results[task] = {"source": str(text), **perplexity(model, tokenizer, load_text(str(text)), max_length,
-                                                               max_tokens=max_tokens, batch_size=batch_size)}
+                                                               max_tokens=max_tokens, batch_size=batch_size,
+                                                               progress=progress)}
         else:
             results[task] = {"source": str(chat_data), **chat_loss(model, tokenizer, chat_data,
                                                                    batch_size=batch_size, limit=chat_limit,
@@ -95,7 +96,50 @@ def to_markdown(results: dict) -> str:
                   f"| {entry['source']} | {entry['loss']:.4f} | {entry['perplexity']:.2f} | "
                   f"{entry['conversations']} ({skipped} skipped, {entry['truncated']} truncated) | {entry['tokens']:,} |",
                   ""]
+    if "harness" in results:
+        entry = results["harness"]
+        shots = "the tasks' own" if entry["num_fewshot"] is None else entry["num_fewshot"]
+        lines += [f"## lm-evaluation-harness {entry['lm_eval_version']} ({shots} few-shot, "
+                  f"{'chat template' if entry['chat_template'] else 'plain prompts'})", "",
+                  "| task | metric | value |", "| --- | --- | ---: |"]
+        lines += [f"| {task} | {metric} | {value:.4f} |" for task, metrics in entry["tasks"].items()
+                  for metric, value in metrics.items()]
+        lines.append("")
     return "\n".join(lines)
+
+
+def card_results(results: dict) -> list:
+    """The results of :func:`evaluate` as ``huggingface_hub.EvalResult`` entries of a model card's
+    ``model-index``: the BBH macro average and each task's accuracy, the perplexity, the chat loss."""
+    from huggingface_hub import EvalResult
+
+    def result(data: str, metric: str, value: float, name: str, **extra) -> EvalResult:
+        return EvalResult(task_type="text-generation", dataset_type=data, dataset_name=data, metric_type=metric,
+                          metric_value=float(value), metric_name=name, **extra)
+
+    entries = []
+    bbh = results.get("bbh")
+    if bbh and bbh["average"] is not None:
+        entries.append(result("BBH", "accuracy", bbh["average"], f"BBH macro accuracy ({bbh['mode']} mode)"))
+        entries += [result(f"BBH {task}", "accuracy", entry["accuracy"], f"accuracy ({bbh['mode']} mode)")
+                    for task, entry in bbh["tasks"].items()]
+    if "perplexity" in results:
+        entry = results["perplexity"]
+        entries.append(result(_public(entry["source"]), "perplexity", entry["perplexity"],
+                              f"perplexity ({entry['tokens']:,} tokens)"))
+    if "chat_loss" in results:
+        entry = results["chat_loss"]
+        entries.append(result(_public(entry["source"]), "loss", entry["loss"], "chat loss (assistant tokens)"))
+    if "harness" in results:
+        entries += [result(task, metric, value, f"{metric} (lm-evaluation-harness)")
+                    for task, metrics in results["harness"]["tasks"].items() for metric, value in metrics.items()]
+    return entries
+
+
+def _public(source: str) -> str:
+    from ..loading import public_source_name
+
+    return public_source_name(source)
 
 
 def write_results(results: dict, out_dir) -> dict[str, Path]:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ..data import IGNORE_INDEX
+from ..inference import eval_mode, masked_nll, model_device
+
 
 def load_text(source: str, split: str = "test", column: str = "text") -> str:
     """Text from a local file, or from a hub dataset given as ``"name"`` or ``"name:config"``
@@ -29,7 +32,7 @@ def load_text(source: str, split: str = "test", column: str = "text") -> str:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, max_length: int = 512, stride: int | None = None,
-               max_tokens: int | None = None, batch_size: int = 4) -> dict:
+               max_tokens: int | None = None, batch_size: int = 4, progress: bool = False) -> dict:
     """Token-level perplexity of ``text``.
 
     The text is tokenized once and cut into windows of ``max_length`` tokens that start
@@ -37,7 +40,7 @@ def perplexity(model, tokenizer, text: str, max_length: int = 512, stride: int |
     windows share one token, so every token but the first is scored exactly once; a smaller
     stride gives each scored token more context (a sliding window), each token being scored
     once, in the window where it has the most context. ``max_tokens`` caps the tokens
-    scored, for quick runs. Returns ``{"perplexity", "nll", "tokens"}``.
+    scored, for quick runs; ``progress`` shows a progress bar. Returns ``{"perplexity", "nll", "tokens"}``.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
@@ -49,7 +52,7 @@ def perplexity(model, tokenizer, text: str, max_length: int = 512, stride: int |
         ids = ids[: max_tokens + 1]
     if ids.numel() < 2:
         raise ValueError("the text has fewer than 2 tokens; nothing to score")
-    device = next(model.parameters()).device
+    device = model_device(model)
     windows = []  # (start, end, first scored position within the window)
     scored_until = 0
     for start in range(0, ids.numel() - 1, stride):
@@ -58,33 +61,29 @@ def perplexity(model, tokenizer, text: str, max_length: int = 512, stride: int |
         scored_until = end
         if end == ids.numel():
             break
-    was_training = model.training
-    model.eval()
-    try:
-        total_nll, total_tokens = _score_windows(model, ids, windows, batch_size, tokenizer.pad_token_id or 0, device)
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        total_nll, total_tokens = _score_windows(model, ids, windows, batch_size, tokenizer.pad_token_id or 0, device,
+                                                 progress)
     mean = total_nll / total_tokens
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
 
 
-def _score_windows(model, ids, windows, batch_size, pad, device) -> tuple[float, int]:
+def _score_windows(model, ids, windows, batch_size, pad, device, progress) -> tuple[float, int]:
+    from tqdm.auto import tqdm
+
     total_nll, total_tokens = 0.0, 0
-    for i in range(0, len(windows), batch_size):
+    for i in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="perplexity", unit="batch"):
         batch = windows[i : i + batch_size]
         width = max(end - start for start, end, _ in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full_like(input_ids, -100)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
         attention = torch.zeros_like(input_ids)
         for row, (start, end, skip) in enumerate(batch):
             input_ids[row, : end - start] = ids[start:end]
             attention[row, : end - start] = 1
             labels[row, max(skip, 1) : end - start] = ids[start + max(skip, 1) : end]
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-        targets = labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-        )
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        nll, tokens = masked_nll(logits, labels)
         total_nll += float(nll)
-        total_tokens += int((targets != -100).sum())
+        total_tokens += tokens
     return total_nll, total_tokens

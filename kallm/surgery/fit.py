@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..inference import chat_prompt, eval_mode, generate, model_device
 from .adapters import ArchitectureAdapter
 
 logger = logging.getLogger("kallm")
@@ -99,10 +100,12 @@ def _check_chat_template(tokenizer):
         )
 
 
-def calibration_sequences(model, calibration, tokenizer, max_length: int = MAX_SEQUENCE_LENGTH) -> list[torch.Tensor]:
-    """The calibration as a list of 1-D token id tensors of at most ``max_length`` tokens."""
+def calibration_sequences(model, calibration, tokenizer, max_length: int = MAX_SEQUENCE_LENGTH,
+                          progress: bool = False) -> list[torch.Tensor]:
+    """The calibration as a list of 1-D token id tensors of at most ``max_length`` tokens (``progress``: a bar
+    while the default calibration is generated)."""
     if calibration is None:
-        return default_calibration(model, tokenizer)
+        return default_calibration(model, tokenizer, progress=progress)
     if isinstance(calibration, torch.Tensor):
         rows = [calibration] if calibration.dim() == 1 else list(calibration)
     else:
@@ -120,7 +123,7 @@ def calibration_sequences(model, calibration, tokenizer, max_length: int = MAX_S
 
 @torch.no_grad()
 def default_calibration(model, tokenizer, prompts: Sequence[str] | None = None, max_new_tokens: int | None = None,
-                        seed: int = 0) -> list[torch.Tensor]:
+                        seed: int = 0, progress: bool = False) -> list[torch.Tensor]:
     """Conversations the original model writes itself: each prompt (default ``DEFAULT_PROMPTS``)
     as a user turn through the tokenizer's chat template, answered in one batch by seeded
     sampling (temperature 0.8, at most ``DEFAULT_NEW_TOKENS`` tokens), so the same model always
@@ -129,30 +132,10 @@ def default_calibration(model, tokenizer, prompts: Sequence[str] | None = None, 
     prompts = DEFAULT_PROMPTS if prompts is None else prompts
     max_new_tokens = DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     _check_chat_template(tokenizer)
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        batch = tokenizer.apply_chat_template(
-            [[{"role": "user", "content": prompt}] for prompt in prompts],
-            add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True,
-        )
-    finally:
-        tokenizer.padding_side = side
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        generated = model.generate(
-            **batch.to(device), max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
-            pad_token_id=pad,
-        ).cpu()
-    prompt_length = batch["input_ids"].shape[1]
-    sequences = []
-    for row, mask in zip(generated, batch["attention_mask"]):
-        reply = row[prompt_length:]
-        ends = (reply == tokenizer.eos_token_id).nonzero()
-        stop = int(ends[0]) + 1 if len(ends) else reply.numel()
-        sequences.append(torch.cat([row[:prompt_length][mask.bool()], reply[:stop]]))
-    return sequences
+    conversations = generate(model, tokenizer, [chat_prompt(tokenizer, prompt) for prompt in prompts],
+                             max_new_tokens=max_new_tokens, batch_size=len(prompts), temperature=0.8, top_p=0.95,
+                             seed=seed, progress=progress, desc="kallm fit: generating calibration text")
+    return [torch.cat([prompt, reply]) for prompt, reply in conversations]
 
 
 def original_feedforward(block: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
@@ -189,29 +172,27 @@ def record_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int],
         names = (adapter.mlp_attribute, *adapter.bypassed_attributes)
         hooks.append(getattr(blocks[index], names[0]).register_forward_hook(hook_for(index, 0)))
         hooks.append(getattr(blocks[index], names[-1]).register_forward_hook(hook_for(index, 1)))
-    device = next(model.parameters()).device
+    device = model_device(model)
     order = sorted(range(len(sequences)), key=lambda i: -sequences[i].numel())
-    was_training = model.training
-    model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="kallm fit: recording", disable=not progress,
-                          unit="batch"):
-            batch = [sequences[i] for i in order[start : start + batch_size]]
-            width = batch[0].numel()
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, sequence in enumerate(batch):
-                ids[row, : sequence.numel()] = sequence
-                mask[row, : sequence.numel()] = 1
-            keep = mask.reshape(-1).bool().to(device)
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with eval_mode(model):
+            for start in tqdm(range(0, len(order), batch_size), desc="kallm fit: recording",
+                              disable=not progress, unit="batch"):
+                batch = [sequences[i] for i in order[start : start + batch_size]]
+                width = batch[0].numel()
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                for row, sequence in enumerate(batch):
+                    ids[row, : sequence.numel()] = sequence
+                    mask[row, : sequence.numel()] = 1
+                keep = mask.reshape(-1).bool().to(device)
+                try:
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
     return {i: (torch.cat(inputs), torch.cat(outputs)) for i, (inputs, outputs) in records.items()}
 
 
@@ -233,7 +214,7 @@ def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int]
     """
     blocks = model.get_submodule(adapter.blocks_path)
     originals = {i: original_feedforward(blocks[i], adapter) for i in indices}
-    sequences = calibration_sequences(model, calibration, tokenizer)
+    sequences = calibration_sequences(model, calibration, tokenizer, progress=progress)
     tokens = sum(int(s.numel()) for s in sequences)
     _check_calibration_size(template, tokens)
     records = record_feedforwards(model, adapter, indices, sequences, progress=progress)

@@ -1,89 +1,122 @@
 """``kallm train``: train (heal) a model on chat data; runs under ``accelerate launch`` and
-``torchrun`` too (``torchrun --nproc_per_node 2 -m kallm.cli train ...``)."""
+``torchrun`` too (``torchrun --nproc_per_node 2 -m kallm.cli train ...``).
+
+Its options come from ``TrainConfig``'s fields through transformers' ``HfArgumentParser``, each with the help
+and default written once, on the field; the ``TrainingArguments`` fields of ``PASS_THROUGH`` get flags with
+transformers' own help, and any other one can be set in a ``--training-args`` YAML or JSON file.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
-from dataclasses import fields
+import typing
+from pathlib import Path
+
+#: the TrainConfig fields set by flags written here rather than generated from the field
+MANUAL_FIELDS = ("resume", "progress_bar", "training_arguments")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..surgery.trainable import POLICIES
-    from .data import TRUNCATION
-    from .trainer import SCHEDULERS, TrainConfig
-
-    default = {f.name: f.default for f in fields(TrainConfig)}
     parser.add_argument("--model", required=True,
                         help="model to train: a kallm checkpoint folder (from kallm retrofit), hub id, .gguf file "
                              "or bundled name")
     parser.add_argument("--data", required=True,
                         help="chat data with a 'messages' column: .jsonl/.json/.parquet file, folder or glob, "
                              "or hub dataset id[:config] (e.g. HuggingFaceTB/smol-smoltalk)")
-    parser.add_argument("--out", default=default["output_dir"],
-                        help="folder for checkpoints, metrics.jsonl and the final model (default %(default)s)")
-    parser.add_argument("--trainable", choices=POLICIES, default=default["trainable"],
-                        help="which parameters train (default %(default)s)")
-    length = parser.add_argument_group("length of training")
-    length.add_argument("--max-steps", type=int, default=default["max_steps"],
-                        help="optimizer steps (default: --epochs over the data)")
-    length.add_argument("--epochs", type=float, default=default["epochs"])
-    length.add_argument("--limit", type=int, help="use the first N conversations only")
-    length.add_argument("--split", default=default["split"], help="split of a hub dataset (default %(default)s)")
-    optim = parser.add_argument_group("optimization")
-    optim.add_argument("--lr", type=float, default=default["learning_rate"], help="peak learning rate")
-    optim.add_argument("--scheduler", choices=SCHEDULERS, default=default["lr_scheduler"])
-    optim.add_argument("--warmup", type=float, default=default["warmup"],
-                       help="warmup steps, or a fraction of all steps if below 1 (default %(default)s)")
-    optim.add_argument("--weight-decay", type=float, default=default["weight_decay"])
-    optim.add_argument("--batch-size", type=int, default=default["batch_size"], help="per device")
-    optim.add_argument("--grad-accum", type=int, default=default["grad_accum"],
-                       help="gradient accumulation steps")
-    optim.add_argument("--seed", type=int, default=default["seed"])
-    batching = parser.add_argument_group("sequences")
-    batching.add_argument("--max-length", type=int, default=default["max_length"], help="tokens per sequence")
-    batching.add_argument("--truncation", choices=TRUNCATION, default=default["truncation"],
-                          help="what to do with conversations longer than --max-length")
-    batching.add_argument("--packing", action="store_true", help="pack several conversations per sequence")
-    batching.add_argument("--group-by-length", action="store_true",
-                          help="batch conversations of similar length together")
-    batching.add_argument("--num-proc", type=int, help="processes for tokenization")
+    # argparse's own way of taking over another parser's options (what parents= does)
+    parser._add_container_actions(_generated_parser())
     distill = parser.add_argument_group("distillation")
     distill.add_argument("--distill", action="store_true",
                          help="mix in a KL divergence to a teacher (default teacher: the model the checkpoint "
                               "was retrofitted from)")
     distill.add_argument("--teacher", help="teacher model (hub id, folder, .gguf or bundled name)")
-    distill.add_argument("--distill-alpha", type=float, default=default["distill_alpha"],
-                         help="weight of the KL term; 1 - alpha weighs cross-entropy (default %(default)s)")
-    distill.add_argument("--distill-temperature", type=float, default=default["distill_temperature"])
-    hardware = parser.add_argument_group("precision and memory")
-    precision = hardware.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    precision.add_argument("--fp16", action="store_true", help="float16 mixed precision (GPU)")
-    hardware.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
-    saving = parser.add_argument_group("checkpoints and logs")
-    saving.add_argument("--save-steps", type=int, default=default["save_steps"])
-    saving.add_argument("--save-total-limit", type=int, default=default["save_total_limit"],
-                        help="checkpoints kept (default %(default)s)")
-    saving.add_argument("--logging-steps", type=int, default=default["logging_steps"])
-    saving.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                        help="resume from CHECKPOINT, or without a value from the latest one in --out")
-    saving.add_argument("--quiet", action="store_true", help="no progress bar")
+    runs = parser.add_argument_group("run")
+    runs.add_argument("--training-args", metavar="FILE",
+                      help="YAML or JSON file of further TrainingArguments fields (e.g. lr_scheduler_kwargs, "
+                           "hub_strategy); the flags above win over it")
+    runs.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                      help="resume from CHECKPOINT, or without a value from the latest one in --out")
+    runs.add_argument("--quiet", dest="progress_bar", action="store_false", default=argparse.SUPPRESS,
+                      help="no progress bar")
+
+
+def _generated_parser():
+    """The flags of ``TrainConfig``'s fields and of the ``PASS_THROUGH`` TrainingArguments fields."""
+    from transformers import HfArgumentParser
+
+    from .trainer import TrainConfig
+
+    return HfArgumentParser((_flag_fields(TrainConfig, "training"), _pass_through_fields()), add_help=False)
+
+
+def _flag_fields(config_class, group: str):
+    """``config_class``'s fields but the manual ones, as a dataclass ``HfArgumentParser`` reads."""
+    hints = typing.get_type_hints(config_class)
+    flags = dataclasses.make_dataclass(f"{config_class.__name__}Flags", [
+        (f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
+        for f in dataclasses.fields(config_class) if f.name not in MANUAL_FIELDS
+    ])
+    flags._argument_group_name = group
+    return flags
+
+
+def _pass_through_fields():
+    """The ``PASS_THROUGH`` fields of ``TrainingArguments`` with transformers' help, defaulting to None (not
+    given: ``kallm train`` leaves them to ``--training-args`` and kallm's defaults)."""
+    from transformers import TrainingArguments
+
+    from .trainer import PASS_THROUGH
+
+    hints = typing.get_type_hints(TrainingArguments)
+    original = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    flags = dataclasses.make_dataclass("PassThroughFlags", [
+        (name, hints[name], dataclasses.field(default=None, metadata={
+            **original[name].metadata,
+            "help": f"{original[name].metadata.get('help', '')} (TrainingArguments; default: "
+                    f"{_default_of(original[name])!r})",
+        }))
+        for name in PASS_THROUGH
+    ])
+    flags._argument_group_name = "TrainingArguments fields passed through"
+    return flags
+
+
+def _default_of(field):
+    value = field.default if field.default is not dataclasses.MISSING else None
+    return getattr(value, "value", value)
 
 
 def config_from_args(args):
-    from .trainer import TrainConfig
+    """``TrainConfig`` from the parsed flags: every field of the same name, and the TrainingArguments fields
+    given by flag or in ``--training-args``."""
+    from .trainer import PASS_THROUGH, TrainConfig
 
-    return TrainConfig(
-        output_dir=args.out, trainable=args.trainable, max_steps=args.max_steps, epochs=args.epochs,
-        learning_rate=args.lr, lr_scheduler=args.scheduler, warmup=args.warmup, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-        truncation=args.truncation, packing=args.packing, group_by_length=args.group_by_length, split=args.split,
-        limit=args.limit, distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
-        bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing,
-        save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
-        seed=args.seed, resume=args.resume, num_proc=args.num_proc, progress_bar=not args.quiet,
-    )
+    training_arguments = _read_training_args(args.training_args) if args.training_args else {}
+    training_arguments.update({name: getattr(args, name) for name in PASS_THROUGH if getattr(args, name) is not None})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**{**values, "training_arguments": training_arguments})
+
+
+def _read_training_args(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--training-args file not found: {path}")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".json":
+        values = json.loads(text)
+    elif file.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"--training-args must be a .yaml, .yml or .json file, got {path}")
+    if not isinstance(values, dict):
+        raise ValueError(f"--training-args {path} must hold a mapping of TrainingArguments fields, "
+                         f"got {type(values).__name__}")
+    return values
 
 
 def run(args) -> int:
@@ -97,7 +130,7 @@ def run(args) -> int:
     teacher = _load_teacher(args.teacher or recorded_base_model(model, "--distill")) if args.distill else None
     result = train(model, tokenizer, args.data, config, teacher=teacher)
     if int(os.environ.get("RANK", "0")) == 0:
-        from .data import DataStats
+        from ..data import DataStats
 
         stats = DataStats(**result.data)
         loss = result.metrics.get("last_logged_loss")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
 
-from .data import IGNORE_INDEX
+from ..data import IGNORE_INDEX
+from .chat_trainer import ChatTrainer
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(ChatTrainer):
     """``loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross_entropy``.
 
     ``_T`` marks distributions softened by the temperature ``T``; the ``T^2`` factor keeps the

@@ -337,7 +337,7 @@ def _from_texts(texts: list[str], tokenizer, max_length: int, source: str):
 
 
 def _from_chat(source, tokenizer, config: HealConfig):
-    from .data import prepare_chat_dataset
+    from ..data import prepare_chat_dataset
 
     # Healing matches every token, so a long conversation is cut into pieces rather than truncated.
     dataset, _ = prepare_chat_dataset(source, tokenizer, max_length=_NO_LIMIT, split=config.split, limit=config.limit)

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+import transformers
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
 
+from ..data import TRUNCATION, ChatCollator, prepare_chat_dataset
+from ..inference import eval_mode, model_device
 from ..saving import replacing_checkpoint
 from ..surgery.trainable import POLICIES, set_trainable
-from .data import TRUNCATION, ChatCollator, prepare_chat_dataset
+from .chat_trainer import ChatTrainer
 from .distill import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -28,51 +31,66 @@ RESULT_FILE = "train_result.json"
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
+def option(default=None, help: str = "", **argparse_options):
+    """A ``TrainConfig`` field: its default, its help text and any argparse options (``aliases``, ``choices``,
+    ``metavar``), which ``HfArgumentParser`` turns into ``kallm train``'s flags."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
 @dataclass
 class TrainConfig:
-    """Settings of a training run (``kallm train`` flags map one to one)."""
+    """Settings of a training run. ``kallm train`` reads its flags from these fields (through transformers'
+    ``HfArgumentParser``): ``--max-steps`` (or ``--max_steps``) for ``max_steps``, plus the short names given as
+    aliases. Any other ``TrainingArguments`` field goes in ``training_arguments``."""
 
-    output_dir: str = "kallm-train"
-    #: which parameters train: a ``kallm.set_trainable`` policy
-    trainable: str = "tail+embeddings"
-    #: optimizer steps; -1 trains for ``epochs`` instead
-    max_steps: int = -1
-    epochs: float = 1.0
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "cosine"
-    #: warmup steps, or a fraction of all steps when below 1
-    warmup: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    #: per device; the effective batch is batch_size * grad_accum * number of processes
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 1024
-    #: "truncate" long conversations at max_length, or "skip" them
-    truncation: str = "truncate"
-    #: pack several conversations into each row of max_length tokens
-    packing: bool = False
-    #: batch conversations of similar length together (less padding; no effect with packing)
-    group_by_length: bool = False
-    #: dataset split for hub datasets, and how many rows to read (None: all)
-    split: str = "train"
-    limit: int | None = None
-    #: with a teacher: loss = alpha * KL(teacher || student) * T^2 + (1 - alpha) * cross-entropy
-    distill_alpha: float = 0.5
-    distill_temperature: float = 2.0
-    bf16: bool = False
-    fp16: bool = False
-    gradient_checkpointing: bool = False
-    save_steps: int = 500
-    #: checkpoints kept (oldest deleted first); None keeps all
-    save_total_limit: int | None = 2
-    logging_steps: int = 10
-    seed: int = 42
-    #: resume from this checkpoint folder, or True for the latest one in output_dir
+    output_dir: str = option("kallm-train", "folder for checkpoints, metrics.jsonl and the final model",
+                             aliases=["--out"])
+    trainable: str = option("tail+embeddings", "which parameters train (a kallm.set_trainable policy)",
+                            choices=POLICIES)
+    max_steps: int = option(-1, "optimizer steps; -1 trains for --epochs over the data")
+    epochs: float = option(1.0, "passes over the data when --max-steps is -1")
+    learning_rate: float = option(1e-4, "peak learning rate", aliases=["--lr"])
+    lr_scheduler: str = option("cosine", "learning-rate schedule after warmup", aliases=["--scheduler"],
+                               choices=SCHEDULERS)
+    warmup: float = option(0.03, "warmup steps, or a fraction of all steps when below 1")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    batch_size: int = option(8, "sequences per device and step; the effective batch is batch size x gradient "
+                                "accumulation x processes")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    max_length: int = option(1024, "tokens per sequence")
+    truncation: str = option("truncate", "what happens to conversations longer than --max-length: truncate "
+                                         "them, or skip them", choices=TRUNCATION)
+    packing: bool = option(False, "pack several conversations into each sequence of --max-length tokens")
+    group_by_length: bool = option(False, "batch conversations of similar length together (less padding; no "
+                                          "effect with --packing)")
+    split: str = option("train", "split of a hub dataset")
+    limit: int | None = option(None, "train on the first N conversations only")
+    eval_data: str | None = option(None, "held-out chat data scored during training (eval_loss): a file, folder "
+                                         "or hub dataset id like --data")
+    eval_split: str = option("test", "split of a hub dataset given as --eval-data")
+    eval_fraction: float = option(0.0, "share of the training conversations held out for evaluation instead of "
+                                       "--eval-data (0: none)")
+    early_stopping_patience: int | None = option(None, "stop after this many evaluations without a lower "
+                                                       "eval_loss, and keep the best checkpoint (needs "
+                                                       "evaluation data)")
+    distill_alpha: float = option(0.5, "with a teacher: weight of the KL term; 1 - alpha weighs cross-entropy")
+    distill_temperature: float = option(2.0, "with a teacher: softmax temperature of both distributions")
+    bf16: bool = option(False, "bfloat16 mixed precision")
+    fp16: bool = option(False, "float16 mixed precision (GPU)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    save_steps: int = option(500, "steps between checkpoints (and evaluations, unless --eval_steps says)")
+    save_total_limit: int | None = option(2, "checkpoints kept, oldest deleted first (None keeps all)")
+    logging_steps: int = option(10, "steps between log lines in metrics.jsonl")
+    seed: int = option(42, "random seed of initialisation, data order and dropout")
+    #: resume from this checkpoint folder, or True for the latest one in output_dir (``--resume [CHECKPOINT]``)
     resume: str | bool | None = None
-    #: processes for tokenization (datasets.map)
-    num_proc: int | None = None
+    num_proc: int | None = option(None, "processes for tokenization (datasets.map)")
+    #: a progress bar (``--quiet`` turns it off)
     progress_bar: bool = True
+    #: other ``TrainingArguments`` fields, passed through: report_to, eval_strategy, optim, torch_compile,
+    #: deepspeed, fsdp, push_to_hub, ... (``kallm train --training-args FILE`` or the flags of ``PASS_THROUGH``)
+    training_arguments: dict = field(default_factory=dict)
 
     def __post_init__(self):
         checks = [
@@ -93,10 +111,48 @@ class TrainConfig:
             (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
             (self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+            (0.0 <= self.eval_fraction < 1.0, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
+            (not (self.eval_data and self.eval_fraction), "give eval_data or eval_fraction, not both"),
+            (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+             f"early_stopping_patience must be >= 1, got {self.early_stopping_patience}"),
+            (self.early_stopping_patience is None or self.eval_data or self.eval_fraction,
+             "early stopping compares evaluations: give eval_data or eval_fraction too"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_training_arguments(self.training_arguments)
+
+
+#: ``TrainingArguments`` fields that kallm derives from ``TrainConfig`` (field -> the setting to use instead)
+DERIVED_ARGUMENTS = {
+    "output_dir": "output_dir", "max_steps": "max_steps", "num_train_epochs": "epochs",
+    "learning_rate": "learning_rate", "lr_scheduler_type": "lr_scheduler", "warmup_steps": "warmup",
+    "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "train_sampling_strategy": "group_by_length", "bf16": "bf16",
+    "fp16": "fp16", "activation_checkpointing": "gradient_checkpointing", "save_steps": "save_steps",
+    "save_total_limit": "save_total_limit", "logging_steps": "logging_steps", "seed": "seed", "data_seed": "seed",
+    "disable_tqdm": "progress_bar", "resume_from_checkpoint": "resume",
+}
+#: ``TrainingArguments`` fields ``kallm train`` offers as flags of their own (with transformers' help text);
+#: every other one can be set in a ``--training-args`` file
+PASS_THROUGH = ("report_to", "eval_strategy", "eval_steps", "per_device_eval_batch_size", "optim", "torch_compile",
+                "deepspeed", "fsdp", "fsdp_config", "push_to_hub", "hub_model_id", "hub_private_repo")
+
+
+def check_training_arguments(values: dict) -> None:
+    """Refuse ``TrainingArguments`` fields that do not exist, or that a ``TrainConfig`` setting governs."""
+    if not isinstance(values, dict):
+        raise TypeError(f"training_arguments must be a dict of TrainingArguments fields, got {type(values).__name__}")
+    known = {f.name for f in fields(TrainingArguments) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"training_arguments: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+                         f"TrainingArguments fields (transformers {transformers.__version__})")
+    governed = sorted(set(values) & set(DERIVED_ARGUMENTS))
+    if governed:
+        raise ValueError("training_arguments: " + "; ".join(
+            f"{name} is kallm's setting {DERIVED_ARGUMENTS[name]!r}, set it there" for name in governed))
 
 
 @dataclass
@@ -145,9 +201,11 @@ class MetricsFileCallback(TrainerCallback):
             file.write(json.dumps(record) + "\n")
 
 
-def training_arguments(config: TrainConfig) -> TrainingArguments:
-    """transformers' ``TrainingArguments`` for ``config``."""
-    return TrainingArguments(
+def training_arguments(config: TrainConfig, evaluates: bool = False) -> TrainingArguments:
+    """transformers' ``TrainingArguments`` for ``config``: the fields kallm derives from its settings
+    (``DERIVED_ARGUMENTS``), kallm's defaults for a few others, then ``config.training_arguments`` as given.
+    ``evaluates``: there is evaluation data (evaluated every ``save_steps`` unless said otherwise)."""
+    derived = dict(
         output_dir=config.output_dir,
         max_steps=config.max_steps,
         num_train_epochs=config.epochs,
@@ -159,24 +217,32 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         train_sampling_strategy="group_by_length" if config.group_by_length and not config.packing else "random",
-        length_column_name="length",
         bf16=config.bf16,
         fp16=config.fp16,
-        # Said explicitly, CPU-only machines get gloo data parallelism under torchrun and bf16 autocast.
-        use_cpu=not _accelerator_available(),
         activation_checkpointing=config.gradient_checkpointing,
-        save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         logging_steps=config.logging_steps,
         seed=config.seed,
         data_seed=config.seed,
+        disable_tqdm=not config.progress_bar,
+    )
+    defaults = dict(
+        length_column_name="length",
+        # Said explicitly, CPU-only machines get gloo data parallelism under torchrun and bf16 autocast.
+        use_cpu=not _accelerator_available(),
+        save_strategy="steps",
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable parameter takes part in the forward pass
         dataloader_pin_memory=torch.cuda.is_available(),
-        report_to="none",
-        disable_tqdm=not config.progress_bar,
+        report_to="none",  # logging integrations only when asked for (report_to="tensorboard", "wandb", ...)
     )
+    if evaluates:
+        defaults.update(eval_strategy="steps", eval_steps=config.save_steps, prediction_loss_only=True,
+                        per_device_eval_batch_size=config.batch_size)
+    if config.early_stopping_patience is not None:
+        defaults.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    return TrainingArguments(**derived, **{**defaults, **config.training_arguments})
 
 
 def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=None,
@@ -185,7 +251,7 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
 
     ``data``: a local JSONL/JSON/parquet file or folder, a hub dataset id, a
     ``datasets.Dataset`` or a list of rows, each with a ``messages`` list (see
-    ``kallm.train.data``). Only assistant tokens are targets. Trainable parameters follow
+    ``kallm.data``). Only assistant tokens are targets. Trainable parameters follow
     ``kallm.set_trainable(model, config.trainable)``. With ``teacher`` (usually the original,
     un-retrofitted model), the loss mixes in a KL divergence to the teacher's next-token
     distribution (``config.distill_alpha``, ``config.distill_temperature``).
@@ -200,25 +266,36 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         _check_teacher(model, teacher)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    evaluates = bool(config.eval_data or config.eval_fraction)
+    args = training_arguments(config, evaluates)  # bad TrainingArguments fail before the model changes
     trainable = set_trainable(model, config.trainable)
     if config.packing:
         check_packing_support(model)
 
-    args = training_arguments(config)
     with args.main_process_first(desc="preparing the training data"):
         dataset, stats = prepare_chat_dataset(
             data, tokenizer, max_length=config.max_length, truncation=config.truncation, packing=config.packing,
             split=config.split, limit=config.limit, num_proc=config.num_proc,
         )
+        eval_dataset = None
+        if config.eval_data:
+            eval_dataset, _ = prepare_chat_dataset(config.eval_data, tokenizer, max_length=config.max_length,
+                                                   split=config.eval_split, num_proc=config.num_proc)
+        elif config.eval_fraction:
+            dataset, eval_dataset = _hold_out(dataset, config.eval_fraction, config.seed)
     metrics_file = Path(config.output_dir) / METRICS_FILE
-    trainer_class, extra = Trainer, {}
+    trainer_class, extra = ChatTrainer, {}
     if teacher is not None:
         trainer_class = DistillationTrainer
         extra = dict(teacher=teacher, alpha=config.distill_alpha, temperature=config.distill_temperature)
     callbacks = [MetricsFileCallback(metrics_file, _checkpoint_step(resume)), *(callbacks or [])]
+    if config.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = trainer_class(
-        model=model, args=args, train_dataset=dataset, data_collator=ChatCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, callbacks=callbacks, **extra,
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+        data_collator=ChatCollator(tokenizer.pad_token_id), processing_class=tokenizer, callbacks=callbacks,
+        data_source=data, data_split=config.split, eval_source=config.eval_data or (data if evaluates else None),
+        eval_split=config.eval_split if config.eval_data else config.split, **extra,
     )
     if trainer.is_world_process_zero():
         logger.info("training %s trainable parameters (%s) on %s", f"{trainable:,}", config.trainable,
@@ -232,8 +309,11 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     if trainer.is_world_process_zero():
         with replacing_checkpoint(config.output_dir) as staging:
             trainer.save_model(str(staging))
+            trainer.write_model_card(staging)
     else:
         trainer.save_model(config.output_dir)  # takes part in gathering sharded weights; writes nothing
+    if args.push_to_hub:
+        trainer.push_to_hub()  # the final model, with kallm's card (Trainer pushed checkpoints as it saved them)
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = dict(output.metrics)
@@ -249,6 +329,16 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         summary.pop("log_history")
         (Path(config.output_dir) / RESULT_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return result
+
+
+def _hold_out(dataset, fraction: float, seed: int):
+    """``(training rows, held-out rows)``: a seeded random ``fraction`` of ``dataset`` held out, at least one row
+    each."""
+    if len(dataset) < 2:
+        raise ValueError(f"eval_fraction needs at least 2 conversations to split, the data has {len(dataset)}")
+    held_out = min(max(1, round(len(dataset) * fraction)), len(dataset) - 1)
+    split = dataset.train_test_split(test_size=held_out, seed=seed)
+    return split["train"], split["test"]
 
 
 def _release_from_accelerate(model) -> None:
@@ -311,19 +401,15 @@ def check_packing_support(model, atol: float = 1e-4):
     families that ignore them would let conversations attend to each other. Checked with
     two short random sequences, packed and alone.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
     first = torch.randint(3, vocab, (1, 5), generator=generator).to(device)
     second = torch.randint(3, vocab, (1, 4), generator=generator).to(device)
     positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits
         alone = model(input_ids=second, use_cache=False).logits
-    finally:
-        model.train(was_training)
     if not torch.allclose(packed[:, 5:].float(), alone.float(), atol=atol, rtol=1e-3):
         kind = getattr(model.config, "model_type", type(model).__name__)
         raise ValueError(f"{kind} models do not separate packed sequences by position_ids; train without "

@@ -4,6 +4,9 @@ assistant-only loss mask, packing and batching.
 A conversation is a list of ``{"role", "content"}`` messages with roles ``system``, ``user``
 and ``assistant``. Rows that cannot be trained on are dropped and counted by reason (see
 ``SKIP_REASONS``) instead of failing somewhere inside a batch.
+
+Training (``kallm.train``) and evaluation (``kallm.eval.chat_loss``) both read chat data through
+this module, so a held-out loss is computed on exactly the tokens training targets.
 """
 
 from __future__ import annotations

@@ -1,0 +1,75 @@
+"""transformers' Trainer with kallm's model card: what ``create_model_card`` (and so ``Trainer.push_to_hub``)
+writes for a retrofitted model is kallm's card, with the training data and losses in its metadata."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import Trainer
+
+from ..core.modeling_kallm import HUB_ID, write_model_card
+from ..loading import public_source_name
+
+
+class ChatTrainer(Trainer):
+    """A ``Trainer`` whose model card is kallm's. ``data_source`` and ``eval_source`` name the training and
+    evaluation data (a hub id, a file, ...) for the card."""
+
+    def __init__(self, *args, data_source=None, eval_source=None, data_split: str = "train",
+                 eval_split: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_source, self.eval_source = data_source, eval_source
+        self.data_split, self.eval_split = data_split, eval_split
+
+    def create_model_card(self, *args, tags=None, **kwargs):
+        model = self.accelerator.unwrap_model(self.model)
+        if not getattr(model.config, "kan_config", None):
+            return super().create_model_card(*args, tags=tags, **kwargs)
+        if self.is_world_process_zero():
+            self.write_model_card(self.args.output_dir, tags=[tags] if isinstance(tags, str) else tags or ())
+        return None
+
+    def write_model_card(self, folder, tags=()) -> None:
+        """kallm's card in ``folder``/README.md, with the training data as ``datasets`` (hub ids only) and the
+        last logged training and evaluation losses as ``model-index`` results; nothing for a model without KAN
+        feedforwards, whose save keeps transformers' behaviour."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not getattr(model.config, "kan_config", None):
+            return
+        location = self.args.hub_model_id if self.args.push_to_hub and self.args.hub_model_id else "PATH_OR_REPO"
+        write_model_card(model, folder, tags, location=location, datasets=self._hub_datasets(),
+                         eval_results=self._results())
+
+    def _hub_datasets(self) -> list[str]:
+        sources = (self.data_source, self.eval_source)
+        return list(dict.fromkeys(name for name in map(_hub_dataset, sources) if name))
+
+    def _results(self) -> list:
+        from huggingface_hub import EvalResult
+
+        results = []
+        for key, source, split, what in (("loss", self.data_source, self.data_split, "training loss"),
+                                         ("eval_loss", self.eval_source, self.eval_split, "evaluation loss")):
+            logged = [entry[key] for entry in self.state.log_history if key in entry]
+            if logged and source is not None:
+                name = _hub_dataset(source) or _describe(source)
+                results.append(EvalResult(
+                    task_type="text-generation", dataset_type=name, dataset_name=name, dataset_split=split,
+                    metric_type="loss", metric_name=f"{what} (assistant tokens, last logged)",
+                    metric_value=float(logged[-1]),
+                ))
+        return results
+
+
+def _hub_dataset(source) -> str | None:
+    """The hub dataset id of a data source (``"name:config"`` gives ``name``), or None for local data."""
+    if not isinstance(source, str):
+        return None
+    name = source.partition(":")[0]
+    return name if HUB_ID.fullmatch(name) and "/" in name and not os.path.exists(source) else None
+
+
+def _describe(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return public_source_name(os.fspath(source))  # a local path is private: only its last name
+    return "chat data given in Python"
