@@ -9,6 +9,7 @@ from dataclasses import fields
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..surgery.lora import LORA_TARGETS
     from ..surgery.trainable import POLICIES
     from .data import TRUNCATION
     from .trainer import SCHEDULERS, TrainConfig
@@ -23,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=default["output_dir"],
                         help="folder for checkpoints, metrics.jsonl and the final model (default %(default)s)")
     parser.add_argument("--trainable", choices=POLICIES, default=default["trainable"],
-                        help="which parameters train (default %(default)s)")
+                        help="which parameters train (default: tail+embeddings; with --lora the adapter alone, "
+                             "and a policy names the model weights that train besides it)")
     length = parser.add_argument_group("length of training")
     length.add_argument("--max-steps", type=int, default=default["max_steps"],
                         help="optimizer steps (default: --epochs over the data)")
@@ -56,6 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     distill.add_argument("--distill-alpha", type=float, default=default["distill_alpha"],
                          help="weight of the KL term; 1 - alpha weighs cross-entropy (default %(default)s)")
     distill.add_argument("--distill-temperature", type=float, default=default["distill_temperature"])
+    lora = parser.add_argument_group("LoRA adapter (docs/peft.md)")
+    lora.add_argument("--lora", type=int, metavar="RANK", default=default["lora_rank"],
+                      help="train a LoRA adapter of this rank instead of the model's weights; --out receives the "
+                           "adapter")
+    lora.add_argument("--lora-alpha", type=float, default=default["lora_alpha"],
+                      help="LoRA scaling numerator: updates are scaled by alpha / rank (default %(default)s)")
+    lora.add_argument("--lora-dropout", type=float, default=default["lora_dropout"],
+                      help="dropout on the adapter's input (default %(default)s)")
+    lora.add_argument("--lora-targets", choices=LORA_TARGETS, default=default["lora_targets"],
+                      help="layers that take the adapter: KAN layers, attention projections or both (default: all "
+                           "on a retrofitted model, attention on a plain one)")
+    lora.add_argument("--merge", action="store_true",
+                      help="also save the model with the trained adapter merged into it, to OUT/merged")
     hardware = parser.add_argument_group("precision and memory")
     precision = hardware.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
@@ -83,6 +98,8 @@ def config_from_args(args):
         bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
         seed=args.seed, resume=args.resume, num_proc=args.num_proc, progress_bar=not args.quiet,
+        lora_rank=args.lora, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets, merge=args.merge,
     )
 
 
@@ -105,7 +122,10 @@ def run(args) -> int:
         print(f"trained {result.global_step} steps on {result.world_size} process(es), "
               f"{result.trainable_parameters:,} trainable parameters"
               + (f", last logged loss {loss:.4f}" if loss is not None else ""))
-        print(f"model and tokenizer saved to {result.output_dir}; metrics in {result.metrics_file}")
+        saved = "adapter" if config.lora_rank else "model"
+        print(f"{saved} and tokenizer saved to {result.output_dir}; metrics in {result.metrics_file}")
+        if result.merged_dir:
+            print(f"model with the adapter merged into it saved to {result.merged_dir}")
     return 0
 
 

@@ -14,9 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..saving import replacing_checkpoint
+from ..core.layers import is_kan_linear
+from ..core.modeling_kallm import count_parameters
+from ..saving import replacing_checkpoint, save_checkpoint
+from ..surgery.lora import LORA_TARGETS, lora_config
 from ..surgery.trainable import POLICIES, set_trainable
 from .data import TRUNCATION, ChatCollator, prepare_chat_dataset
 from .distill import DistillationTrainer
@@ -25,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "train_result.json"
+#: where ``merge=True`` saves the model with the trained adapter merged into it, inside output_dir
+MERGED_FOLDER = "merged"
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
@@ -33,8 +39,9 @@ class TrainConfig:
     """Settings of a training run (``kallm train`` flags map one to one)."""
 
     output_dir: str = "kallm-train"
-    #: which parameters train: a ``kallm.set_trainable`` policy
-    trainable: str = "tail+embeddings"
+    #: which parameters train: a ``kallm.set_trainable`` policy; None: "tail+embeddings", or with an adapter
+    #: (lora_rank) the adapter alone (a policy then names the model weights that train besides the adapter)
+    trainable: str | None = None
     #: optimizer steps; -1 trains for ``epochs`` instead
     max_steps: int = -1
     epochs: float = 1.0
@@ -73,10 +80,20 @@ class TrainConfig:
     #: processes for tokenization (datasets.map)
     num_proc: int | None = None
     progress_bar: bool = True
+    #: train a PEFT LoRA adapter of this rank (None: no adapter); see kallm.lora_config
+    lora_rank: int | None = None
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    #: which layers take the adapter: "kan", "attention" or "all" (kallm.lora_targets); None: "all" on a
+    #: retrofitted model, "attention" on a plain one
+    lora_targets: str | None = None
+    #: with an adapter, also save the model with the adapter merged into it to output_dir/merged
+    merge: bool = False
 
     def __post_init__(self):
         checks = [
-            (self.trainable in POLICIES, f"trainable must be one of {', '.join(POLICIES)}, got {self.trainable!r}"),
+            (self.trainable is None or self.trainable in POLICIES,
+             f"trainable must be one of {', '.join(POLICIES)}, got {self.trainable!r}"),
             (self.truncation in TRUNCATION, f"truncation must be one of {', '.join(TRUNCATION)}, "
                                             f"got {self.truncation!r}"),
             (self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, "
@@ -93,6 +110,13 @@ class TrainConfig:
             (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
             (self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+            (self.lora_rank is None or (isinstance(self.lora_rank, int) and self.lora_rank >= 1),
+             f"lora_rank must be a positive integer, got {self.lora_rank!r}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.lora_targets is None or self.lora_targets in LORA_TARGETS,
+             f"lora_targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}"),
+            (not self.merge or self.lora_rank is not None, "merge needs an adapter to merge: set lora_rank"),
         ]
         for ok, message in checks:
             if not ok:
@@ -113,6 +137,8 @@ class TrainResult:
     world_size: int
     metrics_file: str
     log_history: list[dict] = field(default_factory=list)
+    #: with ``merge=True``: the folder of the merged model (output_dir holds the adapter)
+    merged_dir: str | None = None
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -190,6 +216,12 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     un-retrofitted model), the loss mixes in a KL divergence to the teacher's next-token
     distribution (``config.distill_alpha``, ``config.distill_temperature``).
 
+    With ``config.lora_rank``, ``model`` is wrapped in place with a PEFT LoRA adapter
+    (``kallm.lora_config(model, config.lora_targets, ...)``) and only the adapter trains, plus the model
+    weights that ``config.trainable`` names if set; a ``PeftModel`` passed in trains the same way. The
+    adapter is what ``output_dir`` then receives (``kallm.load_adapter`` or ``AutoPeftModelForCausalLM``
+    reload it); ``config.merge`` also merges it into the model and saves that to ``output_dir/merged``.
+
     Checkpoints go to ``output_dir/checkpoint-N`` every ``save_steps``; the final model and
     the tokenizer to ``output_dir`` (``kallm.load_model(output_dir)`` reloads them), the log
     to ``output_dir/metrics.jsonl`` and a summary to ``output_dir/train_result.json``.
@@ -200,7 +232,9 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         _check_teacher(model, teacher)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
-    trainable = set_trainable(model, config.trainable)
+    model = _with_adapter(model, config)
+    policy = config.trainable or (None if isinstance(model, PeftModel) else "tail+embeddings")
+    trainable = set_trainable(model, policy) if policy else count_parameters(model, trainable_only=True)
     if config.packing:
         check_packing_support(model)
 
@@ -221,7 +255,7 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         processing_class=tokenizer, callbacks=callbacks, **extra,
     )
     if trainer.is_world_process_zero():
-        logger.info("training %s trainable parameters (%s) on %s", f"{trainable:,}", config.trainable,
+        logger.info("training %s trainable parameters (%s) on %s", f"{trainable:,}", policy or "the adapter",
                     stats.describe())
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache would hide packed sequences
     try:
@@ -234,6 +268,12 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
             trainer.save_model(str(staging))
     else:
         trainer.save_model(config.output_dir)  # takes part in gathering sharded weights; writes nothing
+    merged_dir = None
+    if config.merge:
+        merged_dir = str(Path(config.output_dir) / MERGED_FOLDER)
+        merged = model.merge_and_unload()
+        if trainer.is_world_process_zero():
+            save_checkpoint(merged, tokenizer, merged_dir)
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = dict(output.metrics)
@@ -242,13 +282,27 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     result = TrainResult(
         output_dir=config.output_dir, metrics=metrics, data=stats.as_dict(), trainable_parameters=trainable,
         global_step=trainer.state.global_step, world_size=args.world_size, metrics_file=str(metrics_file),
-        log_history=list(trainer.state.log_history),
+        log_history=list(trainer.state.log_history), merged_dir=merged_dir,
     )
     if trainer.is_world_process_zero():
-        summary = {**asdict(result), "config": asdict(config)}
+        summary = {**asdict(result), "config": {**asdict(config), "trainable": policy}}
         summary.pop("log_history")
         (Path(config.output_dir) / RESULT_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return result
+
+
+def _with_adapter(model, config: TrainConfig):
+    """``model`` wrapped with the LoRA adapter ``config`` asks for (or as it is without ``lora_rank``);
+    every check runs before the model changes."""
+    if config.lora_rank is None:
+        return model
+    if isinstance(model, PeftModel):
+        raise ValueError("the model already carries PEFT adapters; train it without lora_rank (its adapters "
+                         "train), or pass the model without them")
+    targets = config.lora_targets or ("all" if any(map(is_kan_linear, model.modules())) else "attention")
+    adapter = lora_config(model, targets, r=config.lora_rank, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout)
+    return get_peft_model(model, adapter)
 
 
 def _release_from_accelerate(model) -> None:
