@@ -22,6 +22,8 @@ _EXPORTS = {
     "list_bases": "core",
     "register_basis": "core",
     "register_with_transformers": "core",
+    "load_delta": "delta",
+    "save_delta": "delta",
     "load_model": "loading",
     "push_to_hub": "loading",
     "HealConfig": "train.heal",
