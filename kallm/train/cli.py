@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "on a retrofitted model, attention on a plain one)")
     lora.add_argument("--merge", action="store_true",
                       help="also save the model with the trained adapter merged into it, to OUT/merged")
+    curriculum = parser.add_argument_group("degree curriculum (docs/transfer.md)")
+    curriculum.add_argument("--degree-stages", type=int, nargs="+", metavar="DEGREE", default=default["degree_stages"],
+                            help="train in stages of rising KAN degree (e.g. 1 2 3), --max-steps split evenly, the "
+                                 "KAN layers converted exactly between stages")
     hardware = parser.add_argument_group("precision and memory")
     precision = hardware.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
@@ -99,7 +103,7 @@ def config_from_args(args):
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
         seed=args.seed, resume=args.resume, num_proc=args.num_proc, progress_bar=not args.quiet,
         lora_rank=args.lora, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets, merge=args.merge,
+        lora_targets=args.lora_targets, merge=args.merge, degree_stages=args.degree_stages,
     )
 
 

@@ -89,6 +89,9 @@ class TrainConfig:
     lora_targets: str | None = None
     #: with an adapter, also save the model with the adapter merged into it to output_dir/merged
     merge: bool = False
+    #: train in stages that raise the KAN degree, e.g. [1, 2, 3]: max_steps is split evenly between them, and
+    #: before each stage kallm.convert moves the KAN layers exactly to its degree (see kallm.train.curriculum)
+    degree_stages: list[int] | None = None
 
     def __post_init__(self):
         checks = [
@@ -118,6 +121,20 @@ class TrainConfig:
              f"lora_targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}"),
             (not self.merge or self.lora_rank is not None, "merge needs an adapter to merge: set lora_rank"),
         ]
+        if self.degree_stages is not None:
+            stages = self.degree_stages
+            checks += [
+                (isinstance(stages, (list, tuple)) and len(stages) >= 1
+                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in stages)
+                 and list(stages) == sorted(set(stages)),
+                 f"degree_stages must be increasing degrees >= 1, such as [1, 2, 3]; got {stages!r}"),
+                (self.max_steps >= len(stages) if isinstance(stages, (list, tuple)) else True,
+                 f"degree_stages needs max_steps (at least one step per stage; they are split evenly), got "
+                 f"{self.max_steps}"),
+                (self.resume in (None, False), "degree_stages cannot resume a run; start it again"),
+                (self.lora_rank is None, "degree_stages changes the KAN layers' shapes, which a LoRA adapter on them "
+                                         "cannot follow; train without lora_rank"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -139,6 +156,8 @@ class TrainResult:
     log_history: list[dict] = field(default_factory=list)
     #: with ``merge=True``: the folder of the merged model (output_dir holds the adapter)
     merged_dir: str | None = None
+    #: with ``degree_stages``: per stage its ``degree``, ``output_dir``, ``global_step`` and ``last_logged_loss``
+    stages: list[dict] = field(default_factory=list)
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -227,6 +246,10 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     to ``output_dir/metrics.jsonl`` and a summary to ``output_dir/train_result.json``.
     """
     config = config or TrainConfig()
+    if config.degree_stages:
+        from .curriculum import train_in_degree_stages
+
+        return train_in_degree_stages(model, tokenizer, data, config, teacher=teacher, callbacks=callbacks)
     resume = _resume_checkpoint(config)
     if teacher is not None:
         _check_teacher(model, teacher)
