@@ -94,3 +94,22 @@ def test_models_whose_stages_cannot_convert_exactly_are_refused_before_training(
         with pytest.raises(ValueError, match=message):
             train(model, tokenizer, sums(8), config(tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_curriculum_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from kallm.saving import save_checkpoint
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_curriculum", Path(__file__).resolve().parent.parent / "scripts" / "bench_curriculum.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    save_checkpoint(tiny_model("llama"), chat_tokenizer(), tmp_path / "base")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in sums(8)))
+    assert bench.main(["--model", str(tmp_path / "base"), "--train-data", str(data), "--eval-data", str(data),
+                       "--stages", "1", "2", "--steps", "2", "--last-n", "1", "--max-length", "96"]) == 0
+    table = capsys.readouterr().out
+    assert "| curriculum 1 -> 2 |" in table and "| degree 2 from the start |" in table
