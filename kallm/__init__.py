@@ -2,12 +2,13 @@
 
 ``import kallm`` is light: each name below loads its module (and torch, transformers) on first use, so that
 ``kallm --help`` answers at once. kallm's model classes still register with transformers' Auto classes at
-``import kallm``: at once when transformers is loaded, otherwise as soon as it is (see ``_registration``).
+``import kallm``, and its LoRA layer for KAN layers with PEFT: at once when the library is loaded, otherwise as
+soon as it is (see ``_registration``).
 """
 
 import importlib
 
-from ._registration import register_when_transformers_loads
+from ._registration import register_when_libraries_load
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ _EXPORTS = {
     "list_bases": "core",
     "register_basis": "core",
     "register_with_transformers": "core",
+    "load_delta": "delta",
+    "save_delta": "delta",
     "load_model": "loading",
     "push_to_hub": "loading",
     "HealConfig": "train.heal",
@@ -60,4 +63,4 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-register_when_transformers_loads()
+register_when_libraries_load()

@@ -1,9 +1,11 @@
-"""Registration of kallm's model classes with transformers, deferred until transformers loads.
+"""Registration of kallm with transformers and PEFT, deferred until they load.
 
 ``import kallm`` must stay light (``kallm --help`` imports it), yet ``import kallm`` followed by
-``AutoModelForCausalLM.from_pretrained(kallm_folder)`` must find kallm's classes. So ``import kallm`` registers
-them at once when transformers is already loaded, and otherwise right after transformers' own import finishes.
-Registering means importing ``kallm.core``, which registers its classes as its import finishes.
+``AutoModelForCausalLM.from_pretrained(kallm_folder)`` must find kallm's classes, and
+``AutoPeftModelForCausalLM.from_pretrained(adapter_folder)`` must rebuild LoRA on KAN layers. So ``import kallm``
+registers with each library at once when it is already loaded, and otherwise right after its own import
+finishes. Registering means importing the kallm module named in ``REGISTRARS``, which registers as its import
+finishes.
 """
 
 from __future__ import annotations
@@ -12,19 +14,26 @@ import importlib
 import importlib.abc
 import sys
 
-
-def register_when_transformers_loads() -> None:
-    if "transformers" in sys.modules:
-        importlib.import_module("kallm.core")
-    elif not any(isinstance(finder, _TransformersWatcher) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _TransformersWatcher())
+#: library -> the kallm module whose import registers kallm with it
+REGISTRARS = {"transformers": "kallm.core", "peft": "kallm.surgery.lora"}
 
 
-class _TransformersWatcher(importlib.abc.MetaPathFinder):
-    """Finds transformers with the other finders and registers kallm's classes once it has run."""
+def register_when_libraries_load() -> None:
+    for library, registrar in REGISTRARS.items():
+        if library in sys.modules:
+            importlib.import_module(registrar)
+        elif not any(isinstance(finder, _LibraryWatcher) and finder.library == library for finder in sys.meta_path):
+            sys.meta_path.insert(0, _LibraryWatcher(library))
+
+
+class _LibraryWatcher(importlib.abc.MetaPathFinder):
+    """Finds ``library`` with the other finders and registers kallm with it once it has run."""
+
+    def __init__(self, library: str):
+        self.library = library
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if name != self.library:
             return None
         sys.meta_path.remove(self)  # watch one import only; the finders below locate the package
         for finder in sys.meta_path:
@@ -34,21 +43,22 @@ class _TransformersWatcher(importlib.abc.MetaPathFinder):
         else:
             return None
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _RegisterAfterImport(spec.loader)
+            spec.loader = _RegisterAfterImport(spec.loader, REGISTRARS[self.library])
         return spec
 
 
 class _RegisterAfterImport(importlib.abc.Loader):
-    def __init__(self, loader):
+    def __init__(self, loader, registrar: str):
         self.loader = loader
+        self.registrar = registrar
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        # transformers keeps its own loader (resource reading goes through it); this one only adds a step.
+        # The library keeps its own loader (resource reading goes through it); this one only adds a step.
         module.__spec__.loader = module.__loader__ = self.loader
         self.loader.exec_module(module)
-        # When kallm.core is what imports transformers, it registers once its own import finishes.
-        if "kallm.core" not in sys.modules:
-            importlib.import_module("kallm.core")
+        # When the registrar is what imports the library, it registers once its own import finishes.
+        if self.registrar not in sys.modules:
+            importlib.import_module(self.registrar)

@@ -16,6 +16,8 @@ BUNDLED_MODELS = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+#: the manifest that marks a delta checkpoint folder (``kallm.save_delta``)
+DELTA_MANIFEST = "kallm_delta.json"
 
 
 def _is_hub_id(name: str) -> bool:
@@ -98,6 +100,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
 
     register_with_transformers()
     source, gguf_file = resolve_model(name_or_path)
+    if gguf_file is None and os.path.isfile(os.path.join(source, DELTA_MANIFEST)):
+        raise ValueError(f"{source} holds a delta checkpoint (only what changed from its base model); load it with "
+                         f"kallm.load_delta({source!r})")
     if gguf_file is None and os.path.isdir(source) and not any(
         os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES
     ):

@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-#: weight files and shard indexes of any format transformers writes (``model-00001-of-00003.safetensors``, ...)
+#: weight files and shard indexes of any format transformers writes (``model-00001-of-00003.safetensors``, ...),
+#: and a delta checkpoint's weights and manifest (``kallm.save_delta``)
 _WEIGHT_FILE = re.compile(
-    r"(?:model|pytorch_model|tf_model|flax_model|adapter_model)(?:-\d+-of-\d+)?"
-    r"\.(?:safetensors|bin|h5|msgpack)(?:\.index\.json)?"
+    r"(?:model|pytorch_model|tf_model|flax_model|adapter_model|delta)(?:-\d+-of-\d+)?"
+    r"\.(?:safetensors|bin|h5|msgpack)(?:\.index\.json)?|kallm_delta\.json"
 )
 
 

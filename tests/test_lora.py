@@ -32,9 +32,11 @@ def _retrofitted(seed=0):
     return kallm.retrofit(tiny_model("llama", seed=seed), layers=[1, 2])
 
 
-def _with_adapter(which="kan", seed=0, **options):
-    """A retrofitted tiny llama with a LoRA adapter whose B matrices are nonzero (as after training)."""
-    model = peft.get_peft_model(_retrofitted(seed), kallm.lora_config(_retrofitted(seed), which, r=4, **options))
+def _with_adapter(which="kan", seed=0, base=None, **options):
+    """A retrofitted tiny llama (or ``base``) with a LoRA adapter whose B matrices are nonzero (as after
+    training)."""
+    base = base if base is not None else _retrofitted(seed)
+    model = peft.get_peft_model(base, kallm.lora_config(base, which, r=4, **options))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -68,13 +70,40 @@ def test_lora_targets_refuses_unknown_choices_and_models_without_kan_layers():
             kallm.lora_targets(tiny_model("llama"), which)
 
 
-def test_peft_alone_does_not_know_kan_layers_and_with_kan_lora_teaches_it():
-    model = _retrofitted()
+def test_once_kallm_is_imported_any_lora_config_takes_kan_layers():
+    # without kallm, PEFT refuses KAN targets ("is not supported"): the fresh-process test below shows it
     config = peft.LoraConfig(r=2, target_modules=KAN_LAYERS[:1])
-    with pytest.raises(ValueError, match="is not supported"):
-        peft.get_peft_model(_retrofitted(), config)
-    wrapped = peft.get_peft_model(model, kallm.with_kan_lora(config))
+    wrapped = peft.get_peft_model(_retrofitted(), config)
     assert isinstance(wrapped.get_base_model().model.layers[1].mlp.layers[0], KANLoraLinear)
+    registered = kallm.with_kan_lora(peft.LoraConfig(r=2, target_modules=KAN_LAYERS[:1]))
+    assert registered._custom_modules == {kallm.KANLinear: KANLoraLinear}
+    wrapped = peft.get_peft_model(_retrofitted(), registered)
+    assert isinstance(wrapped.get_base_model().model.layers[1].mlp.layers[0], KANLoraLinear)
+
+
+def test_auto_peft_model_and_auto_model_load_a_kan_adapter_from_its_folder(tmp_path):
+    _retrofitted().save_pretrained(tmp_path / "base")
+    model = _with_adapter("all", base=AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval())
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "base")
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert isinstance(loaded.get_base_model().model.layers[2].mlp.layers[0], KANLoraLinear)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    # transformers' own PEFT integration: the adapter folder given to AutoModelForCausalLM
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()),
+                               _logits(model), rtol=0, atol=0)
+
+
+def test_an_adapter_saved_without_a_task_type_loads_with_kallm_in_the_import_allowlist(tmp_path):
+    _retrofitted().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=KAN_LAYERS, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="'kallm.core.modeling_kallm' which is not in the import allowlist"):
+        peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    loaded = peft.AutoPeftModel.from_pretrained(tmp_path / "adapter", import_allowlist=["kallm"]).eval()
+    torch.testing.assert_close(_logits(loaded), _logits(model.eval()), rtol=0, atol=0)
 
 
 def test_a_fresh_adapter_leaves_the_model_unchanged():
@@ -204,8 +233,10 @@ def test_set_trainable_on_a_peft_model_keeps_the_adapters_training():
     assert summary["model"] == "PeftModelForCausalLM" and summary["trainable"] == summary["total"]
 
 
-# Loads a retrofitted base with the checkpoint's own code while kallm cannot be imported, puts adapters on it
-# with plain PEFT, then imports kallm and loads the KAN adapter with kallm.load_adapter; prints the logits.
+# With kallm blocked: loads a retrofitted base with the checkpoint's own code and puts adapters on it with plain
+# PEFT (attention: PeftModel and AutoPeftModelForCausalLM; KAN: refused), and loads the merged KAN checkpoint.
+# Then imports kallm and loads the KAN adapter with plain PEFT onto the remote-code base, and through
+# AutoPeftModelForCausalLM. Prints the logits.
 REMOTE_CODE_SCRIPT = r"""
 import importlib.abc, json, sys
 
@@ -217,49 +248,74 @@ class BlockKallm(importlib.abc.MetaPathFinder):
 blocker = BlockKallm()
 sys.meta_path.insert(0, blocker)
 import torch
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 
-base, attention_adapter, kan_adapter = sys.argv[1:4]
-tokens = torch.tensor(json.loads(sys.argv[4]))
+base, attention_adapter, kan_adapter, merged = sys.argv[1:5]
+tokens = torch.tensor(json.loads(sys.argv[5]))
 
-def load_base():
-    return AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True).eval()
+def load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 
 def logits(model):
     with torch.no_grad():
-        return model(tokens).logits.tolist()
+        return model.eval()(tokens).logits.tolist()
 
-result = {"attention": logits(PeftModel.from_pretrained(load_base(), attention_adapter))}
+result = {"attention": logits(PeftModel.from_pretrained(load(base), attention_adapter)),
+          "auto_attention": logits(AutoPeftModelForCausalLM.from_pretrained(attention_adapter, trust_remote_code=True)),
+          "merged": logits(load(merged))}
 try:
-    PeftModel.from_pretrained(load_base(), kan_adapter)
+    PeftModel.from_pretrained(load(base), kan_adapter)
     result["kan_without_kallm"] = "loaded"
 except ValueError as error:
     result["kan_without_kallm"] = str(error)
-model = load_base()
+model = load(base)
 sys.meta_path.remove(blocker)
 import kallm
 
 result["remote_class"] = type(model).__module__
-result["kan"] = logits(kallm.load_adapter(model, kan_adapter))
+result["kan"] = logits(PeftModel.from_pretrained(model, kan_adapter))
+result["auto_kan"] = logits(AutoPeftModelForCausalLM.from_pretrained(kan_adapter, trust_remote_code=True))
 print("RESULTS " + json.dumps(result))
 """
 
 
 def test_trust_remote_code_users_get_attention_lora_from_peft_and_kan_lora_from_kallm(tmp_path):
     _retrofitted().save_pretrained(tmp_path / "base")
-    attention, kan = _with_adapter("attention"), _with_adapter("kan")
+    attention, kan = (_with_adapter(which, base=AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval())
+                      for which in ("attention", "kan"))
     attention.save_pretrained(tmp_path / "attention")
     kan.save_pretrained(tmp_path / "kan")
+    kan_logits = _logits(kan)
+    kan.merge_and_unload().save_pretrained(tmp_path / "merged")
     env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     env.update(PYTHONPATH=str(Path(kallm.__file__).parent.parent), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    arguments = [str(tmp_path / name) for name in ("base", "attention", "kan")] + [json.dumps(TOKENS.tolist())]
+    arguments = [str(tmp_path / name) for name in ("base", "attention", "kan", "merged")] + [json.dumps(TOKENS.tolist())]
     process = subprocess.run([sys.executable, "-c", REMOTE_CODE_SCRIPT, *arguments], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stderr[-4000:]
     result = json.loads(next(line for line in process.stdout.splitlines() if line.startswith("RESULTS "))[8:])
     assert result["remote_class"].startswith("transformers_modules.")
-    torch.testing.assert_close(torch.tensor(result["attention"]), _logits(attention), rtol=0, atol=0)
+    for key in ("attention", "auto_attention"):
+        torch.testing.assert_close(torch.tensor(result[key]), _logits(attention), rtol=0, atol=0)
     assert "is not supported" in result["kan_without_kallm"]
-    torch.testing.assert_close(torch.tensor(result["kan"]), _logits(kan), rtol=0, atol=0)
+    for key in ("merged", "kan", "auto_kan"):
+        torch.testing.assert_close(torch.tensor(result[key]), kan_logits, rtol=0, atol=0)
+
+
+PEFT_AFTER_KALLM = """
+import sys
+import kallm
+assert "peft" not in sys.modules, "import kallm imported peft"
+from peft.tuners.lora import LoraModel
+print(getattr(LoraModel._create_new_module, "kallm_knows_kan_layers", False))
+"""
+
+
+def test_import_kallm_registers_the_kan_lora_layer_when_peft_loads_later():
+    env = {**os.environ, "PYTHONPATH": str(Path(kallm.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    process = subprocess.run([sys.executable, "-c", PEFT_AFTER_KALLM], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.split()[-1] == "True"

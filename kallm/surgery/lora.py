@@ -5,8 +5,10 @@ input (``K * in`` of them) and ``W`` the ``out x K * in`` coefficient matrix. It
 low-rank update of ``W``: ``y = F(x) @ (W + s * B A).T + b``, so it merges exactly into ``W``.
 
 PEFT learns about the layer through ``LoraConfig._register_custom_module``, which holds per config
-object and is not saved with the adapter: ``kallm.lora_config`` and ``kallm.load_adapter`` register
-it; ``kallm.with_kan_lora(config)`` does it for a config built by hand.
+object and is not saved with the adapter. ``kallm.lora_config`` and ``kallm.with_kan_lora`` register it on a
+config; and once this module is imported (``import kallm`` imports it as soon as PEFT is loaded),
+``register_with_peft`` has every LoRA config take KAN layers, so that adapters loaded from disk
+(``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``, transformers' ``load_adapter``) rebuild too.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import warnings
 
 import torch
 from peft import LoraConfig, PeftModel
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -92,6 +94,29 @@ def load_adapter(model: nn.Module, folder, is_trainable: bool = False, **kwargs)
     """``PeftModel.from_pretrained(model, folder)`` for an adapter that may hold KAN layers."""
     config = with_kan_lora(LoraConfig.from_pretrained(folder), model)
     return PeftModel.from_pretrained(model, folder, config=config, is_trainable=is_trainable, **kwargs)
+
+
+def register_with_peft() -> None:
+    """Have PEFT put ``KANLoraLinear`` on every KAN layer (kallm's or a checkpoint's copy) that a LoRA config
+    targets, registered on the config or not.
+
+    PEFT keeps custom LoRA layers per config object and saves none of them, so a config read from an adapter
+    folder knows no KAN layer, and PEFT has no registry of its own to add one to. kallm therefore wraps the
+    step where PEFT picks the LoRA layer for a target: a KAN layer its config has no layer for is registered
+    on that config first. Everything else goes to PEFT's own choice unchanged. Idempotent.
+    """
+    choose = LoraModel._create_new_module
+    if getattr(choose, "kallm_knows_kan_layers", False):
+        return
+
+    def create_new_module(config, adapter_name, target, **kwargs):
+        layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if is_kan_linear(layer) and not isinstance(layer, tuple(config._custom_modules or ())):
+            config._register_custom_module({type(layer): KANLoraLinear})
+        return choose(config, adapter_name, target, **kwargs)
+
+    create_new_module.kallm_knows_kan_layers = True
+    LoraModel._create_new_module = staticmethod(create_new_module)
 
 
 def _rank_limit(module: nn.Module) -> int:
@@ -211,3 +236,6 @@ def _features(layer, x: torch.Tensor) -> torch.Tensor:
     math = x.to(torch.promote_types(x.dtype, torch.float32))
     t = torch.tanh(math if layer.input_scale is None else math * layer.input_scale + layer.input_shift)
     return torch.cat(layer.basis.values(t, [p.to(t.dtype) for p in layer.basis_parameters]), dim=-1)
+
+
+register_with_peft()

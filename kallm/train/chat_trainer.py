@@ -8,6 +8,7 @@ import os
 from transformers import Trainer
 
 from ..core.modeling_kallm import HUB_ID, write_model_card
+from ..core.retrofit_config import kan_config_blocks
 from ..loading import public_source_name
 
 
@@ -22,8 +23,7 @@ class ChatTrainer(Trainer):
         self.data_split, self.eval_split = data_split, eval_split
 
     def create_model_card(self, *args, tags=None, **kwargs):
-        model = self.accelerator.unwrap_model(self.model)
-        if not getattr(model.config, "kan_config", None):
+        if not self._has_kallm_card():
             return super().create_model_card(*args, tags=tags, **kwargs)
         if self.is_world_process_zero():
             self.write_model_card(self.args.output_dir, tags=[tags] if isinstance(tags, str) else tags or ())
@@ -33,12 +33,19 @@ class ChatTrainer(Trainer):
         """kallm's card in ``folder``/README.md, with the training data as ``datasets`` (hub ids only) and the
         last logged training and evaluation losses as ``model-index`` results; nothing for a model without KAN
         feedforwards, whose save keeps transformers' behaviour."""
-        model = self.accelerator.unwrap_model(self.model)
-        if not getattr(model.config, "kan_config", None):
+        if not self._has_kallm_card():
             return
+        model = self.accelerator.unwrap_model(self.model)
         location = self.args.hub_model_id if self.args.push_to_hub and self.args.hub_model_id else "PATH_OR_REPO"
         write_model_card(model, folder, tags, location=location, datasets=self._hub_datasets(),
                          eval_results=self._results())
+
+    def _has_kallm_card(self) -> bool:
+        """A model with KAN feedforwards; not a linear restart (its family's class) nor an adapter (PEFT's card)."""
+        from peft import PeftModel
+
+        model = self.accelerator.unwrap_model(self.model)
+        return not isinstance(model, PeftModel) and bool(kan_config_blocks(model.config))
 
     def _hub_datasets(self) -> list[str]:
         sources = (self.data_source, self.eval_source)

@@ -138,7 +138,10 @@ def run(args) -> int:
         print(f"trained {result.global_step} steps on {result.world_size} process(es), "
               f"{result.trainable_parameters:,} trainable parameters"
               + (f", last logged loss {loss:.4f}" if loss is not None else ""))
-        print(f"model and tokenizer saved to {result.output_dir}; metrics in {result.metrics_file}")
+        saved = "adapter" if config.lora_rank else "model"
+        print(f"{saved} and tokenizer saved to {result.output_dir}; metrics in {result.metrics_file}")
+        if result.merged_dir:
+            print(f"model with the adapter merged into it saved to {result.merged_dir}")
     return 0
 
 

@@ -15,11 +15,15 @@ from pathlib import Path
 
 import torch
 import transformers
+from peft import PeftModel, get_peft_model
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
 
+from ..core.layers import is_kan_linear
+from ..core.modeling_kallm import count_parameters
 from ..data import TRUNCATION, ChatCollator, prepare_chat_dataset
 from ..inference import eval_mode, model_device
-from ..saving import replacing_checkpoint
+from ..saving import replacing_checkpoint, save_checkpoint
+from ..surgery.lora import LORA_TARGETS, lora_config
 from ..surgery.trainable import POLICIES, set_trainable
 from .chat_trainer import ChatTrainer
 from .distill import DistillationTrainer
@@ -28,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "train_result.json"
+#: where ``merge=True`` saves the model with the trained adapter merged into it, inside output_dir
+MERGED_FOLDER = "merged"
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
@@ -45,8 +51,9 @@ class TrainConfig:
 
     output_dir: str = option("kallm-train", "folder for checkpoints, metrics.jsonl and the final model",
                              aliases=["--out"])
-    trainable: str = option("tail+embeddings", "which parameters train (a kallm.set_trainable policy)",
-                            choices=POLICIES)
+    trainable: str | None = option(None, "which parameters train (a kallm.set_trainable policy); default: "
+                                         "tail+embeddings, or with --lora the adapter alone (a policy then names "
+                                         "the model weights that train besides it)", choices=POLICIES)
     max_steps: int = option(-1, "optimizer steps; -1 trains for --epochs over the data")
     epochs: float = option(1.0, "passes over the data when --max-steps is -1")
     learning_rate: float = option(1e-4, "peak learning rate", aliases=["--lr"])
@@ -91,10 +98,24 @@ class TrainConfig:
     #: other ``TrainingArguments`` fields, passed through: report_to, eval_strategy, optim, torch_compile,
     #: deepspeed, fsdp, push_to_hub, ... (``kallm train --training-args FILE`` or the flags of ``PASS_THROUGH``)
     training_arguments: dict = field(default_factory=dict)
+    lora_rank: int | None = option(None, "train a PEFT LoRA adapter of this rank instead of the model's weights; "
+                                         "--out receives the adapter (see kallm.lora_config)", aliases=["--lora"],
+                                   metavar="RANK")
+    lora_alpha: float = option(16.0, "LoRA scaling numerator: updates are scaled by alpha / rank")
+    lora_dropout: float = option(0.0, "dropout on the adapter's input")
+    lora_targets: str | None = option(None, "layers that take the adapter: KAN layers, attention projections or "
+                                            "both (kallm.lora_targets); default: all on a retrofitted model, "
+                                            "attention on a plain one", choices=LORA_TARGETS)
+    merge: bool = option(False, "with an adapter, also save the model with the adapter merged into it to "
+                                "OUT/merged")
+    degree_stages: list[int] | None = option(None, "train in stages of rising KAN degree (e.g. 1 2 3): max_steps "
+                                                   "split evenly, the KAN layers converted exactly between stages "
+                                                   "(kallm.train.curriculum)", metavar="DEGREE")
 
     def __post_init__(self):
         checks = [
-            (self.trainable in POLICIES, f"trainable must be one of {', '.join(POLICIES)}, got {self.trainable!r}"),
+            (self.trainable is None or self.trainable in POLICIES,
+             f"trainable must be one of {', '.join(POLICIES)}, got {self.trainable!r}"),
             (self.truncation in TRUNCATION, f"truncation must be one of {', '.join(TRUNCATION)}, "
                                             f"got {self.truncation!r}"),
             (self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, "
@@ -117,7 +138,28 @@ class TrainConfig:
              f"early_stopping_patience must be >= 1, got {self.early_stopping_patience}"),
             (self.early_stopping_patience is None or self.eval_data or self.eval_fraction,
              "early stopping compares evaluations: give eval_data or eval_fraction too"),
+            (self.lora_rank is None or (isinstance(self.lora_rank, int) and self.lora_rank >= 1),
+             f"lora_rank must be a positive integer, got {self.lora_rank!r}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.lora_targets is None or self.lora_targets in LORA_TARGETS,
+             f"lora_targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}"),
+            (not self.merge or self.lora_rank is not None, "merge needs an adapter to merge: set lora_rank"),
         ]
+        if self.degree_stages is not None:
+            stages = self.degree_stages
+            checks += [
+                (isinstance(stages, (list, tuple)) and len(stages) >= 1
+                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in stages)
+                 and list(stages) == sorted(set(stages)),
+                 f"degree_stages must be increasing degrees >= 1, such as [1, 2, 3]; got {stages!r}"),
+                (self.max_steps >= len(stages) if isinstance(stages, (list, tuple)) else True,
+                 f"degree_stages needs max_steps (at least one step per stage; they are split evenly), got "
+                 f"{self.max_steps}"),
+                (self.resume in (None, False), "degree_stages cannot resume a run; start it again"),
+                (self.lora_rank is None, "degree_stages changes the KAN layers' shapes, which a LoRA adapter on them "
+                                         "cannot follow; train without lora_rank"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -169,6 +211,10 @@ class TrainResult:
     world_size: int
     metrics_file: str
     log_history: list[dict] = field(default_factory=list)
+    #: with ``merge=True``: the folder of the merged model (output_dir holds the adapter)
+    merged_dir: str | None = None
+    #: with ``degree_stages``: per stage its ``degree``, ``output_dir``, ``global_step`` and ``last_logged_loss``
+    stages: list[dict] = field(default_factory=list)
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -256,11 +302,21 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     un-retrofitted model), the loss mixes in a KL divergence to the teacher's next-token
     distribution (``config.distill_alpha``, ``config.distill_temperature``).
 
+    With ``config.lora_rank``, ``model`` is wrapped in place with a PEFT LoRA adapter
+    (``kallm.lora_config(model, config.lora_targets, ...)``) and only the adapter trains, plus the model
+    weights that ``config.trainable`` names if set; a ``PeftModel`` passed in trains the same way. The
+    adapter is what ``output_dir`` then receives (``kallm.load_adapter`` or ``AutoPeftModelForCausalLM``
+    reload it); ``config.merge`` also merges it into the model and saves that to ``output_dir/merged``.
+
     Checkpoints go to ``output_dir/checkpoint-N`` every ``save_steps``; the final model and
     the tokenizer to ``output_dir`` (``kallm.load_model(output_dir)`` reloads them), the log
     to ``output_dir/metrics.jsonl`` and a summary to ``output_dir/train_result.json``.
     """
     config = config or TrainConfig()
+    if config.degree_stages:
+        from .curriculum import train_in_degree_stages
+
+        return train_in_degree_stages(model, tokenizer, data, config, teacher=teacher, callbacks=callbacks)
     resume = _resume_checkpoint(config)
     if teacher is not None:
         _check_teacher(model, teacher)
@@ -268,7 +324,9 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     evaluates = bool(config.eval_data or config.eval_fraction)
     args = training_arguments(config, evaluates)  # bad TrainingArguments fail before the model changes
-    trainable = set_trainable(model, config.trainable)
+    model = _with_adapter(model, config)
+    policy = config.trainable or (None if isinstance(model, PeftModel) else "tail+embeddings")
+    trainable = set_trainable(model, policy) if policy else count_parameters(model, trainable_only=True)
     if config.packing:
         check_packing_support(model)
 
@@ -298,7 +356,7 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         eval_split=config.eval_split if config.eval_data else config.split, **extra,
     )
     if trainer.is_world_process_zero():
-        logger.info("training %s trainable parameters (%s) on %s", f"{trainable:,}", config.trainable,
+        logger.info("training %s trainable parameters (%s) on %s", f"{trainable:,}", policy or "the adapter",
                     stats.describe())
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache would hide packed sequences
     try:
@@ -312,6 +370,12 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
             trainer.write_model_card(staging)
     else:
         trainer.save_model(config.output_dir)  # takes part in gathering sharded weights; writes nothing
+    merged_dir = None
+    if config.merge:
+        merged_dir = str(Path(config.output_dir) / MERGED_FOLDER)
+        merged = model.merge_and_unload()
+        if trainer.is_world_process_zero():
+            save_checkpoint(merged, tokenizer, merged_dir)
     if args.push_to_hub:
         trainer.push_to_hub()  # the final model, with kallm's card (Trainer pushed checkpoints as it saved them)
 
@@ -322,10 +386,10 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     result = TrainResult(
         output_dir=config.output_dir, metrics=metrics, data=stats.as_dict(), trainable_parameters=trainable,
         global_step=trainer.state.global_step, world_size=args.world_size, metrics_file=str(metrics_file),
-        log_history=list(trainer.state.log_history),
+        log_history=list(trainer.state.log_history), merged_dir=merged_dir,
     )
     if trainer.is_world_process_zero():
-        summary = {**asdict(result), "config": asdict(config)}
+        summary = {**asdict(result), "config": {**asdict(config), "trainable": policy}}
         summary.pop("log_history")
         (Path(config.output_dir) / RESULT_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return result
@@ -339,6 +403,20 @@ def _hold_out(dataset, fraction: float, seed: int):
     held_out = min(max(1, round(len(dataset) * fraction)), len(dataset) - 1)
     split = dataset.train_test_split(test_size=held_out, seed=seed)
     return split["train"], split["test"]
+
+
+def _with_adapter(model, config: TrainConfig):
+    """``model`` wrapped with the LoRA adapter ``config`` asks for (or as it is without ``lora_rank``);
+    every check runs before the model changes."""
+    if config.lora_rank is None:
+        return model
+    if isinstance(model, PeftModel):
+        raise ValueError("the model already carries PEFT adapters; train it without lora_rank (its adapters "
+                         "train), or pass the model without them")
+    targets = config.lora_targets or ("all" if any(map(is_kan_linear, model.modules())) else "attention")
+    adapter = lora_config(model, targets, r=config.lora_rank, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout)
+    return get_peft_model(model, adapter)
 
 
 def _release_from_accelerate(model) -> None:

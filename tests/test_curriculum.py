@@ -1,0 +1,115 @@
+"""Degree curriculum (``TrainConfig.degree_stages``, ``kallm train --degree-stages``): stages of rising KAN degree
+with an exact conversion between them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_train_data import chat_tokenizer
+from test_train_trainer import sums
+from transformers import TrainerCallback
+
+import kallm
+from kallm.train import TrainConfig, train
+from kallm.train.cli import add_arguments, config_from_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKENS = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(TOKENS).logits
+
+
+class LogitsAtEachStart(TrainerCallback):
+    def __init__(self):
+        self.starts = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        was_training = model.training
+        self.starts.append(logits(model))
+        model.train(was_training)
+
+
+def config(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "run"), max_steps=7, batch_size=4, learning_rate=3e-3, warmup=0,
+                    logging_steps=1, save_steps=100, progress_bar=False, degree_stages=[1, 2, 3])
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_stages_raise_the_degree_with_exact_conversions_and_save_the_final_model(tmp_path):
+    model = kallm.retrofit(tiny_model("llama"), last_n=2, degree=1)
+    tokenizer, starts = chat_tokenizer(), LogitsAtEachStart()
+    result = train(model, tokenizer, sums(16), config(tmp_path), callbacks=[starts])
+
+    assert [(s["degree"], s["global_step"]) for s in result.stages] == [(1, 2), (2, 2), (3, 3)]
+    assert result.global_step == 7 and model.config.kan_config["degree"] == 3
+    # each stage starts from the model the previous one saved, moved to the next degree without changing its outputs
+    for stage, start in zip(result.stages[:-1], starts.starts[1:]):
+        previous, _ = kallm.load_model(stage["output_dir"])
+        torch.testing.assert_close(start, logits(previous), rtol=1e-4, atol=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["degree"]) for r in records if "loss" in r]
+    assert losses == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3), (7, 3)]
+    final, _ = kallm.load_model(str(tmp_path / "run"))
+    assert final.config.kan_config["degree"] == 3
+    torch.testing.assert_close(logits(final), logits(model), rtol=0, atol=0)
+    summary = json.loads((tmp_path / "run" / "train_result.json").read_text())
+    assert summary["config"]["degree_stages"] == [1, 2, 3] and len(summary["stages"]) == 3
+
+
+def test_the_command_line_takes_degree_stages():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--data", "d", "--degree-stages", "1", "2", "--max-steps", "4"])
+    assert config_from_args(args).degree_stages == [1, 2]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(degree_stages=[2, 1]), "degree_stages must be increasing degrees >= 1"),
+    (dict(degree_stages=[0, 1]), "degree_stages must be increasing degrees >= 1"),
+    (dict(max_steps=-1), "degree_stages needs max_steps"),
+    (dict(resume=True), "degree_stages cannot resume"),
+    (dict(lora_rank=2), "train without lora_rank"),
+])
+def test_bad_settings_are_refused_when_the_config_is_made(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, **settings)
+
+
+def test_models_whose_stages_cannot_convert_exactly_are_refused_before_training(tmp_path):
+    tokenizer = chat_tokenizer()
+    cases = [
+        (tiny_model("llama"), "needs a retrofitted model with KAN layers"),
+        (kallm.retrofit(tiny_model("llama"), last_n=1, degree=2), r"must start at the model's degree \(2\)"),
+        (kallm.retrofit(tiny_model("llama"), last_n=1, basis="rbf", degree=1), "needs exact conversions"),
+    ]
+    for model, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train(model, tokenizer, sums(8), config(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_curriculum_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from kallm.saving import save_checkpoint
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_curriculum", Path(__file__).resolve().parent.parent / "scripts" / "bench_curriculum.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    save_checkpoint(tiny_model("llama"), chat_tokenizer(), tmp_path / "base")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in sums(8)))
+    assert bench.main(["--model", str(tmp_path / "base"), "--train-data", str(data), "--eval-data", str(data),
+                       "--stages", "1", "2", "--steps", "2", "--last-n", "1", "--max-length", "96"]) == 0
+    table = capsys.readouterr().out
+    assert "| curriculum 1 -> 2 |" in table and "| degree 2 from the start |" in table

@@ -1,0 +1,150 @@
+"""Delta checkpoints: ``kallm.save_delta`` keeps only what changed, ``kallm.load_delta`` rebuilds the model
+exactly on the base it was made from and refuses any other."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_train_data import chat_tokenizer
+
+import kallm
+from kallm.delta import DELTA_WEIGHTS, base_weights_hash
+from kallm.loading import DELTA_MANIFEST
+from kallm.saving import save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def retrofitted_and_trained(base):
+    """A copy of ``base`` retrofitted in blocks 1 and 2, its final norm changed as training would."""
+    model = kallm.retrofit(copy.deepcopy(base), layers=[1, 2])
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    return model
+
+
+def test_a_delta_holds_only_what_changed_and_rebuilds_the_model_exactly(tmp_path):
+    base = tiny_model("llama")
+    model = retrofitted_and_trained(base)
+    manifest = kallm.save_delta(model, tmp_path / "delta", base=base)
+
+    kan = [name for name in model.state_dict() if ".mlp.layers." in name]
+    assert manifest["changed_tensors"] == sorted([*kan, "model.norm.weight"])
+    assert manifest["dropped_tensors"] == sorted(f"model.layers.{b}.mlp.{p}_proj.weight"
+                                                 for b in (1, 2) for p in ("gate", "up", "down"))
+    assert manifest["base_sha256"] == base_weights_hash(base)
+    save_checkpoint(model, None, tmp_path / "full")
+    delta_size = (tmp_path / "delta" / DELTA_WEIGHTS).stat().st_size
+    assert delta_size < 0.3 * (tmp_path / "full" / "model.safetensors").stat().st_size
+
+    loaded, tokenizer = kallm.load_delta(tmp_path / "delta", base=base)
+    assert type(loaded) is type(model) and tokenizer is None
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert loaded.config.kan_config == model.config.kan_config
+    torch.testing.assert_close(logits(base), logits(tiny_model("llama")), rtol=0, atol=0)  # the base is untouched
+
+
+def test_the_recorded_base_loads_by_name_with_the_tokenizer(tmp_path):
+    base, tokenizer = tiny_model("gpt2"), chat_tokenizer()
+    save_checkpoint(base, tokenizer, tmp_path / "base")
+    model = kallm.retrofit(copy.deepcopy(base), last_n=1)
+    manifest = kallm.save_delta(model, tmp_path / "delta", base=str(tmp_path / "base"), tokenizer=tokenizer)
+    assert manifest["base_model"] == str(tmp_path / "base")
+    loaded, loaded_tokenizer = kallm.load_delta(tmp_path / "delta")
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
+def test_another_base_is_refused_with_both_hashes(tmp_path):
+    base = tiny_model("llama")
+    kallm.save_delta(retrofitted_and_trained(base), tmp_path / "delta", base=base)
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match=r"does not match the delta in .*hash to [0-9a-f]{16}\.\.\., the delta was "
+                                         r"made from weights hashing to [0-9a-f]{16}"):
+        kallm.load_delta(tmp_path / "delta", base=other)
+    with torch.no_grad():
+        changed = copy.deepcopy(base)
+        changed.model.layers[0].self_attn.q_proj.weight[0, 0] += 1e-6  # one weight of a block the delta never saw
+    with pytest.raises(ValueError, match="does not match the delta"):
+        kallm.load_delta(tmp_path / "delta", base=changed)
+
+
+def test_a_missing_base_or_manifest_is_a_clear_error(tmp_path):
+    base, tokenizer = tiny_model("llama"), chat_tokenizer()
+    save_checkpoint(base, tokenizer, tmp_path / "base")
+    kallm.save_delta(retrofitted_and_trained(base), tmp_path / "delta", base=str(tmp_path / "base"))
+    (tmp_path / "base" / "model.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(FileNotFoundError, match="base model of the delta in .* cannot be loaded .*pass base="):
+        kallm.load_delta(tmp_path / "delta")
+    with pytest.raises(FileNotFoundError, match="is no delta checkpoint: it has no kallm_delta.json"):
+        kallm.load_delta(tmp_path / "base")
+    with pytest.raises(ValueError, match=r"holds a delta checkpoint .*kallm.load_delta"):
+        kallm.load_model(str(tmp_path / "delta"))
+
+
+def test_bad_input_is_refused_before_the_folder_changes(tmp_path):
+    base = tiny_model("llama")
+    model = retrofitted_and_trained(base)
+    kallm.save_delta(model, tmp_path / "delta", base=base)
+    before = {path.name: path.read_bytes() for path in (tmp_path / "delta").iterdir()}
+    with pytest.raises(ValueError, match="none of the model's weight matrices equals the base's"):
+        kallm.save_delta(model, tmp_path / "delta", base=tiny_model("llama", seed=1))
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(model, kallm.lora_config(model, "kan", r=2))
+    with pytest.raises(TypeError, match=r"without PEFT adapters: merge them first"):
+        kallm.save_delta(wrapped, tmp_path / "delta", base=base)
+    with pytest.raises(TypeError, match="base must be a model or a name"):
+        kallm.save_delta(model, tmp_path / "delta", base=3)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "delta").iterdir()} == before
+
+
+def test_a_delta_and_a_full_checkpoint_replace_each_other_in_a_folder(tmp_path):
+    base = tiny_model("llama")
+    model = retrofitted_and_trained(base)
+    save_checkpoint(model, None, tmp_path / "out")
+    kallm.save_delta(model, tmp_path / "out", base=base)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "out" / DELTA_MANIFEST).read_text())["format"] == 1
+    save_checkpoint(model, chat_tokenizer(), tmp_path / "out")
+    assert not (tmp_path / "out" / DELTA_MANIFEST).exists() and not (tmp_path / "out" / DELTA_WEIGHTS).exists()
+    torch.testing.assert_close(logits(kallm.load_model(str(tmp_path / "out"))[0]), logits(model), rtol=0, atol=0)
+
+
+def test_tied_embeddings_that_trained_are_stored_once_and_stay_tied(tmp_path):
+    base = tiny_model("llama")  # tie_word_embeddings=True
+    model = retrofitted_and_trained(base)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(0.01)
+    manifest = kallm.save_delta(model, tmp_path / "delta", base=base)
+    assert manifest["tied_tensors"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert "lm_head.weight" not in manifest["changed_tensors"]
+    loaded, _ = kallm.load_delta(tmp_path / "delta", base=base)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_the_size_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_delta", Path(__file__).resolve().parent.parent / "scripts" / "bench_delta.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    save_checkpoint(tiny_model("llama"), chat_tokenizer(), tmp_path / "base")
+    assert bench.main(["--model", str(tmp_path / "base"), "--last-n", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| retrofitted |" in table and "| trained (tail+embeddings) |" in table and table.count("| 0 |") == 2
