@@ -188,8 +188,19 @@ def kan_linear(x, weight, bias, scale, shift, basis: Basis, basis_params=()):
     When no gradient can flow (under ``torch.no_grad``/``inference_mode``, or nothing requires one) it runs
     ``_kan_linear_inference``, the same computation without the autograd function around it."""
     if _needs_autograd(x, weight, bias, scale, shift, basis_params):
+        if _is_quantized(weight):
+            raise RuntimeError(
+                f"this KAN layer's weight is quantized ({type(weight).__name__}), which serves inference only: run "
+                f"it under torch.no_grad() or torch.inference_mode(), with inputs that do not require gradients"
+            )
         return KANLinearFunction.apply(x, weight, bias, scale, shift, basis, *basis_params)
     return _kan_linear_inference(x, weight, bias, scale, shift, basis, basis_params)
+
+
+def _is_quantized(weight):
+    """Whether ``weight`` is a tensor subclass such as torchao's quantized weights (a Parameter of one reports
+    the subclass as its type), which implement ``F.linear`` but not the ops of the fused multiply."""
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter)
 
 
 def _needs_autograd(*tensors):
@@ -223,10 +234,12 @@ def _inference_forward(x, weight, bias, scale, shift, basis, basis_params, compu
     features, _ = _features(basis, t, params)
     if features.dtype != compute_dtype:
         features = features.to(compute_dtype)
-    if weight.dtype != compute_dtype:
-        weight = weight.to(compute_dtype)
     if bias is not None and bias.dtype != compute_dtype:
         bias = bias.to(compute_dtype)
+    if _is_quantized(weight):
+        return torch.nn.functional.linear(features, weight, bias)
+    if weight.dtype != compute_dtype:
+        weight = weight.to(compute_dtype)
     if features.shape[0] == 1:  # a single output row has no row stride to align
         return features @ weight.t() if bias is None else torch.addmm(bias, features, weight.t())
     return _matmul(features, weight.t(), bias).contiguous()
