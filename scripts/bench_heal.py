@@ -54,9 +54,15 @@ def parse(argv=None):
     parser.add_argument("--last-n", type=int, default=5)
     parser.add_argument("--trainable", default="retrofitted", help="kallm.heal's trainable policy")
     parser.add_argument("--lr", type=float, default=None, help="kallm.heal's learning rate (default: its own)")
+    parser.add_argument("--heal-option", action="append", default=[], metavar="FIELD=VALUE",
+                        help="any other kallm.HealConfig field for the heal arms, e.g. local_fraction=0.5 (repeatable)")
     parser.add_argument("--bbh-limit", type=int, default=12, help="examples per BBH task")
     parser.add_argument("--chat-limit", type=int, default=48, help="HH-RLHF conversations for the chat loss")
+    parser.add_argument("--retrofit-option", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a kallm.retrofit keyword for the KAN arms, e.g. intermediate_size=1148 (repeatable)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-blocks", action="store_true",
+                        help="skip the per-block errors of the kan-fit+heal arm (saves a few minutes)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench_heal"), help="folder for per-arm results")
     parser.add_argument("--output", default=str(ROOT / "docs" / "bench_heal"), help="writes .json, .md and .png")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -112,8 +118,9 @@ def run_arm(args, arm: str) -> dict:
         texts = [rest, paths["shakespeare"].read_text(encoding="utf-8")]
         texts += [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
                   for line in paths["oasst"].read_text(encoding="utf-8").splitlines() if line.strip()]
-        before = block_errors(student, teacher, tokenizer, scored) if arm == "kan-fit+heal" else None
-        options = {"learning_rate": args.lr} if args.lr else {}
+        before = block_errors(student, teacher, tokenizer, scored) \
+            if arm == "kan-fit+heal" and not args.no_blocks else None
+        options = heal_options(args)
         trainable = "tail" if arm.endswith("-tail") else args.trainable
         report = kallm.heal(student, teacher, tokenizer, data=texts, minutes=args.minutes, trainable=trainable,
                             callbacks=[evaluator.heal_callback], progress_bar=False, **options)
@@ -130,20 +137,41 @@ def run_arm(args, arm: str) -> dict:
     return finish(result, student, teacher, tokenizer, args, paths)
 
 
+def heal_options(args) -> dict:
+    """``--lr`` and the ``--heal-option`` pairs."""
+    return {**({"learning_rate": args.lr} if args.lr else {}), **field_values(args.heal_option)}
+
+
+def field_values(pairs: list[str]) -> dict:
+    """``FIELD=VALUE`` pairs as a dict, each value read as a Python literal where it is one."""
+    import ast
+
+    values = {}
+    for pair in pairs:
+        field, _, value = pair.partition("=")
+        try:
+            values[field.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            values[field.strip()] = value.strip()
+    return values
+
+
 def build_student(arm, teacher, tokenizer, args):
     import kallm
 
     model = copy.deepcopy(teacher)
+    options = field_values(args.retrofit_option)
     if arm.startswith("kan-fit"):
-        saved = Path(args.work) / "kan-fit-init"
+        suffix = "".join(f"-{k}={v}" for k, v in sorted(options.items()))
+        saved = Path(args.work) / f"kan-fit-init{suffix}"
         if (saved / "config.json").is_file():  # the fit is deterministic: both fit arms share one
             return kallm.load_model(str(saved))[0].eval()
-        kallm.retrofit(model, last_n=args.last_n, init="fit", tokenizer=tokenizer)
+        kallm.retrofit(model, last_n=args.last_n, init="fit", tokenizer=tokenizer, **options)
         model.save_pretrained(saved)
         tokenizer.save_pretrained(saved)
         return model
     if arm.startswith("kan-random"):
-        return kallm.retrofit(model, last_n=args.last_n)
+        return kallm.retrofit(model, last_n=args.last_n, **options)
     return kallm.retrofit(model, last_n=args.last_n, kind="linear")
 
 

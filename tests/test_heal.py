@@ -85,6 +85,31 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_full_forwards(family):
     assert all("forward" not in block.__dict__ for block in blocks)  # the stand-ins are gone
 
 
+@pytest.mark.parametrize("temperature, ce_weight", [(1.0, 0.0), (2.0, 0.0), (1.0, 0.3), (2.0, 0.5)])
+def test_distillation_loss_equals_the_textbook_formula_on_real_tokens(temperature, ce_weight):
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 7, 11, generator=generator, requires_grad=True)
+    teacher = torch.randn(2, 7, 11, generator=generator)
+    ids = torch.randint(11, (2, 7), generator=generator)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    real, targets = mask.bool(), (mask[:, 1:] * mask[:, :-1]).bool()
+    t = temperature
+    kl = torch.nn.functional.kl_div(torch.log_softmax(student[real] / t, -1), torch.log_softmax(teacher[real] / t, -1),
+                                    log_target=True, reduction="batchmean") * t * t
+    ce = torch.nn.functional.cross_entropy(student[:, :-1][targets], ids[:, 1:][targets])
+    (expected_grad,) = torch.autograd.grad(kl + ce_weight * ce, student)
+
+    loss, logged_kl, logged_ce = distillation_loss(student, teacher, ids, mask, t, ce_weight)
+    (grad,) = torch.autograd.grad(loss, student)
+
+    assert logged_kl == pytest.approx(float(kl), rel=1e-5)
+    assert logged_ce == pytest.approx(float(ce), rel=1e-5)
+    assert torch.allclose(loss, kl + ce_weight * ce, rtol=1e-5)
+    assert torch.allclose(grad, expected_grad, atol=1e-7, rtol=1e-4)
+    assert not grad[1, 4:].any(), "padded positions must get no gradient"
+
+
 def test_heal_moves_the_student_towards_the_teacher_and_writes_its_outputs(tmp_path):
     student, teacher = pair(init="random")
     before = snapshot(student)

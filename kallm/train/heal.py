@@ -419,16 +419,26 @@ def shared_prefix_logits(student, teacher, blocks_path: str, first: int, inputs:
 def distillation_loss(student_logits, teacher_logits, input_ids, attention_mask, temperature: float = 1.0,
                       ce_weight: float = 0.0) -> tuple[torch.Tensor, float, float]:
     """``(loss, kl, ce)``: per-token mean KL(teacher_T || student_T) * T^2 over real tokens, plus
-    ``ce_weight`` times the next-token cross-entropy."""
-    mask = attention_mask.bool()
-    student = student_logits[mask].float()
-    teacher = teacher_logits[mask].float()
+    ``ce_weight`` times the next-token cross-entropy.
+
+    The logits are (batch, length, vocabulary), so every pass over them costs as much as the LM head:
+    each log-softmax is taken once, on the whole padded batch (no masked copies), and the
+    cross-entropy, when it only is logged, reuses the student's log-probabilities at T = 1.
+    """
     t = temperature
-    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
-                  reduction="batchmean") * (t * t)
-    target_mask = mask[:, 1:] & mask[:, :-1]
-    ce = F.cross_entropy(student_logits[:, :-1][target_mask].float(), input_ids[:, 1:][target_mask]) \
-        if target_mask.any() else kl.new_zeros(())
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    student_logp = F.log_softmax(student_logits / t if t != 1 else student_logits, -1)
+    with torch.no_grad():
+        teacher_logp = F.log_softmax(teacher_logits / t if t != 1 else teacher_logits, -1)
+    real = attention_mask.float()
+    per_token = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    kl = (per_token * real).sum() / real.sum().clamp_min(1) * (t * t)
+    targets = real[:, 1:] * real[:, :-1]
+    # Without ce_weight the cross-entropy is only logged: no graph, and at T = 1 no second log-softmax.
+    with contextlib.nullcontext() if ce_weight else torch.no_grad():
+        next_logp = student_logp[:, :-1] if t == 1 else F.log_softmax(student_logits[:, :-1], -1)
+        nll = -next_logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    ce = (nll * targets).sum() / targets.sum().clamp_min(1)
     loss = kl + ce_weight * ce if ce_weight else kl
     return loss, float(kl.detach()), float(ce.detach())
 
