@@ -13,8 +13,24 @@ duplicates of one storage and copies of weights, which do not grow with N, are n
 counted) and, on CUDA, the peak memory of one step above what was allocated before it.
 fp32 on CPU, at each ``--threads`` count; fp32 and bf16 on CUDA as well.
 
+``--device cuda`` measures the GPU rows instead (bf16, hidden 576 and 2048, N = 4k, 16k and 64k tokens by
+default), with the KAN feedforward at half the MLP's parameters in four forms:
+
+- ``kan_fused``: the Triton kernels of ``kallm/core/triton_kan.py`` (what a CUDA tensor gets);
+- ``kan_plain``: the plain op (``KANLinearFunction``), which writes the feature matrix;
+- ``kan_compiled``: ``torch.compile`` (inductor) of the plain op;
+- against ``llama_mlp`` and ``gemm``, two bias-free ``nn.Linear`` ``hidden -> K*h -> hidden`` with the
+  KAN feedforward's FLOPs.
+
+Each row gives forward+backward time, the ratio to ``llama_mlp``, the ratio to ``gemm``, the peak memory of
+a step above what was allocated before it, and the achieved bandwidth: the bytes the layers' matrix
+multiplies must move at least over the time (per layer: forward reads the input and writes the output,
+backward reads the output grad twice and the input once and writes the input grad; weights are read twice
+and their grads written once), the same count for every arm.
+
     python scripts/bench_layers.py                      # full run, writes docs/bench_layers.{json,md}
     python scripts/bench_layers.py --tokens 512 --repeats 5 --json '' --markdown ''   # quick look
+    python scripts/bench_layers.py --device cuda        # GPU rows, writes docs/bench_layers_gpu.{json,md}
 """
 
 from __future__ import annotations
@@ -31,11 +47,15 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from kallm.core import kan_function
 from kallm.core.layers import KANFeedForward, intermediate_size_for_budget
 from kallm.reference import ReferenceKANFeedForward
 
 HIDDEN, MLP_INTERMEDIATE = 576, 1536
+#: GPU rows: hidden size -> the intermediate size of the Llama MLP it is compared with (SmolLM2-135M, Llama-3.2-1B)
+GPU_SIZES = {576: 1536, 2048: 8192}
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JSON, DEFAULT_MARKDOWN = str(ROOT / "docs" / "bench_layers.json"), str(ROOT / "docs" / "bench_layers.md")
 
 
 def build_models(basis: str, degree: int):
@@ -175,9 +195,142 @@ def markdown(rows, h) -> str:
     return "\n".join(lines) + "\n"
 
 
+class PlainOp(torch.nn.Module):
+    """Runs ``model`` with the plain KAN op, the fused kernels switched off."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        previous = kan_function.FUSED_DEVICE_TYPES
+        kan_function.FUSED_DEVICE_TYPES = ()
+        try:
+            return self.model(x)
+        finally:
+            kan_function.FUSED_DEVICE_TYPES = previous
+
+
+def gpu_models(hidden: int, basis: str, degree: int, dtype):
+    """The arms of the GPU rows at one hidden size, and the (in, out) shapes of each arm's matrix multiplies."""
+    intermediate = GPU_SIZES[hidden]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu")
+    mlp = LlamaMLP(config)
+    h = intermediate_size_for_budget(hidden, sum(p.numel() for p in mlp.parameters()) // 2, basis, degree)
+    kan = KANFeedForward(hidden, h, basis, degree)
+    width = kan.layers[0].basis.num_features
+    gemm = torch.nn.Sequential(torch.nn.Linear(hidden, width * h, bias=False),
+                               torch.nn.Linear(width * h, hidden, bias=False))
+    kan, mlp, gemm = (m.to(device="cuda", dtype=dtype) for m in (kan, mlp, gemm))
+    plain = PlainOp(kan)
+    kan_shapes = [(hidden, h, width * hidden * h), (h, hidden, width * h * hidden)]
+    models = {
+        "kan_fused": (kan, kan_shapes),
+        "kan_plain": (plain, kan_shapes),
+        # compiled inside PlainOp, so that the compiled code is traced and always run with the plain op
+        "kan_compiled": (PlainOp(torch.compile(kan)), kan_shapes),
+        "llama_mlp": (mlp, [(hidden, intermediate, hidden * intermediate)] * 2
+                      + [(intermediate, hidden, hidden * intermediate)]),
+        "gemm": (gemm, [(hidden, width * h, width * hidden * h), (width * h, hidden, width * h * hidden)]),
+    }
+    return h, models
+
+
+def gemm_traffic_bytes(shapes, tokens: int, element_size: int) -> int:
+    """The bytes a forward+backward of these matrix multiplies must move at least (see the module docstring)."""
+    return element_size * sum(3 * tokens * (n_in + n_out) + 3 * weights for n_in, n_out, weights in shapes)
+
+
+def measure_gpu(models, hidden, tokens, dtype, repeats, warmup):
+    sync = torch.cuda.synchronize
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    names = list(models)
+    for _ in range(warmup):  # also compiles and autotunes
+        for name in names:
+            step(models[name][0], x, grad)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(timed_step(models[name][0], x, grad, sync))
+    rows = []
+    for name in names:
+        model, shapes = models[name]
+        seconds = statistics.median(times[name])
+        rows.append({
+            "device": "cuda", "dtype": str(dtype).removeprefix("torch."), "hidden": hidden, "tokens": tokens,
+            "model": name, "parameters": sum(p.numel() for p in model.parameters()),
+            "fwd_bwd_ms": 1e3 * seconds,
+            "ratio_vs_llama_mlp": statistics.median(a / b for a, b in zip(times[name], times["llama_mlp"])),
+            "ratio_vs_gemm": statistics.median(a / b for a, b in zip(times[name], times["gemm"])),
+            "peak_memory_bytes": peak_memory(model, x, grad, x.device),
+            "achieved_gb_per_s": gemm_traffic_bytes(shapes, tokens, x.element_size()) / seconds / 1e9,
+        })
+    return rows
+
+
+def gpu_markdown(rows) -> str:
+    lines = [
+        "| hidden | N | model | params | fwd+bwd ms | x LlamaMLP | x GEMM | peak MiB | GB/s |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['hidden']} | {r['tokens']} | {r['model']} | {r['parameters']:,} | {r['fwd_bwd_ms']:.2f} | "
+            f"{r['ratio_vs_llama_mlp']:.2f} | {r['ratio_vs_gemm']:.2f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{r['achieved_gb_per_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def gpu_main(args) -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU; torch.cuda.is_available() is False on this machine")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    rows = []
+    for hidden in args.hidden:
+        torch.manual_seed(0)
+        h, models = gpu_models(hidden, args.basis, args.degree, dtype)
+        for tokens in args.tokens:
+            new_rows = measure_gpu(models, hidden, tokens, dtype, args.repeats, args.warmup)
+            for row in new_rows:
+                row["kan_intermediate_size"] = h
+            rows += new_rows
+            print(gpu_markdown(new_rows), flush=True)
+    table = gpu_markdown(rows)
+    print(table)
+    report = {
+        "basis": args.basis, "degree": args.degree, "dtype": args.dtype, "repeats": args.repeats,
+        "warmup": args.warmup, "mlp_intermediate_sizes": GPU_SIZES,
+        "environment": {"torch": torch.__version__, "cuda": torch.cuda.get_device_name(),
+                        "triton": _triton_version()},
+        "rows": rows,
+    }
+    json_path = args.json if args.json != DEFAULT_JSON else str(ROOT / "docs" / "bench_layers_gpu.json")
+    markdown_path = args.markdown if args.markdown != DEFAULT_MARKDOWN else str(ROOT / "docs" / "bench_layers_gpu.md")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if markdown_path:
+        Path(markdown_path).write_text(table)
+    return 0
+
+
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: the CPU rows (and fp32/bf16 CUDA rows where a GPU exists); cuda: the GPU rows")
+    parser.add_argument("--tokens", type=int, nargs="+", help="default: 512 2048 8192 (cpu), 4096 16384 65536 (cuda)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=list(GPU_SIZES), choices=list(GPU_SIZES),
+                        help="hidden sizes of the GPU rows")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the GPU rows")
     parser.add_argument("--decode-tokens", type=int, nargs="*", default=[1, 8, 64],
                         help="token counts of the decoding rows (forward only, no grad)")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per model and token count")
@@ -186,9 +339,14 @@ def main(argv=None) -> int:
     parser.add_argument("--degree", type=int, default=2)
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                         help="CPU thread counts to measure (default: torch's choice)")
-    parser.add_argument("--json", default=str(ROOT / "docs" / "bench_layers.json"), help="'' to skip")
-    parser.add_argument("--markdown", default=str(ROOT / "docs" / "bench_layers.md"), help="'' to skip")
+    parser.add_argument("--json", default=DEFAULT_JSON, help="'' to skip (--device cuda: docs/bench_layers_gpu.json)")
+    parser.add_argument("--markdown", default=DEFAULT_MARKDOWN,
+                        help="'' to skip (--device cuda: docs/bench_layers_gpu.md)")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        args.tokens = args.tokens or [4096, 16384, 65536]
+        return gpu_main(args)
+    args.tokens = args.tokens or [512, 2048, 8192]
 
     settings = [(torch.device("cpu"), torch.float32, threads) for threads in args.threads]
     if torch.cuda.is_available():

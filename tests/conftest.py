@@ -8,9 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
-import kallm
+if not torch.cuda.is_available():
+    # Without a GPU, Triton (when installed) runs kallm's fused kernels on CPU tensors in its interpreter
+    # (tests/test_triton_kan.py). Triton reads this when it is first imported, which transformers may do.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
+
+import kallm  # noqa: E402
 
 _COMMON = dict(vocab_size=128, num_hidden_layers=3, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tiny_tokenizer, tiny_model
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -80,6 +81,21 @@ def test_bench_layers_writes_its_table(tmp_path):
         (n, m) for n in (1, 8) for m in ("kan", "llama_mlp", "textbook")]
     assert all(r["forward_us"] > 0 for r in report["decode_rows"])
     assert "| cpu | 1 | float32 | 8 | kan |" in out_md.read_text()
+
+
+def test_bench_layers_gpu_rows_count_the_gemm_traffic_and_need_a_gpu(monkeypatch):
+    bench = load_script("bench_layers")
+    # one 10 -> 20 layer with 400 weights at 2 bytes: 3 * N * (in + out) activations, 3 * weights
+    assert bench.gemm_traffic_bytes([(10, 20, 400)], tokens=100, element_size=2) == 2 * (3 * 100 * 30 + 3 * 400)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda needs a CUDA GPU"):
+        bench.main(["--device", "cuda", "--json", "", "--markdown", ""])
+
+
+def test_gpu_train_step_needs_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        load_script("gpu_train_step").main([])
 
 
 def test_bench_convert_measures_exact_and_lossy_conversions():

@@ -26,6 +26,8 @@ Part of kallm's portable core: plain torch, sibling imports only.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .bases import Basis
@@ -182,11 +184,40 @@ def _autograd_recompute(basis, t, basis_params, grad_blocks, need_t, needs_param
     return features, grad_t, param_grads
 
 
+#: devices whose tensors take the Triton kernels of ``triton_kan.py`` when Triton is importable and the
+#: basis has a kernel (kallm's tests add "cpu" to run them under Triton's interpreter).
+FUSED_DEVICE_TYPES = ("cuda",)
+#: the ``triton_kan`` module once looked for: ``[module]``, or ``[None]`` where it cannot be imported
+_triton_kernels = []
+
+
+# torch.compile runs this while tracing and keeps the answer, rather than tracing an import.
+@torch.compiler.assume_constant_result
+def _have_fused_kernels() -> bool:
+    """Whether ``triton_kan`` imports: not where Triton is missing, nor in the copy of the core saved next to
+    a checkpoint (which does not ship it). Imported on first use so that the core never needs Triton."""
+    if not _triton_kernels:
+        try:
+            # Not a ``from .`` import: the code saved next to a checkpoint would then have to ship it.
+            _triton_kernels.append(importlib.import_module(".triton_kan", __package__))
+        except ImportError:
+            _triton_kernels.append(None)
+    return _triton_kernels[0] is not None
+
+
 def kan_linear(x, weight, bias, scale, shift, basis: Basis, basis_params=()):
     """Functional form of the fused op; ``x`` is ``(N, in)`` (flatten leading dims first).
 
-    When no gradient can flow (under ``torch.no_grad``/``inference_mode``, or nothing requires one) it runs
-    ``_kan_linear_inference``, the same computation without the autograd function around it."""
+    On a GPU with Triton installed, the recurrence bases (cheby1, cheby2, legendre, ...) run the
+    kernels of ``triton_kan.py``, which never write the feature matrix. Elsewhere, when no gradient can flow
+    (under ``torch.no_grad``/``inference_mode``, or nothing requires one) it runs ``_kan_linear_inference``, the
+    same computation without the autograd function around it; else ``KANLinearFunction``.
+    """
+    if x.device.type in FUSED_DEVICE_TYPES and not _is_quantized(weight) and _have_fused_kernels():
+        kernels = _triton_kernels[0]
+        recurrence = kernels.kernel_recurrence(basis, basis_params)
+        if recurrence is not None:
+            return kernels.fused_kan_linear(x, weight, bias, scale, shift, recurrence)
     if _needs_autograd(x, weight, bias, scale, shift, basis_params):
         if _is_quantized(weight):
             raise RuntimeError(
