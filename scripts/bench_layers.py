@@ -139,6 +139,45 @@ def measure(models, tokens, dtype, device, repeats, warmup):
     return rows
 
 
+def measure_decode(models, tokens, dtype, device, repeats, calls=50):
+    """Forward time under ``torch.inference_mode`` at a decoding batch (``tokens`` rows): the median over
+    interleaved rounds of the mean over ``calls`` calls, and the median per-round ratio to the LlamaMLP."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x = torch.randn(1, tokens, HIDDEN, device=device, dtype=dtype)
+    names = list(models)
+    times = {name: [] for name in names}
+    with torch.inference_mode():
+        for name in names:
+            for _ in range(5):
+                models[name](x)
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    models[name](x)
+                sync()
+                times[name].append((time.perf_counter() - start) / calls)
+    return [{
+        "device": device.type, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "model": name,
+        "forward_us": 1e6 * statistics.median(times[name]),
+        "ratio_vs_llama_mlp": statistics.median(a / b for a, b in zip(times[name], times["llama_mlp"])),
+    } for name in names]
+
+
+def decode_markdown(rows) -> str:
+    lines = [
+        "Decoding (forward only, torch.inference_mode; N = tokens per call):",
+        "",
+        "| device | threads | dtype | N | model | forward us | x LlamaMLP |",
+        "|---|---:|---|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['device']} | {r['threads'] or '-'} | {r['dtype']} | {r['tokens']} | {r['model']} | "
+                     f"{r['forward_us']:.1f} | {r['ratio_vs_llama_mlp']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, h) -> str:
     lines = [
         f"hidden 576; KAN intermediate h = {h}; saved-bytes target for the KAN FF in fp32: 4*(576+h) = "
@@ -292,6 +331,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, nargs="+", default=list(GPU_SIZES), choices=list(GPU_SIZES),
                         help="hidden sizes of the GPU rows")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the GPU rows")
+    parser.add_argument("--decode-tokens", type=int, nargs="*", default=[1, 8, 64],
+                        help="token counts of the decoding rows (forward only, no grad)")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per model and token count")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--basis", default="cheby2")
@@ -311,7 +352,7 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         settings += [(torch.device("cuda"), dtype, args.threads[0]) for dtype in (torch.float32, torch.bfloat16)]
     load_before = os.getloadavg()
-    rows = []
+    rows, decode_rows = [], []
     for device, dtype, threads in settings:
         torch.set_num_threads(threads)
         torch.manual_seed(0)
@@ -323,8 +364,14 @@ def main(argv=None) -> int:
                 row["threads"] = threads if device.type == "cpu" else None
             rows += new_rows
             print(markdown(new_rows, h), flush=True)
+        for tokens in args.decode_tokens:
+            new_rows = measure_decode(models, tokens, dtype, device, args.repeats)
+            for row in new_rows:
+                row["threads"] = threads if device.type == "cpu" else None
+            decode_rows += new_rows
+            print(decode_markdown(new_rows), flush=True)
 
-    table = markdown(rows, h)
+    table = markdown(rows, h) + ("\n" + decode_markdown(decode_rows) if decode_rows else "")
     print(table)
     report = {
         "hidden_size": HIDDEN, "mlp_intermediate_size": MLP_INTERMEDIATE, "kan_intermediate_size": h,
@@ -337,6 +384,7 @@ def main(argv=None) -> int:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
         "rows": rows,
+        "decode_rows": decode_rows,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

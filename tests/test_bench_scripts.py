@@ -73,10 +73,14 @@ def test_bench_fit_init_per_block_table(tmp_path):
 
 def test_bench_layers_writes_its_table(tmp_path):
     out_json, out_md = tmp_path / "layers.json", tmp_path / "layers.md"
-    code = load_script("bench_layers").main(["--tokens", "64", "--repeats", "1", "--warmup", "0", "--threads", "1",
+    code = load_script("bench_layers").main(["--tokens", "64", "--decode-tokens", "1", "8", "--repeats", "1", "--warmup", "0", "--threads", "1",
                                               "--json", str(out_json), "--markdown", str(out_md)])
     assert code in (0, None)
-    assert json.loads(out_json.read_text()) and "|" in out_md.read_text()
+    report = json.loads(out_json.read_text())
+    assert [(r["tokens"], r["model"]) for r in report["decode_rows"]] == [
+        (n, m) for n in (1, 8) for m in ("kan", "llama_mlp", "textbook")]
+    assert all(r["forward_us"] > 0 for r in report["decode_rows"])
+    assert "| cpu | 1 | float32 | 8 | kan |" in out_md.read_text()
 
 
 def test_bench_layers_gpu_rows_count_the_gemm_traffic_and_need_a_gpu(monkeypatch):
@@ -166,3 +170,20 @@ def test_bench_mini_model_compares_full_and_mini_models(tmp_path):
     assert trimmed["train_bits_per_character"] <= blocks["train_bits_per_character"] + 1e-6
     assert all(torch.isfinite(torch.tensor(row["seconds_per_step"])) for row in rows)
     assert "| full |" in out_md.read_text()
+
+
+def test_bench_inference_measures_every_arm(tmp_path):
+    folder, text, out_json, out_md = fit_bench_inputs(tmp_path)
+    code = load_script("bench_inference").main([
+        "--model", str(folder), "--last-n", "1", "--prefill", "16", "--new-tokens", "3", "--batch", "1", "2",
+        "--repeats", "2", "--perplexity-tokens", "100", "--text", str(text), "--threads", "1",
+        "--json", str(out_json), "--markdown", str(out_md)])
+    assert code == 0
+    rows = {row["arm"]: row for row in json.loads(out_json.read_text())["rows"]}
+    assert list(rows) == ["original", "last-1", "all-3", "original int8", "last-1 int8", "all-3 int8"]
+    assert rows["original"]["decode_b1_ratio"] == 1.0 and rows["original"]["prefill_ratio"] == 1.0
+    for row in rows.values():
+        assert len(row["rounds"]) == 2 and row["decode_b2_tokens_per_s"] > 0 and row["perplexity"] > 1
+    assert rows["all-3"]["parameters"] < rows["last-1"]["parameters"] < rows["original"]["parameters"]
+    assert rows["all-3 int8"]["weight_bytes"] < rows["all-3"]["weight_bytes"]
+    assert "| last-1 int8 |" in out_md.read_text()

@@ -221,12 +221,82 @@ def kan_linear(x, weight, bias, scale, shift, basis: Basis, basis_params=()):
     """Functional form of the fused op; ``x`` is ``(N, in)`` (flatten leading dims first).
 
     On a GPU with Triton installed, the recurrence bases (cheby1, cheby2, legendre, ...) run the
-    kernels of ``triton_kan.py``, which never write the feature matrix; everything else runs
-    ``KANLinearFunction``.
+    kernels of ``triton_kan.py``, which never write the feature matrix. Elsewhere, when no gradient can flow
+    (under ``torch.no_grad``/``inference_mode``, or nothing requires one) it runs ``_kan_linear_inference``, the
+    same computation without the autograd function around it; else ``KANLinearFunction``.
     """
-    if x.device.type in FUSED_DEVICE_TYPES and _have_fused_kernels():
+    if x.device.type in FUSED_DEVICE_TYPES and not _is_quantized(weight) and _have_fused_kernels():
         kernels = _triton_kernels[0]
         recurrence = kernels.kernel_recurrence(basis, basis_params)
         if recurrence is not None:
             return kernels.fused_kan_linear(x, weight, bias, scale, shift, recurrence)
-    return KANLinearFunction.apply(x, weight, bias, scale, shift, basis, *basis_params)
+    if _needs_autograd(x, weight, bias, scale, shift, basis_params):
+        if _is_quantized(weight):
+            raise RuntimeError(
+                f"this KAN layer's weight is quantized ({type(weight).__name__}), which serves inference only: run "
+                f"it under torch.no_grad() or torch.inference_mode(), with inputs that do not require gradients"
+            )
+        return KANLinearFunction.apply(x, weight, bias, scale, shift, basis, *basis_params)
+    return _kan_linear_inference(x, weight, bias, scale, shift, basis, basis_params)
+
+
+def _is_quantized(weight):
+    """Whether ``weight`` is a tensor subclass such as torchao's quantized weights (a Parameter of one reports
+    the subclass as its type), which implement ``F.linear`` but not the ops of the fused multiply."""
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def _needs_autograd(*tensors):
+    if not torch.is_grad_enabled():
+        return False
+    return any(
+        t.requires_grad for group in tensors for t in (group if isinstance(group, (list, tuple)) else [group])
+        if t is not None
+    )
+
+
+def _kan_linear_inference(x, weight, bias, scale, shift, basis: Basis, basis_params=()):
+    """The forward of ``KANLinearFunction`` for decoding: no autograd node, no saved tensors, no context
+    managers or dtype casts that would change nothing. Same dtype rules, so the same result.
+
+    At the token counts decoding uses (1 to a few dozen rows) the matrix multiply reads the whole weight
+    matrix for very little arithmetic, and each extra tensor operation costs microseconds of dispatch,
+    comparable to the multiply itself; hence every step here is one operation where it can be."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _inference_forward(x, weight, bias, scale, shift, basis, basis_params, compute_dtype)
+    return _inference_forward(x, weight, bias, scale, shift, basis, basis_params, weight.dtype)
+
+
+def _inference_forward(x, weight, bias, scale, shift, basis, basis_params, compute_dtype):
+    math_dtype = _math_dtype(x)
+    t = _inference_input_map(x if x.dtype == math_dtype else x.to(math_dtype), scale, shift)
+    params = [p if p.dtype == math_dtype else p.to(math_dtype) for p in basis_params]
+    features, _ = _features(basis, t, params)
+    if features.dtype != compute_dtype:
+        features = features.to(compute_dtype)
+    if bias is not None and bias.dtype != compute_dtype:
+        bias = bias.to(compute_dtype)
+    if _is_quantized(weight):
+        return torch.nn.functional.linear(features, weight, bias)
+    if weight.dtype != compute_dtype:
+        weight = weight.to(compute_dtype)
+    if features.shape[0] == 1:  # a single output row has no row stride to align
+        return features @ weight.t() if bias is None else torch.addmm(bias, features, weight.t())
+    return _matmul(features, weight.t(), bias).contiguous()
+
+
+#: up to this many input elements, ``torch.tanh`` on CPU is cheaper than the three operations of ``_input_map``'s
+#: sigmoid form: its per-element cost is higher but each operation costs microseconds of dispatch.
+_CPU_DIRECT_TANH_MAX = 8192
+
+
+def _inference_input_map(xm, scale, shift):
+    """``_input_map`` with fewer operations for the few rows of a decoding step (the same function; the two
+    forms differ by float rounding)."""
+    if xm.device.type == "cpu" and xm.numel() > _CPU_DIRECT_TANH_MAX:
+        return _input_map(xm, scale, shift)
+    # addcmul promotes lower-precision parameters to the math dtype, as _input_map's casts do
+    return torch.tanh(xm) if scale is None else torch.addcmul(shift, xm, scale).tanh_()

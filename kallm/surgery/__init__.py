@@ -3,6 +3,7 @@
 from .adapters import ADAPTERS, ArchitectureAdapter, supported_model_types
 from .convert import ConversionReport, convert
 from .lora import KANLoraLinear, load_adapter, lora_config, lora_targets, with_kan_lora
+from .quantize import load_quantized, quantize, save_quantized
 from .retrofit import retrofit, retrofitted_blocks, retrofitted_layers
 from .shrink import shrink
 from .trainable import POLICIES, set_trainable, summary

@@ -1,0 +1,167 @@
+"""Weight-only quantization of a retrofitted model's KAN layers (and, on request, its linear layers) with torchao.
+
+A KAN layer's coefficients are one ``(out, K * in)`` matrix used by one matrix multiply, exactly like a Linear
+weight, so torchao's weight-only int8 (per output row, symmetric) applies to it unchanged: the weight becomes a
+torchao ``Int8Tensor`` and the op multiplies through ``F.linear``, which torchao implements. The input map, the
+bias and basis parameters (``rational``'s denominators) stay in floating point.
+
+Save and load: ``save_quantized`` writes the config, ``kallm_quantized.pt`` (the state dict with torchao's
+tensors, read back with ``torch.load(weights_only=True)``) and ``kallm_quantization.json`` (what was quantized);
+``load_quantized`` rebuilds the model from the config and loads those tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.kan_function import _is_quantized
+from ..core.layers import is_kan_linear
+from ..saving import replacing_checkpoint
+from .checks import causal_lm_parts
+
+#: weight formats ``quantize`` offers (torchao weight-only configs that run on CPU)
+WEIGHT_FORMATS = ("int8",)
+#: which layers ``quantize`` touches: the KAN layers, the decoder blocks' nn.Linear layers, or both
+MODULE_CHOICES = ("kan", "linear", "all")
+WEIGHTS_FILE = "kallm_quantized.pt"
+SETTINGS_FILE = "kallm_quantization.json"
+FORMAT_VERSION = 1
+
+
+def quantize(model: nn.Module, weights: str = "int8", modules: str = "kan") -> nn.Module:
+    """Quantize the weights of ``model``'s KAN layers in place with torchao (weight-only) and return it.
+
+    Args:
+        model: a causal LM of a supported family, usually retrofitted.
+        weights: ``"int8"``: symmetric int8 per output row (torchao ``Int8WeightOnlyConfig``).
+        modules: ``"kan"`` (the KAN layers), ``"linear"`` (the ``nn.Linear`` layers of the decoder blocks:
+            attention, and the MLPs kept; the LM head and embeddings stay as they are) or ``"all"`` (both).
+
+    The quantized model serves inference (``torch.no_grad()``); save it with ``kallm.save_quantized``.
+    Everything is checked before any weight changes.
+    """
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weights {weights!r}; valid choices: {', '.join(WEIGHT_FORMATS)}")
+    if modules not in MODULE_CHOICES:
+        raise ValueError(f"unknown modules {modules!r}; valid choices: {', '.join(MODULE_CHOICES)}")
+    _, adapter, _ = causal_lm_parts(model, "quantize")
+    targets = _targets(model, adapter.blocks_path, modules)
+    if not targets:
+        if modules == "kan":
+            raise ValueError(
+                "this model has no KAN layers to quantize (it is not retrofitted: kallm.retrofit it first, or pass "
+                "modules='linear' to quantize its linear layers)"
+            )
+        raise ValueError(f"this model has no layers to quantize with modules={modules!r}")
+    _check_quantizable(targets)
+    config = _torchao_config(weights)
+
+    from torchao.quantization import quantize_
+
+    chosen = {id(module) for _, module in targets}
+    quantize_(model, config, filter_fn=lambda module, name: id(module) in chosen)
+    previous = getattr(model, "_kallm_quantization", None) or {"weights": weights, "modules": []}
+    model._kallm_quantization = {"weights": weights, "modules": sorted({*previous["modules"], modules})}
+    return model
+
+
+def save_quantized(model: nn.Module, folder: str | os.PathLike, tokenizer=None) -> Path:
+    """Save a model quantized by ``kallm.quantize`` (and ``tokenizer``, if given) into ``folder``.
+
+    Files: ``config.json`` (and ``generation_config.json``), ``kallm_quantized.pt`` (every tensor, torchao's
+    quantized ones included; loads with ``weights_only=True``) and ``kallm_quantization.json``. Written into a
+    temporary sibling folder first, so a failed save leaves a previous checkpoint in ``folder`` whole.
+    """
+    settings = getattr(model, "_kallm_quantization", None)
+    if not settings:
+        raise ValueError(
+            "this model was not quantized by kallm.quantize; save an unquantized model with model.save_pretrained"
+        )
+    import torchao
+
+    record = {"format_version": FORMAT_VERSION, **settings, "torchao_version": torchao.__version__,
+              "quantized_tensors": sorted(name for name, p in model.named_parameters() if _is_quantized(p))}
+    with replacing_checkpoint(folder) as staging:
+        model.config.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        torch.save(model.state_dict(), staging / WEIGHTS_FILE)
+        (staging / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(folder)
+
+
+def load_quantized(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model saved by ``kallm.save_quantized``, ready for inference (eval mode)."""
+    folder = Path(folder)
+    missing = [name for name in ("config.json", WEIGHTS_FILE, SETTINGS_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a quantized kallm checkpoint: it lacks {', '.join(missing)} (kallm.save_quantized "
+            f"writes them; load an unquantized checkpoint with AutoModelForCausalLM.from_pretrained)"
+        )
+    settings = json.loads((folder / SETTINGS_FILE).read_text())
+    if settings.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{folder / SETTINGS_FILE} has format version {settings.get('format_version')!r}; this kallm reads "
+            f"version {FORMAT_VERSION}"
+        )
+    _torchao_config(settings["weights"])  # torchao is installed and knows the format
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .. import core  # noqa: F401  (kallm's classes registered with transformers' Auto classes)
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config)
+    state = torch.load(folder / WEIGHTS_FILE, map_location=device, weights_only=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    for parameter in model.parameters():
+        if _is_quantized(parameter):
+            parameter.requires_grad_(False)
+    model.tie_weights()
+    model._kallm_quantization = {"weights": settings["weights"], "modules": settings["modules"]}
+    return model.eval()
+
+
+def _targets(model, blocks_path, modules):
+    targets = []
+    for name, module in model.named_modules():
+        in_blocks = name.startswith(blocks_path + ".")
+        if modules in ("kan", "all") and is_kan_linear(module):
+            targets.append((name, module))
+        elif modules in ("linear", "all") and in_blocks and type(module) is nn.Linear:
+            targets.append((name, module))
+    return targets
+
+
+def _check_quantizable(targets):
+    done = [f"{name} ({type(module.weight).__name__})" for name, module in targets if _is_quantized(module.weight)]
+    if done:
+        raise ValueError(f"{done[0]} is already quantized; quantize each layer once")
+    not_float = [f"{name} ({module.weight.dtype})" for name, module in targets if not module.weight.is_floating_point()]
+    if not_float:
+        raise ValueError(f"{not_float[0]} does not hold floating point weights; torchao quantizes float weights")
+    on_meta = [name for name, module in targets if module.weight.is_meta]
+    if on_meta:
+        raise ValueError(f"{on_meta[0]}'s weight is on the meta device (not loaded); load the weights first")
+
+
+def _torchao_config(weights):
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError as error:
+        raise ImportError(
+            f"kallm's quantization needs torchao ({error}); install it with pip install 'kallm[quant]'"
+        ) from error
+    if weights == "int8":
+        # the inductor settings it would change serve torch.compile on GPUs; leave the user's as they are
+        return Int8WeightOnlyConfig(set_inductor_config=False)
+    raise ValueError(f"unknown weights {weights!r}; valid choices: {', '.join(WEIGHT_FORMATS)}")
+
