@@ -286,8 +286,7 @@ def test_a_failed_retrofit_save_keeps_the_previous_checkpoint(saved_tiny, tmp_pa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["base", "kan"]
 
 
-# kallm heal's flags are written with kallm.heal's own code and are not all documented yet
-@pytest.mark.parametrize("command", [name for name in kallm.cli.COMMANDS if name != "heal"])
+@pytest.mark.parametrize("command", kallm.cli.COMMANDS)
 def test_every_option_has_help_text(command):
     subparsers = next(action for action in kallm.cli.build_parser(commands=[command])._actions
                       if isinstance(action, argparse._SubParsersAction))

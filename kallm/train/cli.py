@@ -26,8 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="chat data with a 'messages' column: .jsonl/.json/.parquet file, folder or glob, "
                              "or hub dataset id[:config] (e.g. HuggingFaceTB/smol-smoltalk)")
-    # argparse's own way of taking over another parser's options (what parents= does)
-    parser._add_container_actions(_generated_parser())
+    _add_generated_flags(parser)
     distill = parser.add_argument_group("distillation")
     distill.add_argument("--distill", action="store_true",
                          help="mix in a KL divergence to a teacher (default teacher: the model the checkpoint "
@@ -43,24 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="no progress bar")
 
 
-def _generated_parser():
+def _add_generated_flags(parser):
     """The flags of ``TrainConfig``'s fields and of the ``PASS_THROUGH`` TrainingArguments fields."""
-    from transformers import HfArgumentParser
-
+    from .options import add_flags, flag_fields
     from .trainer import TrainConfig
 
-    return HfArgumentParser((_flag_fields(TrainConfig, "training"), _pass_through_fields()), add_help=False)
-
-
-def _flag_fields(config_class, group: str):
-    """``config_class``'s fields but the manual ones, as a dataclass ``HfArgumentParser`` reads."""
-    hints = typing.get_type_hints(config_class)
-    flags = dataclasses.make_dataclass(f"{config_class.__name__}Flags", [
-        (f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
-        for f in dataclasses.fields(config_class) if f.name not in MANUAL_FIELDS
-    ])
-    flags._argument_group_name = group
-    return flags
+    add_flags(parser, flag_fields(TrainConfig, "training", MANUAL_FIELDS), _pass_through_fields())
 
 
 def _pass_through_fields():
@@ -92,12 +79,12 @@ def _default_of(field):
 def config_from_args(args):
     """``TrainConfig`` from the parsed flags: every field of the same name, and the TrainingArguments fields
     given by flag or in ``--training-args``."""
+    from .options import field_values
     from .trainer import PASS_THROUGH, TrainConfig
 
     training_arguments = _read_training_args(args.training_args) if args.training_args else {}
     training_arguments.update({name: getattr(args, name) for name in PASS_THROUGH if getattr(args, name) is not None})
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    return TrainConfig(**{**values, "training_arguments": training_arguments})
+    return TrainConfig(**{**field_values(args, TrainConfig), "training_arguments": training_arguments})
 
 
 def _read_training_args(path: str) -> dict:

@@ -40,6 +40,7 @@ from ..surgery.checks import causal_lm_parts
 from ..surgery.fit import default_calibration, original_feedforward, outlier_rows, record_feedforwards
 from ..surgery.retrofit import retrofitted_blocks
 from ..surgery.trainable import POLICIES, set_trainable
+from .options import option
 
 logger = logging.getLogger("kallm")
 
@@ -60,51 +61,43 @@ _NO_LIMIT = 2**31 - 1
 class HealConfig:
     """Settings of ``kallm.heal`` (``kallm heal`` flags map one to one)."""
 
-    #: folder for metrics.jsonl, the curve, checkpoints and the healed model; None writes nothing
-    output_dir: str | None = None
-    #: wall-clock budget of both stages (data preparation and callbacks not counted)
-    minutes: float | None = None
-    #: end-to-end optimizer steps; with ``minutes`` too, whichever ends first
-    max_steps: int | None = None
-    #: which parameters train end to end: a ``kallm.set_trainable`` policy
-    trainable: str = "retrofitted"
-    learning_rate: float = 3e-4
-    #: warmup as a share of the end-to-end stage; then cosine decay to zero at its end
-    warmup: float = 0.05
-    #: sequences per step and process, and their length in tokens
-    batch_size: int = 4
-    max_length: int = 256
-    temperature: float = 1.0
-    #: loss = KL * T^2 + ce_weight * cross-entropy on the next token
-    ce_weight: float = 0.0
-    max_grad_norm: float = 1.0
-    #: blend each retrofitted feedforward as (1 - a) * original + a * new, a rising 0 -> 1
-    progressive: bool = False
-    #: share of the end-to-end stage over which a reaches 1
-    progressive_fraction: float = 0.5
-    #: share of ``minutes`` the block-local stage may use (0 skips it)
-    local_fraction: float = 0.25
-    #: passes over the recorded pairs in the local stage (it stops at its time share too)
-    local_passes: float = 4.0
-    #: tokens recorded for the local stage, from randomly drawn sequences (8 * hidden_size bytes per token and block)
-    local_tokens: int = 32768
-    local_learning_rate: float = 1e-3
-    local_batch_rows: int = 512
-    #: tokens of text the original model writes when no data is given
-    generate_tokens: int = 8192
-    #: split and first rows of a hub dataset
-    split: str = "train"
-    limit: int | None = None
-    #: keep the prefix hidden states of each sequence here (safetensors) and reuse them in later epochs
-    cache_dir: str | None = None
-    bf16: bool = False
-    fp16: bool = False
-    #: end-to-end steps between checkpoints (0: none)
-    save_steps: int = 0
-    logging_steps: int = 1
-    #: resume from this checkpoint folder, or True for the latest one in output_dir
+    output_dir: str | None = option(None, "folder for metrics.jsonl, the curve, checkpoints and the healed model "
+                                          "(None writes nothing)")
+    minutes: float | None = option(None, "wall-clock budget of both stages (data preparation and callbacks not "
+                                         "counted)")
+    max_steps: int | None = option(None, "end-to-end optimizer steps; with --minutes too, whichever ends first")
+    trainable: str = option("retrofitted", "which parameters train end to end (a kallm.set_trainable policy)",
+                            choices=POLICIES)
+    learning_rate: float = option(3e-4, "peak learning rate of the end-to-end stage", aliases=["--lr"])
+    warmup: float = option(0.05, "warmup as a share of the end-to-end stage; then cosine decay to zero at its end")
+    batch_size: int = option(4, "sequences per step and process")
+    max_length: int = option(256, "tokens per sequence")
+    temperature: float = option(1.0, "softmax temperature of both distributions in the KL")
+    ce_weight: float = option(0.0, "loss = KL * T^2 + ce_weight * next-token cross-entropy")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: none)")
+    progressive: bool = option(False, "blend each retrofitted feedforward as (1 - a) * original + a * new, a "
+                                      "rising 0 -> 1")
+    progressive_fraction: float = option(0.5, "share of the end-to-end stage over which a reaches 1")
+    local_fraction: float = option(0.25, "share of --minutes the block-local stage may use (0 skips it)")
+    local_passes: float = option(4.0, "passes over the recorded pairs in the block-local stage (it stops at its "
+                                      "time share too)")
+    local_tokens: int = option(32768, "tokens recorded for the block-local stage, from randomly drawn sequences "
+                                      "(8 x hidden_size bytes per token and block)")
+    local_learning_rate: float = option(1e-3, "peak learning rate of the block-local stage", aliases=["--local-lr"])
+    local_batch_rows: int = option(512, "rows per step of the block-local stage")
+    generate_tokens: int = option(8192, "tokens of text the original model writes when no data is given")
+    split: str = option("train", "split of a hub dataset")
+    limit: int | None = option(None, "use the first N rows of the data only")
+    cache_dir: str | None = option(None, "keep the prefix hidden states of each sequence here (safetensors) and "
+                                         "reuse them in later epochs")
+    bf16: bool = option(False, "bfloat16 autocast")
+    fp16: bool = option(False, "float16 autocast with gradient scaling (GPU)")
+    save_steps: int = option(0, "end-to-end steps between checkpoints (0: none)")
+    logging_steps: int = option(1, "end-to-end steps between points of the curve in metrics.jsonl")
+    #: resume from this checkpoint folder, or True for the latest one in output_dir (``--resume [CHECKPOINT]``)
     resume: str | bool | None = None
-    seed: int = 0
+    seed: int = option(0, "seed of the data order and the block-local stage's held-out rows")
+    #: a progress bar (``--quiet`` turns it off)
     progress_bar: bool = True
     #: write the healed model and tokenizer to output_dir (metrics, report and curve are written regardless)
     save_model: bool = True

@@ -27,6 +27,7 @@ from ..surgery.lora import LORA_TARGETS, lora_config
 from ..surgery.trainable import POLICIES, set_trainable
 from .chat_trainer import ChatTrainer
 from .distill import DistillationTrainer
+from .options import option
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +36,6 @@ RESULT_FILE = "train_result.json"
 #: where ``merge=True`` saves the model with the trained adapter merged into it, inside output_dir
 MERGED_FOLDER = "merged"
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-
-
-def option(default=None, help: str = "", **argparse_options):
-    """A ``TrainConfig`` field: its default, its help text and any argparse options (``aliases``, ``choices``,
-    ``metavar``), which ``HfArgumentParser`` turns into ``kallm train``'s flags."""
-    return field(default=default, metadata={"help": help, **argparse_options})
 
 
 @dataclass
