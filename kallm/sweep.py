@@ -32,7 +32,7 @@ from .loading import DEFAULT_MODEL
 #: what an arm does to the mini model's feedforwards: KAN ones, the linear restart, or nothing (MLP retrained)
 SWEEP_KINDS = ("kan", "linear", "mlp")
 #: arm settings that are not KAN layer options
-ARM_KEYS = ("kind", "basis", "degree", "last_n", "layers", "intermediate_size")
+ARM_KEYS = ("kind", "basis", "degree", "last_n", "blocks", "intermediate_size")
 DATA_KEYS = ("train", "dev", "train_split", "dev_split", "text_column", "label_column", "train_limit", "dev_limit",
              "num_labels")
 TRAIN_KEYS = ("steps", "batch_size", "max_length", "learning_rate", "weight_decay", "eval_batch_size")
@@ -46,7 +46,7 @@ class SweepConfig:
     model: str = DEFAULT_MODEL
     out: str = "runs/sweep"
     seeds: list[int] = field(default_factory=lambda: [0])
-    #: kallm.shrink keyword arguments besides vocab_from (num_blocks, layers, max_tokens); the vocabulary comes from
+    #: kallm.shrink keyword arguments besides vocab_from (num_blocks, blocks, max_tokens); the vocabulary comes from
     #: the training texts unless ``trim_vocabulary`` is false
     shrink: dict = field(default_factory=lambda: {"num_blocks": 3})
     trim_vocabulary: bool = True
@@ -116,9 +116,9 @@ def check_sweep(config: SweepConfig) -> None:
         if not isinstance(config.data.get(key), str):
             raise ValueError(f"data.{key} must name a local .jsonl/.csv file or a hub dataset, got "
                              f"{config.data.get(key)!r}")
-    unknown = sorted(set(config.shrink) - {"num_blocks", "layers", "max_tokens"})
+    unknown = sorted(set(config.shrink) - {"num_blocks", "blocks", "max_tokens"})
     if unknown:
-        raise ValueError(f"unknown shrink settings {unknown}; valid: num_blocks, layers, max_tokens")
+        raise ValueError(f"unknown shrink settings {unknown}; valid: num_blocks, blocks, max_tokens")
     for name in config.arms:
         arm_settings(config, name)
 
@@ -138,7 +138,7 @@ def arm_settings(config: SweepConfig, name: str) -> dict:
     if kind == "mlp":
         return {"kind": "mlp"}
     if kind == "linear":
-        return {key: settings[key] for key in ("kind", "last_n", "layers") if key in settings}
+        return {key: settings[key] for key in ("kind", "last_n", "blocks") if key in settings}
     options = {key: value for key, value in settings.items() if key not in ARM_KEYS}
     try:  # builds the basis with its options without allocating anything; unknown bases name the valid ones
         KANFeedForward.count_parameters(8, 8, settings.get("basis", "cheby2"), settings.get("degree", 2), **options)

@@ -68,7 +68,7 @@ def _kept_ids(tokenizer, small_tokenizer):
 def test_shrink_keeps_listed_blocks_renumbered_and_the_originals_untouched():
     model = tiny_model("llama")
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    small, _ = kallm.shrink(model, make_tiny_tokenizer(), layers=[2, 0])
+    small, _ = kallm.shrink(model, make_tiny_tokenizer(), blocks=[2, 0])
     assert small.config.kallm_shrunk_from["blocks"] == [0, 2]
     assert torch.equal(small.model.layers[1].mlp.up_proj.weight, model.model.layers[2].mlp.up_proj.weight)
     assert small.model.layers[1].self_attn.layer_idx == 1
@@ -135,9 +135,9 @@ def test_the_pair_saves_and_loads_with_auto_classes(family, tmp_path):
 @pytest.mark.parametrize("arguments, message", [
     ({"num_blocks": 0}, "num_blocks must be an integer between 1 and 3"),
     ({"num_blocks": 4}, "num_blocks must be an integer between 1 and 3"),
-    ({"layers": [0, 3]}, "layer index 3 is out of range for a model with 3 blocks"),
-    ({"layers": [1, -2]}, "layers must list distinct blocks"),
-    ({"layers": [0], "num_blocks": 1}, "not both"),
+    ({"blocks": [0, 3]}, "block index 3 is out of range for a model with 3 blocks"),
+    ({"blocks": [1, -2]}, "blocks must list distinct blocks"),
+    ({"blocks": [0], "num_blocks": 1}, "not both"),
     ({"vocab_from": ["", ""]}, "tokenize to no tokens at all"),
     ({"vocab_from": "one string"}, "a list of texts, not one string"),
     ({"max_tokens": 5}, "pass vocab_from too"),

@@ -2,7 +2,7 @@
 
 Two cuts, each optional:
 
-- blocks: keep the first ``num_blocks`` decoder blocks (or the blocks listed in ``layers``), renumbered from 0;
+- blocks: keep the first ``num_blocks`` decoder blocks (or the blocks listed in ``blocks``), renumbered from 0;
 - vocabulary: keep the tokens that occur in ``vocab_from`` texts (or the ``max_tokens`` most frequent of them),
   plus the special tokens, the tokens the kept ones are merged from, and a fallback for everything else. The
   embedding rows (and those of an untied LM head) are cut to match, and the tokenizer is rebuilt so that it
@@ -40,14 +40,14 @@ def shrink(
     tokenizer,
     num_blocks: int | None = None,
     vocab_from: Iterable[str] | None = None,
-    layers: list[int] | None = None,
+    blocks: list[int] | None = None,
     max_tokens: int | None = None,
 ):
     """A smaller copy of ``model`` (a supported, not yet retrofitted causal LM or classifier) and its tokenizer.
 
     Args:
-        num_blocks: keep the first ``num_blocks`` decoder blocks (default: all, unless ``layers`` is given).
-        layers: keep these blocks instead (indices into the original, negative ones count from the end), in
+        num_blocks: keep the first ``num_blocks`` decoder blocks (default: all, unless ``blocks`` is given).
+        blocks: keep these blocks instead (indices into the original, negative ones count from the end), in
             ascending order.
         vocab_from: texts; keep only the tokens they are tokenized into (plus special tokens, merge parts and the
             fallback, see the module docstring). ``None`` keeps the whole vocabulary.
@@ -62,8 +62,8 @@ def shrink(
                          "came from, then retrofit the small one")
     base_type = base_model_type(model.config)
     adapter = adapter_for(base_type)
-    blocks = model.get_submodule(adapter.blocks_path)
-    kept_blocks = _blocks_to_keep(len(blocks), num_blocks, layers)
+    decoder_blocks = model.get_submodule(adapter.blocks_path)
+    kept_blocks = _blocks_to_keep(len(decoder_blocks), num_blocks, blocks)
     if max_tokens is not None and vocab_from is None:
         raise ValueError("max_tokens chooses among the tokens of vocab_from texts; pass vocab_from too")
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
@@ -78,7 +78,7 @@ def shrink(
                          f"embedding rows: this tokenizer does not belong to this model")
 
     config = copy.deepcopy(model.config)
-    old_blocks = len(blocks)
+    old_blocks = len(decoder_blocks)
     config.num_hidden_layers = len(kept_blocks)
     for name in _PER_BLOCK_FIELDS:
         values = getattr(config, name, None)
@@ -99,20 +99,20 @@ def shrink(
     return small, new_tokenizer
 
 
-def _blocks_to_keep(count: int, num_blocks, layers) -> list[int]:
-    if layers is not None:
+def _blocks_to_keep(count: int, num_blocks, blocks) -> list[int]:
+    if blocks is not None:
         if num_blocks is not None:
-            raise ValueError("pass num_blocks (keep the first N blocks) or layers (keep these blocks), not both")
-        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-            raise TypeError(f"layers must be a list of block indices, got {layers!r}")
+            raise ValueError("pass num_blocks (keep the first N blocks) or blocks (keep these blocks), not both")
+        if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Iterable):
+            raise TypeError(f"blocks must be a list of block indices, got {blocks!r}")
         kept = []
-        for index in layers:
+        for index in blocks:
             if not isinstance(index, int) or isinstance(index, bool) or not -count <= index < count:
-                raise ValueError(f"layer index {index!r} is out of range for a model with {count} blocks "
+                raise ValueError(f"block index {index!r} is out of range for a model with {count} blocks "
                                  f"(0..{count - 1}, or negative from the end)")
             kept.append(index % count)
         if not kept or len(set(kept)) != len(kept):
-            raise ValueError(f"layers must list distinct blocks, at least one, got {list(layers)}")
+            raise ValueError(f"blocks must list distinct blocks, at least one, got {list(blocks)}")
         return sorted(kept)
     if num_blocks is None:
         return list(range(count))
