@@ -82,13 +82,14 @@ def test_a_saved_causal_lm_names_every_auto_class_and_loads_as_a_classifier(tmp_
 
 def test_a_classifier_extends_and_refuses_like_a_causal_lm():
     model = kallm.retrofit(tiny_classifier("llama"), last_n=1)
-    kallm.retrofit(model, layers=[0])
+    kallm.retrofit(model, blocks=[0])
     assert model.config.kan_config["blocks"] == [0, 2]
     with pytest.raises(ValueError, match="already KAN feedforwards"):
-        kallm.retrofit(model, layers=[0])
+        kallm.retrofit(model, blocks=[0])
     restarted = kallm.retrofit(tiny_classifier("gpt2"), last_n=1, kind="linear")
     assert type(restarted) is transformers.GPT2ForSequenceClassification
-    assert restarted.config.kallm_restarted_layers == [2]
+    recorded = kallm.core.read_retrofit_config(restarted.config)
+    assert (recorded.kind, recorded.blocks) == ("linear", [2])
 
 
 FRESH_PROCESS = r"""

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..core.layers import LAYER_OPTIONS, is_kan_linear
+from ..core.layers import is_kan_linear
 from ..saving import save_checkpoint
 from ..surgery.convert import convert
 from .trainer import METRICS_FILE, RESULT_FILE, TrainConfig, TrainResult, train
@@ -60,7 +60,7 @@ def _polynomial_basis(model) -> tuple[str, dict]:
     names = set(kan_config["basis"].split(">"))
     if len(names) != 1 or "+" in kan_config["basis"]:
         raise ValueError(f"degree_stages needs one basis in every KAN layer, got {kan_config['basis']!r}")
-    return names.pop(), {k: v for k, v in kan_config["layer_options"].items() if k not in LAYER_OPTIONS}
+    return names.pop(), dict(kan_config["basis_options"])
 
 
 def _check_exact(model, basis: str, options: dict, degrees) -> None:
