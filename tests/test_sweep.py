@@ -102,7 +102,7 @@ def test_cli_subset_and_saved_models_load_as_classifiers(workspace, monkeypatch)
     ({"arms": {"../x": {}}}, "arm name '../x' is not allowed"),
     ({"seeds": []}, "seeds must be a non-empty list of integers"),
     ({"train": {"epochs": 1}}, "unknown train settings ['epochs']"),
-    ({"shrink": {"blocks": 2}}, "unknown shrink settings ['blocks']"),
+    ({"shrink": {"layers": 2}}, "unknown shrink settings ['layers']"),
     ({"surprise": 1}, "unknown sweep keys ['surprise']"),
 ])
 def test_bad_configs_are_refused_when_loaded(workspace, monkeypatch, change, message):
