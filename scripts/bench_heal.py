@@ -139,10 +139,10 @@ def run_arm(args, arm: str) -> dict:
 
 def heal_options(args) -> dict:
     """``--lr`` and the ``--heal-option`` pairs."""
-    return {**({"learning_rate": args.lr} if args.lr else {}), **field_values(args.heal_option)}
+    return {**({"learning_rate": args.lr} if args.lr else {}), **parse_assignments(args.heal_option)}
 
 
-def field_values(pairs: list[str]) -> dict:
+def parse_assignments(pairs: list[str]) -> dict:
     """``FIELD=VALUE`` pairs as a dict, each value read as a Python literal where it is one."""
     import ast
 
@@ -160,7 +160,7 @@ def build_student(arm, teacher, tokenizer, args):
     import kallm
 
     model = copy.deepcopy(teacher)
-    options = field_values(args.retrofit_option)
+    options = parse_assignments(args.retrofit_option)
     if arm.startswith("kan-fit"):
         suffix = "".join(f"-{k}={v}" for k, v in sorted(options.items()))
         saved = Path(args.work) / f"kan-fit-init{suffix}"
