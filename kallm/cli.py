@@ -21,6 +21,7 @@ COMMANDS = {
     "sweep": ("kallm.sweep", "compare many KAN variants of a shrunk mini model on a classification task"),
     "plot": ("kallm.plot", "draw the learned functions of a KAN layer"),
     "demo": ("kallm.demo", "the main job: retrofit, heal, evaluate, save, reload, reply"),
+    "export": ("kallm.cli_export", "export a model to ONNX (with its KV cache) and check it against PyTorch"),
 }
 
 
