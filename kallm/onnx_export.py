@@ -35,8 +35,6 @@ ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 MIN_TORCH = "2.11"
 #: families whose export was checked against PyTorch (logits and greedy tokens with the cache)
 EXPORTABLE_FAMILIES = ("gpt2", "llama")
-#: kallm bases that ``torch.export`` cannot trace, with the reason
-UNTRACEABLE_BASES: dict[str, str] = {}
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 SETTINGS_FILE = "kallm_onnx.json"
@@ -119,12 +117,6 @@ def check_exportable(model: nn.Module) -> str:
     if family not in EXPORTABLE_FAMILIES:
         raise ValueError(f"the ONNX export does not support the {family!r} family yet; supported families: "
                          f"{', '.join(EXPORTABLE_FAMILIES)}")
-    untraceable = sorted(name for name in _bases_of(model) if name in UNTRACEABLE_BASES)
-    if untraceable:
-        reasons = "; ".join(f"{name}: {UNTRACEABLE_BASES[name]}" for name in untraceable)
-        traceable = [name for name in _builtin_bases() if name not in UNTRACEABLE_BASES]
-        raise ValueError(f"the ONNX export cannot trace the basis {', '.join(untraceable)} ({reasons}); bases it "
-                         f"traces: {', '.join(traceable)}")
     quantized = [name for name, p in model.named_parameters() if _is_quantized(p)]
     if quantized:
         raise ValueError(f"{quantized[0]} is quantized (kallm.quantize); export the unquantized model: torchao's "
@@ -144,12 +136,6 @@ def _bases_of(model) -> set[str]:
         if is_kan_linear(module):
             names.update(module.basis.describe()["basis"].split("+"))
     return names
-
-
-def _builtin_bases() -> list[str]:
-    from .core.bases import _BUILTIN_FACTORIES
-
-    return list(_BUILTIN_FACTORIES)
 
 
 def _trace(model, family):
@@ -179,10 +165,15 @@ def _trace(model, family):
     try:
         program, _ = OnnxExporter().export_program(model, example, OnnxConfig(dynamic_shapes=dynamic_shapes))
     except Exception as error:
-        bases = ", ".join(sorted(_bases_of(model))) or "none"
-        raise ValueError(f"the ONNX exporter could not trace this {family} model (KAN bases: {bases}): "
-                         f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-                         ) from error
+        from .core.bases import _BUILTIN_FACTORIES, custom_bases
+
+        bases = sorted(_bases_of(model))
+        user_bases = custom_bases("+".join(bases)) if bases else []
+        hint = (f"; the user bases {', '.join(user_bases)} may compute outside torch (torch.export traces torch "
+                f"operations only); kallm's bases all trace: {', '.join(_BUILTIN_FACTORIES)}" if user_bases else "")
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"the ONNX exporter could not trace this {family} model (KAN bases: "
+                         f"{', '.join(bases) or 'none'}){hint}: {type(error).__name__}: {first_line}") from error
     return program
 
 

@@ -187,3 +187,21 @@ def test_bench_inference_measures_every_arm(tmp_path):
     assert rows["all-3"]["parameters"] < rows["last-1"]["parameters"] < rows["original"]["parameters"]
     assert rows["all-3 int8"]["weight_bytes"] < rows["all-3"]["weight_bytes"]
     assert "| last-1 int8 |" in out_md.read_text()
+
+
+def test_bench_int8_quality_compares_each_quantized_arm_with_its_model(tmp_path):
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install 'kallm[quant]')")
+    folder, text, out_json, out_md = fit_bench_inputs(tmp_path)
+    code = load_script("bench_int8_quality").main([
+        "--model", str(folder), "--text", str(text), "--perplexity-tokens", "100", "--last-n", "1", "--threads", "1",
+        "--json", str(out_json), "--markdown", str(out_md)])
+    assert code == 0
+    rows = {row["arm"]: row for row in json.loads(out_json.read_text())["rows"]}
+    assert list(rows) == ["original", "original int8", "fit last-1", "fit last-1 int8 kan", "fit last-1 int8 all",
+                          "fit last-1 int8 kan, scale per basis function"]
+    assert rows["original"]["relative_change"] is None and rows["original int8"]["compared_with"] == "original"
+    kan = rows["fit last-1 int8 kan"]
+    assert kan["compared_with"] == "fit last-1"
+    assert kan["relative_change"] == pytest.approx(kan["perplexity"] / rows["fit last-1"]["perplexity"] - 1)
+    assert all(row["perplexity"] > 1 for row in rows.values())
+    assert "| fit last-1 int8 all |" in out_md.read_text()

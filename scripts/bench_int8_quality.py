@@ -1,0 +1,117 @@
+"""What int8 weight-only quantization costs in quality on a fit-init retrofit (WikiText-2 perplexity).
+
+Arms, each scored on the same first ``--perplexity-tokens`` tokens of ``--text`` (WikiText-2 test by default, windows
+of 512 tokens, ``kallm.eval.perplexity.perplexity``, as scripts/bench_inference.py scores):
+
+- ``original`` and ``original int8`` (``kallm.quantize(modules="linear")``: the blocks' linear layers);
+- ``fit last-N``: ``kallm.retrofit(model, last_n=N, init="fit", tokenizer=tokenizer)`` (default calibration: replies
+  the model writes itself), no training;
+- ``fit last-N int8 kan`` and ``fit last-N int8 all``: that retrofit with ``kallm.quantize(modules="kan")`` (its KAN
+  layers) and ``modules="all"`` (its KAN and linear layers);
+- ``fit last-N int8 kan, scale per basis function``: a diagnosis, not a kallm feature: the KAN layers quantized by
+  torchao directly with one scale per output row and basis function (``PerGroup(in_features)``: column ``k * in + i``
+  holds feature ``k`` of input ``i``) instead of one per row.
+
+Each quantized arm's change is given relative to its unquantized model (the target: within 1%).
+
+    KALLM_DATA_DIR=../shared/data python scripts/bench_int8_quality.py   # writes docs/bench_int8_quality.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import kallm
+from kallm.core.layers import is_kan_linear
+from kallm.eval.perplexity import perplexity
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_arms(model, tokenizer, last_n: int) -> dict:
+    """name -> (model, the unquantized arm it is compared with)"""
+    fitted = kallm.retrofit(copy.deepcopy(model), last_n=last_n, init="fit", tokenizer=tokenizer)
+    retrofit_name = f"fit last-{last_n}"
+    return {
+        "original": (model, None),
+        "original int8": (kallm.quantize(copy.deepcopy(model), modules="linear"), "original"),
+        retrofit_name: (fitted, None),
+        f"{retrofit_name} int8 kan": (kallm.quantize(copy.deepcopy(fitted), modules="kan"), retrofit_name),
+        f"{retrofit_name} int8 all": (kallm.quantize(copy.deepcopy(fitted), modules="all"), retrofit_name),
+        f"{retrofit_name} int8 kan, scale per basis function": (quantize_per_basis_function(copy.deepcopy(fitted)),
+                                                               retrofit_name),
+    }
+
+
+def quantize_per_basis_function(model):
+    """The KAN layers in int8 with a scale per output row and basis function (torchao's per-group granularity)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    for layer in [module for module in model.modules() if is_kan_linear(module)]:
+        config = Int8WeightOnlyConfig(granularity=PerGroup(layer.in_features), set_inductor_config=False)
+        quantize_(layer, config, filter_fn=lambda module, name, layer=layer: module is layer)
+    return model
+
+
+def markdown(rows) -> str:
+    lines = ["| arm | WikiText-2 ppl | vs unquantized |", "|---|---:|---:|"]
+    for row in rows:
+        change = "-" if row["relative_change"] is None else f"{100 * row['relative_change']:+.2f}%"
+        lines.append(f"| {row['arm']} | {row['perplexity']:.3f} | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--last-n", type=int, default=5)
+    parser.add_argument("--perplexity-tokens", type=int, default=2048)
+    parser.add_argument("--text", help="text to score (default: $KALLM_DATA_DIR/text/wikitext2/wiki.test.raw)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", default=str(ROOT / "docs" / "bench_int8_quality.json"), help="'' to skip")
+    parser.add_argument("--markdown", default=str(ROOT / "docs" / "bench_int8_quality.md"), help="'' to skip")
+    args = parser.parse_args(argv)
+
+    path = Path(args.text or Path(os.environ.get("KALLM_DATA_DIR", "")) / "text" / "wikitext2" / "wiki.test.raw")
+    if not path.is_file():
+        raise SystemExit(f"no text to score at {path}: set KALLM_DATA_DIR or pass --text")
+    text = path.read_text(encoding="utf-8")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tokenizer = kallm.load_model(args.model)
+    started = time.perf_counter()
+    arms = build_arms(model.eval(), tokenizer, args.last_n)
+    build_seconds = time.perf_counter() - started
+
+    scores, rows = {}, []
+    for name, (arm, reference) in arms.items():
+        with torch.inference_mode():
+            scores[name] = perplexity(arm.eval(), tokenizer, text, max_length=512,
+                                      max_tokens=args.perplexity_tokens)["perplexity"]
+        change = None if reference is None else scores[name] / scores[reference] - 1
+        rows.append({"arm": name, "perplexity": scores[name], "compared_with": reference, "relative_change": change})
+
+    table = markdown(rows)
+    print(table)
+    report = {"model": args.model, "last_n": args.last_n, "init": "fit", "perplexity_tokens": args.perplexity_tokens,
+              "text": str(path.name), "seconds_to_build_arms": build_seconds,
+              "environment": {"torch": torch.__version__, "machine": platform.machine(), "threads": args.threads},
+              "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
