@@ -1,13 +1,14 @@
 """KAN adapter against LoRA at (nearly) the same number of trainable parameters: held-out chat loss after equal steps.
 
-Both adapter types sit on the same targets of the same base model (default: the attention projections of the
-plain SmolLM2-135M-Instruct), train for the same number of steps on the same chat data with kallm.train (same
+Both adapter types sit on the same targets of the same base model (default: the attention projections of the last
+5 blocks of the plain SmolLM2-135M-Instruct, so that backpropagation stops there), train for the same number of steps on the same chat data with kallm.train (same
 batches, schedule and seed), and are scored by kallm.eval.chat_loss on held-out conversations. Each adapter type
 runs at every learning rate of --lrs and every seed of --seeds; the table gives each run and the best learning
 rate of each type (lowest mean loss over the seeds). The base model's loss without any adapter is the reference.
 Equal steps make the result independent of how loaded the CPU is; only the times depend on it.
 
-    python scripts/bench_adapters.py [--model smollm2-135m-instruct] [--lora-rank 8] [--kan-rank 8] [--steps 40]
+    python scripts/bench_adapters.py [--model smollm2-135m-instruct] [--last-blocks 5] [--lora-rank 8] [--kan-rank 8]
+        [--steps 30]
         [--lrs 1e-3 3e-3] [--seeds 0] [--json docs/bench_adapters.json] [--markdown docs/bench_adapters.md]
 """
 
@@ -27,6 +28,7 @@ from peft import get_peft_model
 
 import kallm
 from kallm.eval.chat_loss import chat_loss
+from kallm.surgery.checks import causal_lm_parts
 from kallm.surgery.lora import LORA_TARGETS
 from kallm.train import TrainConfig, train
 
@@ -39,10 +41,16 @@ def default_data(name: str) -> str | None:
 
 
 def adapter_config(model, kind: str, args):
+    """The ``kind`` adapter's PEFT config for the --targets of the last --last-blocks blocks."""
     if kind == "lora":
-        return kallm.lora_config(model, args.targets, r=args.lora_rank, lora_alpha=args.alpha)
-    return kallm.kan_adapter_config(model, args.targets, r=args.kan_rank, alpha=args.alpha, basis=args.kan_basis,
-                                    degree=args.kan_degree)
+        config = kallm.lora_config(model, args.targets, r=args.lora_rank, lora_alpha=args.alpha)
+    else:
+        config = kallm.kan_adapter_config(model, args.targets, r=args.kan_rank, alpha=args.alpha,
+                                          basis=args.kan_basis, degree=args.kan_degree)
+    _, adapter, blocks = causal_lm_parts(model, "bench_adapters")
+    kept = [f"{adapter.blocks_path}.{index}." for index in range(len(blocks))][-args.last_blocks:]
+    config.target_modules = {name for name in config.target_modules if name.startswith(tuple(kept))}
+    return config
 
 
 def run(base, tokenizer, kind: str, lr: float, seed: int, args, work: Path) -> dict:
@@ -82,7 +90,8 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     counts = {row["adapter"]: row["trainable_parameters"] for row in report["runs"]}
     lines = [
-        f"{s['model']} ({s['base']}), adapters on the {s['targets']} targets; LoRA rank {s['lora_rank']} "
+        f"{s['model']} ({s['base']}), adapters on the {s['targets']} targets of the last {s['last_blocks']} blocks; "
+        f"LoRA rank {s['lora_rank']} "
         f"({counts.get('lora', 0):,} trainable parameters) against a KAN adapter of rank {s['kan_rank']} "
         f"({s['kan_basis']}, degree {s['kan_degree']}; {counts.get('kan', 0):,} trainable parameters); alpha "
         f"{s['alpha']}; {s['steps']} steps of {s['batch_size']} x {s['max_length']} tokens on {s['train_limit']} "
@@ -113,6 +122,8 @@ def main(argv=None) -> int:
                         help="retrofit the last N blocks first (default 0: the plain model)")
     parser.add_argument("--targets", default="attention", choices=LORA_TARGETS,
                         help="kallm.lora_targets choice for both adapters (default %(default)s)")
+    parser.add_argument("--last-blocks", type=int, default=5,
+                        help="only the targets in the last N decoder blocks (default %(default)s)")
     parser.add_argument("--train-data", default=default_data("hh_rlhf_helpful/test.jsonl"),
                         help="chat data to train on (default: $KALLM_DATA_DIR/chat/hh_rlhf_helpful/test.jsonl)")
     parser.add_argument("--eval-data", default=default_data("oasst_en100/best_path.jsonl"),
@@ -124,7 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kan-basis", default="cheby2")
     parser.add_argument("--kan-degree", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=16.0, help="both adapters scale their update by alpha / rank")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--warmup", type=float, default=0.1)
@@ -144,9 +155,9 @@ def main(argv=None) -> int:
     base_score = chat_loss(base, tokenizer, args.eval_data, max_length=args.max_length, limit=args.eval_limit)
     runs = []
     with tempfile.TemporaryDirectory() as work:
-        for kind in args.adapters:
+        for seed in args.seeds:  # adapters inside the loops: a run stopped early still compares them
             for lr in args.lrs:
-                for seed in args.seeds:
+                for kind in args.adapters:
                     runs.append(run(base, tokenizer, kind, lr, seed, args, Path(work)))
                     print(json.dumps(runs[-1]), flush=True)
     settings = {**vars(args), "base": f"last {args.retrofit_last_n} blocks retrofitted" if args.retrofit_last_n
