@@ -153,6 +153,9 @@ def main(argv=None) -> int:
         base = kallm.retrofit(base, last_n=args.retrofit_last_n)
     base.eval()
     base_score = chat_loss(base, tokenizer, args.eval_data, max_length=args.max_length, limit=args.eval_limit)
+    settings = {**vars(args), "base": f"last {args.retrofit_last_n} blocks retrofitted" if args.retrofit_last_n
+                else "plain", "lr_scheduler": TrainConfig().lr_scheduler}
+    settings.pop("json"), settings.pop("markdown")
     runs = []
     with tempfile.TemporaryDirectory() as work:
         for seed in args.seeds:  # adapters inside the loops: a run stopped early still compares them
@@ -160,19 +163,21 @@ def main(argv=None) -> int:
                 for kind in args.adapters:
                     runs.append(run(base, tokenizer, kind, lr, seed, args, Path(work)))
                     print(json.dumps(runs[-1]), flush=True)
-    settings = {**vars(args), "base": f"last {args.retrofit_last_n} blocks retrofitted" if args.retrofit_last_n
-                else "plain", "lr_scheduler": TrainConfig().lr_scheduler,
-                "load_average": " ".join(f"{value:.1f}" for value in os.getloadavg())}
-    settings.pop("json"), settings.pop("markdown")
+                    table = write_report(args, settings, base_score, runs)  # after every run: a slow bench
+    print(table)
+    return 0
+
+
+def write_report(args, settings: dict, base_score: dict, runs: list[dict]) -> str:
+    settings = {**settings, "load_average": " ".join(f"{value:.1f}" for value in os.getloadavg())}
     report = {"settings": settings, "base_chat_loss": {"loss": base_score["loss"], "tokens": base_score["tokens"]},
               "runs": runs, "best": best_per_adapter(runs)}
     table = markdown(report)
-    print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.markdown:
         Path(args.markdown).write_text(table, encoding="utf-8")
-    return 0
+    return table
 
 
 if __name__ == "__main__":

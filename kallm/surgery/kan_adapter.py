@@ -168,10 +168,7 @@ class KANAdapterLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: KANAdapterConfig) -> None:
-        r = config.r
-        if r > min(self.in_features, self.out_features):
-            raise ValueError(f"KAN adapter rank r={r} is larger than a layer of {self.in_features} inputs and "
-                             f"{self.out_features} outputs allows (at most {min(self.in_features, self.out_features)})")
+        r = config.r  # checked against the layer's widths by KANAdapterModel._prepare_model
         self.r[adapter_name], self.scaling[adapter_name] = r, config.alpha / r
         down = nn.Linear(self.in_features, r, bias=False)
         nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))  # LoRA's initialisation of its down-projection
