@@ -12,6 +12,7 @@ It shares ``kallm experiment``'s machinery: ``${KALLM_*}`` variables in the conf
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import itertools
 import json
@@ -221,20 +222,46 @@ def prepare_mini_model(config: SweepConfig, train_rows: list[dict]) -> Path:
     return folder
 
 
-def build_arm(mini_model: Path, settings: dict, num_labels: int, seed: int):
-    """The mini model as a classifier, its feedforwards changed as the arm says."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+@dataclass
+class SweepInputs:
+    """What every run of a sweep starts from, prepared once: the mini model loaded as a classifier (its new head
+    still to be drawn per seed), its tokenizer, and the training and dev rows tokenized."""
+
+    classifier: torch.nn.Module
+    head: list[str]
+    tokenizer: object
+    train: list
+    dev: list
+
+
+def prepare_inputs(config: SweepConfig, mini_model: Path, data) -> SweepInputs:
+    """Load the mini model as a classifier and tokenize the rows, once for the whole sweep."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    train_rows, dev_rows, num_labels = data
+    tokenizer = AutoTokenizer.from_pretrained(mini_model)
+    classifier, loading = AutoModelForSequenceClassification.from_pretrained(
+        mini_model, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32,
+        output_loading_info=True,
+    )
+    max_length = config.train.get("max_length", 64)
+    return SweepInputs(classifier, sorted(loading["missing_keys"]), tokenizer,
+                       encode(tokenizer, train_rows, max_length), encode(tokenizer, dev_rows, max_length))
+
+
+def build_arm(inputs: SweepInputs, settings: dict, seed: int):
+    """A copy of the mini classifier with its head drawn from ``seed``, its feedforwards changed as the arm says."""
+    from transformers import set_seed
 
     from .surgery.retrofit import retrofit
 
     set_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(mini_model)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        mini_model, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32
-    )
+    model = copy.deepcopy(inputs.classifier)
+    for name in inputs.head:  # the head is new (not in the mini model): drawn for each seed as transformers does
+        model._init_weights(model.get_submodule(name.rpartition(".")[0]))
     if settings["kind"] != "mlp":
         retrofit(model, **settings)
-    return model, tokenizer
+    return model
 
 
 def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], int]]:
@@ -275,7 +302,7 @@ def train_classifier(model, train, pad_id: int, settings: dict, seed: int) -> di
     return {"train_seconds": round(seconds, 2), "seconds_per_step": round(seconds / steps, 4), "losses": losses}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def accuracy(model, dev, pad_id: int, batch_size: int) -> float:
     model.eval()
     correct = 0
@@ -285,27 +312,23 @@ def accuracy(model, dev, pad_id: int, batch_size: int) -> float:
     return correct / len(dev)
 
 
-def run_sweep_arm(config: SweepConfig, name: str, seed: int, mini_model: Path, data, save_models: bool) -> dict:
+def run_sweep_arm(config: SweepConfig, name: str, seed: int, inputs: SweepInputs, save_models: bool) -> dict:
     from .core.modeling_kallm import count_parameters
     from .saving import save_checkpoint
 
-    train_rows, dev_rows, num_labels = data
-    settings = arm_settings(config, name)
-    model, tokenizer = build_arm(mini_model, settings, num_labels, seed)
-    max_length = config.train.get("max_length", 64)
-    train, dev = encode(tokenizer, train_rows, max_length), encode(tokenizer, dev_rows, max_length)
+    model = build_arm(inputs, arm_settings(config, name), seed)
+    pad_id = inputs.tokenizer.pad_token_id
     with PeakMemory() as memory:
-        record = train_classifier(model, train, tokenizer.pad_token_id, config.train, seed)
+        record = train_classifier(model, inputs.train, pad_id, config.train, seed)
     record.update(
-        arm=name, seed=seed, accuracy=accuracy(model, dev, tokenizer.pad_token_id,
-                                               config.train.get("eval_batch_size", 64)),
+        arm=name, seed=seed, accuracy=accuracy(model, inputs.dev, pad_id, config.train.get("eval_batch_size", 250)),
         trainable_parameters=count_parameters(model, trainable_only=True), total_parameters=count_parameters(model),
         peak_memory_bytes=memory.peak_bytes,
     )
     print(f"    accuracy {100 * record['accuracy']:.1f}%, {record['train_seconds']:.0f} s "
           f"({record['seconds_per_step']:.2f} s/step)", flush=True)
     if save_models:
-        save_checkpoint(model, tokenizer, Path(config.out) / "models" / name / f"seed{seed}")
+        save_checkpoint(model, inputs.tokenizer, Path(config.out) / "models" / name / f"seed{seed}")
     return record
 
 
@@ -396,9 +419,10 @@ def run_sweep(config: SweepConfig, restart: bool = False, save_models: bool = Fa
     data = load_data(config)  # bad data fails here, before anything is loaded or written
     out = Path(config.out)
     mini_model = prepare_mini_model(config, data[0])
+    inputs = prepare_inputs(config, mini_model, data)
     jobs = [(name, seed, _run_settings(config, name, save_models)) for name in config.arms for seed in config.seeds]
-    records = run_recorded(out, jobs, lambda name, seed: run_sweep_arm(config, name, seed, mini_model, data,
-                                                                        save_models), restart)
+    records = run_recorded(out, jobs, lambda name, seed: run_sweep_arm(config, name, seed, inputs, save_models),
+                           restart)
     rows = summarize_sweep(records, len(data[1]))
     report = sweep_markdown(config, rows, len(data[1]))
     (out / "results.md").write_text(report, encoding="utf-8")

@@ -170,3 +170,30 @@ def test_a_tokenizer_without_pad_or_eos_token_is_refused_before_anything_is_writ
     with pytest.raises(ValueError, match="has no pad token and no eos token to pad with"):
         run_sweep(load_sweep(write_config(workspace)))
     assert not (workspace / "out").exists()
+
+
+def test_arms_are_copies_of_one_loaded_classifier_with_the_head_drawn_from_the_seed(workspace, monkeypatch):
+    from kallm.core.layers import KANFeedForward
+    from kallm.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model
+
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    config = load_sweep(write_config(workspace))
+    data = load_data(config)
+    inputs = prepare_inputs(config, prepare_mini_model(config, data[0]), data)
+    assert inputs.head == ["score.weight"] and len(inputs.train) == 24 and len(inputs.dev) == 8
+    loaded = {name: tensor.clone() for name, tensor in inputs.classifier.state_dict().items()}
+
+    def head(model):
+        return model.get_parameter("score.weight").detach()
+
+    first, again, other = (build_arm(inputs, {"kind": "kan", "basis": "cheby2", "degree": 2, "last_n": 1}, seed)
+                           for seed in (0, 0, 1))
+    assert torch.equal(head(first), head(again)) and not torch.equal(head(first), head(other))
+    std = inputs.classifier.config.initializer_range  # transformers' own initialization of a new head
+    assert 0.5 * std < head(first).std() < 2 * std
+    assert isinstance(first.model.layers[1].mlp, KANFeedForward)
+    # retrofitting and training an arm leave the loaded classifier as it was for the next arm
+    first(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([1])).loss.backward()
+    torch.optim.SGD(first.parameters(), lr=1.0).step()
+    assert not isinstance(inputs.classifier.model.layers[1].mlp, KANFeedForward)
+    assert all(torch.equal(tensor, loaded[name]) for name, tensor in inputs.classifier.state_dict().items())
