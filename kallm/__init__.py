@@ -33,6 +33,8 @@ _EXPORTS = {
     "HealConfig": "train.heal",
     "heal": "train.heal",
     "ConversionReport": "surgery",
+    "KANAdapterConfig": "surgery",
+    "kan_adapter_config": "surgery",
     "convert": "surgery",
     "load_adapter": "surgery",
     "lora_config": "surgery",

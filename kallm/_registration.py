@@ -2,9 +2,9 @@
 
 ``import kallm`` must stay light (``kallm --help`` imports it), yet ``import kallm`` followed by
 ``AutoModelForCausalLM.from_pretrained(kallm_folder)`` must find kallm's classes, and
-``AutoPeftModelForCausalLM.from_pretrained(adapter_folder)`` must rebuild LoRA on KAN layers. So ``import kallm``
-registers with each library at once when it is already loaded, and otherwise right after its own import
-finishes. Registering means importing the kallm module named in ``REGISTRARS``, which registers as its import
+``AutoPeftModelForCausalLM.from_pretrained(adapter_folder)`` must rebuild LoRA on KAN layers and KAN adapters. So
+``import kallm`` registers with each library at once when it is already loaded, and otherwise right after its own
+import finishes. Registering means importing the kallm modules named in ``REGISTRARS``, which registers as its import
 finishes.
 """
 
@@ -14,14 +14,15 @@ import importlib
 import importlib.abc
 import sys
 
-#: library -> the kallm module whose import registers kallm with it
-REGISTRARS = {"transformers": "kallm.core", "peft": "kallm.surgery.lora"}
+#: library -> the kallm modules whose imports register kallm with it
+REGISTRARS = {"transformers": ("kallm.core",), "peft": ("kallm.surgery.lora", "kallm.surgery.kan_adapter")}
 
 
 def register_when_libraries_load() -> None:
-    for library, registrar in REGISTRARS.items():
+    for library, registrars in REGISTRARS.items():
         if library in sys.modules:
-            importlib.import_module(registrar)
+            for registrar in registrars:
+                importlib.import_module(registrar)
         elif not any(isinstance(finder, _LibraryWatcher) and finder.library == library for finder in sys.meta_path):
             sys.meta_path.insert(0, _LibraryWatcher(library))
 
@@ -48,9 +49,9 @@ class _LibraryWatcher(importlib.abc.MetaPathFinder):
 
 
 class _RegisterAfterImport(importlib.abc.Loader):
-    def __init__(self, loader, registrar: str):
+    def __init__(self, loader, registrars: tuple[str, ...]):
         self.loader = loader
-        self.registrar = registrar
+        self.registrars = registrars
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
@@ -59,6 +60,7 @@ class _RegisterAfterImport(importlib.abc.Loader):
         # The library keeps its own loader (resource reading goes through it); this one only adds a step.
         module.__spec__.loader = module.__loader__ = self.loader
         self.loader.exec_module(module)
-        # When the registrar is what imports the library, it registers once its own import finishes.
-        if self.registrar not in sys.modules:
-            importlib.import_module(self.registrar)
+        # When a registrar is what imports the library, it registers once its own import finishes.
+        for registrar in self.registrars:
+            if registrar not in sys.modules:
+                importlib.import_module(registrar)

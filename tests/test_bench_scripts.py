@@ -205,3 +205,26 @@ def test_bench_int8_quality_compares_each_quantized_arm_with_its_model(tmp_path)
     assert kan["relative_change"] == pytest.approx(kan["perplexity"] / rows["fit last-1"]["perplexity"] - 1)
     assert all(row["perplexity"] > 1 for row in rows.values())
     assert "| fit last-1 int8 all |" in out_md.read_text()
+
+
+def test_bench_adapters_trains_both_adapter_types_and_writes_its_tables(tmp_path, data_dir):
+    folder, _, out_json, out_md = fit_bench_inputs(tmp_path)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join((data_dir / "chat/hh_rlhf_helpful/test.jsonl").read_text(encoding="utf-8")
+                            .splitlines(True)[:8]))
+    code = load_script("bench_adapters").main([
+        "--model", str(folder), "--train-data", str(chat), "--eval-data", str(chat), "--eval-limit", "4",
+        "--last-blocks", "2", "--lora-rank", "4", "--kan-rank", "4", "--steps", "2", "--batch-size", "2",
+        "--max-length", "64", "--lrs", "1e-3", "1e-2", "--json", str(out_json), "--markdown", str(out_md)])
+    assert code == 0
+    report = json.loads(out_json.read_text())
+    assert [(r["adapter"], r["lr"]) for r in report["runs"]] == [("lora", 1e-3), ("kan", 1e-3), ("lora", 1e-2),
+                                                                  ("kan", 1e-2)]
+    lora, kan = report["runs"][:2]
+    # attention of the last 2 blocks (q, o: 32 -> 32; k, v: 32 -> 16), rank 4; the KAN layer adds 4 * (2 * 4 + 1 + 2)
+    assert lora["trainable_parameters"] == 2 * 4 * (2 * 64 + 2 * 48)
+    assert kan["trainable_parameters"] == lora["trainable_parameters"] + 2 * 4 * 4 * 11
+    assert all(r["chat_loss"] > 0 and r["tokens"] == report["runs"][0]["tokens"] for r in report["runs"])
+    assert [b["adapter"] for b in report["best"]] == ["lora", "kan"]
+    table = out_md.read_text()
+    assert "| kan | 4 |" in table and "| lora | " in table and "Without an adapter" in table

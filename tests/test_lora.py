@@ -235,8 +235,8 @@ def test_set_trainable_on_a_peft_model_keeps_the_adapters_training():
 
 # With kallm blocked: loads a retrofitted base with the checkpoint's own code and puts adapters on it with plain
 # PEFT (attention: PeftModel and AutoPeftModelForCausalLM; KAN: refused), and loads the merged KAN checkpoint.
-# Then imports kallm and loads the KAN adapter with plain PEFT onto the remote-code base, and through
-# AutoPeftModelForCausalLM. Prints the logits.
+# A KAN adapter (kallm's PEFT method) is refused too. Then imports kallm and loads the KAN-layer LoRA adapter and the
+# KAN adapter with plain PEFT onto the remote-code base, and through AutoPeftModelForCausalLM. Prints the logits.
 REMOTE_CODE_SCRIPT = r"""
 import importlib.abc, json, sys
 
@@ -251,8 +251,8 @@ import torch
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 
-base, attention_adapter, kan_adapter, merged = sys.argv[1:5]
-tokens = torch.tensor(json.loads(sys.argv[5]))
+base, attention_adapter, kan_adapter, merged, kan_type_adapter = sys.argv[1:6]
+tokens = torch.tensor(json.loads(sys.argv[6]))
 
 def load(folder):
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
@@ -269,6 +269,11 @@ try:
     result["kan_without_kallm"] = "loaded"
 except ValueError as error:
     result["kan_without_kallm"] = str(error)
+try:
+    PeftModel.from_pretrained(load(base), kan_type_adapter)
+    result["kan_type_without_kallm"] = "loaded"
+except Exception as error:
+    result["kan_type_without_kallm"] = f"{type(error).__name__}: {error}"
 model = load(base)
 sys.meta_path.remove(blocker)
 import kallm
@@ -276,6 +281,8 @@ import kallm
 result["remote_class"] = type(model).__module__
 result["kan"] = logits(PeftModel.from_pretrained(model, kan_adapter))
 result["auto_kan"] = logits(AutoPeftModelForCausalLM.from_pretrained(kan_adapter, trust_remote_code=True))
+result["kan_type"] = logits(PeftModel.from_pretrained(load(base), kan_type_adapter))
+result["auto_kan_type"] = logits(AutoPeftModelForCausalLM.from_pretrained(kan_type_adapter, trust_remote_code=True))
 print("RESULTS " + json.dumps(result))
 """
 
@@ -288,10 +295,18 @@ def test_trust_remote_code_users_get_attention_lora_from_peft_and_kan_lora_from_
     kan.save_pretrained(tmp_path / "kan")
     kan_logits = _logits(kan)
     kan.merge_and_unload().save_pretrained(tmp_path / "merged")
+    kan_type = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval(),
+                                   kallm.KANAdapterConfig(task_type="CAUSAL_LM", r=4, target_modules=KAN_LAYERS))
+    with torch.no_grad():
+        for name, parameter in kan_type.named_parameters():
+            if "kan_adapter_up" in name:
+                parameter.normal_(0, 0.1)
+    kan_type.save_pretrained(tmp_path / "kan_type")
+    kan_type_logits = _logits(kan_type.eval())
     env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     env.update(PYTHONPATH=str(Path(kallm.__file__).parent.parent), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    arguments = [str(tmp_path / name) for name in ("base", "attention", "kan", "merged")] + [json.dumps(TOKENS.tolist())]
+    arguments = [str(tmp_path / name) for name in ("base", "attention", "kan", "merged", "kan_type")] + [json.dumps(TOKENS.tolist())]
     process = subprocess.run([sys.executable, "-c", REMOTE_CODE_SCRIPT, *arguments], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stderr[-4000:]
@@ -302,6 +317,9 @@ def test_trust_remote_code_users_get_attention_lora_from_peft_and_kan_lora_from_
     assert "is not supported" in result["kan_without_kallm"]
     for key in ("merged", "kan", "auto_kan"):
         torch.testing.assert_close(torch.tensor(result[key]), kan_logits, rtol=0, atol=0)
+    assert result["kan_type_without_kallm"].startswith("KeyError: 'KAN_ADAPTER'")  # PEFT does not know the type
+    for key in ("kan_type", "auto_kan_type"):
+        torch.testing.assert_close(torch.tensor(result[key]), kan_type_logits, rtol=0, atol=0)
 
 
 PEFT_AFTER_KALLM = """
@@ -309,13 +327,14 @@ import sys
 import kallm
 assert "peft" not in sys.modules, "import kallm imported peft"
 from peft.tuners.lora import LoraModel
-print(getattr(LoraModel._create_new_module, "kallm_knows_kan_layers", False))
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+print(getattr(LoraModel._create_new_module, "kallm_knows_kan_layers", False), PEFT_TYPE_TO_CONFIG_MAPPING["KAN_ADAPTER"].__name__)
 """
 
 
-def test_import_kallm_registers_the_kan_lora_layer_when_peft_loads_later():
+def test_import_kallm_registers_the_kan_lora_layer_and_the_kan_adapter_when_peft_loads_later():
     env = {**os.environ, "PYTHONPATH": str(Path(kallm.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
     process = subprocess.run([sys.executable, "-c", PEFT_AFTER_KALLM], env=env, capture_output=True, text=True,
                              timeout=300)
     assert process.returncode == 0, process.stderr[-2000:]
-    assert process.stdout.split()[-1] == "True"
+    assert process.stdout.split()[-2:] == ["True", "KANAdapterConfig"]

@@ -744,6 +744,12 @@ def _peft_wrapped(model):
     return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
 
 
+
+def _kan_adapted(model):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(model, kallm.kan_adapter_config(model, "kan", r=2))
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
@@ -774,6 +780,8 @@ def test_bare_models_are_refused_everywhere(build, message):
         (lambda: _peft_wrapped(kallm.retrofit(tiny_model("llama"), layers=[2])), "merge_and_unload()"),
         (lambda: _peft_wrapped(kallm.retrofit(tiny_model("llama"), layers=[2])).get_base_model(),
          "got a model with PEFT adapters (model.layers.0.self_attn.q_proj (Linear))"),
+        (lambda: _kan_adapted(kallm.retrofit(tiny_model("llama"), layers=[2])).get_base_model(),  # kallm's layers only
+         "got a model with PEFT adapters (model.layers.2.mlp.layers.0 (KANAdapterLayer))"),
     ],
 )
 def test_retrofit_refuses_peft_models_and_set_trainable_and_summary_take_a_peft_model(build, message):

@@ -75,6 +75,25 @@ def test_train_lora_saves_an_adapter_and_a_merged_checkpoint_with_the_same_logit
     torch.testing.assert_close(logits(merged), adapted_logits)  # attention LoRA merges to float rounding
 
 
+def test_train_kan_adapter_saves_an_adapter_that_reloads_logit_for_logit(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train_command(workspace, "retrofitted", out, "--lora", 4, "--adapter", "kan") == 0
+    assert f"adapter and tokenizer saved to {out}" in capsys.readouterr().out
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "KAN_ADAPTER" and config["r"] == 4 and config["task_type"] == "CAUSAL_LM"
+    assert {"model.layers.2.mlp.layers.0", "model.layers.0.self_attn.q_proj"} <= set(config["target_modules"])
+    summary = json.loads((out / "train_result.json").read_text())
+
+    base, _ = kallm.load_model(str(workspace / "retrofitted"))
+    reference = logits(base)
+    adapted = kallm.load_adapter(base, out).eval()
+    assert kallm.summary(adapted, print_table=False)["adapters"] == summary["trainable_parameters"]
+    adapted_logits = logits(adapted)
+    assert not torch.allclose(adapted_logits, reference)  # the adapter trained
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(auto), adapted_logits, rtol=0, atol=0)
+
+
 def test_train_lora_leaves_the_base_weights_alone_and_trains_only_the_adapter(workspace, tmp_path):
     model, tokenizer = kallm.load_model(str(workspace / "retrofitted"))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -117,6 +136,9 @@ def test_a_user_peft_model_trains_its_adapter_with_a_policy_for_the_base(workspa
     (dict(lora_rank=2, lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
     (dict(lora_rank=2, lora_alpha=0), "lora_alpha must be > 0"),
     (dict(lora_rank=2, lora_targets="mlp"), "lora_targets must be one of kan, attention, all, got 'mlp'"),
+    (dict(lora_rank=2, adapter="dora"), "adapter must be one of lora, kan, got 'dora'"),
+    (dict(adapter="kan"), "adapter='kan' needs lora_rank, the adapter's rank"),
+    (dict(lora_rank=2, adapter="kan", merge=True), "merge: a KAN adapter cannot be merged into the model's weights"),
 ])
 def test_lora_settings_are_checked_when_the_config_is_made(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -131,4 +153,8 @@ def test_bad_lora_targets_fail_before_anything_is_written(workspace, tmp_path):
         train_command(workspace, "retrofitted", out, "--lora", 40)
     with pytest.raises(SystemExit):
         parse("--model", "m", "--data", "d", "--lora", 2, "--lora-targets", "mlp")
+    with pytest.raises(ValueError, match="merge: a KAN adapter cannot be merged"):
+        train_command(workspace, "retrofitted", out, "--lora", 2, "--adapter", "kan", "--merge")
+    with pytest.raises(ValueError, match=r"KAN adapter rank r=40 is too large .* allows at most"):
+        train_command(workspace, "retrofitted", out, "--lora", 40, "--adapter", "kan")
     assert not out.exists()

@@ -2,6 +2,7 @@
 
 from .adapters import ADAPTERS, ArchitectureAdapter, supported_model_types
 from .convert import ConversionReport, convert
+from .kan_adapter import KANAdapterConfig, kan_adapter_config
 from .lora import KANLoraLinear, load_adapter, lora_config, lora_targets, with_kan_lora
 from .quantize import load_quantized, quantize, save_quantized
 from .retrofit import retrofit, retrofitted_blocks, retrofitted_layers

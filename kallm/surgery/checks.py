@@ -7,6 +7,7 @@ out; docs/retrofitting.md ("What retrofit refuses, and why") explains each one.
 from __future__ import annotations
 
 import re
+import sys
 
 from torch import nn
 
@@ -75,15 +76,21 @@ def retrofitted_class(model, base_type: str) -> type:
 
 
 def _refuse_peft(model, action):
-    wrapped = [
-        name for name, module in model.named_modules() if type(module).__module__.split(".")[0] == "peft"
-    ]
+    wrapped = [name for name, module in model.named_modules() if _is_peft_module(module)]
     if wrapped:
         where = type(model).__name__ if wrapped[0] == "" else f"{wrapped[0]} ({type(model.get_submodule(wrapped[0])).__name__})"
         raise TypeError(
             f"{action} got a model with PEFT adapters ({where}); kallm works on the plain causal LM: apply it "
             f"before wrapping the model with peft, or merge the adapters first (model = model.merge_and_unload())"
         )
+
+
+def _is_peft_module(module: nn.Module) -> bool:
+    """A PEFT wrapper or adapter layer, PEFT's own or one of kallm's (LoRA on KAN layers, KAN adapters)."""
+    if type(module).__module__.split(".")[0] == "peft":
+        return True
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # without PEFT loaded, no model holds its layers
+    return tuners is not None and isinstance(module, tuners.BaseTunerLayer)
 
 
 def retrofitted_kan_config(model, adapter: ArchitectureAdapter, blocks) -> RetrofitConfig | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -91,8 +91,11 @@ def lora_config(model: nn.Module, which: str = "kan", r: int = 8, lora_alpha: fl
 
 
 def load_adapter(model: nn.Module, folder, is_trainable: bool = False, **kwargs) -> PeftModel:
-    """``PeftModel.from_pretrained(model, folder)`` for an adapter that may hold KAN layers."""
-    config = with_kan_lora(LoraConfig.from_pretrained(folder), model)
+    """``PeftModel.from_pretrained(model, folder)`` for an adapter that may hold KAN layers (LoRA on them), or a
+    KAN adapter (``kallm.KANAdapterConfig``)."""
+    config = PeftConfig.from_pretrained(folder)
+    if isinstance(config, LoraConfig):
+        config = with_kan_lora(config, model)
     return PeftModel.from_pretrained(model, folder, config=config, is_trainable=is_trainable, **kwargs)
 
 

@@ -23,6 +23,7 @@ from ..core.modeling_kallm import count_parameters
 from ..data import TRUNCATION, ChatCollator, prepare_chat_dataset
 from ..inference import eval_mode, model_device
 from ..saving import replacing_checkpoint, save_checkpoint
+from ..surgery.kan_adapter import MERGE_REFUSAL, kan_adapter_config
 from ..surgery.lora import LORA_TARGETS, lora_config
 from ..surgery.trainable import POLICIES, set_trainable
 from .chat_trainer import ChatTrainer
@@ -36,6 +37,8 @@ RESULT_FILE = "train_result.json"
 #: where ``merge=True`` saves the model with the trained adapter merged into it, inside output_dir
 MERGED_FOLDER = "merged"
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+#: the adapters ``lora_rank`` trains: PEFT's LoRA, or kallm's KAN adapter
+ADAPTER_TYPES = ("lora", "kan")
 
 
 @dataclass
@@ -93,10 +96,13 @@ class TrainConfig:
     #: other ``TrainingArguments`` fields, passed through: report_to, eval_strategy, optim, torch_compile,
     #: deepspeed, fsdp, push_to_hub, ... (``kallm train --training-args FILE`` or the flags of ``PASS_THROUGH``)
     training_arguments: dict = field(default_factory=dict)
-    lora_rank: int | None = option(None, "train a PEFT LoRA adapter of this rank instead of the model's weights; "
-                                         "--out receives the adapter (see kallm.lora_config)", aliases=["--lora"],
-                                   metavar="RANK")
-    lora_alpha: float = option(16.0, "LoRA scaling numerator: updates are scaled by alpha / rank")
+    lora_rank: int | None = option(None, "train a PEFT adapter of this rank (LoRA, or see --adapter) instead of the "
+                                         "model's weights; --out receives the adapter (see kallm.lora_config)",
+                                   aliases=["--lora"], metavar="RANK")
+    adapter: str = option("lora", "with --lora: the adapter type, LoRA's low-rank update or a KAN adapter (a small "
+                                  "KAN between a down- and an up-projection; kallm.kan_adapter_config); a KAN "
+                                  "adapter cannot be merged", choices=ADAPTER_TYPES)
+    lora_alpha: float = option(16.0, "adapter scaling numerator: updates are scaled by alpha / rank")
     lora_dropout: float = option(0.0, "dropout on the adapter's input")
     lora_targets: str | None = option(None, "layers that take the adapter: KAN layers, attention projections or "
                                             "both (kallm.lora_targets); default: all on a retrofitted model, "
@@ -139,7 +145,11 @@ class TrainConfig:
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
             (self.lora_targets is None or self.lora_targets in LORA_TARGETS,
              f"lora_targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}"),
+            (self.adapter in ADAPTER_TYPES, f"adapter must be one of {', '.join(ADAPTER_TYPES)}, got {self.adapter!r}"),
+            (self.adapter == "lora" or self.lora_rank is not None, f"adapter={self.adapter!r} needs lora_rank, the "
+                                                                   f"adapter's rank"),
             (not self.merge or self.lora_rank is not None, "merge needs an adapter to merge: set lora_rank"),
+            (not (self.merge and self.adapter == "kan"), f"merge: {MERGE_REFUSAL}"),
         ]
         if self.degree_stages is not None:
             stages = self.degree_stages
@@ -298,7 +308,8 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     distribution (``config.distill_alpha``, ``config.distill_temperature``).
 
     With ``config.lora_rank``, ``model`` is wrapped in place with a PEFT LoRA adapter
-    (``kallm.lora_config(model, config.lora_targets, ...)``) and only the adapter trains, plus the model
+    (``kallm.lora_config(model, config.lora_targets, ...)``), or with ``config.adapter="kan"`` a KAN adapter
+    (``kallm.kan_adapter_config``), and only the adapter trains, plus the model
     weights that ``config.trainable`` names if set; a ``PeftModel`` passed in trains the same way. The
     adapter is what ``output_dir`` then receives (``kallm.load_adapter`` or ``AutoPeftModelForCausalLM``
     reload it); ``config.merge`` also merges it into the model and saves that to ``output_dir/merged``.
@@ -401,7 +412,7 @@ def _hold_out(dataset, fraction: float, seed: int):
 
 
 def _with_adapter(model, config: TrainConfig):
-    """``model`` wrapped with the LoRA adapter ``config`` asks for (or as it is without ``lora_rank``);
+    """``model`` wrapped with the adapter (LoRA or KAN) ``config`` asks for (or as it is without ``lora_rank``);
     every check runs before the model changes."""
     if config.lora_rank is None:
         return model
@@ -409,8 +420,12 @@ def _with_adapter(model, config: TrainConfig):
         raise ValueError("the model already carries PEFT adapters; train it without lora_rank (its adapters "
                          "train), or pass the model without them")
     targets = config.lora_targets or ("all" if any(map(is_kan_linear, model.modules())) else "attention")
-    adapter = lora_config(model, targets, r=config.lora_rank, lora_alpha=config.lora_alpha,
-                          lora_dropout=config.lora_dropout)
+    if config.adapter == "kan":
+        adapter = kan_adapter_config(model, targets, r=config.lora_rank, alpha=config.lora_alpha,
+                                     dropout=config.lora_dropout)
+    else:
+        adapter = lora_config(model, targets, r=config.lora_rank, lora_alpha=config.lora_alpha,
+                              lora_dropout=config.lora_dropout)
     return get_peft_model(model, adapter)
 
 
