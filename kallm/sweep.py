@@ -36,7 +36,7 @@ SWEEP_KINDS = ("kan", "linear", "mlp")
 ARM_KEYS = ("kind", "basis", "degree", "last_n", "blocks", "intermediate_size")
 DATA_KEYS = ("train", "dev", "train_split", "dev_split", "text_column", "label_column", "train_limit", "dev_limit",
              "num_labels")
-TRAIN_KEYS = ("steps", "batch_size", "max_length", "learning_rate", "weight_decay", "eval_batch_size")
+TRAIN_KEYS = ("steps", "batch_size", "max_length", "learning_rate", "warmup_steps", "weight_decay", "eval_batch_size")
 
 
 @dataclass
@@ -117,6 +117,11 @@ def check_sweep(config: SweepConfig) -> None:
         if not isinstance(config.data.get(key), str):
             raise ValueError(f"data.{key} must name a local .jsonl/.csv file or a hub dataset, got "
                              f"{config.data.get(key)!r}")
+    for key in ("steps", "batch_size", "warmup_steps"):
+        value = config.train.get(key, 0 if key == "warmup_steps" else 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "warmup_steps" else 1):
+            least = "a non-negative" if key == "warmup_steps" else "a positive"
+            raise ValueError(f"train.{key} must be {least} integer, got {value!r}")
     unknown = sorted(set(config.shrink) - {"num_blocks", "blocks", "max_tokens"})
     if unknown:
         raise ValueError(f"unknown shrink settings {unknown}; valid: num_blocks, blocks, max_tokens")
@@ -280,10 +285,14 @@ def batch(examples, pad_id: int):
 
 
 def train_classifier(model, train, pad_id: int, settings: dict, seed: int) -> dict:
-    """Plain AdamW training, every parameter, on batches drawn in a seeded order; returns timings and losses."""
+    """Plain AdamW training, every parameter, on batches drawn in a seeded order; returns timings and losses.
+
+    ``warmup_steps``: the learning rate rises linearly to ``learning_rate`` over that many steps, then stays."""
     steps, batch_size = settings.get("steps", 100), settings.get("batch_size", 16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.get("learning_rate", 1e-3),
                                   weight_decay=settings.get("weight_decay", 0.0))
+    warmup = settings.get("warmup_steps", 0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     generator = torch.Generator().manual_seed(seed)
     order = []
     model.train()
@@ -296,6 +305,7 @@ def train_classifier(model, train, pad_id: int, settings: dict, seed: int) -> di
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
     seconds = time.perf_counter() - started

@@ -102,6 +102,8 @@ def test_cli_subset_and_saved_models_load_as_classifiers(workspace, monkeypatch)
     ({"arms": {"../x": {}}}, "arm name '../x' is not allowed"),
     ({"seeds": []}, "seeds must be a non-empty list of integers"),
     ({"train": {"epochs": 1}}, "unknown train settings ['epochs']"),
+    ({"train": {"steps": 0}}, "train.steps must be a positive integer, got 0"),
+    ({"train": {"warmup_steps": -1}}, "train.warmup_steps must be a non-negative integer, got -1"),
     ({"shrink": {"layers": 2}}, "unknown shrink settings ['layers']"),
     ({"surprise": 1}, "unknown sweep keys ['surprise']"),
 ])
@@ -197,3 +199,28 @@ def test_arms_are_copies_of_one_loaded_classifier_with_the_head_drawn_from_the_s
     torch.optim.SGD(first.parameters(), lr=1.0).step()
     assert not isinstance(inputs.classifier.model.layers[1].mlp, KANFeedForward)
     assert all(torch.equal(tensor, loaded[name]) for name, tensor in inputs.classifier.state_dict().items())
+
+
+def test_warmup_steps_scale_the_first_updates():
+    from types import SimpleNamespace
+
+    from kallm.sweep import train_classifier
+
+    class Scorer(torch.nn.Module):  # a classifier's interface over one weight
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4))
+
+        def forward(self, input_ids, attention_mask, labels):
+            return SimpleNamespace(loss=((self.weight - torch.arange(4.0)) ** 2).sum())
+
+    def first_update(warmup_steps):
+        model = Scorer()
+        train_classifier(model, [([1, 2], 0)], 0, {"steps": 1, "batch_size": 1, "learning_rate": 1e-2,
+                                                   "warmup_steps": warmup_steps}, seed=0)
+        return model.weight.detach().abs().max().item()
+
+    # Adam's first step moves each weight by about the learning rate: all of it without warmup, a quarter of it
+    # on the first of 3 warmup steps
+    assert first_update(0) == pytest.approx(1e-2, rel=1e-3)
+    assert first_update(3) == pytest.approx(1e-2 / 4, rel=1e-3)
