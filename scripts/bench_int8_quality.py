@@ -7,10 +7,9 @@ of 512 tokens, ``kallm.eval.perplexity.perplexity``, as scripts/bench_inference.
 - ``fit last-N``: ``kallm.retrofit(model, last_n=N, init="fit", tokenizer=tokenizer)`` (default calibration: replies
   the model writes itself), no training;
 - ``fit last-N int8 kan`` and ``fit last-N int8 all``: that retrofit with ``kallm.quantize(modules="kan")`` (its KAN
-  layers) and ``modules="all"`` (its KAN and linear layers);
-- ``fit last-N int8 kan, scale per basis function``: a diagnosis, not a kallm feature: the KAN layers quantized by
-  torchao directly with one scale per output row and basis function (``PerGroup(in_features)``: column ``k * in + i``
-  holds feature ``k`` of input ``i``) instead of one per row.
+  layers) and ``modules="all"`` (its KAN and linear layers), with the default scales (one per group of up to 32
+  weights of a row);
+- ``fit last-N int8 kan, one scale per row``: ``kallm.quantize(modules="kan", group_size=None)``.
 
 Each quantized arm's change is given relative to its unquantized model (the target: within 1%).
 
@@ -30,7 +29,6 @@ from pathlib import Path
 import torch
 
 import kallm
-from kallm.core.layers import is_kan_linear
 from kallm.eval.perplexity import perplexity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,20 +44,9 @@ def build_arms(model, tokenizer, last_n: int) -> dict:
         retrofit_name: (fitted, None),
         f"{retrofit_name} int8 kan": (kallm.quantize(copy.deepcopy(fitted), modules="kan"), retrofit_name),
         f"{retrofit_name} int8 all": (kallm.quantize(copy.deepcopy(fitted), modules="all"), retrofit_name),
-        f"{retrofit_name} int8 kan, scale per basis function": (quantize_per_basis_function(copy.deepcopy(fitted)),
-                                                               retrofit_name),
+        f"{retrofit_name} int8 kan, one scale per row": (
+            kallm.quantize(copy.deepcopy(fitted), modules="kan", group_size=None), retrofit_name),
     }
-
-
-def quantize_per_basis_function(model):
-    """The KAN layers in int8 with a scale per output row and basis function (torchao's per-group granularity)."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
-
-    for layer in [module for module in model.modules() if is_kan_linear(module)]:
-        config = Int8WeightOnlyConfig(granularity=PerGroup(layer.in_features), set_inductor_config=False)
-        quantize_(layer, config, filter_fn=lambda module, name, layer=layer: module is layer)
-    return model
 
 
 def markdown(rows) -> str:

@@ -198,7 +198,7 @@ def test_bench_int8_quality_compares_each_quantized_arm_with_its_model(tmp_path)
     assert code == 0
     rows = {row["arm"]: row for row in json.loads(out_json.read_text())["rows"]}
     assert list(rows) == ["original", "original int8", "fit last-1", "fit last-1 int8 kan", "fit last-1 int8 all",
-                          "fit last-1 int8 kan, scale per basis function"]
+                          "fit last-1 int8 kan, one scale per row"]
     assert rows["original"]["relative_change"] is None and rows["original int8"]["compared_with"] == "original"
     kan = rows["fit last-1 int8 kan"]
     assert kan["compared_with"] == "fit last-1"
