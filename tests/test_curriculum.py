@@ -64,6 +64,22 @@ def test_stages_raise_the_degree_with_exact_conversions_and_save_the_final_model
     assert summary["config"]["degree_stages"] == [1, 2, 3] and len(summary["stages"]) == 3
 
 
+def test_each_stage_draws_its_own_data_order(tmp_path, monkeypatch):
+    from kallm.train import curriculum
+
+    seen = []
+    real_train = curriculum.train
+
+    def recording_train(model, tokenizer, data, stage_config, **kwargs):
+        seen.append(stage_config.seed)
+        return real_train(model, tokenizer, data, stage_config, **kwargs)
+
+    monkeypatch.setattr(curriculum, "train", recording_train)
+    model = kallm.retrofit(tiny_model("llama"), last_n=1, degree=1)
+    train(model, chat_tokenizer(), sums(8), config(tmp_path, max_steps=3, seed=5))
+    assert seen == [5, 6, 7]
+
+
 def test_the_command_line_takes_degree_stages():
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -30,7 +30,9 @@ def train_in_degree_stages(model, tokenizer, data, config: TrainConfig, teacher=
     for degree, steps in zip(config.degree_stages, _split(config.max_steps, len(config.degree_stages))):
         if degree != model.config.kan_config["degree"]:
             convert(model, basis=basis, degree=degree, **options)
-        stage_config = replace(config, degree_stages=None, max_steps=steps,
+        # each stage is a fresh run: a seed of its own gives it a data order of its own, where the shared seed
+        # would replay the first stage's batches in every stage
+        stage_config = replace(config, degree_stages=None, max_steps=steps, seed=config.seed + len(stages),
                                output_dir=str(output / f"stage-{len(stages) + 1}-degree-{degree}"))
         result = train(model, tokenizer, data, stage_config, teacher=teacher, callbacks=callbacks)
         stages.append({"degree": degree, "output_dir": result.output_dir, "global_step": result.global_step,
