@@ -117,11 +117,11 @@ def check_sweep(config: SweepConfig) -> None:
         if not isinstance(config.data.get(key), str):
             raise ValueError(f"data.{key} must name a local .jsonl/.csv file or a hub dataset, got "
                              f"{config.data.get(key)!r}")
-    for key in ("steps", "batch_size", "warmup_steps"):
-        value = config.train.get(key, 0 if key == "warmup_steps" else 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "warmup_steps" else 1):
-            least = "a non-negative" if key == "warmup_steps" else "a positive"
-            raise ValueError(f"train.{key} must be {least} integer, got {value!r}")
+    for key, least in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0)):
+        value = config.train.get(key, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            kind = "a positive" if least else "a non-negative"
+            raise ValueError(f"train.{key} must be {kind} integer, got {value!r}")
     unknown = sorted(set(config.shrink) - {"num_blocks", "blocks", "max_tokens"})
     if unknown:
         raise ValueError(f"unknown shrink settings {unknown}; valid: num_blocks, blocks, max_tokens")
