@@ -3,16 +3,20 @@
 Both arms retrofit the same blocks of the same base model with the same basis and intermediate size (the
 parameter-budget size at the final degree), train the same policy for the same number of steps on the same
 chat data with kallm.train, and are scored by kallm.eval.chat_loss on held-out conversations. The curriculum arm
-starts at the first degree of --stages and converts exactly between stages. Prints a markdown table.
+starts at the first degree of --stages and converts exactly between stages. Prints a markdown table per run and
+the mean over the seeds; --json and --markdown write them (after every run: a stopped benchmark keeps its runs).
 
-    python scripts/bench_curriculum.py [--model smollm2-135m-instruct] [--steps 30] [--stages 1 2 3]
+    python scripts/bench_curriculum.py [--model smollm2-135m-instruct] [--steps 30] [--stages 1 2 3] [--seeds 0]
+        [--json docs/bench_curriculum.json] [--markdown docs/bench_curriculum.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,14 +33,15 @@ def default_data(name: str) -> str | None:
     return str(Path(folder) / "chat" / name) if folder else None
 
 
-def run_arm(base, tokenizer, args, degree: int, stages, intermediate_size: int, work: Path) -> dict:
-    torch.manual_seed(args.seed)
+def run_arm(base, tokenizer, args, degree: int, stages, intermediate_size: int, seed: int, work: Path) -> dict:
+    torch.manual_seed(seed)
     model = kallm.retrofit(copy.deepcopy(base), last_n=args.last_n, basis=args.basis, degree=degree,
                            intermediate_size=intermediate_size)
     config = TrainConfig(
-        output_dir=str(work / f"degree-{degree}-{'-'.join(map(str, stages or []))}"), trainable=args.trainable,
+        output_dir=str(work / f"degree-{degree}-{'-'.join(map(str, stages or []))}-seed-{seed}"),
+        trainable=args.trainable,
         max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup=0, max_length=args.max_length,
-        limit=args.train_limit, logging_steps=max(1, args.steps // 10), save_steps=10**6, seed=args.seed,
+        limit=args.train_limit, logging_steps=max(1, args.steps // 10), save_steps=10**6, seed=seed,
         progress_bar=False, degree_stages=list(stages) if stages else None,
     )
     start = time.perf_counter()
@@ -44,7 +49,7 @@ def run_arm(base, tokenizer, args, degree: int, stages, intermediate_size: int, 
     seconds = time.perf_counter() - start
     score = chat_loss(model, tokenizer, args.eval_data, max_length=args.max_length, limit=args.eval_limit)
     return {"arm": f"curriculum {' -> '.join(map(str, stages))}" if stages else f"degree {degree} from the start",
-            "chat_loss": score["loss"], "tokens": score["tokens"], "seconds": seconds,
+            "seed": seed, "chat_loss": score["loss"], "tokens": score["tokens"], "seconds": seconds,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -65,7 +70,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of each arm per seed")
+    parser.add_argument("--json", help="write the settings and runs here")
+    parser.add_argument("--markdown", help="write the tables here")
     args = parser.parse_args(argv)
     if not args.train_data or not args.eval_data:
         parser.error("set KALLM_DATA_DIR or pass --train-data and --eval-data")
@@ -75,16 +82,47 @@ def main(argv=None) -> int:
     probe = kallm.retrofit(copy.deepcopy(base), last_n=args.last_n, basis=args.basis, degree=final)
     intermediate_size = probe.config.kan_config["intermediate_size"]
     del probe
+    settings = {key: value for key, value in vars(args).items() if key not in ("json", "markdown")}
+    settings["intermediate_size"] = intermediate_size
+    runs = []
     with tempfile.TemporaryDirectory() as work:
-        rows = [run_arm(base, tokenizer, args, args.stages[0], args.stages, intermediate_size, Path(work)),
-                run_arm(base, tokenizer, args, final, None, intermediate_size, Path(work))]
-    print(f"{args.model}, last {args.last_n} blocks, {args.basis}, intermediate size {intermediate_size}, "
-          f"{args.trainable}, {args.steps} steps of {args.batch_size} x {args.max_length} tokens\n")
-    print("| arm | parameters | held-out chat loss | train time |")
-    print("|---|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['arm']} | {row['parameters']:,} | {row['chat_loss']:.4f} | {row['seconds']:.0f} s |")
+        for seed in args.seeds:
+            for degree, stages in ((args.stages[0], args.stages), (final, None)):
+                runs.append(run_arm(base, tokenizer, args, degree, stages, intermediate_size, seed, Path(work)))
+                print(json.dumps(runs[-1]), flush=True)
+                table = write_report(args, settings, runs)
+    print(table)
     return 0
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"{s['model']}, last {s['last_n']} blocks, {s['basis']}, intermediate size {s['intermediate_size']}, "
+             f"{s['trainable']}, {s['steps']} steps of {s['batch_size']} x {s['max_length']} tokens at lr {s['lr']:g} "
+             f"(cosine, no warmup) on {s['train_limit']} conversations; held-out chat loss on {s['eval_limit']} "
+             f"conversations. Load average {s['load_average']}.", "",
+             "| arm | seed | parameters | held-out chat loss | train time |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['arm']} | {row['seed']} | {row['parameters']:,} | {row['chat_loss']:.4f} | "
+              f"{row['seconds']:.0f} s |" for row in report["runs"]]
+    lines += ["", "| arm | mean held-out chat loss | per seed |", "|---|---:|---|"]
+    lines += [f"| {row['arm']} | {row['mean_chat_loss']:.4f} | {', '.join(f'{x:.4f}' for x in row['seed_losses'])} |"
+              for row in report["means"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(args, settings: dict, runs: list[dict]) -> str:
+    by_arm = {}
+    for row in runs:
+        by_arm.setdefault(row["arm"], []).append(row["chat_loss"])
+    report = {"settings": {**settings, "load_average": " ".join(f"{value:.1f}" for value in os.getloadavg())},
+              "runs": runs, "means": [{"arm": arm, "mean_chat_loss": statistics.mean(losses), "seed_losses": losses}
+                                      for arm, losses in by_arm.items()]}
+    table = markdown(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.markdown:
+        Path(args.markdown).write_text(table, encoding="utf-8")
+    return table
 
 
 if __name__ == "__main__":

@@ -80,6 +80,23 @@ def test_each_stage_draws_its_own_data_order(tmp_path, monkeypatch):
     assert seen == [5, 6, 7]
 
 
+def test_the_stages_follow_one_learning_rate_schedule_warmup_once(tmp_path):
+    def learning_rates(run, degree_stages):
+        model = kallm.retrofit(tiny_model("llama"), last_n=1, degree=degree_stages[0] if degree_stages else 3)
+        train(model, chat_tokenizer(), sums(16), config(tmp_path, output_dir=str(tmp_path / run), warmup=2,
+                                                         degree_stages=degree_stages))
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["learning_rate"] for r in records if "learning_rate" in r}
+
+    staged, single = learning_rates("staged", [1, 2, 3]), learning_rates("single", None)
+    assert list(staged) == list(single) == list(range(1, 8))
+    # stage by stage, the learning rate is the one a single 7-step run of the same settings logs: one warmup,
+    # one cosine decay, no restart at a stage's first step
+    rates = list(staged.values())
+    assert rates == pytest.approx(list(single.values()), rel=1e-6)
+    assert rates[2:] == sorted(rates[2:], reverse=True) and rates[-1] < 0.1 * max(rates)
+
+
 def test_the_command_line_takes_degree_stages():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -126,6 +143,12 @@ def test_the_curriculum_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in sums(8)))
     assert bench.main(["--model", str(tmp_path / "base"), "--train-data", str(data), "--eval-data", str(data),
-                       "--stages", "1", "2", "--steps", "2", "--last-n", "1", "--max-length", "96"]) == 0
+                       "--stages", "1", "2", "--steps", "2", "--last-n", "1", "--max-length", "96",
+                       "--seeds", "0", "1", "--json", str(tmp_path / "bench.json")]) == 0
     table = capsys.readouterr().out
-    assert "| curriculum 1 -> 2 |" in table and "| degree 2 from the start |" in table
+    assert "| curriculum 1 -> 2 | 1 |" in table and "| degree 2 from the start | 1 |" in table
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [(row["arm"], row["seed"]) for row in report["runs"]] == [
+        ("curriculum 1 -> 2", 0), ("degree 2 from the start", 0), ("curriculum 1 -> 2", 1),
+        ("degree 2 from the start", 1)]
+    assert [len(row["seed_losses"]) for row in report["means"]] == [2, 2]

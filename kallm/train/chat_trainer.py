@@ -1,11 +1,15 @@
 """transformers' Trainer with kallm's model card: what ``create_model_card`` (and so ``Trainer.push_to_hub``)
-writes for a retrofitted model is kallm's card, with the training data and losses in its metadata."""
+writes for a retrofitted model is kallm's card, with the training data and losses in its metadata. A run can also
+follow one part of a longer learning-rate schedule (``schedule``), as the stages of a degree curriculum do."""
 
 from __future__ import annotations
 
 import os
+from functools import partial
 
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer
+from transformers.optimization import get_scheduler
 
 from ..core.modeling_kallm import HUB_ID, write_model_card
 from ..core.retrofit_config import kan_config_blocks
@@ -14,13 +18,28 @@ from ..loading import public_source_name
 
 class ChatTrainer(Trainer):
     """A ``Trainer`` whose model card is kallm's. ``data_source`` and ``eval_source`` name the training and
-    evaluation data (a hub id, a file, ...) for the card."""
+    evaluation data (a hub id, a file, ...) for the card. ``schedule``: ``(steps before this run, steps of the whole
+    schedule)``, for a run that is one part of a longer one: its learning rate continues the schedule
+    ``args.lr_scheduler_type`` of that many steps (warmup included) from that step, instead of starting its own."""
 
     def __init__(self, *args, data_source=None, eval_source=None, data_split: str = "train",
-                 eval_split: str | None = None, **kwargs):
+                 eval_split: str | None = None, schedule: tuple[int, int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.data_source, self.eval_source = data_source, eval_source
         self.data_split, self.eval_split = data_split, eval_split
+        self.schedule = schedule
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.schedule is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = optimizer or self.optimizer
+        done, total = self.schedule
+        whole = get_scheduler(self.args.lr_scheduler_type, optimizer=optimizer,
+                              num_warmup_steps=self.args.get_warmup_steps(total), num_training_steps=total,
+                              scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+        self.lr_scheduler = LambdaLR(optimizer, [partial(_shifted, factor, done) for factor in whole.lr_lambdas])
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def create_model_card(self, *args, tags=None, **kwargs):
         if not self._has_kallm_card():
@@ -66,6 +85,10 @@ class ChatTrainer(Trainer):
                     metric_value=float(logged[-1]),
                 ))
         return results
+
+
+def _shifted(factor, done: int, step: int) -> float:
+    return factor(done + step)
 
 
 def _hub_dataset(source) -> str | None:

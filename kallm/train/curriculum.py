@@ -2,9 +2,11 @@
 
 Degree ``d`` of a polynomial basis lies inside degree ``d + 1``, so between stages ``kallm.convert`` moves each
 trained KAN layer to the next degree exactly: the model computes the same function, and the new, higher
-coefficients start at zero. Each stage is an ordinary ``train`` run of its share of ``max_steps`` (its own
-optimizer and learning-rate schedule, since the layers' shapes change) into ``output_dir/stage-N-degree-D``;
-the final model goes to ``output_dir``.
+coefficients start at zero. Each stage is an ordinary ``train`` run of its share of ``max_steps`` into
+``output_dir/stage-N-degree-D``, with an optimizer of its own (the layers' shapes change) but one learning-rate
+schedule across all stages: a stage continues it where the previous stage stopped (warmup once, one decay), so
+the curriculum is one run whose model grows, not a series of warm restarts. The final model goes to
+``output_dir``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def train_in_degree_stages(model, tokenizer, data, config: TrainConfig, teacher=
         # would replay the first stage's batches in every stage
         stage_config = replace(config, degree_stages=None, max_steps=steps, seed=config.seed + len(stages),
                                output_dir=str(output / f"stage-{len(stages) + 1}-degree-{degree}"))
-        result = train(model, tokenizer, data, stage_config, teacher=teacher, callbacks=callbacks)
+        result = train(model, tokenizer, data, stage_config, teacher=teacher, callbacks=callbacks,
+                       schedule=(step_offset, config.max_steps))
         stages.append({"degree": degree, "output_dir": result.output_dir, "global_step": result.global_step,
                        "last_logged_loss": result.metrics.get("last_logged_loss")})
         log += [{**entry, "step": entry.get("step", 0) + step_offset, "degree": degree}

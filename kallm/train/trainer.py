@@ -297,7 +297,7 @@ def training_arguments(config: TrainConfig, evaluates: bool = False) -> Training
 
 
 def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=None,
-          callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+          callbacks: list[TrainerCallback] | None = None, schedule: tuple[int, int] | None = None) -> TrainResult:
     """Train ``model`` on the chat dataset ``data``; returns a ``TrainResult``.
 
     ``data``: a local JSONL/JSON/parquet file or folder, a hub dataset id, a
@@ -313,6 +313,9 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     weights that ``config.trainable`` names if set; a ``PeftModel`` passed in trains the same way. The
     adapter is what ``output_dir`` then receives (``kallm.load_adapter`` or ``AutoPeftModelForCausalLM``
     reload it); ``config.merge`` also merges it into the model and saves that to ``output_dir/merged``.
+
+    ``schedule``: ``(steps before this run, steps of the whole schedule)`` when this run is one part of a longer
+    one (a degree curriculum's stage): the learning rate continues that schedule instead of starting its own.
 
     Checkpoints go to ``output_dir/checkpoint-N`` every ``save_steps``; the final model and
     the tokenizer to ``output_dir`` (``kallm.load_model(output_dir)`` reloads them), the log
@@ -359,7 +362,7 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
         data_collator=ChatCollator(tokenizer.pad_token_id), processing_class=tokenizer, callbacks=callbacks,
         data_source=data, data_split=config.split, eval_source=config.eval_data or (data if evaluates else None),
-        eval_split=config.eval_split if config.eval_data else config.split, **extra,
+        eval_split=config.eval_split if config.eval_data else config.split, schedule=schedule, **extra,
     )
     if trainer.is_world_process_zero():
         logger.info("training %s trainable parameters (%s) on %s", f"{trainable:,}", policy or "the adapter",
