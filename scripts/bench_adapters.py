@@ -31,8 +31,7 @@ from kallm.eval.chat_loss import chat_loss
 from kallm.surgery.checks import causal_lm_parts
 from kallm.surgery.lora import LORA_TARGETS
 from kallm.train import TrainConfig, train
-
-ADAPTER_TYPES = ("lora", "kan")
+from kallm.train.trainer import ADAPTER_TYPES
 
 
 def default_data(name: str) -> str | None:
