@@ -1,39 +1,36 @@
 """Delta checkpoints: only what a retrofitted (or trained) model changed, relative to the model it was made from.
 
-A delta folder holds ``config.json`` (the full config of the changed model, ``kan_config`` included),
-``delta.safetensors`` (every tensor that is new, such as the KAN feedforwards, or differs from the base's) and
-``kallm_delta.json``, the manifest: where the base came from, a SHA-256 of the base's weights, the base tensors
-the model no longer has (the replaced feedforwards), and the changed model's dtype. ``load_delta`` rebuilds the
-model from the base and the delta, after checking the base's hash, so a delta never silently lands on
-another base.
+``save_delta`` writes a folder of ``config.json`` (the changed model's full config, ``kan_config`` included, with
+the checkpoint code beside it), ``delta.safetensors`` (every tensor that is new, such as the KAN feedforwards, or
+differs from the base's) and ``kallm_delta.json``, the manifest (see ``kallm.core.delta_checkpoint``, which
+rebuilds it, also for ``trust_remote_code`` users without kallm). ``load_delta`` rebuilds the model from the base
+and the delta after checking the base's hash, so a delta never silently lands on another base; unlike the
+checkpoint code, it also loads bases by the names only kallm knows (bundled models).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+from transformers.dynamic_module_utils import custom_object_save
 
-from .loading import DELTA_MANIFEST, TOKENIZER_FILES, load_model
+from .core.delta_checkpoint import (
+    DELTA_FORMAT,
+    DELTA_MANIFEST,
+    DELTA_WEIGHTS,
+    base_weights_hash,
+    check_base,
+    load_into,
+    named,
+    read_delta_manifest,
+)
+from .loading import TOKENIZER_FILES, load_model
 from .saving import replacing_checkpoint
-
-DELTA_WEIGHTS = "delta.safetensors"
-DELTA_FORMAT = 1
-
-
-def base_weights_hash(model: nn.Module) -> str:
-    """SHA-256 over every tensor of ``model.state_dict()``: names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
 
 
 def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathLike | nn.Module, tokenizer=None,
@@ -43,7 +40,8 @@ def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathL
     ``base``: the model ``model`` was made from, loaded (an ``nn.Module`` as it was before ``kallm.retrofit``;
     pass a copy, since retrofit changes a model in place) or as ``kallm.load_model`` takes it (a hub id, folder,
     ``.gguf`` file or bundled name, loaded here; ``revision`` goes to ``from_pretrained``). The manifest
-    records that name (or the base model's own ``name_or_path``) for ``load_delta``. ``tokenizer``, if given, is
+    records that name, a local one as an absolute path (or the base model's own ``name_or_path``), for
+    ``load_delta``. ``tokenizer``, if given, is
     saved beside. Everything is written to a temporary folder first; ``folder`` changes only once it is
     complete.
     """
@@ -56,7 +54,7 @@ def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathL
     model_state, base_state = model.state_dict(), base_model.state_dict()
     unchanged = {name for name, tensor in model_state.items() if _equal(tensor, base_state.get(name))}
     if not any(model_state[name].dim() > 1 for name in unchanged):  # norms and biases may start out equal anyway
-        raise ValueError(f"none of the model's weight matrices equals the base's: {_named(source)} is not the model "
+        raise ValueError(f"none of the model's weight matrices equals the base's: {named(source)} is not the model "
                          f"this one was made from (or the dtypes differ, or every weight trained), and a delta would "
                          f"hold the whole model")
     tied = _tied_names(model_state)
@@ -74,6 +72,9 @@ def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathL
         "dropped_tensors": sorted(set(base_state) - set(model_state)),
     }
     with replacing_checkpoint(folder) as staging:
+        if hasattr(model, "_record_auto_classes"):  # a retrofitted model: loadable with trust_remote_code too
+            model._record_auto_classes()
+            custom_object_save(model, staging, config=model.config)
         model.config.save_pretrained(staging)
         save_file(changed, str(staging / DELTA_WEIGHTS), metadata={"format": "pt"})
         (staging / DELTA_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -99,30 +100,14 @@ def load_delta(folder: str | os.PathLike, base: str | os.PathLike | nn.Module | 
         raise ValueError(f"the delta in {folder} records no base model; pass base= the model it was made from")
     try:
         base_model, base_tokenizer, source = _base(base if base is not None else recorded,
-                                                   manifest.get("base_revision"))
+                                                   manifest.get("base_revision"), manifest["dtype"])
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"the base model of the delta in {folder} cannot be loaded ({error}); pass base= "
-                                f"the model it was made from ({_named(recorded)})") from error
-    digest = base_weights_hash(base_model)
-    if digest != manifest["base_sha256"]:
-        raise ValueError(
-            f"the base model {_named(source)} does not match the delta in {folder}: its weights hash to "
-            f"{digest[:16]}..., the delta was made from weights hashing to {manifest['base_sha256'][:16]}... ({_named(recorded)}); on "
-            f"another base it would be a different model. Pass base= the model the delta was made from"
-        )
-    state = {name: tensor for name, tensor in base_model.state_dict().items()
-             if name not in set(manifest["dropped_tensors"])}
-    state.update(load_file(str(folder / DELTA_WEIGHTS)))
-    state.update({name: state[source] for name, source in manifest.get("tied_tensors", {}).items()})
+                                f"the model it was made from ({named(recorded)})") from error
+    check_base(base_model, manifest, folder, source)
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, manifest["dtype"]))
-    expected = set(model.state_dict())
-    if expected != set(state):
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"the base and the delta in {folder} do not make up the model its config.json describes: "
-                         f"missing {missing[:6]}, unexpected {extra[:6]}")
-    model.load_state_dict(state)
-    model.eval()
+    model = load_into(model, base_model, manifest, str(folder / DELTA_WEIGHTS), folder)
     if any((folder / name).exists() for name in TOKENIZER_FILES):
         return model, AutoTokenizer.from_pretrained(folder)
     return model, base_tokenizer
@@ -130,26 +115,26 @@ def load_delta(folder: str | os.PathLike, base: str | os.PathLike | nn.Module | 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
     """The manifest of a delta folder, checked for the fields ``load_delta`` needs."""
-    path = Path(folder) / DELTA_MANIFEST
-    if not path.is_file():
+    manifest = read_delta_manifest(folder) if os.path.isdir(folder) else None
+    if manifest is None:
         raise FileNotFoundError(f"{folder} is no delta checkpoint: it has no {DELTA_MANIFEST} (kallm.save_delta "
                                 f"writes one)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    missing = [key for key in ("base_model", "base_sha256", "dtype", "dropped_tensors") if key not in manifest]
-    if manifest.get("format") != DELTA_FORMAT or missing:
-        raise ValueError(f"{path} is not a delta manifest kallm can read (format {manifest.get('format')!r}, "
-                         f"missing {missing})")
     return manifest
 
 
-def _base(base, revision):
-    """``(loaded base model, its tokenizer or None, its name for the manifest)``."""
+def _base(base, revision, dtype: str | None = None):
+    """``(loaded base model, its tokenizer or None, its name for the manifest)``; a base loaded by name comes in
+    ``dtype`` (a delta's base is hashed as the delta's dtype)."""
     if isinstance(base, nn.Module):
         return base, None, getattr(base, "name_or_path", "") or ""
     if not isinstance(base, (str, os.PathLike)):
         raise TypeError(f"base must be a model or a name kallm.load_model takes, got {type(base).__name__}")
     options = {"revision": revision} if revision else {}
-    return *load_model(os.fspath(base), **options), os.fspath(base)
+    if dtype:
+        options["dtype"] = getattr(torch, dtype)
+    name = os.fspath(base)
+    # a local base is recorded by its absolute path, so that the delta finds it from any working directory
+    return *load_model(name, **options), os.path.abspath(name) if os.path.exists(name) else name
 
 
 def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -162,10 +147,6 @@ def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
         else:
             first[key] = name
     return tied
-
-
-def _named(source: str) -> str:
-    return repr(source) if source else "(a base model without a name)"
 
 
 def _equal(tensor: torch.Tensor, other: torch.Tensor | None) -> bool:

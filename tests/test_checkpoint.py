@@ -28,7 +28,8 @@ from kallm.core.layers import KANFeedForward
 
 REPO = Path(__file__).resolve().parents[1]
 CODE_FILES = (
-    "modeling_kallm.py", "configuration_kallm.py", "retrofit_config.py", "layers.py", "bases.py", "kan_function.py"
+    "modeling_kallm.py", "configuration_kallm.py", "retrofit_config.py", "layers.py", "bases.py", "kan_function.py",
+    "delta_checkpoint.py",
 )
 
 # name -> (family, retrofit options); every family plus bases and options that change the module tree

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import tiny_model
 from test_train_data import chat_tokenizer
+from transformers import AutoModelForCausalLM
 
 import kallm
-from kallm.delta import DELTA_WEIGHTS, base_weights_hash
-from kallm.loading import DELTA_MANIFEST
+from kallm.core.delta_checkpoint import DELTA_MANIFEST, DELTA_WEIGHTS, base_weights_hash
 from kallm.saving import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +28,7 @@ def logits(model):
 
 def retrofitted_and_trained(base):
     """A copy of ``base`` retrofitted in blocks 1 and 2, its final norm changed as training would."""
-    model = kallm.retrofit(copy.deepcopy(base), layers=[1, 2])
+    model = kallm.retrofit(copy.deepcopy(base), blocks=[1, 2])
     with torch.no_grad():
         model.model.norm.weight.mul_(1.5)
     return model
@@ -57,15 +57,73 @@ def test_a_delta_holds_only_what_changed_and_rebuilds_the_model_exactly(tmp_path
     torch.testing.assert_close(logits(base), logits(tiny_model("llama")), rtol=0, atol=0)  # the base is untouched
 
 
-def test_the_recorded_base_loads_by_name_with_the_tokenizer(tmp_path):
+def test_the_recorded_base_loads_by_name_with_the_tokenizer(tmp_path, monkeypatch):
     base, tokenizer = tiny_model("gpt2"), chat_tokenizer()
     save_checkpoint(base, tokenizer, tmp_path / "base")
     model = kallm.retrofit(copy.deepcopy(base), last_n=1)
-    manifest = kallm.save_delta(model, tmp_path / "delta", base=str(tmp_path / "base"), tokenizer=tokenizer)
-    assert manifest["base_model"] == str(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    manifest = kallm.save_delta(model, "delta", base="base", tokenizer=tokenizer)
+    assert manifest["base_model"] == str(tmp_path / "base")  # a local base by its absolute path
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     loaded, loaded_tokenizer = kallm.load_delta(tmp_path / "delta")
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
+def test_load_model_and_from_pretrained_rebuild_a_delta_in_one_call(tmp_path):
+    base, tokenizer = tiny_model("llama"), chat_tokenizer()
+    save_checkpoint(base, tokenizer, tmp_path / "base")
+    model = retrofitted_and_trained(base)
+    kallm.save_delta(model, tmp_path / "delta", base=str(tmp_path / "base"), tokenizer=tokenizer)
+    delta = str(tmp_path / "delta")
+
+    loaded, loaded_tokenizer = kallm.load_model(delta)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert kallm.load_model(delta, dtype=torch.bfloat16)[0].dtype == torch.bfloat16
+    # transformers' own entry point, on the recorded base or on one given loaded
+    for options in ({}, {"base_model": base}, {"base_model": str(tmp_path / "base")}):
+        auto = AutoModelForCausalLM.from_pretrained(delta, **options)
+        assert type(auto) is type(model)
+        torch.testing.assert_close(logits(auto), logits(model), rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match=r"from_pretrained options \(device_map\) do not apply"):
+        kallm.load_model(delta, device_map="cpu")
+    with pytest.raises(ValueError, match="is a delta checkpoint, which loads on CPU without further options; "
+                                         "from_pretrained got device_map"):
+        AutoModelForCausalLM.from_pretrained(delta, device_map="cpu")
+    with pytest.raises(ValueError, match="does not match the delta"):
+        AutoModelForCausalLM.from_pretrained(delta, base_model=tiny_model("llama", seed=1))
+    save_checkpoint(model, tokenizer, tmp_path / "full")
+    with pytest.raises(ValueError, match="base_model= is for delta checkpoints"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "full", base_model=base)
+
+
+def test_a_fresh_process_rebuilds_a_delta_with_or_without_kallm(tmp_path):
+    from test_checkpoint import run_fresh_processes
+
+    base, tokenizer = tiny_model("llama"), chat_tokenizer()
+    save_checkpoint(base, tokenizer, tmp_path / "base")
+    model = retrofitted_and_trained(base)
+    kallm.save_delta(model, tmp_path / "delta", base=str(tmp_path / "base"))
+    save_checkpoint(base, tokenizer, tmp_path / "base-later-changed")
+    kallm.save_delta(model, tmp_path / "delta-on-changed-base", base=str(tmp_path / "base-later-changed"))
+    save_checkpoint(tiny_model("llama", seed=1), tokenizer, tmp_path / "base-later-changed")
+    reference = tmp_path / "reference.pt"
+    torch.save({"ids": TOKENS, "logits": logits(model),
+                "kan_state": {k: v for k, v in model.state_dict().items() if ".mlp.layers." in k}}, reference)
+    request = {"models": {"delta": [str(tmp_path / "delta"), str(reference)]},
+               "refused": {"changed-base": str(tmp_path / "delta-on-changed-base")}}
+    results = run_fresh_processes({"without_kallm": {**request, "block_kallm": True},
+                                   "with_kallm": {**request, "block_kallm": False}}, tmp_path / "fresh")
+    for key, importable in (("without_kallm", False), ("with_kallm", True)):
+        result = results[key]
+        assert result["kallm_importable"] is importable
+        assert result["models"]["delta"]["max_abs_diff"] == 0.0 and result["models"]["delta"]["kan_tensors_equal"]
+        assert result["models"]["delta"]["module"].endswith("modeling_kallm")
+        assert "does not match the delta" in result["refused"]["changed-base"]
+    assert results["without_kallm"]["models"]["delta"]["module"].startswith("transformers_modules.")
 
 
 def test_another_base_is_refused_with_both_hashes(tmp_path):
@@ -91,7 +149,7 @@ def test_a_missing_base_or_manifest_is_a_clear_error(tmp_path):
         kallm.load_delta(tmp_path / "delta")
     with pytest.raises(FileNotFoundError, match="is no delta checkpoint: it has no kallm_delta.json"):
         kallm.load_delta(tmp_path / "base")
-    with pytest.raises(ValueError, match=r"holds a delta checkpoint .*kallm.load_delta"):
+    with pytest.raises(FileNotFoundError, match="base model of the delta in .* cannot be loaded .*pass base="):
         kallm.load_model(str(tmp_path / "delta"))
 
 

@@ -68,6 +68,16 @@ from .configuration_kallm import (
     blocks_path_in,
     check_kan_config_fits_model,
 )
+from .delta_checkpoint import (
+    DELTA_MANIFEST,
+    DELTA_WEIGHTS,
+    HUB_OPTIONS,
+    check_base,
+    delta_file,
+    load_base_model,
+    load_into,
+    read_delta_manifest,
+)
 from .layers import KANFeedForward, KANLinear, is_kan_feedforward
 from .retrofit_config import RetrofitConfig
 
@@ -369,11 +379,49 @@ class KANModelMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, output_loading_info: bool = False, **kwargs):
         """transformers' ``from_pretrained``, refusing weights that do not match ``kan_config``
-        (see ``check_weights_match_kan_config``). ``from_config`` still builds fresh KAN layers."""
+        (see ``check_weights_match_kan_config``). ``from_config`` still builds fresh KAN layers.
+
+        A delta checkpoint (``kallm.save_delta``) is rebuilt on its base: the one its manifest records (a hub id, a
+        folder or a ``.gguf`` file), or ``base_model=`` (a loaded model or a path) when that is not loadable here;
+        the base's weights must hash to the recorded SHA-256."""
+        hub_options = {key: kwargs[key] for key in HUB_OPTIONS if kwargs.get(key) is not None}
+        manifest = read_delta_manifest(pretrained_model_name_or_path, hub_options)
+        if manifest is not None:
+            return cls._from_delta(pretrained_model_name_or_path, manifest, hub_options, output_loading_info, kwargs)
+        if kwargs.get("base_model") is not None:
+            raise ValueError(f"base_model= is for delta checkpoints; {pretrained_model_name_or_path} is none "
+                             f"(it has no {DELTA_MANIFEST})")
+        kwargs.pop("base_model", None)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         check_weights_match_kan_config(model, loading_info, pretrained_model_name_or_path)
+        return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _from_delta(cls, source, manifest: dict, hub_options: dict, output_loading_info: bool, options: dict):
+        """The model of the delta checkpoint ``source``: its config's architecture with the base's tensors and the
+        delta's over them, on CPU in the dtype it was saved in (or ``dtype=``)."""
+        # what the Auto classes pass along (a delta folder holds no PEFT adapter) and the delta's own hub options
+        ignored = (*HUB_OPTIONS, "trust_remote_code", "code_revision", "adapter_kwargs")
+        options = {key: value for key, value in options.items() if key not in ignored and value is not None}
+        config, base, dtype = options.pop("config", None), options.pop("base_model", None), options.pop("dtype", None)
+        unsupported = sorted(options)
+        if unsupported:
+            raise ValueError(f"{source} is a delta checkpoint, which loads on CPU without further options; "
+                             f"from_pretrained got {', '.join(unsupported)}: load it first, then move or convert it")
+        if config is None:
+            config = cls.config_class.from_pretrained(source, **hub_options)
+        if base is None:
+            base = load_base_model(manifest["base_model"], manifest.get("base_revision"), manifest["dtype"], source)
+        elif isinstance(base, (str, os.PathLike)):
+            base = load_base_model(os.fspath(base), None, manifest["dtype"], source)
+        check_base(base, manifest, source, getattr(base, "name_or_path", "") or manifest["base_model"])
+        model = cls._from_config(config, dtype=getattr(torch, manifest["dtype"]))
+        model = load_into(model, base, manifest, delta_file(source, DELTA_WEIGHTS, hub_options), source)
+        if dtype not in (None, "auto"):
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        loading_info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return (model, loading_info) if output_loading_info else model
 
     def initialize_weights(self):
