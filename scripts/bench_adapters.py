@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_report import load_average, write_report
 from peft import get_peft_model
 
 import kallm
@@ -162,20 +163,17 @@ def main(argv=None) -> int:
                 for kind in args.adapters:
                     runs.append(run(base, tokenizer, kind, lr, seed, args, Path(work)))
                     print(json.dumps(runs[-1]), flush=True)
-                    table = write_report(args, settings, base_score, runs)  # after every run: a slow bench
+                    table = report_runs(args, settings, base_score, runs)  # after every run: a slow bench
     print(table)
     return 0
 
 
-def write_report(args, settings: dict, base_score: dict, runs: list[dict]) -> str:
-    settings = {**settings, "load_average": " ".join(f"{value:.1f}" for value in os.getloadavg())}
-    report = {"settings": settings, "base_chat_loss": {"loss": base_score["loss"], "tokens": base_score["tokens"]},
+def report_runs(args, settings: dict, base_score: dict, runs: list[dict]) -> str:
+    report = {"settings": {**settings, "load_average": load_average()},
+              "base_chat_loss": {"loss": base_score["loss"], "tokens": base_score["tokens"]},
               "runs": runs, "best": best_per_adapter(runs)}
     table = markdown(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if args.markdown:
-        Path(args.markdown).write_text(table, encoding="utf-8")
+    write_report(report, table, args.json, args.markdown)
     return table
 
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_report import load_average, write_report
 
 import kallm
 from kallm.eval.chat_loss import chat_loss
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
             for degree, stages in ((args.stages[0], args.stages), (final, None)):
                 runs.append(run_arm(base, tokenizer, args, degree, stages, intermediate_size, seed, Path(work)))
                 print(json.dumps(runs[-1]), flush=True)
-                table = write_report(args, settings, runs)
+                table = report_runs(args, settings, runs)
     print(table)
     return 0
 
@@ -110,18 +111,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(args, settings: dict, runs: list[dict]) -> str:
+def report_runs(args, settings: dict, runs: list[dict]) -> str:
     by_arm = {}
     for row in runs:
         by_arm.setdefault(row["arm"], []).append(row["chat_loss"])
-    report = {"settings": {**settings, "load_average": " ".join(f"{value:.1f}" for value in os.getloadavg())},
+    report = {"settings": {**settings, "load_average": load_average()},
               "runs": runs, "means": [{"arm": arm, "mean_chat_loss": statistics.mean(losses), "seed_losses": losses}
                                       for arm, losses in by_arm.items()]}
     table = markdown(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if args.markdown:
-        Path(args.markdown).write_text(table, encoding="utf-8")
+    write_report(report, table, args.json, args.markdown)
     return table
 
 

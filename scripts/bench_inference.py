@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_report import write_report
 
 import kallm
 from kallm.eval.perplexity import perplexity
@@ -172,10 +172,7 @@ def main(argv=None) -> int:
                         "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "rows": rows,
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    write_report(report, table, args.json, args.markdown)
     return 0
 
 

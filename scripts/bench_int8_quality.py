@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_report import write_report
 
 import kallm
 from kallm.eval.perplexity import perplexity
@@ -93,10 +93,7 @@ def main(argv=None) -> int:
               "text": str(path.name), "seconds_to_build_arms": build_seconds,
               "environment": {"torch": torch.__version__, "machine": platform.machine(), "threads": args.threads},
               "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    write_report(report, table, args.json, args.markdown)
     return 0
 
 

@@ -36,7 +36,6 @@ and their grads written once), the same count for every arm.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -44,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_report import write_report
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -308,10 +308,7 @@ def gpu_main(args) -> int:
     }
     json_path = args.json if args.json != DEFAULT_JSON else str(ROOT / "docs" / "bench_layers_gpu.json")
     markdown_path = args.markdown if args.markdown != DEFAULT_MARKDOWN else str(ROOT / "docs" / "bench_layers_gpu.md")
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-    if markdown_path:
-        Path(markdown_path).write_text(table)
+    write_report(report, table, json_path, markdown_path)
     return 0
 
 
@@ -386,10 +383,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "decode_rows": decode_rows,
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    write_report(report, table, args.json, args.markdown)
     return 0
 
 

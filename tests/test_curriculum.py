@@ -130,15 +130,11 @@ def test_models_whose_stages_cannot_convert_exactly_are_refused_before_training(
 
 
 def test_the_curriculum_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
+    from test_bench_scripts import load_script
 
     from kallm.saving import save_checkpoint
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_curriculum", Path(__file__).resolve().parent.parent / "scripts" / "bench_curriculum.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_curriculum")
     save_checkpoint(tiny_model("llama"), chat_tokenizer(), tmp_path / "base")
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in sums(8)))

@@ -195,13 +195,9 @@ def test_tied_embeddings_that_trained_are_stored_once_and_stay_tied(tmp_path):
 
 
 def test_the_size_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
+    from test_bench_scripts import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_delta", Path(__file__).resolve().parent.parent / "scripts" / "bench_delta.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_delta")
     save_checkpoint(tiny_model("llama"), chat_tokenizer(), tmp_path / "base")
     assert bench.main(["--model", str(tmp_path / "base"), "--last-n", "1"]) == 0
     table = capsys.readouterr().out
