@@ -23,7 +23,7 @@ _EXPORTS = {
     "list_bases": "core",
     "register_basis": "core",
     "register_with_transformers": "core",
-    "load_delta": "delta",
+    "load_delta": "loading",
     "save_delta": "delta",
     "load_model": "loading",
     "OnnxCheck": "onnx_export",

