@@ -2,10 +2,9 @@
 
 ``save_delta`` writes a folder of ``config.json`` (the changed model's full config, ``kan_config`` included, with
 the checkpoint code beside it), ``delta.safetensors`` (every tensor that is new, such as the KAN feedforwards, or
-differs from the base's) and ``kallm_delta.json``, the manifest (see ``kallm.core.delta_checkpoint``, which
-rebuilds it, also for ``trust_remote_code`` users without kallm) and ``kallm.load_delta`` (in ``kallm.loading``)
-rebuild the model from the base and the delta after checking the base's hash, so a delta never silently lands
-on another base.
+differs from the base's) and ``kallm_delta.json``, the manifest. ``kallm.load_delta`` (in ``kallm.loading``) and,
+for ``trust_remote_code`` users without kallm, the checkpoint code (``kallm.core.delta_checkpoint``) rebuild the
+model from the base and the delta after checking the base's hash, so a delta never silently lands on another base.
 """
 
 from __future__ import annotations
@@ -31,9 +30,8 @@ def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathL
     pass a copy, since retrofit changes a model in place) or as ``kallm.load_model`` takes it (a hub id, folder,
     ``.gguf`` file or bundled name, loaded here; ``revision`` goes to ``from_pretrained``). The manifest
     records that name, a local one as an absolute path (or the base model's own ``name_or_path``), for
-    ``load_delta``. ``tokenizer``, if given, is
-    saved beside. Everything is written to a temporary folder first; ``folder`` changes only once it is
-    complete.
+    ``load_delta``. ``tokenizer``, if given, is saved beside. Everything is written to a temporary folder first;
+    ``folder`` changes only once it is complete.
     """
     from peft import PeftModel
 
