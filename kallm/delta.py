@@ -18,7 +18,7 @@ from torch import nn
 from transformers.dynamic_module_utils import custom_object_save
 
 from .core.delta_checkpoint import DELTA_FORMAT, DELTA_MANIFEST, DELTA_WEIGHTS, base_weights_hash, named
-from .loading import load_model
+from .loading import load_base
 from .saving import replacing_checkpoint
 
 
@@ -38,7 +38,7 @@ def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathL
     if isinstance(model, PeftModel):
         raise TypeError("save_delta takes a model without PEFT adapters: merge them first (merge_and_unload()), "
                         "or save the adapter itself with save_pretrained")
-    base_model, source = _base(base, revision)
+    base_model, _, source = load_base(base, revision)
     model_state, base_state = model.state_dict(), base_model.state_dict()
     unchanged = {name for name, tensor in model_state.items() if _equal(tensor, base_state.get(name))}
     if not any(model_state[name].dim() > 1 for name in unchanged):  # norms and biases may start out equal anyway
@@ -69,18 +69,6 @@ def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathL
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return manifest
-
-
-def _base(base, revision):
-    """``(loaded base model, its name for the manifest)``."""
-    if isinstance(base, nn.Module):
-        return base, getattr(base, "name_or_path", "") or ""
-    if not isinstance(base, (str, os.PathLike)):
-        raise TypeError(f"base must be a model or a name kallm.load_model takes, got {type(base).__name__}")
-    name = os.fspath(base)
-    model, _ = load_model(name, **({"revision": revision} if revision else {}))
-    # a local base is recorded by its absolute path, so that the delta finds it from any working directory
-    return model, os.path.abspath(name) if os.path.exists(name) else name
 
 
 def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:

@@ -163,8 +163,8 @@ def load_delta(folder: str | os.PathLike, base: str | os.PathLike | torch.nn.Mod
     if base is None and not recorded:
         raise ValueError(f"the delta in {folder} records no base model; pass base= the model it was made from")
     try:
-        base_model, base_tokenizer, source = _delta_base(base if base is not None else recorded,
-                                                         manifest.get("base_revision"), manifest["dtype"])
+        base_model, base_tokenizer, source = load_base(base if base is not None else recorded,
+                                                       manifest.get("base_revision"), manifest["dtype"])
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"the base model of the delta in {folder} cannot be loaded ({error}); pass base= "
                                 f"the model it was made from ({named(recorded)})") from error
@@ -186,14 +186,20 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
-def _delta_base(base, revision, dtype: str):
-    """``(loaded base model, its tokenizer or None, its name)``; a base loaded by name comes in ``dtype``."""
+def load_base(base, revision: str | None = None, dtype: str | None = None):
+    """``(model, tokenizer or None, name)`` of a delta's base: a loaded model as it is (named by its
+    ``name_or_path``), or a name ``load_model`` takes, loaded (in ``dtype`` when given) and named as given, a local
+    one by its absolute path so that a delta finds it from any working directory."""
     if isinstance(base, torch.nn.Module):
         return base, None, getattr(base, "name_or_path", "") or ""
     if not isinstance(base, (str, os.PathLike)):
         raise TypeError(f"base must be a model or a name kallm.load_model takes, got {type(base).__name__}")
+    name = os.fspath(base)
     options = {"revision": revision} if revision else {}
-    return *load_model(os.fspath(base), dtype=getattr(torch, dtype), **options), os.fspath(base)
+    if dtype:
+        options["dtype"] = getattr(torch, dtype)
+    model, tokenizer = load_model(name, **options)
+    return model, tokenizer, os.path.abspath(name) if os.path.exists(name) else name
 
 
 def _damaged_weights(source: str) -> str:
