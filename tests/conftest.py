@@ -18,6 +18,25 @@ import transformers  # noqa: E402
 
 import kallm  # noqa: E402
 
+#: distributions whose versions head the test report, so that a failure names the stack it failed on
+REPORTED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "torchao", "lm_eval",
+                     "triton", "onnx", "onnxruntime")
+
+
+def pytest_report_header(config):
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    packages = ", ".join(f"{name} {installed(name)}" for name in REPORTED_PACKAGES)
+    return [f"kallm stack: python {platform.python_version()}, {packages}"]
+
+
 _COMMON = dict(vocab_size=128, num_hidden_layers=3, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
 
 TINY_CONFIGS = {

@@ -517,7 +517,10 @@ def run_fresh_processes(requests: dict, tmp_path) -> dict:
         folder = tmp_path / key
         folder.mkdir(parents=True)
         env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
-        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(folder / "hf_modules"), OMP_NUM_THREADS="1")
+        # The reference logits were computed here: the same thread count keeps a CPU's matrix kernels summing in
+        # the same order, so that any difference is the load path's.
+        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(folder / "hf_modules"),
+                   OMP_NUM_THREADS=str(torch.get_num_threads()))
         if not request["block_kallm"]:
             env["PYTHONPATH"] = str(REPO)
         running[key] = subprocess.Popen(

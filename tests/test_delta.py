@@ -90,9 +90,14 @@ def test_load_model_and_from_pretrained_rebuild_a_delta_in_one_call(tmp_path):
 
     with pytest.raises(ValueError, match=r"from_pretrained options \(device_map\) do not apply"):
         kallm.load_model(delta, device_map="cpu")
-    with pytest.raises(ValueError, match="is a delta checkpoint, which loads on CPU without further options; "
-                                         "from_pretrained got device_map"):
-        AutoModelForCausalLM.from_pretrained(delta, device_map="cpu")
+    # what transformers' Auto classes and pipelines pass along (private keywords included) reaches the rebuild
+    routed = AutoModelForCausalLM.from_pretrained(delta, device_map="cpu", attn_implementation="eager",
+                                                  trust_remote_code=True, _from_pipeline="x")
+    assert routed.config._attn_implementation == "eager"  # eager attention sums in another order than sdpa
+    torch.testing.assert_close(logits(routed), logits(model), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"is a delta checkpoint, rebuilt on its base; from_pretrained got "
+                                         r"max_memory, which it cannot honour there \(it takes config, base_model"):
+        AutoModelForCausalLM.from_pretrained(delta, max_memory={"cpu": "1GB"})
     with pytest.raises(ValueError, match="does not match the delta"):
         AutoModelForCausalLM.from_pretrained(delta, base_model=tiny_model("llama", seed=1))
     save_checkpoint(model, tokenizer, tmp_path / "full")

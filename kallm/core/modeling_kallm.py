@@ -304,6 +304,10 @@ def warn_if_custom_basis(kan_config: dict) -> None:
         )
 
 
+#: ``from_pretrained`` keywords about how a call reached the class (remote code, a PEFT adapter the Auto classes
+#: look for), not about the model; transformers' private ones (``_from_auto``, ``_from_pipeline``...) likewise
+CALL_ROUTING = ("trust_remote_code", "code_revision", "adapter_kwargs", "adapter_name")
+
 #: names of KANLinear tensors inside a block's feedforward: ``<block>.<attribute>.layers.<j>.<tensor>``
 _KAN_TENSOR = re.compile(r"\.\d+\.\w+\.layers\.\d+\.(weight|bias|input_scale|input_shift|basis_parameters\.\d+)$")
 
@@ -402,14 +406,20 @@ class KANModelMixin:
     def _from_delta(cls, source, manifest: dict, hub_options: dict, output_loading_info: bool, options: dict):
         """The model of the delta checkpoint ``source``: its config's architecture with the base's tensors and the
         delta's over them, on CPU in the dtype it was saved in (or ``dtype=``)."""
-        # what the Auto classes pass along (a delta folder holds no PEFT adapter) and the delta's own hub options
-        ignored = (*HUB_OPTIONS, "trust_remote_code", "code_revision", "adapter_kwargs")
-        options = {key: value for key, value in options.items() if key not in ignored and value is not None}
+        # Taken out: the delta's own hub options, and what says how the call got here (the Auto classes' and
+        # pipelines' private keywords, such as _from_auto and _from_pipeline, and remote-code settings).
+        options = {key: value for key, value in options.items()
+                   if not key.startswith("_") and key not in (*HUB_OPTIONS, *CALL_ROUTING) and value is not None}
         config, base, dtype = options.pop("config", None), options.pop("base_model", None), options.pop("dtype", None)
+        attn_implementation, device_map = options.pop("attn_implementation", None), options.pop("device_map", None)
+        if device_map is not None and not isinstance(device_map, (str, torch.device)):
+            options["device_map"] = device_map
         unsupported = sorted(options)
         if unsupported:
-            raise ValueError(f"{source} is a delta checkpoint, which loads on CPU without further options; "
-                             f"from_pretrained got {', '.join(unsupported)}: load it first, then move or convert it")
+            raise ValueError(f"{source} is a delta checkpoint, rebuilt on its base; from_pretrained got "
+                             f"{', '.join(unsupported)}, which it cannot honour there (it takes config, base_model, "
+                             f"dtype, attn_implementation and a single-device device_map): load it first, then "
+                             f"convert it")
         if config is None:
             config = cls.config_class.from_pretrained(source, **hub_options)
         if base is None:
@@ -417,10 +427,13 @@ class KANModelMixin:
         elif isinstance(base, (str, os.PathLike)):
             base = load_base_model(os.fspath(base), None, manifest["dtype"], source)
         check_base(base, manifest, source, getattr(base, "name_or_path", "") or manifest["base_model"])
-        model = cls._from_config(config, dtype=getattr(torch, manifest["dtype"]))
+        build = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = cls._from_config(config, dtype=getattr(torch, manifest["dtype"]), **build)
         model = load_into(model, base, manifest, delta_file(source, DELTA_WEIGHTS, hub_options), source)
         if dtype not in (None, "auto"):
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        if device_map is not None:
+            model = model.to(device_map)
         loading_info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return (model, loading_info) if output_loading_info else model
 
