@@ -402,8 +402,9 @@ class KANModelMixin:
     def _from_delta(cls, source, manifest: dict, hub_options: dict, output_loading_info: bool, options: dict):
         """The model of the delta checkpoint ``source``: its config's architecture with the base's tensors and the
         delta's over them, on CPU in the dtype it was saved in (or ``dtype=``)."""
-        # what the Auto classes pass along (a delta folder holds no PEFT adapter) and the delta's own hub options
-        ignored = (*HUB_OPTIONS, "trust_remote_code", "code_revision", "adapter_kwargs")
+        # what the Auto classes pass along (a delta folder holds no PEFT adapter; recent transformers adds
+        # _from_auto) and the delta's own hub options
+        ignored = (*HUB_OPTIONS, "trust_remote_code", "code_revision", "adapter_kwargs", "_from_auto")
         options = {key: value for key, value in options.items() if key not in ignored and value is not None}
         config, base, dtype = options.pop("config", None), options.pop("base_model", None), options.pop("dtype", None)
         unsupported = sorted(options)
