@@ -24,7 +24,7 @@ from ..core.layers import is_kan_linear
 from ..core.modeling_kallm import count_parameters
 from ..data import TRUNCATION, ChatCollator, prepare_chat_dataset
 from ..inference import eval_mode, model_device
-from ..saving import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
+from ..saving import check_finite, check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
 from ..surgery.kan_adapter import MERGE_REFUSAL, kan_adapter_config
 from ..surgery.lora import LORA_TARGETS, lora_config
 from ..surgery.trainable import POLICIES, set_trainable
@@ -224,6 +224,15 @@ class TrainResult:
     stages: list[dict] = field(default_factory=list)
 
 
+class FiniteCheckpointsCallback(TrainerCallback):
+    """Stops the run before the Trainer saves a checkpoint of weights holding NaN or infinity, so that the latest
+    checkpoint stays the last good one (kallm's own saves check through ``replacing_checkpoint``)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save:  # set by the Trainer's flow callback, which runs first
+            check_finite(model, f"save {PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
 class MetricsFileCallback(TrainerCallback):
     """Appends every log event (loss, learning rate, ...) as one JSON line to a file.
 
@@ -359,7 +368,8 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     if teacher is not None:
         trainer_class = DistillationTrainer
         extra = dict(teacher=teacher, alpha=config.distill_alpha, temperature=config.distill_temperature)
-    callbacks = [MetricsFileCallback(metrics_file, _checkpoint_step(resume)), *(callbacks or [])]
+    callbacks = [MetricsFileCallback(metrics_file, _checkpoint_step(resume)), FiniteCheckpointsCallback(),
+                 *(callbacks or [])]
     if config.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = trainer_class(
