@@ -18,27 +18,33 @@ from torch import nn
 from transformers.dynamic_module_utils import custom_object_save
 
 from .core.delta_checkpoint import DELTA_FORMAT, DELTA_MANIFEST, DELTA_WEIGHTS, base_weights_hash, named
-from .loading import load_base
-from .saving import replacing_checkpoint
+from .loading import load_base, recorded_base_model
+from .saving import check_output_folder, replacing_checkpoint
+from .surgery.retrofit import retrofitted_blocks
 
 
-def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathLike | nn.Module, tokenizer=None,
-               revision: str | None = None) -> dict:
+def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathLike | nn.Module | None = None,
+               tokenizer=None, revision: str | None = None) -> dict:
     """Save what ``model`` changed relative to ``base`` into ``folder``; returns the manifest.
 
     ``base``: the model ``model`` was made from, loaded (an ``nn.Module`` as it was before ``kallm.retrofit``;
     pass a copy, since retrofit changes a model in place) or as ``kallm.load_model`` takes it (a hub id, folder,
-    ``.gguf`` file or bundled name, loaded here; ``revision`` goes to ``from_pretrained``). The manifest
-    records that name, a local one as an absolute path (or the base model's own ``name_or_path``), for
-    ``load_delta``. ``tokenizer``, if given, is saved beside. Everything is written to a temporary folder first;
-    ``folder`` changes only once it is complete.
+    ``.gguf`` file or bundled name, loaded here; ``revision`` goes to ``from_pretrained``). Default: the base
+    ``model``'s config records (a bundled name, hub id or absolute path). The manifest records that name, a local
+    one as an absolute path (or the base model's own ``name_or_path``), for ``load_delta``. ``tokenizer``, if
+    given, is saved beside. ``folder`` may not be, lie inside or hold the folder of the model or of the base.
+    Everything is written to a temporary folder first; ``folder`` changes only once it is complete.
     """
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
         raise TypeError("save_delta takes a model without PEFT adapters: merge them first (merge_and_unload()), "
                         "or save the adapter itself with save_pretrained")
+    if base is None:
+        base = recorded_base_model(model, "save_delta", "base=")
+    check_output_folder(folder, (model, base))
     base_model, _, source = load_base(base, revision)
+    _check_base_is_another_model(model, base_model)
     model_state, base_state = model.state_dict(), base_model.state_dict()
     unchanged = {name for name, tensor in model_state.items() if _equal(tensor, base_state.get(name))}
     if not any(model_state[name].dim() > 1 for name in unchanged):  # norms and biases may start out equal anyway
@@ -59,7 +65,7 @@ def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathL
         "tied_tensors": {name: source for name, source in sorted(tied.items()) if source in changed},
         "dropped_tensors": sorted(set(base_state) - set(model_state)),
     }
-    with replacing_checkpoint(folder) as staging:
+    with replacing_checkpoint(folder, model) as staging:
         if hasattr(model, "_record_auto_classes"):  # a retrofitted model: loadable with trust_remote_code too
             model._record_auto_classes()
             custom_object_save(model, staging, config=model.config)
@@ -69,6 +75,24 @@ def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathL
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return manifest
+
+
+def _check_base_is_another_model(model: nn.Module, base: nn.Module) -> None:
+    """Refuse a base that is ``model`` itself, shares tensors with it or is retrofitted where it is: a delta on it
+    would hold nothing, and load as the retrofit of a model that no longer exists (retrofit works in place)."""
+    if base is model:
+        raise ValueError("the base is the model itself; pass the model it was made from as base (retrofit changes a "
+                         "model in place: keep a copy, or pass the base's name or folder)")
+    storages = {tensor.untyped_storage().data_ptr() for tensor in model.state_dict().values() if tensor.numel()}
+    shared = [name for name, tensor in base.state_dict().items()
+              if tensor.numel() and tensor.untyped_storage().data_ptr() in storages]
+    if shared:
+        raise ValueError(f"the base shares tensors with the model ({', '.join(shared[:3])}, ...); pass the model it "
+                         f"was made from as base, as it was before retrofit (a copy, or its name or folder)")
+    both = sorted(set(retrofitted_blocks(model)) & set(retrofitted_blocks(base)))
+    if both:
+        raise ValueError(f"the base is itself retrofitted in blocks {both}, like the model; pass the model it was "
+                         f"retrofitted from as base, as it was before retrofit (a copy, or its name or folder)")
 
 
 def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:

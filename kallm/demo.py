@@ -26,7 +26,7 @@ from pathlib import Path
 from .eval.evaluate import evaluate
 from .inference import chat_prompt, generate_replies
 from .loading import DEFAULT_MODEL, load_model
-from .saving import save_checkpoint
+from .saving import check_output_folder, save_checkpoint
 from .surgery.fit import INITS, format_errors
 from .surgery.retrofit import retrofit
 from .surgery.trainable import summary
@@ -186,9 +186,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     started = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.held_out >= len(PROMPTS):
         raise ValueError(f"--held-out must be below the {len(PROMPTS)} shipped prompts")
+    check_output_folder(out, (args.model,))
+    out.mkdir(parents=True, exist_ok=True)
     print(f"[1/6] Loading {args.model} ...", flush=True)
     model, tokenizer = load_model(args.model)
     original = copy.deepcopy(model).eval()

@@ -72,19 +72,24 @@ def public_source_name(name_or_path: str) -> str:
     return Path(name_or_path).name
 
 
-def recorded_base_model(model, action: str) -> str:
+def recorded_base_model(model, action: str, option: str = "--teacher") -> str:
     """The model ``model`` was retrofitted from, as its ``kan_config`` records it, when that names
-    one unambiguously: a bundled name, a hub id ("user/name") or an absolute path. A local base is
-    recorded by its folder name only (see ``public_source_name``), which could match an unrelated
-    folder here, so ``action`` (the caller, for the message) then needs ``--teacher``."""
+    one unambiguously: a bundled name, a hub id ("user/name") or an absolute path that still exists. A local
+    base is recorded by its folder name only (see ``public_source_name``), which could match an unrelated
+    folder here, so ``action`` (the caller, for the message) then needs ``option`` (the base given)."""
     kan_config = getattr(model.config, "kan_config", None)
     recorded = (kan_config or {}).get("base_model")
     if not recorded:
-        raise ValueError(f"{action} needs --teacher: this model does not record the model it was retrofitted from")
-    if recorded in BUNDLED_MODELS or "/" in recorded.strip("/") or os.path.isabs(recorded):
+        raise ValueError(f"{action} needs {option}: this model does not record the model it was retrofitted from")
+    if os.path.isabs(recorded):
+        if not os.path.exists(recorded):
+            raise FileNotFoundError(f"{action} needs {option}: the model this one was retrofitted from is no longer "
+                                    f"where it records it ({recorded})")
         return recorded
-    raise ValueError(f"{action} needs --teacher: this model was retrofitted from a local model recorded only by "
-                     f"its folder name ({recorded!r}); pass --teacher FOLDER")
+    if recorded in BUNDLED_MODELS or "/" in recorded.strip("/"):
+        return recorded
+    raise ValueError(f"{action} needs {option}: this model was retrofitted from a local model recorded only by "
+                     f"its folder name ({recorded!r}); pass {option} FOLDER")
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, **kwargs):
@@ -95,21 +100,29 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     bundled name (``smollm2-135m-instruct``). ``dtype`` defaults to float32 (a delta's own dtype for a delta);
     other keyword arguments go to ``from_pretrained``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    from .core import register_with_transformers
-
-    register_with_transformers()
     source, gguf_file = resolve_model(name_or_path)
     if gguf_file is None and os.path.isfile(os.path.join(source, DELTA_MANIFEST)):
         return _load_delta_folder(source, dtype, kwargs)
-    if gguf_file is None and os.path.isdir(source) and not any(
-        os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES
-    ):
+    if gguf_file is None and os.path.isdir(source) and not _holds_tokenizer(source):
         raise FileNotFoundError(
             f"{source} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}); save one beside the model with "
             f"tokenizer.save_pretrained({source!r})"
         )
+    model = _load_weights(name_or_path, source, gguf_file, dtype, kwargs)
+    return model, _load_tokenizer(source, gguf_file)
+
+
+def _holds_tokenizer(folder: str | os.PathLike) -> bool:
+    return any(os.path.exists(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
+def _load_weights(name_or_path: str, source: str, gguf_file: str | None, dtype, kwargs: dict):
+    """The model of ``load_model``, without its tokenizer."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    from .core import register_with_transformers
+
+    register_with_transformers()
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     # GGUF weights are unpacked into plain float tensors, so that they can be retrofitted and trained.
     dequantize = {"quantization_config": GgufConfig(dequantize=True)} if gguf_file else {}
@@ -118,7 +131,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
                                                      **kwargs)
     except SafetensorError as error:
         raise OSError(f"cannot read the weights of {name_or_path}: {_damaged_weights(source)} ({error})") from error
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     if gguf_file:
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
@@ -126,9 +138,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
             quantizer.remove_quantization_config(model)
         # Record where the weights came from (model cards, kan_config) instead of a temp path.
         model.config._name_or_path = name_or_path
+    return model
+
+
+def _load_tokenizer(source: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def _load_delta_folder(folder: str, dtype, options: dict):
@@ -153,18 +172,23 @@ def load_delta(folder: str | os.PathLike, base: str | os.PathLike | torch.nn.Mod
     ``base``: the base model, loaded or by name (default: the one the manifest records, loaded with
     ``kallm.load_model``). Its weights must hash to the manifest's ``base_sha256``; any other base is refused
     before anything is built. The tokenizer comes from the folder when one was saved there, else from a base
-    given by name (None for a base given as a model without a tokenizer in the folder).
+    given by name that holds one (None otherwise: the model loads without).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     recorded = manifest["base_model"]
     if base is None and not recorded:
         raise ValueError(f"the delta in {folder} records no base model; pass base= the model it was made from")
+    if base is None and os.path.exists(recorded) and os.path.samefile(recorded, folder):
+        raise ValueError(f"the delta in {folder} records itself as its base model (it was saved over the folder of "
+                         f"its base); pass base= the model it was made from")
+    saved_tokenizer = _holds_tokenizer(folder)
     try:
         base_model, base_tokenizer, source = load_base(base if base is not None else recorded,
-                                                       manifest.get("base_revision"), manifest["dtype"])
+                                                       manifest.get("base_revision"), manifest["dtype"],
+                                                       tokenizer=not saved_tokenizer)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"the base model of the delta in {folder} cannot be loaded ({error}); pass base= "
                                 f"the model it was made from ({named(recorded)})") from error
@@ -172,9 +196,7 @@ def load_delta(folder: str | os.PathLike, base: str | os.PathLike | torch.nn.Mod
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, manifest["dtype"]))
     model = load_into(model, base_model, manifest, str(folder / DELTA_WEIGHTS), folder)
-    if any((folder / name).exists() for name in TOKENIZER_FILES):
-        return model, AutoTokenizer.from_pretrained(folder)
-    return model, base_tokenizer
+    return model, _load_tokenizer(str(folder)) if saved_tokenizer else base_tokenizer
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
@@ -186,20 +208,28 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_base(base, revision: str | None = None, dtype: str | None = None):
+def load_base(base, revision: str | None = None, dtype: str | None = None, tokenizer: bool = False):
     """``(model, tokenizer or None, name)`` of a delta's base: a loaded model as it is (named by its
     ``name_or_path``), or a name ``load_model`` takes, loaded (in ``dtype`` when given) and named as given, a local
-    one by its absolute path so that a delta finds it from any working directory."""
+    one by its absolute path so that a delta finds it from any working directory. The tokenizer is loaded only
+    when asked for and the base holds one: a base needs none to serve as one."""
     if isinstance(base, torch.nn.Module):
         return base, None, getattr(base, "name_or_path", "") or ""
     if not isinstance(base, (str, os.PathLike)):
         raise TypeError(f"base must be a model or a name kallm.load_model takes, got {type(base).__name__}")
     name = os.fspath(base)
     options = {"revision": revision} if revision else {}
-    if dtype:
-        options["dtype"] = getattr(torch, dtype)
-    model, tokenizer = load_model(name, **options)
-    return model, tokenizer, os.path.abspath(name) if os.path.exists(name) else name
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    source, gguf_file = resolve_model(name)
+    if gguf_file is None and os.path.isfile(os.path.join(source, DELTA_MANIFEST)):  # a delta made on a delta
+        model, found = load_delta(source)
+        model = model.to(torch_dtype) if torch_dtype else model
+    else:
+        model = _load_weights(name, source, gguf_file, torch_dtype, options)
+        # a folder may hold none; GGUF files and hub repositories hold theirs
+        has_tokenizer = gguf_file is not None or not os.path.isdir(source) or _holds_tokenizer(source)
+        found = _load_tokenizer(source, gguf_file) if tokenizer and has_tokenizer else None
+    return model, found if tokenizer else None, os.path.abspath(name) if os.path.exists(name) else name
 
 
 def _damaged_weights(source: str) -> str:

@@ -26,7 +26,7 @@ from torch import nn
 from .core.kan_function import _is_quantized
 from .core.layers import is_kan_linear
 from .inference import eval_mode
-from .saving import replacing_checkpoint
+from .saving import check_output_folder, replacing_checkpoint
 from .surgery.checks import base_model_type, causal_lm_parts
 
 #: the packages the export and the check need: ``pip install 'kallm[onnx]'``
@@ -60,6 +60,7 @@ def export_onnx(model: nn.Module, folder: str | os.PathLike, tokenizer=None, *, 
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(f"{folder} exists and is not empty; choose another folder or pass overwrite=True "
                               f"(--overwrite) to replace its files")
+    check_output_folder(folder, (model,))
     with eval_mode(model), torch.no_grad():
         program = _trace(model, family)
     inputs, outputs = _name_inputs_and_outputs(program)
@@ -80,7 +81,7 @@ def export_onnx(model: nn.Module, folder: str | os.PathLike, tokenizer=None, *, 
     }
     import onnx_ir
 
-    with replacing_checkpoint(folder) as staging:
+    with replacing_checkpoint(folder, model) as staging:
         onnx_ir.save(program, str(staging / MODEL_FILE), external_data=DATA_FILE)
         model.config.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None:

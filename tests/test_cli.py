@@ -128,6 +128,14 @@ def test_retrofit_command_reports_bad_input_without_a_traceback(saved_tiny, tmp_
     assert not out.exists()
 
 
+def test_retrofit_command_refuses_to_save_over_the_model_it_reads(saved_tiny, capsys):
+    before = {path.name: path.read_bytes() for path in saved_tiny.iterdir()}
+    for out in (saved_tiny, saved_tiny / "retrofitted", saved_tiny.parent):
+        assert main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "1"]) == 2
+        assert f"kallm retrofit: error: cannot write to {out}: it " in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in saved_tiny.iterdir()} == before
+
+
 def test_retrofit_command_fit_init_on_a_calibration_file(saved_tiny, tmp_path, capsys):
     text = tmp_path / "calibration.txt"
     text.write_text("The river flows past the old mill and under the stone bridge. " * 12)

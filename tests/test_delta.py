@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -207,3 +208,95 @@ def test_the_size_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
     assert bench.main(["--model", str(tmp_path / "base"), "--last-n", "1"]) == 0
     table = capsys.readouterr().out
     assert "| retrofitted |" in table and "| trained (tail+embeddings) |" in table and table.count("| 0 |") == 2
+
+
+def folder_bytes(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def test_a_delta_over_the_folder_of_its_base_or_model_is_refused_before_anything_changes(tmp_path):
+    base, tokenizer = tiny_model("llama"), chat_tokenizer()
+    save_checkpoint(base, tokenizer, tmp_path / "base")
+    before = folder_bytes(tmp_path / "base")
+    model, _ = kallm.load_model(str(tmp_path / "base"))
+    kallm.retrofit(model, blocks=[2])  # in place: the model still names the base's folder as its source
+    for folder in (tmp_path / "base", tmp_path / "base" / "delta", tmp_path):
+        with pytest.raises(ValueError, match=f"cannot write to {re.escape(str(folder))}: it (is|lies inside|holds)"):
+            kallm.save_delta(model, folder, base=str(tmp_path / "base"))
+    assert folder_bytes(tmp_path / "base") == before and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    torch.testing.assert_close(logits(kallm.load_model(str(tmp_path / "base"))[0]), logits(base), rtol=0, atol=0)
+
+
+def test_a_base_that_is_the_model_shares_its_tensors_or_is_retrofitted_alike_is_refused(tmp_path):
+    original = tiny_model("llama")
+    model = retrofitted_and_trained(original)
+    in_place = kallm.retrofit(tiny_model("llama"), blocks=[1, 2])
+    sharing = tiny_model("llama")
+    sharing.model.layers[0] = model.model.layers[0]
+    for base, problem in ((in_place, "the base is the model itself"),
+                          (sharing, r"the base shares tensors with the model \(model.layers.0."),
+                          (kallm.retrofit(copy.deepcopy(original), blocks=[2]),
+                           r"the base is itself retrofitted in blocks \[2\], like the model")):
+        with pytest.raises(ValueError, match=problem):
+            kallm.save_delta(in_place if base is in_place else model, tmp_path / "delta", base=base)
+    assert not (tmp_path / "delta").exists()
+
+
+def test_without_base_the_recorded_one_is_used_and_must_still_be_there(tmp_path):
+    base, tokenizer = tiny_model("gpt2"), chat_tokenizer()
+    save_checkpoint(base, tokenizer, tmp_path / "base")
+    model = kallm.retrofit(copy.deepcopy(base), last_n=1)
+    model.config.kan_config["base_model"] = str(tmp_path / "base")  # as retrofit records a hub or bundled base
+    manifest = kallm.save_delta(model, tmp_path / "delta")
+    assert manifest["base_model"] == str(tmp_path / "base")
+    torch.testing.assert_close(logits(kallm.load_delta(tmp_path / "delta")[0]), logits(model), rtol=0, atol=0)
+
+    (tmp_path / "base").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=r"save_delta needs base=: the model this one was retrofitted from is "
+                                                r"no longer where it records it \(.*base\)"):
+        kallm.save_delta(model, tmp_path / "delta-2")
+    model.config.kan_config["base_model"] = ""
+    with pytest.raises(ValueError, match="save_delta needs base=: this model does not record the model it was "
+                                         "retrofitted from"):
+        kallm.save_delta(model, tmp_path / "delta-2")
+    assert not (tmp_path / "delta-2").exists()
+
+
+def test_a_base_folder_without_a_tokenizer_serves_as_a_base(tmp_path):
+    base = tiny_model("llama")
+    save_checkpoint(base, None, tmp_path / "base")
+    model = retrofitted_and_trained(base)
+    kallm.save_delta(model, tmp_path / "delta", base=str(tmp_path / "base"))
+    loaded, tokenizer = kallm.load_delta(tmp_path / "delta")
+    assert tokenizer is None
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+
+
+def test_a_delta_holding_nan_or_recording_itself_as_base_is_refused_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_model("llama")
+    save_checkpoint(base, chat_tokenizer(), tmp_path / "base")
+    model = retrofitted_and_trained(base)
+    kallm.save_delta(model, tmp_path / "delta", base=str(tmp_path / "base"))
+    weights = tmp_path / "delta" / DELTA_WEIGHTS
+    tensors = load_file(weights)
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    for load in (lambda: kallm.load_delta(tmp_path / "delta"), lambda: kallm.load_model(str(tmp_path / "delta")),
+                 lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "delta")):
+        with pytest.raises(ValueError, match=r"the delta in .*delta is damaged: model.norm.weight hold NaN or "
+                                             r"infinite values"):
+            load()
+
+    manifest_file = tmp_path / "delta" / DELTA_MANIFEST
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "base_model": str(tmp_path / "delta")}))
+    with pytest.raises(ValueError, match="records itself as its base model"):
+        kallm.load_delta(tmp_path / "delta")
+
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match=r"the model holds NaN or infinite values in model.norm.weight"):
+        kallm.save_delta(model, tmp_path / "delta-2", base=base)
+    assert not (tmp_path / "delta-2").exists()

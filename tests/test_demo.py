@@ -31,6 +31,15 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     assert len((out / "generated_held_out.jsonl").read_text().splitlines()) == 4
 
 
+def test_demo_refuses_an_out_folder_holding_its_model(tmp_path, capsys):
+    model_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    assert main(["demo", "--model", str(model_dir), "--out", str(tmp_path)]) == 2
+    assert f"kallm demo: error: cannot write to {tmp_path}: it holds {model_dir}" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["base"]
+
+
 def test_format_table_shows_only_measured_columns():
     table = format_table({"original": {"chat_loss": 1.5}, "healed": {"chat_loss": 1.25}})
     assert table.splitlines()[0] == "| model | held-out chat loss |"

@@ -285,3 +285,64 @@ def test_bf16_heals_on_cpu():
     report = kallm.heal(student, teacher, make_tiny_tokenizer(), data=TEXTS, max_steps=2, bf16=True, **QUICK)
     assert report.steps == 2 and all(p["kl"] >= 0 for p in report.curve if p["stage"] == "end_to_end")
     assert student.model.layers[2].mlp.layers[0].weight.dtype == torch.float32  # autocast, weights stay float32
+
+
+def test_resume_passes_over_a_checkpoint_cut_off_while_saving(tmp_path, capsys):
+    tokenizer = make_tiny_tokenizer()
+    settings = dict(data=TEXTS, save_steps=2, local_passes=0, output_dir=str(tmp_path), **QUICK)
+    student, teacher = pair()
+    kallm.heal(student, teacher, tokenizer, max_steps=4, **settings)
+    (tmp_path / "checkpoint-4" / "heal_state.json").unlink()  # as when the run is killed while saving it
+    capsys.readouterr()
+    report = kallm.heal(pair()[0], teacher, tokenizer, max_steps=6, resume=True, **settings)
+    assert capsys.readouterr().out.startswith(f"resuming from {tmp_path / 'checkpoint-2'} (passed over the "
+                                              f"incomplete checkpoint-4)\n")
+    assert report.steps == 6 and [p["step"] for p in report.curve] == [1, 2, 3, 4, 5, 6]
+    (tmp_path / "checkpoint-4" / "heal_state.json").write_text('{"step": 4, "tok')  # cut off while writing
+    with pytest.raises(FileNotFoundError, match="checkpoint-4 is no complete checkpoint to resume from"):
+        kallm.heal(pair()[0], teacher, tokenizer, max_steps=6, **{**settings, "resume": str(tmp_path / "checkpoint-4")})
+
+
+def test_a_run_that_diverges_keeps_its_last_good_checkpoint(tmp_path):
+    def diverge(model, point):
+        if point["step"] == 2:
+            with torch.no_grad():
+                model.model.layers[2].mlp.layers[0].weight[0, 0] = float("nan")
+
+    student, teacher = pair()
+    with pytest.raises(ValueError, match=r"refusing to save to .*checkpoint-2: the model holds NaN or infinite values "
+                                         r"in model.layers.2.mlp.layers.0.weight"):
+        kallm.heal(student, teacher, make_tiny_tokenizer(), data=TEXTS, max_steps=3, save_steps=1, local_passes=0,
+                   output_dir=str(tmp_path), callbacks=[diverge], **QUICK)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((tmp_path / "checkpoint-1" / "heal_state.json").read_text())["step"] == 1
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_a_failed_save_of_the_healed_model_leaves_no_model_in_the_folder(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    def fail(state_dict, filename, metadata=None):
+        raise OSError(28, "No space left on device", filename)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fail)
+    student, teacher = pair()
+    with pytest.raises(OSError, match="No space left"):
+        kallm.heal(student, teacher, make_tiny_tokenizer(), data=TEXTS, max_steps=1, local_passes=0,
+                   output_dir=str(tmp_path / "heal"), **QUICK)
+    assert sorted(p.name for p in (tmp_path / "heal").iterdir()) == ["heal_curve.png", "heal_report.json",
+                                                                    "metrics.jsonl"]
+    assert [p.name for p in tmp_path.iterdir()] == ["heal"]  # no staging folder left behind
+
+
+def test_an_output_folder_overlapping_the_model_or_teacher_is_refused(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    student, teacher = pair()
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "student").iterdir()}
+    loaded, _ = kallm.load_model(str(tmp_path / "student"))
+    for out in (tmp_path / "student", tmp_path / "student" / "healed", tmp_path):
+        with pytest.raises(ValueError, match="cannot write to .*: it (is|lies inside|holds)"):
+            kallm.heal(loaded, teacher, tokenizer, data=TEXTS, max_steps=1, output_dir=str(out), **QUICK)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "student").iterdir()} == before

@@ -84,3 +84,29 @@ def test_two_processes_with_torchrun(workspace, tmp_path):
     model, _ = kallm.load_model(str(out))
     before, _ = kallm.load_model(str(workspace / "student"))
     assert not torch.equal(model.model.layers[2].mlp.layers[-1].weight, before.model.layers[2].mlp.layers[-1].weight)
+
+
+def test_heal_command_refuses_to_write_over_the_model_it_reads(workspace, capsys):
+    before = {p.name: p.read_bytes() for p in (workspace / "student").iterdir()}
+    for out in (workspace / "student", workspace / "student" / "healed"):
+        code = main(["heal", "--model", str(workspace / "student"), "--data", str(workspace / "book.txt"),
+                     "--out", str(out), "--max-steps", "1", "--quiet"])
+        assert code == 2
+        assert f"kallm heal: error: cannot write to {out}: it " in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (workspace / "student").iterdir()} == before
+
+
+def test_heal_command_never_saves_non_finite_weights(workspace, tmp_path, capsys):
+    diverged, tokenizer = kallm.load_model(str(workspace / "student"))
+    with torch.no_grad():
+        diverged.model.layers[2].mlp.layers[0].weight[0, 0] = float("nan")
+    diverged.save_pretrained(tmp_path / "diverged")  # transformers' own save writes what it is given
+    tokenizer.save_pretrained(tmp_path / "diverged")
+    out = tmp_path / "out"
+    code = main(["heal", "--model", str(tmp_path / "diverged"), "--data", str(workspace / "book.txt"),
+                 "--out", str(out), "--max-steps", "1", "--batch-size", "2", "--max-length", "32",
+                 "--local-passes", "0", "--quiet"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "kallm heal: error: refusing to save to" in error and "NaN or infinite values in model.layers.2.mlp" in error
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()

@@ -157,3 +157,24 @@ def test_missing_packages_are_named_with_the_extra(tmp_path, monkeypatch, capsys
     assert main(["export", "onnx", "no-such-model", "--out", str(tmp_path / "out")]) == 2
     assert "kallm[onnx]" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_folder_of_the_model_exported_is_refused_even_with_overwrite(tmp_path, capsys):
+    checkpoint = tmp_path / "retrofit"
+    kallm.retrofit(tiny_model("llama"), last_n=1).save_pretrained(checkpoint)
+    make_tiny_tokenizer().save_pretrained(checkpoint)
+    before = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
+    for out in (checkpoint, checkpoint / "onnx"):
+        assert main(["export", "onnx", str(checkpoint), "--out", str(out), "--overwrite"]) == 2
+        assert f"kallm export: error: cannot write to {out}: it " in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir()] == ["retrofit"]
+
+
+def test_a_model_holding_nan_is_not_exported(tmp_path):
+    model = kallm.retrofit(tiny_model("llama"), last_n=1)
+    with torch.no_grad():
+        model.model.layers[2].mlp.layers[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the model holds NaN or infinite values in model.layers.2.mlp.layers.0"):
+        kallm.export_onnx(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

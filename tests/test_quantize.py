@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm
 from kallm.core.kan_function import _is_quantized
@@ -163,3 +163,43 @@ def test_saving_an_unquantized_model_and_loading_a_plain_folder_are_refused(tmp_
     model.save_pretrained(tmp_path / "plain")
     with pytest.raises(FileNotFoundError, match="lacks kallm_quantized.pt, kallm_quantization.json"):
         kallm.load_quantized(tmp_path / "plain")
+
+
+def test_save_pretrained_of_a_quantized_model_is_refused_before_writing(tmp_path):
+    for model in (kallm.quantize(_retrofitted()), kallm.quantize(tiny_model("llama"), modules="linear")):
+        with pytest.raises(ValueError, match=r"quantized by kallm.quantize, and save_pretrained cannot write its int8 "
+                                             r"weights; save it with kallm.save_quantized\(model, folder\)"):
+            model.save_pretrained(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        kallm.save_quantized(model, tmp_path / "q")
+        with pytest.raises(ValueError, match="save it with kallm.save_quantized"):
+            kallm.load_quantized(tmp_path / "q").save_pretrained(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def test_saving_over_the_folder_the_model_was_loaded_from_is_refused(tmp_path):
+    from kallm.saving import save_checkpoint
+
+    save_checkpoint(_retrofitted(), make_tiny_tokenizer(), tmp_path / "model")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "model").iterdir()}
+    model = kallm.quantize(kallm.load_model(str(tmp_path / "model"))[0])
+    with pytest.raises(ValueError, match="cannot write to .*model: it is the folder this reads a model from"):
+        kallm.save_quantized(model, tmp_path / "model")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "model").iterdir()} == before
+
+
+def test_a_damaged_quantized_checkpoint_is_refused_at_load(tmp_path):
+    kallm.save_quantized(kallm.quantize(_retrofitted()), tmp_path / "q")
+    weights = tmp_path / "q" / "kallm_quantized.pt"
+    saved = torch.load(weights, weights_only=True)
+    name = "model.layers.2.mlp.layers.0.weight"
+    for damage, problem in (
+        (lambda state: state.update({name: state[name].dequantize()}),
+         f"{name} should hold int8 quantized weights .* but holds a Tensor of torch.float32"),
+        (lambda state: state[name].scale.view(-1)[0].fill_(float("nan")), f"{name} hold NaN or infinite values"),
+    ):
+        state = {key: copy.deepcopy(value) for key, value in saved.items()}
+        damage(state)
+        torch.save(state, weights)
+        with pytest.raises(ValueError, match=f"kallm_quantized.pt is damaged: {problem}"):
+            kallm.load_quantized(tmp_path / "q")

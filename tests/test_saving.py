@@ -11,7 +11,7 @@ import transformers.modeling_utils
 from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm
-from kallm.saving import replacing_checkpoint, save_checkpoint
+from kallm.saving import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
 
 IDS = torch.tensor([[1, 5, 9, 17, 33]])
 
@@ -105,3 +105,50 @@ def test_refuses_a_file_and_cleans_up_after_an_error_inside_the_block(tmp_path):
             (staging / "config.json").write_text("{}")
             raise RuntimeError("stop")
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_a_model_with_non_finite_weights_is_refused_and_the_previous_checkpoint_stays(tmp_path):
+    folder = tmp_path / "model"
+    save_checkpoint(tiny_model("llama"), make_tiny_tokenizer(), folder)
+    old_files = {path.name: path.read_bytes() for path in folder.iterdir()}
+    diverged = tiny_model("llama", seed=1)
+    with torch.no_grad():
+        diverged.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+        diverged.model.norm.weight[3] = float("inf")
+    with pytest.raises(ValueError, match=r"refusing to save to .*model: the model holds NaN or infinite values in "
+                                         r"model\.layers\.1\.mlp\.up_proj\.weight, model\.norm\.weight "):
+        save_checkpoint(diverged, make_tiny_tokenizer(), folder)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == old_files
+    assert os.listdir(tmp_path) == ["model"]
+
+
+def test_an_output_folder_overlapping_a_model_read_is_refused(tmp_path):
+    source = tmp_path / "models" / "base"
+    save_checkpoint(tiny_model("llama"), make_tiny_tokenizer(), source)
+    loaded, _ = kallm.load_model(str(source))
+    for output, overlap in ((source, "is the folder this reads a model from"),
+                            (source / "out", "lies inside .*base, which this reads a model from"),
+                            (tmp_path / "models", "holds .*base, which this reads a model from")):
+        for read in (str(source), source, loaded):  # by name, by path, or as a model loaded from there
+            with pytest.raises(ValueError, match=f"cannot write to .*: it {overlap}, and saving there would"):
+                check_output_folder(output, (read,))
+    check_output_folder(tmp_path / "models" / "base-2", (loaded, "user/hub-model", None, tiny_model("llama")))
+
+
+def test_resume_takes_the_latest_complete_checkpoint_and_says_which(tmp_path, capsys):
+    for step, state in ((2, '{"step": 2}'), (9, '{"step": 9}'), (10, '{"step": 1'), (11, None)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:  # checkpoint-10 was cut off while writing its state, checkpoint-11 before
+            (tmp_path / f"checkpoint-{step}" / "state.json").write_text(state)
+    assert resume_checkpoint(True, tmp_path, "checkpoint-", "state.json") == tmp_path / "checkpoint-9"
+    assert capsys.readouterr().out == (f"resuming from {tmp_path / 'checkpoint-9'} (passed over the incomplete "
+                                       f"checkpoint-10, checkpoint-11)\n")
+    assert resume_checkpoint(tmp_path / "checkpoint-2", None, "checkpoint-", "state.json") == tmp_path / "checkpoint-2"
+    assert resume_checkpoint(None, tmp_path, "checkpoint-", "state.json") is None
+    with pytest.raises(FileNotFoundError, match="checkpoint-10 is no complete checkpoint to resume from: its "
+                                                "state.json is missing or cut off"):
+        resume_checkpoint(tmp_path / "checkpoint-10", None, "checkpoint-", "state.json")
+    for step in (2, 9):
+        (tmp_path / f"checkpoint-{step}" / "state.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds no checkpoint-N folder to resume from \(only incomplete"):
+        resume_checkpoint(True, tmp_path, "checkpoint-", "state.json")

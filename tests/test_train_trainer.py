@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, capsys):
     tokenizer, data = chat_tokenizer(), sums()
     settings = dict(max_steps=6, save_steps=3, save_total_limit=None)
     full_model = retrofitted()
@@ -88,8 +89,14 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     # Interrupted after step 4 (last checkpoint at step 3), then resumed in a fresh model object.
     train(retrofitted(), tokenizer, data, quick(tmp_path, "cut", **settings), callbacks=[StopAt(4)])
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-3"]
+    # a later checkpoint cut off while saving: everything but trainer_state.json, which the Trainer writes last
+    shutil.copytree(tmp_path / "cut" / "checkpoint-3", tmp_path / "cut" / "checkpoint-5",
+                    ignore=shutil.ignore_patterns("trainer_state.json"))
+    capsys.readouterr()
     resumed_model = retrofitted(seed=1)  # weights come from the checkpoint, not from here
     resumed = train(resumed_model, tokenizer, data, quick(tmp_path, "cut", resume=True, **settings))
+    assert capsys.readouterr().out.startswith(f"resuming from {tmp_path / 'cut' / 'checkpoint-3'} (passed over the "
+                                              f"incomplete checkpoint-5)")
 
     assert resumed.global_step == 6
     assert_same_weights(resumed_model, full_model)
@@ -236,3 +243,25 @@ def test_a_failed_final_save_keeps_the_previous_model_of_the_output_folder(tmp_p
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, expected)
     assert [path.name for path in tmp_path.iterdir()] == ["run"]
+
+
+def test_the_model_read_and_a_model_that_diverged_are_never_saved_over(tmp_path):
+    from kallm.saving import save_checkpoint
+
+    tokenizer, data = chat_tokenizer(), sums(8)
+    save_checkpoint(retrofitted(), tokenizer, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    loaded, _ = kallm.load_model(str(tmp_path / "model"))
+    for out in (tmp_path / "model", tmp_path / "model" / "trained"):
+        with pytest.raises(ValueError, match="cannot write to .*: it (is|lies inside)"):
+            train(loaded, tokenizer, data, quick(tmp_path, output_dir=str(out)))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+
+    diverged = retrofitted()
+    with torch.no_grad():
+        diverged.model.layers[2].mlp.layers[0].weight[0, 0] = float("nan")
+    # the Trainer saves a checkpoint at the last step, before train() saves the model: both are refused
+    with pytest.raises(ValueError, match=r"refusing to save checkpoint-1: the model holds NaN or infinite values in "
+                                         r"model\.embed_tokens\.weight, .* and \d+ more"):  # it spread
+        train(diverged, tokenizer, data, quick(tmp_path, max_steps=1))
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "model.safetensors").exists()

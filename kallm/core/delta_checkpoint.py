@@ -83,9 +83,16 @@ def check_base(base_model: nn.Module, manifest: dict, source, base_name: str) ->
 def load_into(model: nn.Module, base_model: nn.Module, manifest: dict, weights_path: str, source) -> nn.Module:
     """Load the base's tensors with the delta's over them into ``model`` (built from the delta's config); returns
     it in eval mode."""
+    delta = load_file(weights_path)
+    not_finite = [name for name, tensor in delta.items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if not_finite:
+        more = f" and {len(not_finite) - 5} more" if len(not_finite) > 5 else ""
+        raise ValueError(f"the delta in {source} is damaged: {', '.join(not_finite[:5])}{more} hold NaN or "
+                         f"infinite values; save the delta again from a model that holds none")
     dropped = set(manifest["dropped_tensors"])
     state = {name: tensor for name, tensor in base_model.state_dict().items() if name not in dropped}
-    state.update(load_file(weights_path))
+    state.update(delta)
     state.update({name: state[stored] for name, stored in manifest.get("tied_tensors", {}).items()})
     expected = set(model.state_dict())
     if expected != set(state):

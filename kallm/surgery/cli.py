@@ -10,7 +10,7 @@ import yaml
 
 from ..core.layers import KANFeedForward
 from ..loading import DEFAULT_MODEL, load_model, push_to_hub
-from ..saving import save_checkpoint
+from ..saving import check_output_folder, save_checkpoint
 from .fit import INITS, format_errors
 from .retrofit import KINDS, retrofit
 from .trainable import POLICIES, set_trainable, summary
@@ -57,6 +57,7 @@ def run(args) -> int:
         warnings.warn("kallm retrofit --layers is deprecated: use --blocks", FutureWarning, stacklevel=2)
         blocks = args.deprecated_layers
     # Check the settings before spending time on loading the model.
+    check_output_folder(args.out, (args.model,))
     try:
         KANFeedForward.count_parameters(2, 2, args.basis, args.degree, **options)
     except TypeError as error:  # an --option value of the wrong type

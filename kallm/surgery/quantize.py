@@ -27,7 +27,7 @@ from torch import nn
 
 from ..core.kan_function import _is_quantized
 from ..core.layers import is_kan_linear
-from ..saving import replacing_checkpoint
+from ..saving import check_output_folder, non_finite_tensors, replacing_checkpoint
 from .checks import causal_lm_parts
 
 #: weight formats ``quantize`` offers (torchao weight-only configs that run on CPU)
@@ -82,9 +82,21 @@ def quantize(
         config = _torchao_config(weights, _group_for(module.weight.shape[1], group_size))
         quantize_(module, config, filter_fn=lambda candidate, name, module=module: candidate is module)
     previous = getattr(model, "_kallm_quantization", None) or {"weights": weights, "modules": []}
-    model._kallm_quantization = {"weights": weights, "modules": sorted({*previous["modules"], modules}),
-                                 "group_size": group_size}
+    _mark_quantized(model, {"weights": weights, "modules": sorted({*previous["modules"], modules}),
+                            "group_size": group_size})
     return model
+
+
+def _mark_quantized(model: nn.Module, settings: dict) -> None:
+    """Record ``settings`` for ``save_quantized``, and make ``model.save_pretrained`` refuse: transformers cannot
+    write torchao's tensors of a model it did not quantize itself (it would leave a folder without weights)."""
+    model._kallm_quantization = settings
+    model.save_pretrained = _refuse_save_pretrained
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    raise ValueError("this model is quantized by kallm.quantize, and save_pretrained cannot write its int8 weights; "
+                     "save it with kallm.save_quantized(model, folder) and load it with kallm.load_quantized(folder)")
 
 
 def _group_for(row_length: int, group_size: int | None) -> int | None:
@@ -106,11 +118,12 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, tokenizer=None) 
         raise ValueError(
             "this model was not quantized by kallm.quantize; save an unquantized model with model.save_pretrained"
         )
+    check_output_folder(folder, (model,))
     import torchao
 
     record = {"format_version": FORMAT_VERSION, **settings, "torchao_version": torchao.__version__,
               "quantized_tensors": sorted(name for name, p in model.named_parameters() if _is_quantized(p))}
-    with replacing_checkpoint(folder) as staging:
+    with replacing_checkpoint(folder, model) as staging:
         model.config.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
@@ -145,14 +158,30 @@ def load_quantized(folder: str | os.PathLike, device: str | torch.device = "cpu"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config)
     state = torch.load(folder / WEIGHTS_FILE, map_location=device, weights_only=True)
+    _check_loaded_state(state, settings, folder / WEIGHTS_FILE)
     model.load_state_dict(state, strict=True, assign=True)
     for parameter in model.parameters():
         if _is_quantized(parameter):
             parameter.requires_grad_(False)
     model.tie_weights()
-    model._kallm_quantization = {"weights": settings["weights"], "modules": settings["modules"],
-                                 "group_size": settings.get("group_size")}
+    _mark_quantized(model, {"weights": settings["weights"], "modules": settings["modules"],
+                            "group_size": settings.get("group_size")})
     return model.eval()
+
+
+def _check_loaded_state(state: dict, settings: dict, path: Path) -> None:
+    """Refuse weights that are not what ``save_quantized`` wrote: a tensor recorded as quantized that holds no
+    int8 data (replaced by a float tensor, say), or NaN or infinity anywhere (scales included)."""
+    for name in settings.get("quantized_tensors", []):
+        tensor = state.get(name)
+        data = getattr(tensor, "qdata", None)
+        if tensor is None or not _is_quantized(tensor) or data is None or data.dtype != torch.int8:
+            found = "nothing" if tensor is None else f"a {type(tensor).__name__} of {tensor.dtype}"
+            raise ValueError(f"{path} is damaged: {name} should hold int8 quantized weights "
+                             f"({SETTINGS_FILE} records it so) but holds {found}; quantize and save the model again")
+    bad = non_finite_tensors(state)
+    if bad:
+        raise ValueError(f"{path} is damaged: {bad} hold NaN or infinite values; quantize and save the model again")
 
 
 def _targets(model, blocks_path, modules):

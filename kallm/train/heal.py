@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..saving import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
 from ..surgery.checks import causal_lm_parts
 from ..surgery.fit import default_calibration, original_feedforward, outlier_rows, record_feedforwards
 from ..surgery.retrofit import retrofitted_blocks
@@ -48,6 +49,8 @@ METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "heal_report.json"
 CURVE_FILE = "heal_curve.png"
 CHECKPOINT_PREFIX = "checkpoint-"
+#: a heal checkpoint's state, written last: a checkpoint without it was cut off while saving
+STATE_FILE = "heal_state.json"
 #: rows of each block's recorded pairs kept apart to choose the best local weights
 LOCAL_HELD_OUT = 0.1
 #: with a time budget, recording stops after this share of the local stage's time (training gets the rest)
@@ -173,7 +176,9 @@ def heal(model, teacher, tokenizer, data=None, config: HealConfig | None = None,
     if config is not None and settings:
         raise TypeError("pass settings either as config= or as keywords, not both")
     config = config or HealConfig(**settings)
-    resume = _resume_checkpoint(config)
+    if config.output_dir:
+        check_output_folder(config.output_dir, (model, teacher))
+    resume = resume_checkpoint(config.resume, config.output_dir, CHECKPOINT_PREFIX, STATE_FILE)
     layout = _Layout(model, teacher, config.trainable)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
@@ -258,22 +263,6 @@ def _trained_names(model, policy: str) -> set[str]:
     finally:
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
-
-
-def _resume_checkpoint(config: HealConfig) -> Path | None:
-    if config.resume in (None, False):
-        return None
-    if config.resume is True:
-        found = sorted(Path(config.output_dir).glob(f"{CHECKPOINT_PREFIX}*"),
-                       key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]) if p.name[len(CHECKPOINT_PREFIX):].isdigit()
-                       else -1)
-        if not found:
-            raise FileNotFoundError(f"resume=True, but {config.output_dir} holds no {CHECKPOINT_PREFIX}N folder")
-        return found[-1]
-    path = Path(config.resume)
-    if not (path / "heal_state.json").is_file():
-        raise FileNotFoundError(f"no heal checkpoint to resume from at {path} (heal_state.json missing)")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -750,18 +739,19 @@ class _Healer:
         if self.main:
             from safetensors.torch import save_file
 
-            folder.mkdir(parents=True, exist_ok=True)
-            trained = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-            save_file(trained, str(folder / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-            state = {**self.state, "seconds": self.clock(), "curve": self.curve, "local": self.local}
-            (folder / "heal_state.json").write_text(json.dumps(state), encoding="utf-8")
+            with replacing_checkpoint(folder, self.model) as staging:
+                trained = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                           if p.requires_grad}
+                save_file(trained, str(staging / "trainable.safetensors"))
+                torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+                state = {**self.state, "seconds": self.clock(), "curve": self.curve, "local": self.local}
+                (staging / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
         self.accelerator.wait_for_everyone()
 
     def _load_state(self) -> float:
         from safetensors.torch import load_file
 
-        saved = json.loads((self.resume / "heal_state.json").read_text(encoding="utf-8"))
+        saved = json.loads((self.resume / STATE_FILE).read_text(encoding="utf-8"))
         weights = load_file(str(self.resume / "trainable.safetensors"))
         parameters = dict(self.model.named_parameters())
         unknown = sorted(set(weights) - set(parameters))
@@ -786,11 +776,10 @@ class _Healer:
             config=asdict(self.config),
         )
         if self.out is not None and self.main:
-            if self.config.save_model:
-                self.model.save_pretrained(self.out)
-                self.tokenizer.save_pretrained(self.out)
             (self.out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2), encoding="utf-8")
             plot_curve(report.curve, self.out / CURVE_FILE)
+            if self.config.save_model:  # last: a diverged run's report and curve say what happened
+                save_checkpoint(self.model, self.tokenizer, self.out)
         self.accelerator.wait_for_everyone()
         return report
 

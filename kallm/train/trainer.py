@@ -17,12 +17,14 @@ import torch
 import transformers
 from peft import PeftModel, get_peft_model
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.layers import is_kan_linear
 from ..core.modeling_kallm import count_parameters
 from ..data import TRUNCATION, ChatCollator, prepare_chat_dataset
 from ..inference import eval_mode, model_device
-from ..saving import replacing_checkpoint, save_checkpoint
+from ..saving import check_finite, check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
 from ..surgery.kan_adapter import MERGE_REFUSAL, kan_adapter_config
 from ..surgery.lora import LORA_TARGETS, lora_config
 from ..surgery.trainable import POLICIES, set_trainable
@@ -222,6 +224,15 @@ class TrainResult:
     stages: list[dict] = field(default_factory=list)
 
 
+class FiniteCheckpointsCallback(TrainerCallback):
+    """Stops the run before the Trainer saves a checkpoint of weights holding NaN or infinity, so that the latest
+    checkpoint stays the last good one (kallm's own saves check through ``replacing_checkpoint``)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save:  # set by the Trainer's flow callback, which runs first
+            check_finite(model, f"save {PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
 class MetricsFileCallback(TrainerCallback):
     """Appends every log event (loss, learning rate, ...) as one JSON line to a file.
 
@@ -322,11 +333,13 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     to ``output_dir/metrics.jsonl`` and a summary to ``output_dir/train_result.json``.
     """
     config = config or TrainConfig()
+    check_output_folder(config.output_dir, (model, teacher))
     if config.degree_stages:
         from .curriculum import train_in_degree_stages
 
         return train_in_degree_stages(model, tokenizer, data, config, teacher=teacher, callbacks=callbacks)
-    resume = _resume_checkpoint(config)
+    # transformers' Trainer writes a checkpoint's trainer_state.json last
+    resume = resume_checkpoint(config.resume, config.output_dir, f"{PREFIX_CHECKPOINT_DIR}-", TRAINER_STATE_NAME)
     if teacher is not None:
         _check_teacher(model, teacher)
     if tokenizer.pad_token_id is None:
@@ -355,7 +368,8 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     if teacher is not None:
         trainer_class = DistillationTrainer
         extra = dict(teacher=teacher, alpha=config.distill_alpha, temperature=config.distill_temperature)
-    callbacks = [MetricsFileCallback(metrics_file, _checkpoint_step(resume)), *(callbacks or [])]
+    callbacks = [MetricsFileCallback(metrics_file, _checkpoint_step(resume)), FiniteCheckpointsCallback(),
+                 *(callbacks or [])]
     if config.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = trainer_class(
@@ -369,12 +383,12 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
                     stats.describe())
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache would hide packed sequences
     try:
-        output = trainer.train(resume_from_checkpoint=resume)
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         model.config.use_cache = use_cache
         _release_from_accelerate(model)
     if trainer.is_world_process_zero():
-        with replacing_checkpoint(config.output_dir) as staging:
+        with replacing_checkpoint(config.output_dir, model) as staging:
             trainer.save_model(str(staging))
             trainer.write_model_card(staging)
     else:
@@ -444,22 +458,6 @@ def _release_from_accelerate(model) -> None:
         else:
             model.forward = original  # a wrapper set before training (e.g. a device-map hook) stays
     model.__dict__.pop("_is_accelerate_prepared", None)
-
-
-def _resume_checkpoint(config: TrainConfig):
-    if config.resume in (None, False):
-        return None
-    if config.resume is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        folder = config.output_dir
-        last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
-        if last is None:
-            raise FileNotFoundError(f"resume=True, but {folder} holds no checkpoint-N folder to resume from")
-        return last
-    if not os.path.isdir(config.resume):
-        raise FileNotFoundError(f"checkpoint to resume from not found: {config.resume}")
-    return str(config.resume)
 
 
 def _accelerator_available() -> bool:
