@@ -78,13 +78,14 @@ from .delta_checkpoint import (
     load_into,
     read_delta_manifest,
 )
+from .function_layers import build_function_form, is_retrofitted_feedforward
 from .layers import KANFeedForward, KANLinear, is_kan_feedforward
 from .retrofit_config import RetrofitConfig
 
 
 def install_kan_feedforwards(model: nn.Module, kan_config: dict, blocks=None) -> list[int]:
     """Replace the feedforward of ``blocks`` (default: all of ``kan_config["blocks"]``), each built from its
-    own settings (``RetrofitConfig.settings``)."""
+    own settings (``RetrofitConfig.settings``); ``form="glu"`` builds it around the MLP it replaces."""
     config = RetrofitConfig.from_dict(kan_config)
     block_list = model.get_submodule(blocks_path_in(model, config.blocks_path))
     indices = config.blocks if blocks is None else blocks
@@ -94,7 +95,11 @@ def install_kan_feedforwards(model: nn.Module, kan_config: dict, blocks=None) ->
             raise ValueError(f"kan_config lists block {index}, but the model has {len(block_list)} blocks")
         block = block_list[index]
         device, dtype = _placement(model, [getattr(block, name) for name in replaced])
-        feedforward = KANFeedForward(**config.feedforward_arguments(index), device=device, dtype=dtype)
+        if config.form == "glu":
+            feedforward = build_function_form(getattr(block, config.mlp_attribute), config.mlp_layout, device=device,
+                                              dtype=dtype, **config.function_arguments(index))
+        else:
+            feedforward = KANFeedForward(**config.feedforward_arguments(index), device=device, dtype=dtype)
         setattr(block, config.mlp_attribute, feedforward)
         for name in config.bypassed_attributes:
             setattr(block, name, nn.Identity())
@@ -365,7 +370,7 @@ class KANModelMixin:
             blocks = self.get_submodule(blocks_path_in(self, kan_config["blocks_path"]))
             # A classifier whose base model AutoModel built is retrofitted already (as KA<Family>Model).
             missing = [i for i in kan_config["blocks"]
-                       if not is_kan_feedforward(getattr(blocks[i], kan_config["mlp_attribute"]))]
+                       if not is_retrofitted_feedforward(getattr(blocks[i], kan_config["mlp_attribute"]))]
             install_kan_feedforwards(self, kan_config, blocks=missing)
 
     def _record_auto_classes(self):
