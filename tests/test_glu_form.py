@@ -14,14 +14,13 @@ from test_retrofit import assert_unchanged, snapshot
 
 import kallm
 from kallm.core.function_layers import ChannelFunctions, check_zero_start, is_channel_functions
-from kallm.surgery.adapters import ADAPTERS, EXACT_ACTIVATIONS
+from kallm.surgery.adapters import EXACT_ACTIVATIONS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAMILIES = sorted(TINY_CONFIGS)
 IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-#: the projections of each tiny family's MLP, by parameter name inside a retrofitted block
-CHANNELS = 64  # every tiny config's intermediate size (GPT-2: 4 * n_embd = 128)
+CHANNELS = 64  # the intermediate size of the tiny Llama, Qwen2 and Phi-3
 
 
 def logits(model, ids=IDS):
@@ -272,3 +271,84 @@ def test_an_older_kan_config_of_schema_version_2_is_read_as_form_kan():
     version_2 = {key: value for key, value in kan.items() if key not in ("form", "function_groups", "mlp_layout")}
     version_2["schema_version"] = 2
     assert kallm.RetrofitConfig.from_dict(version_2).to_dict() == kan
+
+
+# ------------------------------------------------------------------------------------ what takes a retrofit
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "opt"])
+def test_lora_on_the_mlp_projections_starts_at_the_model_and_trains_beside_the_functions(family):
+    from peft import LoraConfig, get_peft_model
+
+    model = glu(tiny_model(family))
+    perturb_functions(model)
+    expected = logits(model)
+    targets = kallm.lora_targets(model, "mlp")
+    assert len(targets) == 3 * (3 if family == "llama" else 2)  # three blocks; Phi-3 fuses gate and up
+    peft_model = get_peft_model(model, LoraConfig(target_modules=targets, r=2))
+    assert torch.equal(logits(peft_model), expected)  # LoRA's B starts at zero too
+    count = kallm.set_trainable(peft_model, "functions")
+    report = kallm.summary(peft_model, print_table=False)
+    assert count == report["functions"] + report["adapters"]
+
+
+def test_lora_mlp_targets_skip_blocks_whose_mlp_a_kan_feedforward_replaced():
+    model = kallm.retrofit(tiny_model("llama"), last_n=1)
+    assert kallm.lora_targets(model, "mlp") == [f"model.layers.{i}.mlp.{name}" for i in (0, 1)
+                                                for name in ("gate_proj", "up_proj", "down_proj")]
+
+
+def test_convert_changes_the_functions_basis_exactly_and_records_it():
+    model = glu(tiny_model("llama"), function_groups=16)
+    perturb_functions(model)
+    expected = logits(model)
+    kallm.convert(model, "legendre", 3)
+    assert model.kallm_conversion_report.exact
+    assert (logits(model) - expected).abs().max().item() < 1e-5
+    assert (model.config.kan_config["basis"], model.config.kan_config["degree"]) == ("legendre", 3)
+    functions = [m for m in model.modules() if is_channel_functions(m)]
+    assert all(m.basis.describe() == {"basis": "legendre", "degree": 3} and m.groups == 16 for m in functions)
+
+
+def test_a_lossy_conversion_of_the_functions_is_refused_unless_allowed():
+    model = glu(tiny_model("llama"))
+    perturb_functions(model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match="this conversion is lossy"):
+        kallm.convert(model, "cheby2", 1)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())
+
+
+def test_a_delta_holds_only_the_functions_and_rebuilds_the_model(tmp_path):
+    base = tiny_model("llama")
+    model = glu(copy.deepcopy(base))
+    perturb_functions(model)
+    manifest = kallm.save_delta(model, tmp_path / "delta", base)
+    assert manifest["changed_tensors"] == function_parameter_names(model)
+    assert len(manifest["changed_tensors"]) == 2 * 2 * 3  # blocks x functions x (coefficients, bias, input scale)
+    loaded, _ = kallm.load_delta(tmp_path / "delta", base=base)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_quantize_takes_the_projections_and_refuses_kan_layers_the_form_has_not():
+    model = glu(tiny_model("llama"))
+    with pytest.raises(ValueError, match="retrofitted with form='glu', which keeps the MLPs' nn.Linear projections "
+                                         "and has no KAN layers: pass modules='linear'"):
+        kallm.quantize(model)
+    expected = logits(model)
+    kallm.quantize(model, modules="linear")
+    assert type(model.model.layers[2].mlp.gate_proj.weight).__name__ != "Parameter"
+    assert next(m for m in model.modules() if is_channel_functions(m)).coefficients.dtype == torch.float32
+    assert (logits(model) - expected).abs().max().item() < 0.05
+
+
+def test_onnx_export_of_the_glu_form_matches_pytorch(tmp_path):
+    for package in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(package, reason=f"{package} is not installed (pip install 'kallm[onnx]')")
+    from kallm.onnx_export import check_onnx
+
+    model = glu(tiny_model("llama"))
+    perturb_functions(model)
+    folder = kallm.export_onnx(model, tmp_path / "onnx")
+    check = check_onnx(model, folder, IDS[:1], new_tokens=2)
+    assert check.tokens_match and check.max_logit_diff < 1e-4

@@ -445,8 +445,8 @@ def test_trainable_policies_follow_each_adapter():
 
 def test_set_trainable_errors():
     model = kallm.retrofit(tiny_model("llama"), last_n=1)
-    with pytest.raises(ValueError, match=re.escape("unknown trainable policy 'head'; valid choices: retrofitted, tail, "
-                                                  "tail+embeddings, all")):
+    with pytest.raises(ValueError, match=re.escape("unknown trainable policy 'head'; valid choices: retrofitted, "
+                                                  "functions, tail, tail+embeddings, all")):
         kallm.set_trainable(model, "head")
     plain = tiny_model("llama")
     with pytest.raises(ValueError, match="needs a retrofitted model; call kallm.retrofit first"):

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.kan_function import _is_quantized
 from ..core.layers import is_kan_linear
+from ..core.retrofit_config import read_retrofit_config
 from ..saving import replacing_checkpoint
 from .checks import causal_lm_parts
 
@@ -67,6 +68,11 @@ def quantize(
     _, adapter, _ = causal_lm_parts(model, "quantize")
     targets = _targets(model, adapter.blocks_path, modules)
     if not targets:
+        if modules == "kan" and _retrofit_form(model) == "glu":
+            raise ValueError(
+                "this model was retrofitted with form='glu', which keeps the MLPs' nn.Linear projections and has no "
+                "KAN layers: pass modules='linear' to quantize them (its functions stay in floating point)"
+            )
         if modules == "kan":
             raise ValueError(
                 "this model has no KAN layers to quantize (it is not retrofitted: kallm.retrofit it first, or pass "
@@ -85,6 +91,12 @@ def quantize(
     model._kallm_quantization = {"weights": weights, "modules": sorted({*previous["modules"], modules}),
                                  "group_size": group_size}
     return model
+
+
+def _retrofit_form(model) -> str | None:
+    """The form of the model's retrofit (``"kan"`` or ``"glu"``), None if it has none."""
+    recorded = read_retrofit_config(model.config)
+    return recorded.form if recorded is not None and recorded.kind == "kan" else None
 
 
 def _group_for(row_length: int, group_size: int | None) -> int | None:
