@@ -352,3 +352,29 @@ def test_onnx_export_of_the_glu_form_matches_pytorch(tmp_path):
     folder = kallm.export_onnx(model, tmp_path / "onnx")
     check = check_onnx(model, folder, IDS[:1], new_tokens=2)
     assert check.tokens_match and check.max_logit_diff < 1e-4
+
+
+def test_heal_refuses_the_progressive_blend_which_the_form_does_not_need():
+    teacher = tiny_model("llama")
+    student = glu(copy.deepcopy(teacher))
+    with pytest.raises(ValueError, match="form='glu' starts exactly at the original already"):
+        kallm.heal(student, teacher, make_tiny_tokenizer(), data=["some text. " * 20], max_steps=1,
+                   progressive=True, progress_bar=False)
+
+
+def test_the_cli_retrofits_with_form_glu_and_plot_refuses_it(tmp_path, capsys):
+    from kallm.cli import main
+
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    make_tiny_tokenizer().save_pretrained(base)
+    out = tmp_path / "glu"
+    assert main(["retrofit", "--model", str(base), "--out", str(out), "--last-n", "2", "--form", "glu",
+                 "--function-groups", "8", "--trainable", "functions"]) == 0
+    printed = capsys.readouterr().out
+    assert "in learnable functions" in printed
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert (loaded.config.kan_config["form"], loaded.config.kan_config["function_groups"]) == ("glu", 8)
+    assert torch.equal(logits(loaded), logits(tiny_model("llama")))
+    assert main(["plot", str(out), "--block", "2"]) == 2
+    assert "form='glu', whose blocks keep their MLPs" in capsys.readouterr().err
