@@ -129,7 +129,8 @@ def test_every_basis_gives_exactly_zero_functions_at_zero_coefficients(basis):
     functions = ChannelFunctions(CHANNELS, basis, 3, groups=16)
     z = torch.cat([torch.linspace(-80, 80, 64), torch.tensor([0.0, 1e-30, -1e30, 1e30])]).repeat(3, 1)[:, :CHANNELS]
     assert torch.equal(functions(z), torch.zeros_like(z))
-    check_zero_start(basis, 3, torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_zero_start(basis, 3, dtype)
 
 
 def test_chained_bases_and_overflowing_ones_are_refused():
