@@ -242,6 +242,8 @@ def test_save_and_load_round_trip_is_bit_identical(family, tmp_path):
     perturb_functions(model)
     expected = logits(model)
     model.save_pretrained(tmp_path / family)
+    card = (tmp_path / family / "README.md").read_text()
+    assert "given learnable univariate functions" in card and "KAN feedforward sizes" not in card
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / family)
     assert type(loaded) is type(model)
     assert torch.equal(logits(loaded), expected)
