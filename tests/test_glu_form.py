@@ -381,3 +381,20 @@ def test_the_cli_retrofits_with_form_glu_and_plot_refuses_it(tmp_path, capsys):
     assert torch.equal(logits(loaded), logits(tiny_model("llama")))
     assert main(["plot", str(out), "--block", "2"]) == 2
     assert "form='glu', whose blocks keep their MLPs" in capsys.readouterr().err
+
+
+def test_kallm_train_with_the_functions_policy_moves_only_the_functions_and_saves_them(tmp_path):
+    from test_train_data import chat_tokenizer, conversation
+
+    from kallm.train import TrainConfig, train
+
+    model = glu(tiny_model("llama"))
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, learning_rate=1e-2, warmup=0,
+                         logging_steps=1, save_steps=100, progress_bar=False, seed=0, trainable="functions")
+    result = train(model, chat_tokenizer(), [conversation(f"{a}+1=", str(a + 1)) for a in range(8)], config)
+    assert result.trainable_parameters == kallm.summary(model, print_table=False)["functions"]
+    moved = sorted(name for name, p in model.named_parameters() if not torch.equal(p, before[name]))
+    assert moved and set(moved) <= set(function_parameter_names(model))
+    reloaded, _ = kallm.load_model(str(tmp_path / "run"))
+    assert torch.equal(logits(reloaded), logits(model))
