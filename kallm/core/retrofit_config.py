@@ -71,9 +71,10 @@ class RetrofitConfig:
             before kallm recorded it.
 
     Filled in by ``retrofit`` (a user leaves them None): ``base_model_type``, ``base_model``, ``blocks_path``,
-    ``mlp_attribute``, ``bypassed_attributes``, ``hidden_size``, ``mlp_layout`` (``form="glu"``: the MLP's parts by
-    role, see ``function_layers.LAYOUT_ROLES``; empty when ``mlp_attribute`` is the activation itself), the resolved ``blocks`` list and
-    ``block_settings`` (``{index: settings}``), and ``selection`` (what ``blocks="auto"`` measured and chose).
+    ``mlp_attribute``, ``bypassed_attributes``, ``hidden_size``, ``mlp_layout`` (``form="glu"``: the MLP's parts
+    by role, see ``function_layers.LAYOUT_ROLES``; empty when ``mlp_attribute`` is the activation itself), the
+    resolved ``blocks`` list and ``block_settings`` (``{index: settings}``), and ``selection`` (what
+    ``blocks="auto"`` measured and chose).
     """
 
     blocks: list[int] | dict[int, dict] | str | None = None

@@ -52,8 +52,7 @@ def retrofit(
             baseline), ``form`` (``"kan"``, or ``"glu"``: the MLP keeps its projections and gains learnable
             functions that start at zero, so the model starts exactly at the original) and ``function_groups``
             (``form="glu"``: channels per shared function; None: one function per channel). Any other keyword
-            is a basis option (``alpha=0.5``). ``layers=`` is the deprecated
-            name of ``blocks=``.
+            is a basis option (``alpha=0.5``). ``layers=`` is the deprecated name of ``blocks=``.
         filter_fn: ``filter_fn(feedforward_module, qualified_name) -> bool`` (torchao's ``quantize_`` convention)
             narrows the chosen blocks further (e.g. to skip blocks by name).
         init: ``"random"`` (fresh weights) or ``"fit"``: function-preserving initialisation, each
