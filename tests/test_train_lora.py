@@ -152,7 +152,7 @@ def test_bad_lora_targets_fail_before_anything_is_written(workspace, tmp_path):
     with pytest.raises(ValueError, match=r"LoRA rank r=40 is too large .* allows at most"):
         train_command(workspace, "retrofitted", out, "--lora", 40)
     with pytest.raises(SystemExit):
-        parse("--model", "m", "--data", "d", "--lora", 2, "--lora-targets", "mlp")
+        parse("--model", "m", "--data", "d", "--lora", 2, "--lora-targets", "ffn")
     with pytest.raises(ValueError, match="merge: a KAN adapter cannot be merged"):
         train_command(workspace, "retrofitted", out, "--lora", 2, "--adapter", "kan", "--merge")
     with pytest.raises(ValueError, match=r"KAN adapter rank r=40 is too large .* allows at most"):
