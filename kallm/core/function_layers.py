@@ -136,17 +136,19 @@ class FunctionFeedForward(nn.Module):
         self.up_function = ChannelFunctions(**arguments) if self.gated else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        part = self.layout.__getitem__
-        activation = getattr(self, part("activation"))
         if "gate_up" in self.layout:
-            gate, up = getattr(self, part("gate_up"))(hidden_states).chunk(2, dim=-1)
+            gate, up = self._part("gate_up")(hidden_states).chunk(2, dim=-1)
         elif self.gated:
-            gate, up = getattr(self, part("gate"))(hidden_states), getattr(self, part("up"))(hidden_states)
+            gate, up = self._part("gate")(hidden_states), self._part("up")(hidden_states)
         else:
-            gate, up = getattr(self, part("up"))(hidden_states), None
+            gate, up = self._part("up")(hidden_states), None
+        activation = self._part("activation")
         inner = activation(gate) if up is None else activation(gate) * (up + self.up_function(up))
-        output = getattr(self, part("down"))(inner)
-        return getattr(self, part("dropout"))(output) if "dropout" in self.layout else output
+        output = self._part("down")(inner)
+        return self._part("dropout")(output) if "dropout" in self.layout else output
+
+    def _part(self, role: str) -> nn.Module:
+        return getattr(self, self.layout[role])
 
 
 def build_function_form(module: nn.Module, layout: dict, channels: int, basis: str = "cheby2", degree: int = 2,
