@@ -82,11 +82,14 @@ def test_the_projections_keep_their_parameter_names_and_tensors(family):
     assert len(new) == 2 * 3 * (2 if gated else 1)  # 2 blocks x (coefficients, bias, scale) x functions per block
 
 
-def test_the_default_form_is_todays_kan_feedforward():
+def test_the_default_form_is_todays_kan_feedforward_and_a_config_object_takes_the_new_one():
     model = kallm.retrofit(tiny_model("llama"), last_n=1, basis="cheby2", degree=2)
     assert model.config.kan_config["form"] == "kan"
     assert type(model.model.layers[2].mlp).__name__ == "KANFeedForward"
-    assert kallm.RetrofitConfig(form="glu").form == "glu"
+    model = tiny_model("llama")
+    expected = logits(model)
+    kallm.retrofit(model, kallm.RetrofitConfig(last_n=1, form="glu", function_groups=4))
+    assert model.config.kan_config["form"] == "glu" and torch.equal(logits(model), expected)
 
 
 def test_kan_config_records_the_form_and_the_mlp_layout():
