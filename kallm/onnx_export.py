@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .core.function_layers import is_channel_functions
 from .core.kan_function import _is_quantized
 from .core.layers import is_kan_linear
 from .inference import eval_mode
@@ -134,7 +135,7 @@ def check_exportable(model: nn.Module) -> str:
 def _bases_of(model) -> set[str]:
     names = set()
     for module in model.modules():
-        if is_kan_linear(module):
+        if is_kan_linear(module) or is_channel_functions(module):
             names.update(module.basis.describe()["basis"].split("+"))
     return names
 

@@ -101,6 +101,9 @@ def run(args) -> int:
     if args.block not in kan_blocks:
         raise ValueError(f"block {args.block} is not a KAN block; KAN blocks: {kan_blocks}")
     kan_config = model.config.kan_config
+    if kan_config["form"] == "glu":
+        raise ValueError(f"{args.model} was retrofitted with form='glu', whose blocks keep their MLPs; kallm plot draws "
+                         f"the edge functions of form='kan' feedforwards")
     block = model.get_submodule(kan_config["blocks_path"])[args.block]
     stages = getattr(block, kan_config["mlp_attribute"]).layers
     if not 0 <= args.stage < len(stages):

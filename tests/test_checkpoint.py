@@ -29,7 +29,7 @@ from kallm.core.layers import KANFeedForward
 REPO = Path(__file__).resolve().parents[1]
 CODE_FILES = (
     "modeling_kallm.py", "configuration_kallm.py", "retrofit_config.py", "layers.py", "bases.py", "kan_function.py",
-    "delta_checkpoint.py",
+    "delta_checkpoint.py", "function_layers.py",
 )
 
 # name -> (family, retrofit options); every family plus bases and options that change the module tree
@@ -143,7 +143,7 @@ def test_saved_folder_holds_safetensors_config_code_and_card(saved, name):
     assert config["architectures"] == [model_class]
     assert config["model_type"] == type(model.config).model_type
     assert config["kan_config"] == model.config.kan_config
-    assert config["kan_config"]["schema_version"] == 2
+    assert config["kan_config"]["schema_version"] == 3
 
 
 def test_each_retrofitted_class_names_its_family_and_shares_one_init(saved):
@@ -327,7 +327,7 @@ CORRUPTED = {
     "schema-version-true": (_kan("schema_version", True), r"no integer schema_version >= 1 \(got True\)"),
     "schema-version-zero": (_kan("schema_version", 0), r"no integer schema_version >= 1 \(got 0\)"),
     "not-a-dict": (_replace_kan_config("layers"), r"kan_config must be a dict \(a JSON object\) or null, got 'layers'"),
-    "unknown-key": (_add_kan_key, r"kan_config has unknown keys \['activation'\] for schema_version 2"),
+    "unknown-key": (_add_kan_key, r"kan_config has unknown keys \['activation'\] for schema_version 3"),
     "blocks-strings": (_kan("blocks", ["1"]), r"block indices must be integers, got '1'"),
     "blocks-unsorted": (_kan("blocks", [2, 1]), r"kan_config.blocks must be a non-empty, sorted list of distinct "
                                                 r"non-negative block indices, got \[2, 1\]"),
@@ -415,7 +415,7 @@ def test_a_schema_version_1_checkpoint_loads_and_is_read_in_todays_schema(saved,
     # read in today's schema; init was not recorded before version 2
     assert loaded.config.kan_config == {**model.config.kan_config, "init": None}
     loaded.save_pretrained(tmp_path / "resaved")
-    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["kan_config"]["schema_version"] == 2
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["kan_config"]["schema_version"] == 3
 
 
 @pytest.mark.parametrize(
@@ -440,7 +440,7 @@ def test_a_broken_schema_version_1_config_is_refused_in_its_own_terms(saved, tmp
 
 def test_newer_schema_version_is_refused_with_a_clear_error(saved):
     with pytest.raises(ValueError, match=r"schema_version is 99, but the installed kallm code only understands "
-                                         r"versions up to 2; upgrade kallm"):
+                                         r"versions up to 3; upgrade kallm"):
         AutoModelForCausalLM.from_pretrained(saved["llama-newer-schema"][0])
 
 
@@ -539,7 +539,7 @@ def run_fresh_processes(requests: dict, tmp_path) -> dict:
 
 # saved folders every load path must refuse -> what the error says
 REFUSED_IN_FRESH_PROCESSES = {
-    "llama-newer-schema": "schema_version is 99, but the installed kallm code only understands versions up to 2; "
+    "llama-newer-schema": "schema_version is 99, but the installed kallm code only understands versions up to 3; "
                           "upgrade kallm",
     "llama-kan-weight-dropped": "1 tensors the config describes are missing from the weights: "
                                 "model.layers.2.mlp.layers.0.weight.",

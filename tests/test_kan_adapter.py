@@ -118,8 +118,8 @@ def test_merging_is_refused_before_anything_changes_and_unload_gives_the_base_ba
 def test_bad_targets_ranks_and_settings_are_refused_before_the_model_changes():
     model = _retrofitted()
     reference = _logits(model)
-    with pytest.raises(ValueError, match="unknown LoRA targets 'mlp'; valid choices: kan, attention, all"):
-        kallm.kan_adapter_config(model, "mlp")
+    with pytest.raises(ValueError, match="unknown LoRA targets 'ffn'; valid choices: kan, attention, mlp, all"):
+        kallm.kan_adapter_config(model, "ffn")
     with pytest.raises(ValueError, match="has no KAN layers to target"):
         kallm.kan_adapter_config(tiny_model("llama"), "kan")
     with pytest.raises(ValueError, match=r"rank r=20 is too large for 6 of the 16 targeted layers: .*k_proj allows "

@@ -63,8 +63,8 @@ def test_lora_targets_name_the_kan_layers_and_the_attention_projections():
 
 
 def test_lora_targets_refuses_unknown_choices_and_models_without_kan_layers():
-    with pytest.raises(ValueError, match="unknown LoRA targets 'mlp'; valid choices: kan, attention, all"):
-        kallm.lora_targets(_retrofitted(), "mlp")
+    with pytest.raises(ValueError, match="unknown LoRA targets 'ffn'; valid choices: kan, attention, mlp, all"):
+        kallm.lora_targets(_retrofitted(), "ffn")
     for which in ("kan", "all"):
         with pytest.raises(ValueError, match="has no KAN layers to target; retrofit it first"):
             kallm.lora_targets(tiny_model("llama"), which)

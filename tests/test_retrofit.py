@@ -445,8 +445,8 @@ def test_trainable_policies_follow_each_adapter():
 
 def test_set_trainable_errors():
     model = kallm.retrofit(tiny_model("llama"), last_n=1)
-    with pytest.raises(ValueError, match=re.escape("unknown trainable policy 'head'; valid choices: retrofitted, tail, "
-                                                  "tail+embeddings, all")):
+    with pytest.raises(ValueError, match=re.escape("unknown trainable policy 'head'; valid choices: retrofitted, "
+                                                  "functions, tail, tail+embeddings, all")):
         kallm.set_trainable(model, "head")
     plain = tiny_model("llama")
     with pytest.raises(ValueError, match="needs a retrofitted model; call kallm.retrofit first"):
@@ -521,6 +521,7 @@ def test_research_parameter_counts_of_smollm2_shape():
     base = smollm2_shaped_model()
     assert sum(p.numel() for p in base.parameters()) == TOTAL
     linear = kallm.retrofit(copy.deepcopy(base), last_n=5, kind="linear")
+    glu = kallm.retrofit(copy.deepcopy(base), last_n=5, form="glu")
     kan = kallm.retrofit(base, last_n=5)
     assert {p.device.type for p in kan.parameters()} == {"meta"}
     assert kan.config.kan_config["blocks"] == [25, 26, 27, 28, 29]
@@ -539,9 +540,14 @@ def test_research_parameter_counts_of_smollm2_shape():
         "tail+embeddings": 5 * (ATTENTION + KAN_FEEDFORWARD + NORMS) + EMBEDDINGS + FINAL_NORM,
         "all": TOTAL - 5 * MLP + 5 * KAN_FEEDFORWARD,
     }
-    for policy in kallm.surgery.POLICIES:
+    assert set(kallm.surgery.POLICIES) == {*expected_kan, "functions"}
+    for policy in expected_kan:
         assert kallm.set_trainable(linear, policy) == expected_linear[policy], policy
         assert kallm.set_trainable(kan, policy) == expected_kan[policy], policy
+    # form="glu": gate and up functions per channel, each 2 coefficients, a bias and an input scale
+    assert kallm.set_trainable(glu, "functions") == 5 * 2 * 1536 * 4 == 61_440
+    assert kallm.set_trainable(glu, "retrofitted") == 5 * MLP + 61_440
+    assert kallm.summary(glu, print_table=False)["function_overhead"] == pytest.approx(61_440 / (5 * MLP))
 
     # the research setup: linear restart vs KAN, trainable = last 5 blocks + embeddings + final norm
     assert kallm.set_trainable(linear, "tail+embeddings") == 46_012_608

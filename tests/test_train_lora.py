@@ -135,7 +135,7 @@ def test_a_user_peft_model_trains_its_adapter_with_a_policy_for_the_base(workspa
     (dict(lora_rank=0), "lora_rank must be a positive integer"),
     (dict(lora_rank=2, lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
     (dict(lora_rank=2, lora_alpha=0), "lora_alpha must be > 0"),
-    (dict(lora_rank=2, lora_targets="mlp"), "lora_targets must be one of kan, attention, all, got 'mlp'"),
+    (dict(lora_rank=2, lora_targets="ffn"), "lora_targets must be one of kan, attention, mlp, all, got 'ffn'"),
     (dict(lora_rank=2, adapter="dora"), "adapter must be one of lora, kan, got 'dora'"),
     (dict(adapter="kan"), "adapter='kan' needs lora_rank, the adapter's rank"),
     (dict(lora_rank=2, adapter="kan", merge=True), "merge: a KAN adapter cannot be merged into the model's weights"),
@@ -152,7 +152,7 @@ def test_bad_lora_targets_fail_before_anything_is_written(workspace, tmp_path):
     with pytest.raises(ValueError, match=r"LoRA rank r=40 is too large .* allows at most"):
         train_command(workspace, "retrofitted", out, "--lora", 40)
     with pytest.raises(SystemExit):
-        parse("--model", "m", "--data", "d", "--lora", 2, "--lora-targets", "mlp")
+        parse("--model", "m", "--data", "d", "--lora", 2, "--lora-targets", "ffn")
     with pytest.raises(ValueError, match="merge: a KAN adapter cannot be merged"):
         train_command(workspace, "retrofitted", out, "--lora", 2, "--adapter", "kan", "--merge")
     with pytest.raises(ValueError, match=r"KAN adapter rank r=40 is too large .* allows at most"):

@@ -187,7 +187,7 @@ def test_distillation_heals_towards_the_teacher(tmp_path):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(bf16=True, fp16=True), "at most one of bf16 and fp16"),
-    (dict(trainable="head"), "trainable must be one of retrofitted, tail, tail\\+embeddings, all"),
+    (dict(trainable="head"), "trainable must be one of retrofitted, functions, tail, tail\\+embeddings, all"),
     (dict(truncation="cut"), "truncation must be one of truncate, skip"),
     (dict(distill_alpha=1.5), "distill_alpha must be in"),
     (dict(distill_temperature=0), "distill_temperature must be > 0"),

@@ -78,13 +78,14 @@ from .delta_checkpoint import (
     load_into,
     read_delta_manifest,
 )
+from .function_layers import build_function_form, is_channel_functions, is_retrofitted_feedforward
 from .layers import KANFeedForward, KANLinear, is_kan_feedforward
 from .retrofit_config import RetrofitConfig
 
 
 def install_kan_feedforwards(model: nn.Module, kan_config: dict, blocks=None) -> list[int]:
     """Replace the feedforward of ``blocks`` (default: all of ``kan_config["blocks"]``), each built from its
-    own settings (``RetrofitConfig.settings``)."""
+    own settings (``RetrofitConfig.settings``); ``form="glu"`` builds it around the MLP it replaces."""
     config = RetrofitConfig.from_dict(kan_config)
     block_list = model.get_submodule(blocks_path_in(model, config.blocks_path))
     indices = config.blocks if blocks is None else blocks
@@ -94,7 +95,11 @@ def install_kan_feedforwards(model: nn.Module, kan_config: dict, blocks=None) ->
             raise ValueError(f"kan_config lists block {index}, but the model has {len(block_list)} blocks")
         block = block_list[index]
         device, dtype = _placement(model, [getattr(block, name) for name in replaced])
-        feedforward = KANFeedForward(**config.feedforward_arguments(index), device=device, dtype=dtype)
+        if config.form == "glu":
+            feedforward = build_function_form(getattr(block, config.mlp_attribute), config.mlp_layout, device=device,
+                                              dtype=dtype, **config.function_arguments(index))
+        else:
+            feedforward = KANFeedForward(**config.feedforward_arguments(index), device=device, dtype=dtype)
         setattr(block, config.mlp_attribute, feedforward)
         for name in config.bypassed_attributes:
             setattr(block, name, nn.Identity())
@@ -179,6 +184,18 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO", datase
     bundled = BUNDLED_BASE_MODELS.get(kan["base_model"])
     source = (f"`{bundled['base_model']}`, {bundled['conversion']}," if bundled else f"`{kan['base_model']}`")
     kan_params = sum(count_parameters(m) for m in model.modules() if is_kan_feedforward(m))
+    if config.form == "glu":
+        functions = sum(count_parameters(m) for m in model.modules() if is_channel_functions(m))
+        shape = (f"| form | `glu`: each MLP keeps its projections; learnable functions on its activation (and up channel), "
+                 f"zero at the start, {kan['intermediate_size']} channels, function groups: "
+                 f"{kan['function_groups'] or 'one per channel'} |\n")
+        counted = f"{functions:,} in learnable functions"
+        change = "given learnable univariate functions (Kolmogorov-Arnold style, `form=\"glu\"`)"
+    else:
+        shape = (f"| KAN feedforward sizes | {kan['hidden_size']} -> {kan['intermediate_size']} -> "
+                 f"{kan['hidden_size']} |\n| input map, bias | {kan['input_map']}, {kan['bias']} |\n")
+        counted = f"{kan_params:,} in KAN feedforwards"
+        change = "replaced by Kolmogorov-Arnold Network feedforwards"
     options = ", ".join(f"{k}={v!r}" for k, v in config.basis_options.items()) or "defaults"
     own_settings = "".join(f"| block {index}'s own settings | {settings} |\n"
                            for index, settings in sorted(config.block_settings.items()))
@@ -197,17 +214,15 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO", datase
 # {kan["base_model"]} with KAN feedforwards
 
 This model is {source} with the feedforward (MLP) of decoder blocks
-{kan["blocks"]} replaced by Kolmogorov-Arnold Network feedforwards, made with kallm.
+{kan["blocks"]} {change}, made with kallm.
 
 | | |
 |---|---|
 | base model | `{kan["base_model"]}` ({kan["base_model_type"]}) |
 | retrofitted blocks | {kan["blocks"]} |
 | basis | `{kan["basis"]}`, degree {kan["degree"]} |
-| KAN feedforward sizes | {kan["hidden_size"]} -> {kan["intermediate_size"]} -> {kan["hidden_size"]} |
-| input map, bias | {kan["input_map"]}, {kan["bias"]} |
-| basis options | {options} |
-{own_settings}| parameters | {count_parameters(model):,} in all, {kan_params:,} in KAN feedforwards |
+{shape}| basis options | {options} |
+{own_settings}| parameters | {count_parameters(model):,} in all, {counted} |
 {results_section}
 ## Load it
 {custom_note}
@@ -369,7 +384,7 @@ class KANModelMixin:
             blocks = self.get_submodule(blocks_path_in(self, kan_config["blocks_path"]))
             # A classifier whose base model AutoModel built is retrofitted already (as KA<Family>Model).
             missing = [i for i in kan_config["blocks"]
-                       if not is_kan_feedforward(getattr(blocks[i], kan_config["mlp_attribute"]))]
+                       if not is_retrofitted_feedforward(getattr(blocks[i], kan_config["mlp_attribute"]))]
             install_kan_feedforwards(self, kan_config, blocks=missing)
 
     def _record_auto_classes(self):

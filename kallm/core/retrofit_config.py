@@ -4,7 +4,7 @@ A ``RetrofitConfig`` is written by a user (which blocks, basis, degree, ...) and
 ``kallm.retrofit`` (the model's structure, the sizes it resolved, how blocks were chosen); the
 completed config, as ``to_dict()``, is the ``kan_config`` of a retrofitted model's config. Loading
 reads it back with ``from_dict``, which checks every field by type and value and upgrades the dicts
-older kallm versions saved (schema version 1). See docs/checkpoint-format.md.
+older kallm versions saved (schema versions 1 and 2). See docs/checkpoint-format.md.
 
 Part of kallm's portable core: plain torch + transformers, sibling imports only.
 """
@@ -16,17 +16,24 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .function_layers import ChannelFunctions, check_layout
 from .layers import INPUT_MAPS, KANFeedForward
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 KINDS = ("kan", "linear")
+#: what replaces a feedforward: a two-layer KAN (``"kan"``), or the MLP's own projections with learnable functions
+#: on its activation and up channel that start at zero (``"glu"``, see function_layers.py)
+FORMS = ("kan", "glu")
 INITS = ("random", "fit")
 #: ``blocks="auto"``: retrofit the ``num_blocks`` blocks that fit init replaces with the lowest error
 AUTO = "auto"
 #: settings one block may set for itself (``blocks={25: {"degree": 3}}``)
 BLOCK_SETTINGS = ("basis", "degree", "intermediate_size", "input_map", "bias", "basis_options")
 #: fields ``retrofit`` fills in from the model and its architecture adapter
-MODEL_FIELDS = ("base_model_type", "base_model", "blocks_path", "mlp_attribute", "bypassed_attributes", "hidden_size")
+MODEL_FIELDS = ("base_model_type", "base_model", "blocks_path", "mlp_attribute", "bypassed_attributes", "hidden_size",
+                "mlp_layout")
+#: KAN feedforward settings that ``form="glu"`` has no use for (it keeps the MLP's projections)
+KAN_FORM_SETTINGS = ("intermediate_size", "input_map", "bias")
 #: KANLinear arguments that place tensors; a config never carries them (the model's dtype and device rule)
 PLACEMENT_OPTIONS = ("device", "dtype")
 #: KANLinear options that are fields of their own rather than basis options
@@ -52,14 +59,22 @@ class RetrofitConfig:
         basis_options: options of the basis (``alpha``, ``grid_size``, ...).
 
     How:
+        form: ``"kan"`` (the KAN feedforward above), or ``"glu"``: the MLP keeps its projections and its
+            activation (and a gated MLP's up channel) gains learnable univariate functions of ``basis`` and
+            ``degree``, zero at the start, so the model starts exactly at the original (docs/retrofitting.md).
+            ``intermediate_size`` is then the MLP's channel count, filled in by ``retrofit``.
+        function_groups: ``form="glu"``: None gives every channel its own function; ``G`` makes groups of
+            channels share one (``G`` must divide the channel count).
         kind: ``"kan"``, or ``"linear"``: the research's linear-restart baseline (the chosen MLPs keep their
             shape and get fresh weights; the KAN settings above must keep their defaults).
         init: ``"random"`` or ``"fit"`` (function-preserving, see docs/fit-init.md); None in configs saved
             before kallm recorded it.
 
     Filled in by ``retrofit`` (a user leaves them None): ``base_model_type``, ``base_model``, ``blocks_path``,
-    ``mlp_attribute``, ``bypassed_attributes``, ``hidden_size``, the resolved ``blocks`` list and
-    ``block_settings`` (``{index: settings}``), and ``selection`` (what ``blocks="auto"`` measured and chose).
+    ``mlp_attribute``, ``bypassed_attributes``, ``hidden_size``, ``mlp_layout`` (``form="glu"``: the MLP's parts
+    by role, see ``function_layers.LAYOUT_ROLES``; empty when ``mlp_attribute`` is the activation itself), the
+    resolved ``blocks`` list and ``block_settings`` (``{index: settings}``), and ``selection`` (what
+    ``blocks="auto"`` measured and chose).
     """
 
     blocks: list[int] | dict[int, dict] | str | None = None
@@ -72,6 +87,8 @@ class RetrofitConfig:
     bias: bool = True
     basis_options: dict[str, Any] = field(default_factory=dict)
     kind: str = "kan"
+    form: str = "kan"
+    function_groups: int | None = None
     init: str | None = "random"
     block_settings: dict[int, dict] = field(default_factory=dict)
     selection: dict | None = None
@@ -81,6 +98,7 @@ class RetrofitConfig:
     mlp_attribute: str | None = None
     bypassed_attributes: list[str] | None = None
     hidden_size: int | None = None
+    mlp_layout: dict[str, str] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -112,6 +130,12 @@ class RetrofitConfig:
             "basis": settings["basis"], "degree": settings["degree"], "input_map": settings["input_map"],
             "bias": settings["bias"], **settings["basis_options"],
         }
+
+    def function_arguments(self, index: int) -> dict:
+        """``form="glu"``: ``ChannelFunctions`` keyword arguments (without device and dtype) of block ``index``."""
+        settings = self.settings(index)
+        return {"channels": settings["intermediate_size"], "basis": settings["basis"], "degree": settings["degree"],
+                "groups": self.function_groups, **settings["basis_options"]}
 
     @property
     def is_complete(self) -> bool:
@@ -145,6 +169,8 @@ class RetrofitConfig:
             )
         if version == 1:
             data = _upgrade_version_1(data)
+        if data["schema_version"] == 2:
+            data = _upgrade_version_2(data)
         expected = [f.name for f in dataclasses.fields(cls)]
         missing = [key for key in expected if key not in data]
         if missing:
@@ -161,7 +187,8 @@ class RetrofitConfig:
         try:
             config = cls(**{**data, "blocks": _copy(data["blocks"]), "block_settings": _copy(settings),
                             "basis_options": _copy(data["basis_options"]),
-                            "bypassed_attributes": _copy(data["bypassed_attributes"])})
+                            "bypassed_attributes": _copy(data["bypassed_attributes"]),
+                            "mlp_layout": _copy(data["mlp_layout"])})
         except TypeError as error:  # a value of the wrong type is a broken file here, not a wrong call
             raise ValueError(str(error)) from error
         config.check_complete(base_model_type)
@@ -192,6 +219,9 @@ class RetrofitConfig:
         for name in bypassed:
             _check_text("bypassed_attributes", name)
         _check_size("hidden_size", self.hidden_size)
+        if self.form == "glu" and not isinstance(self.mlp_layout, dict):
+            raise ValueError(f"kan_config.mlp_layout must be a dict of MLP parts by role for form='glu', got "
+                             f"{self.mlp_layout!r}")
         if self.kind == "kan":
             for index in blocks:
                 _check_size("intermediate_size", self.settings(index)["intermediate_size"])
@@ -205,6 +235,7 @@ class RetrofitConfig:
             raise ValueError(f"unknown kind {self.kind!r}; valid choices: {', '.join(KINDS)}")
         if self.init is not None and self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; valid choices: {', '.join(INITS)}")
+        self._check_form()
         if self.blocks == AUTO:
             if not _is_int(self.num_blocks) or self.num_blocks < 1:
                 raise ValueError(f"blocks='auto' needs num_blocks, how many blocks to retrofit (a positive "
@@ -277,6 +308,30 @@ class RetrofitConfig:
                     f"layer options must be plain JSON values (str, int, float, bool, lists), got {options!r}"
                 )
 
+    def _check_form(self):
+        if self.form not in FORMS:
+            raise ValueError(f"unknown form {self.form!r}; valid choices: {', '.join(FORMS)}")
+        if self.function_groups is not None:
+            if self.form != "glu":
+                raise ValueError(f"function_groups={self.function_groups!r} is a setting of form='glu'")
+            _check_size("function_groups", self.function_groups)
+        if self.mlp_layout:  # empty for a layout whose mlp_attribute is the activation itself
+            check_layout(self.mlp_layout)
+        if self.form != "glu":
+            return
+        if self.kind != "kan":
+            raise ValueError(f"form='glu' is a retrofit of kind='kan'; kind={self.kind!r} restarts the MLPs instead")
+        if self.init == "fit":
+            raise ValueError("form='glu' starts exactly at the original MLP, so there is nothing to fit: use "
+                             "init='random' (its functions start at zero)")
+        defaults = RetrofitConfig.__dataclass_fields__
+        given = [name for name in ("input_map", "bias") if getattr(self, name) != defaults[name].default]
+        given += sorted({name for own in self.block_settings.values() for name in own if name in KAN_FORM_SETTINGS})
+        if given:
+            raise ValueError(f"form='glu' keeps the MLP's own projections, so the KAN feedforward settings "
+                             f"{sorted(set(given))} do not apply; set basis, degree, basis options and "
+                             f"function_groups")
+
     def _check_linear(self):
         """The linear restart keeps each MLP's shape: KAN settings other than the defaults mean a mistake."""
         defaults = RetrofitConfig.__dataclass_fields__
@@ -295,6 +350,12 @@ class RetrofitConfig:
         """Build the basis of ``index`` (None: the config-wide settings) with all its options; allocates nothing."""
         settings = self.settings(index) if index is not None else {n: getattr(self, n) for n in BLOCK_SETTINGS}
         try:
+            if self.form == "glu":
+                ChannelFunctions.count_parameters(
+                    settings["intermediate_size"] or self.function_groups or 1, settings["basis"], settings["degree"],
+                    self.function_groups, **settings["basis_options"],
+                )
+                return
             KANFeedForward.count_parameters(
                 self.hidden_size or 1, settings["intermediate_size"] or 1, settings["basis"], settings["degree"],
                 input_map=settings["input_map"], bias=settings["bias"], **settings["basis_options"],
@@ -304,7 +365,8 @@ class RetrofitConfig:
             if "unknown basis" in str(error):
                 hint = "; a basis added with kallm.register_basis must be registered before the checkpoint is loaded"
             where = "" if index is None else f" of block {index}"
-            raise ValueError(f"kan_config's basis, degree and options{where} do not build a KAN feedforward: "
+            built = "the functions of form='glu'" if self.form == "glu" else "a KAN feedforward"
+            raise ValueError(f"kan_config's basis, degree and options{where} do not build {built}: "
                              f"{error}{hint}") from error
 
 
@@ -331,7 +393,7 @@ def kan_config_blocks(config) -> list[int]:
 
 
 def _upgrade_version_1(data: dict) -> dict:
-    """A schema version 1 ``kan_config`` in today's keys: ``layers`` became ``blocks``, ``layer_options`` became
+    """A schema version 1 ``kan_config`` in version 2's keys: ``layers`` became ``blocks``, ``layer_options`` became
     ``input_map``, ``bias`` and ``basis_options``; kind, init and block settings were not recorded."""
     version_1_keys = ("schema_version", "base_model_type", "base_model", "layers", "blocks_path", "mlp_attribute",
                       "bypassed_attributes", "hidden_size", "intermediate_size", "basis", "degree", "layer_options")
@@ -350,7 +412,7 @@ def _upgrade_version_1(data: dict) -> dict:
         )
     upgraded = {key: value for key, value in data.items() if key not in ("layers", "layer_options")}
     upgraded.update(
-        schema_version=SCHEMA_VERSION, blocks=data["layers"], last_n=None, num_blocks=None, kind="kan", init=None,
+        schema_version=2, blocks=data["layers"], last_n=None, num_blocks=None, kind="kan", init=None,
         block_settings={}, selection=None, input_map=options.get("input_map", "affine"), bias=options.get("bias", True),
         basis_options={k: v for k, v in options.items() if k not in _LAYER_FIELDS},
     )
@@ -363,6 +425,15 @@ def _check_block_list(key, blocks):
         raise ValueError(
             f"kan_config.{key} must be a non-empty, sorted list of distinct non-negative block indices, got {blocks!r}"
         )
+
+
+def _upgrade_version_2(data: dict) -> dict:
+    """A schema version 2 ``kan_config`` in today's keys: every version 2 retrofit was of ``form="kan"``."""
+    added = {"form": "kan", "function_groups": None, "mlp_layout": None}
+    present = sorted(key for key in added if key in data)
+    if present:
+        raise ValueError(f"kan_config has unknown keys {present} for schema_version 2; they came with version 3")
+    return {**data, **added, "schema_version": SCHEMA_VERSION}
 
 
 def _block_key(key) -> int:

@@ -25,6 +25,12 @@ class ArchitectureAdapter:
     final_norm_path: dotted path of the final norm (trained by the "tail+embeddings" policy).
     attention_attribute: attribute of a block holding its attention module, whose linear
         projections ``kallm.lora_targets(model, "attention")`` lists.
+    mlp_layout: the MLP's parts by role (``gate``, ``up``, ``down``, ``activation``; a fused ``gate_up``; an
+        optional ``dropout`` after ``down``), attributes of the ``mlp_attribute`` module, or of the block
+        itself when the MLP is spread over it (``bypassed_attributes``); ``form="glu"`` rebuilds the MLP
+        from them (kallm/core/function_layers.py).
+    activation_config: the config attribute naming the MLP's activation (``ACT2FN`` key); ``form="glu"``
+        accepts only the elementwise activations of ``EXACT_ACTIVATIONS``.
     """
 
     blocks_path: str
@@ -33,7 +39,19 @@ class ArchitectureAdapter:
     hidden_size: str = "hidden_size"
     final_norm_path: str = "model.norm"
     attention_attribute: str = "self_attn"
+    mlp_layout: tuple[tuple[str, str], ...] = (
+        ("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"), ("activation", "act_fn")
+    )
+    activation_config: str = "hidden_act"
 
+
+#: activations (transformers' ``ACT2FN`` names) that act on each value alone and learn nothing: ``form="glu"``
+#: keeps the model's own activation module and adds its functions to its output, which is exact for these
+EXACT_ACTIVATIONS = (
+    "gelu", "gelu_10", "gelu_accurate", "gelu_fast", "gelu_new", "gelu_python", "gelu_python_tanh",
+    "gelu_pytorch_tanh", "hardswish", "laplace", "leaky_relu", "mish", "quick_gelu", "relu", "relu2", "relu6",
+    "sigmoid", "silu", "swish", "tanh",
+)
 
 _DECODER = ArchitectureAdapter(blocks_path="model.layers")
 
@@ -43,20 +61,28 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     "qwen2": _DECODER,
     "qwen3": _DECODER,
     "gemma": _DECODER,
-    "gemma2": _DECODER,
-    "phi3": _DECODER,  # fused gate_up_proj: the whole mlp module is replaced
+    "gemma2": ArchitectureAdapter(blocks_path="model.layers", activation_config="hidden_activation"),
+    "phi3": ArchitectureAdapter(  # fused gate_up_proj: the whole mlp module is replaced
+        blocks_path="model.layers",
+        mlp_layout=(("gate_up", "gate_up_proj"), ("down", "down_proj"), ("activation", "activation_fn")),
+    ),
     "gpt2": ArchitectureAdapter(
         blocks_path="transformer.h", hidden_size="n_embd", final_norm_path="transformer.ln_f",
         attention_attribute="attn",
+        mlp_layout=(("up", "c_fc"), ("down", "c_proj"), ("activation", "act"), ("dropout", "dropout")),
+        activation_config="activation_function",
     ),
     "gpt_neox": ArchitectureAdapter(
-        blocks_path="gpt_neox.layers", final_norm_path="gpt_neox.final_layer_norm", attention_attribute="attention"
+        blocks_path="gpt_neox.layers", final_norm_path="gpt_neox.final_layer_norm", attention_attribute="attention",
+        mlp_layout=(("up", "dense_h_to_4h"), ("down", "dense_4h_to_h"), ("activation", "act")),
     ),
     "opt": ArchitectureAdapter(
         blocks_path="model.decoder.layers",
         mlp_attribute="fc1",
         bypassed_attributes=("activation_fn", "fc2"),
         final_norm_path="model.decoder.final_layer_norm",
+        mlp_layout=(("up", "fc1"), ("down", "fc2"), ("activation", "activation_fn")),
+        activation_config="activation_function",
     ),
 }
 

@@ -12,7 +12,7 @@ import sys
 from torch import nn
 
 from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SEQUENCE_CLASSIFICATION_CLASSES, KANModelMixin
-from ..core.layers import is_kan_feedforward
+from ..core.function_layers import is_retrofitted_feedforward
 from ..core.retrofit_config import RetrofitConfig, read_retrofit_config
 from .adapters import ArchitectureAdapter, adapter_for
 
@@ -99,7 +99,8 @@ def retrofitted_kan_config(model, adapter: ArchitectureAdapter, blocks) -> Retro
     recorded = read_retrofit_config(model.config)
     kan_config = recorded if recorded is not None and recorded.kind == "kan" else None
     listed = sorted(kan_config.blocks) if kan_config else []
-    found = [i for i, block in enumerate(blocks) if is_kan_feedforward(getattr(block, adapter.mlp_attribute))]
+    attribute = kan_config.mlp_attribute if kan_config else adapter.mlp_attribute  # form="glu" may take another
+    found = [i for i, block in enumerate(blocks) if is_retrofitted_feedforward(getattr(block, attribute, None))]
     if listed != found:
         raise ValueError(
             f"config.kan_config lists KAN feedforwards in blocks {listed}, but blocks {found} hold them: the model "
@@ -107,6 +108,15 @@ def retrofitted_kan_config(model, adapter: ArchitectureAdapter, blocks) -> Retro
             f"checkpoint"
         )
     return kan_config
+
+
+def feedforward_attributes(model, adapter: ArchitectureAdapter) -> tuple[str, ...]:
+    """The block attributes a retrofit replaced, as the model's config records them (``form="glu"`` replaces OPT's
+    activation alone), else the adapter's."""
+    recorded = read_retrofit_config(model.config)
+    if recorded is not None and recorded.kind == "kan":
+        return (recorded.mlp_attribute, *recorded.bypassed_attributes)
+    return (adapter.mlp_attribute, *adapter.bypassed_attributes)
 
 
 def check_weights(model, adapter: ArchitectureAdapter, blocks, indices: list[int], runs_model: bool) -> None:

@@ -12,7 +12,7 @@ from ..core.layers import KANFeedForward
 from ..loading import DEFAULT_MODEL, load_model, push_to_hub
 from ..saving import check_output_folder, save_checkpoint
 from .fit import INITS, format_errors
-from .retrofit import KINDS, retrofit
+from .retrofit import FORMS, KINDS, retrofit
 from .trainable import POLICIES, set_trainable, summary
 
 
@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intermediate-size", type=int, help="KAN inner size (default: half the MLP's parameters)")
     parser.add_argument("--kind", default="kan", choices=KINDS,
                         help="kan, or linear for the re-initialised MLP baseline")
+    parser.add_argument("--form", default="kan", choices=FORMS,
+                        help="kan: a KAN feedforward; glu: the MLP keeps its projections and gains learnable "
+                             "functions that start at zero, so the model starts exactly at the original")
+    parser.add_argument("--function-groups", type=int,
+                        help="--form glu: channels share functions in this many groups (default: one per channel)")
     parser.add_argument("--init", default="random", choices=INITS,
                         help="fit: start each KAN feedforward fitted to the MLP it replaces (see docs/fit-init.md)")
     parser.add_argument("--calibration", metavar="FILE",
@@ -70,10 +75,11 @@ def run(args) -> int:
         calibration = [Path(args.calibration).read_text(encoding="utf-8")]
     print(f"Loading {args.model} ...")
     model, tokenizer = load_model(args.model)
-    print(f"Retrofitting ({args.kind}, basis {args.basis}, degree {args.degree}) ...")
+    print(f"Retrofitting ({args.kind}, form {args.form}, basis {args.basis}, degree {args.degree}) ...")
     retrofit(
         model, last_n=args.last_n, blocks=blocks, basis=args.basis, degree=args.degree,
-        intermediate_size=args.intermediate_size, kind=args.kind, init=args.init, calibration=calibration,
+        intermediate_size=args.intermediate_size, kind=args.kind, form=args.form,
+        function_groups=args.function_groups, init=args.init, calibration=calibration,
         tokenizer=tokenizer, **options,
     )
     if args.init == "fit":

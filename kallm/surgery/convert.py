@@ -13,6 +13,9 @@ a least-squares projection of the features onto the target span on dense Chebysh
 its error is measured and reported. A projection whose error is float64 rounding is exact too (a
 polynomial lies in the span of B-splines of a higher order); any other runs only with
 ``allow_lossy=True``.
+
+The functions of a ``form="glu"`` retrofit (``ChannelFunctions``: ``bias + sum_k c_k phi_k(t)`` per channel or
+group) convert the same way: each is one edge function with its own bias.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.bases import _REGISTRY, Basis, ParallelBasis, RecurrenceBasis, make_basis
+from ..core.function_layers import ChannelFunctions, is_channel_functions
 from ..core.layers import LAYER_OPTIONS, KANLinear, is_kan_linear
 from ..core.retrofit_config import RetrofitConfig
 
@@ -61,8 +65,8 @@ class ConversionReport:
 def convert(module: nn.Module, basis: str, degree: int | None = None, allow_lossy: bool = False, **basis_options):
     """Re-express the KAN layers of ``module`` in ``basis`` at ``degree`` (default: the current one).
 
-    ``module`` is a ``KANLinear`` (a new layer is returned), or any module holding KAN layers, such
-    as a retrofitted model or a ``KANFeedForward``, converted in place and returned; a model's
+    ``module`` is a ``KANLinear`` or ``ChannelFunctions`` (a new one is returned), or any module holding them, such
+    as a retrofitted model (of either form) or a ``KANFeedForward``, converted in place and returned; a model's
     ``config.kan_config`` follows. Input maps and biases keep their meaning; ``basis_options`` are
     the target basis' options (``alpha=...``).
 
@@ -87,7 +91,8 @@ def convert(module: nn.Module, basis: str, degree: int | None = None, allow_loss
     target_basis = make_basis(basis, degree, **basis_options)  # bad names and options fail here
     converted, errors = {}, {}
     for name, layer in targets:
-        converted[name], errors[name] = _convert_layer(layer, basis, degree, basis_options)
+        convert_one = _convert_layer if is_kan_linear(layer) else _convert_functions
+        converted[name], errors[name] = convert_one(layer, basis, degree, basis_options)
     lossy = {name: error for name, error in errors.items() if error and error["relative_error"] > EXACT_TOLERANCE}
     report = ConversionReport(
         source=targets[0][1].basis.describe(),
@@ -109,7 +114,7 @@ def convert(module: nn.Module, basis: str, degree: int | None = None, allow_loss
             )
         warnings.warn(f"lossy KAN conversion: {detail}", stacklevel=2)
 
-    if is_kan_linear(module):
+    if "" in converted:  # a single layer
         result = converted[""]
     else:
         for name, layer in converted.items():
@@ -121,14 +126,14 @@ def convert(module: nn.Module, basis: str, degree: int | None = None, allow_loss
     return result
 
 
-def _kan_layers(module) -> list[tuple[str, KANLinear]]:
+def _kan_layers(module) -> list[tuple[str, KANLinear | ChannelFunctions]]:
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert needs a KANLinear or a model holding KAN layers, got {type(module).__name__}")
-    layers = [(name, m) for name, m in module.named_modules() if is_kan_linear(m)]
+    layers = [(name, m) for name, m in module.named_modules() if is_kan_linear(m) or is_channel_functions(m)]
     if not layers:
         raise ValueError(
-            f"{type(module).__name__} holds no KAN layers (KANLinear), so there is nothing to convert; "
-            f"retrofit the model first (kallm.retrofit)"
+            f"{type(module).__name__} holds no KAN layers (KANLinear) nor the functions of form='glu' "
+            f"(ChannelFunctions), so there is nothing to convert; retrofit the model first (kallm.retrofit)"
         )
     return layers
 
@@ -148,26 +153,52 @@ def _convert_layer(layer, basis: str, degree: int, basis_options: dict):
         new.load_state_dict(layer.state_dict())
         return new, None
     has_bias = layer.bias is not None
-    exact = (has_bias and _is_polynomial(layer.basis) and isinstance(new.basis, RecurrenceBasis)
-             and new.basis.degree >= layer.basis.degree)
-    target_count = new.basis.num_features + has_bias
-    node_count = target_count if exact else max(LOSSY_MINIMUM_NODES, LOSSY_NODES_PER_FEATURE * target_count)
-    nodes = _chebyshev_nodes(node_count, weight.device)
-    source = _feature_table(layer.basis, layer.basis_parameters, nodes, layer.in_features)  # (in, N, K)
-    target = _feature_table(new.basis, new.basis_parameters, nodes, layer.in_features)  # (in, N, K')
-    if has_bias:
-        target = torch.cat([target, torch.ones_like(target[..., :1])], dim=-1)
-    if exact:
-        solution = torch.linalg.solve(target, source)  # (in, K' [+1], K)
-    else:
-        solution = torch.linalg.lstsq(target, source, driver="gelsd" if nodes.device.type == "cpu" else None).solution
-
+    exact, source, target, solution = _change_of_basis(layer, new, layer.in_features, has_bias)
     old_weight = weight.to(torch.float64).view(layer.out_features, layer.basis.num_features, layer.in_features)
     count = new.basis.num_features
     new.weight.copy_(torch.einsum("oki,ijk->oji", old_weight, solution[:, :count]).reshape_as(new.weight))
     if has_bias:
         new.bias.copy_(layer.bias.to(torch.float64) + torch.einsum("oki,ik->o", old_weight, solution[:, count]))
     return new, None if exact else _projection_error(old_weight, source, target, solution)
+
+
+@torch.no_grad()
+def _convert_functions(functions, basis: str, degree: int, basis_options: dict):
+    """``ChannelFunctions`` re-expressed in the target basis, and None (exact) or its error: each function is one
+    edge (``in`` = its groups, one output each) whose bias takes the constant terms."""
+    coefficients = functions.coefficients
+    new = ChannelFunctions(functions.channels, basis, degree, functions.groups, device=coefficients.device,
+                           dtype=coefficients.dtype, **basis_options)
+    new.input_scale.copy_(functions.input_scale)
+    if new.basis.describe() == functions.basis.describe():
+        new.load_state_dict(functions.state_dict())
+        return new, None
+    exact, source, target, solution = _change_of_basis(functions, new, functions.groups, has_bias=True)
+    old_weight = coefficients.to(torch.float64).unsqueeze(0)  # (1, K, groups)
+    count = new.basis.num_features
+    new.coefficients.copy_(torch.einsum("oki,ijk->oji", old_weight, solution[:, :count])[0])
+    new.bias.copy_(functions.bias.to(torch.float64) + torch.einsum("ki,ik->i", old_weight[0], solution[:, count]))
+    return new, None if exact else _projection_error(old_weight, source, target, solution)
+
+
+def _change_of_basis(old, new, in_features: int, has_bias: bool):
+    """How ``old``'s features are written in ``new``'s (and a constant, with ``has_bias``) on each input channel:
+    ``(exact, source (in, N, K), target (in, N, K' [+1]), solution (in, K' [+1], K))``, solved on Chebyshev nodes."""
+    exact = (has_bias and _is_polynomial(old.basis) and isinstance(new.basis, RecurrenceBasis)
+             and new.basis.degree >= old.basis.degree)
+    target_count = new.basis.num_features + has_bias
+    node_count = target_count if exact else max(LOSSY_MINIMUM_NODES, LOSSY_NODES_PER_FEATURE * target_count)
+    device = next(old.parameters()).device
+    nodes = _chebyshev_nodes(node_count, device)
+    source = _feature_table(old.basis, old.basis_parameters, nodes, in_features)
+    target = _feature_table(new.basis, new.basis_parameters, nodes, in_features)
+    if has_bias:
+        target = torch.cat([target, torch.ones_like(target[..., :1])], dim=-1)
+    if exact:
+        solution = torch.linalg.solve(target, source)
+    else:
+        solution = torch.linalg.lstsq(target, source, driver="gelsd" if nodes.device.type == "cpu" else None).solution
+    return exact, source, target, solution
 
 
 def _projection_error(old_weight, source, target, solution) -> dict[str, float]:

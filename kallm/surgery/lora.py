@@ -26,14 +26,17 @@ from ..core.kan_function import kan_linear
 from ..core.layers import KANLinear, is_kan_linear
 from .checks import causal_lm_parts
 
-LORA_TARGETS = ("kan", "attention", "all")
+LORA_TARGETS = ("kan", "attention", "mlp", "all")
+#: the roles of an MLP layout (``ArchitectureAdapter.mlp_layout``) that are linear projections
+PROJECTION_ROLES = ("gate", "up", "gate_up", "down")
 
 
 def lora_targets(model: nn.Module, which: str = "kan") -> list[str]:
     """Module names for ``LoraConfig(target_modules=...)`` on ``model`` (call it before wrapping).
 
     ``"kan"``: every ``KANLinear`` of the retrofitted feedforwards; ``"attention"``: the linear
-    projections inside each decoder block's attention module; ``"all"``: both.
+    projections inside each decoder block's attention module; ``"mlp"``: the projections of each block's MLP
+    (gate, up, down), which ``form="glu"`` keeps; ``"all"``: attention and KAN layers.
     """
     if which not in LORA_TARGETS:
         raise ValueError(f"unknown LoRA targets {which!r}; valid choices: {', '.join(LORA_TARGETS)}")
@@ -44,6 +47,14 @@ def lora_targets(model: nn.Module, which: str = "kan") -> list[str]:
             prefix = f"{adapter.blocks_path}.{index}.{adapter.attention_attribute}"
             attention = getattr(block, adapter.attention_attribute)
             names += [f"{prefix}.{name}" for name, m in attention.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if which == "mlp":
+        # an MLP spread over its block (OPT) has its projections on the block itself
+        holder_name = "" if adapter.bypassed_attributes else adapter.mlp_attribute
+        for index, block in enumerate(blocks):
+            holder = block.get_submodule(holder_name)
+            prefix = ".".join(filter(None, (f"{adapter.blocks_path}.{index}", holder_name)))
+            names += [f"{prefix}.{name}" for role, name in adapter.mlp_layout  # form="kan" blocks have none left
+                      if role in PROJECTION_ROLES and isinstance(getattr(holder, name, None), (nn.Linear, Conv1D))]
     if which in ("kan", "all"):
         kan = [name for name, module in model.named_modules() if is_kan_linear(module)]
         if not kan:

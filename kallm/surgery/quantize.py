@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.kan_function import _is_quantized
 from ..core.layers import is_kan_linear
+from ..core.retrofit_config import read_retrofit_config
 from ..saving import check_output_folder, non_finite_tensors, replacing_checkpoint
 from .checks import causal_lm_parts
 
@@ -67,6 +68,11 @@ def quantize(
     _, adapter, _ = causal_lm_parts(model, "quantize")
     targets = _targets(model, adapter.blocks_path, modules)
     if not targets:
+        if modules == "kan" and _retrofit_form(model) == "glu":
+            raise ValueError(
+                "this model was retrofitted with form='glu', which keeps the MLPs' nn.Linear projections and has no "
+                "KAN layers: pass modules='linear' to quantize them (its functions stay in floating point)"
+            )
         if modules == "kan":
             raise ValueError(
                 "this model has no KAN layers to quantize (it is not retrofitted: kallm.retrofit it first, or pass "
@@ -97,6 +103,12 @@ def _mark_quantized(model: nn.Module, settings: dict) -> None:
 def _refuse_save_pretrained(*args, **kwargs):
     raise ValueError("this model is quantized by kallm.quantize, and save_pretrained cannot write its int8 weights; "
                      "save it with kallm.save_quantized(model, folder) and load it with kallm.load_quantized(folder)")
+
+
+def _retrofit_form(model) -> str | None:
+    """The form of the model's retrofit (``"kan"`` or ``"glu"``), None if it has none."""
+    recorded = read_retrofit_config(model.config)
+    return recorded.form if recorded is not None and recorded.kind == "kan" else None
 
 
 def _group_for(row_length: int, group_size: int | None) -> int | None:

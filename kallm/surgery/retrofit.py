@@ -11,22 +11,23 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..core import KAN_CONFIG_CLASSES
+from ..core.function_layers import ChannelFunctions, check_zero_start
 from ..core.layers import KANFeedForward, intermediate_size_for_budget
 from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
-from ..core.retrofit_config import AUTO, BLOCK_SETTINGS, KINDS, RetrofitConfig, read_retrofit_config
+from ..core.retrofit_config import AUTO, BLOCK_SETTINGS, FORMS, KINDS, RetrofitConfig, read_retrofit_config
 from ..loading import public_source_name
-from .adapters import ArchitectureAdapter
+from .adapters import EXACT_ACTIVATIONS, ArchitectureAdapter, supported_model_types
 from .checks import causal_lm_parts, check_weights, retrofitted_class, retrofitted_kan_config
 from .fit import check_fit_arguments, fit_new_feedforwards
 
-__all__ = ["KINDS", "retrofit", "retrofitted_blocks"]
+__all__ = ["FORMS", "KINDS", "retrofit", "retrofitted_blocks"]
 
 #: by default a KAN feedforward gets this share of the parameters of the MLP it replaces
 DEFAULT_PARAMETER_SHARE = 0.5
 #: what ``blocks="auto"`` ranks the candidate blocks by (see fit.py: massive-activation rows left out)
 AUTO_RANKING = "ordinary_token_error"
 #: the ``RetrofitConfig`` fields a caller may set as keywords of ``retrofit``
-REQUEST_FIELDS = ("blocks", "last_n", "num_blocks", *BLOCK_SETTINGS, "kind")
+REQUEST_FIELDS = ("blocks", "last_n", "num_blocks", *BLOCK_SETTINGS, "kind", "form", "function_groups")
 
 
 def retrofit(
@@ -48,8 +49,10 @@ def retrofit(
             ``blocks`` (indices, negative ones from the end; ``{index: settings}`` for per-block settings;
             ``"auto"`` with ``num_blocks``), ``last_n``, ``basis``, ``degree``, ``intermediate_size``,
             ``input_map``, ``bias``, ``basis_options``, ``kind`` (``"kan"`` or ``"linear"``, the linear-restart
-            baseline). Any other keyword is a basis option (``alpha=0.5``). ``layers=`` is the deprecated
-            name of ``blocks=``.
+            baseline), ``form`` (``"kan"``, or ``"glu"``: the MLP keeps its projections and gains learnable
+            functions that start at zero, so the model starts exactly at the original) and ``function_groups``
+            (``form="glu"``: channels per shared function; None: one function per channel). Any other keyword
+            is a basis option (``alpha=0.5``). ``layers=`` is the deprecated name of ``blocks=``.
         filter_fn: ``filter_fn(feedforward_module, qualified_name) -> bool`` (torchao's ``quantize_`` convention)
             narrows the chosen blocks further (e.g. to skip blocks by name).
         init: ``"random"`` (fresh weights) or ``"fit"``: function-preserving initialisation, each
@@ -99,13 +102,15 @@ def retrofit(
     check_weights(model, adapter, blocks, indices, runs_model=request.init == "fit")
 
     hidden = getattr(model.config, adapter.hidden_size)
+    structure = {"mlp_attribute": adapter.mlp_attribute, "bypassed_attributes": list(adapter.bypassed_attributes)}
+    if request.form == "glu":
+        structure = _function_form_structure(model, base_type, adapter, blocks, indices, request)
     resolved = dataclasses.replace(
         request, blocks=sorted(indices), last_n=None, num_blocks=None, selection=None,
         block_settings={i: settings for i, settings in own_settings.items() if i in indices and settings},
         base_model_type=base_type,
         base_model=public_source_name(getattr(model.config, "_name_or_path", "")) or base_type,
-        blocks_path=adapter.blocks_path, mlp_attribute=adapter.mlp_attribute,
-        bypassed_attributes=list(adapter.bypassed_attributes), hidden_size=hidden,
+        blocks_path=adapter.blocks_path, hidden_size=hidden, **structure,
     )
     if request.kind == "linear":
         previous = read_retrofit_config(model.config)
@@ -114,10 +119,20 @@ def retrofit(
         _record(model.config, resolved)
         return model
 
-    resolved = _resolve_sizes(resolved, existing, blocks, adapter)
+    if request.form == "kan":
+        resolved = _resolve_sizes(resolved, existing, blocks, adapter)
     # Build one module per distinct setting first so that bad basis options fail before the model is touched.
     templates = {}
     for index in indices:
+        if request.form == "glu":
+            arguments = resolved.function_arguments(index)
+            key = repr(sorted(arguments.items()))
+            if key not in templates:
+                templates[key] = ChannelFunctions(**arguments, device="meta")
+                settings = resolved.settings(index)
+                check_zero_start(settings["basis"], settings["degree"], _compute_dtype(model),
+                                 **settings["basis_options"])
+            continue
         arguments = resolved.feedforward_arguments(index)
         key = repr(sorted(arguments.items()))
         if key not in templates:
@@ -142,6 +157,8 @@ def retrofit(
                 _keep_the_best_fits(model, new_config, report, request.num_blocks, saved)
         else:
             install()
+            if request.form == "glu":
+                _check_exact_start(model, saved, indices[0])
     except BaseException:
         # Whatever failed (a fit gone non-finite, an interrupt), the model is left as it was.
         saved.undo()
@@ -250,6 +267,71 @@ def _resolve_sizes(config: RetrofitConfig, existing: RetrofitConfig | None, bloc
     return dataclasses.replace(config, intermediate_size=size, block_settings=own_settings)
 
 
+def _function_form_structure(model, base_type, adapter: ArchitectureAdapter, blocks, indices, request) -> dict:
+    """``form="glu"``: the ``RetrofitConfig`` fields saying where the functions go (``mlp_attribute``, the MLP's
+    ``mlp_layout``, its channel count as ``intermediate_size``); refuses an MLP kallm cannot rebuild exactly."""
+    if request.intermediate_size is not None:
+        raise ValueError(f"form='glu' keeps the MLP's {request.intermediate_size!r} channels as they are, so it takes "
+                         f"no intermediate_size")
+    activation = getattr(model.config, adapter.activation_config, None)
+    if activation not in EXACT_ACTIVATIONS:
+        raise ValueError(
+            f"form='glu' adds its functions to the output of the MLP's own activation, which is exact only for "
+            f"activations that act on each value alone; this {base_type} model's {adapter.activation_config} is "
+            f"{activation!r}. Supported activations: {', '.join(EXACT_ACTIVATIONS)}; supported families: "
+            f"{', '.join(supported_model_types())}"
+        )
+    layout = dict(adapter.mlp_layout)
+    spread = bool(adapter.bypassed_attributes)  # the MLP's parts are the block's own attributes (OPT)
+    holders = {index: blocks[index] if spread else getattr(blocks[index], adapter.mlp_attribute) for index in indices}
+    for index, holder in holders.items():
+        missing = [name for name in layout.values() if not isinstance(getattr(holder, name, None), nn.Module)]
+        if missing:
+            raise ValueError(
+                f"form='glu' rebuilds the {base_type} MLP from its parts {layout}, but block {index}'s "
+                f"{type(holder).__name__} has no {missing}, so kallm cannot express it exactly; supported families: "
+                f"{', '.join(supported_model_types())}"
+            )
+    down = getattr(holders[indices[0]], layout["down"])
+    channels = getattr(down, "in_features", None) or down.nx  # nn.Linear, or transformers' Conv1D (GPT-2)
+    if spread:  # only the activation is replaced; the projections stay where they are
+        return {"mlp_attribute": layout["activation"], "bypassed_attributes": [], "mlp_layout": {},
+                "intermediate_size": channels}
+    return {"mlp_attribute": adapter.mlp_attribute, "bypassed_attributes": [], "mlp_layout": layout,
+            "intermediate_size": channels}
+
+
+def _compute_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@torch.no_grad()
+def _check_exact_start(model, saved: _SavedState, index: int) -> None:
+    """``form="glu"`` must compute what the original did: compare block ``index``'s new module with the one it
+    replaced on random inputs (in eval mode, so that no dropout draws differ)."""
+    config = read_retrofit_config(model.config)
+    new = getattr(model.get_submodule(config.blocks_path)[index], config.mlp_attribute)
+    original = next(module for _, name, module in saved.feedforwards[index] if name == config.mlp_attribute)
+    parameter = next(new.parameters())
+    if parameter.is_meta:  # a shape-only model computes nothing
+        return
+    width = config.hidden_size if config.mlp_layout else config.intermediate_size
+    inputs = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(parameter.device, parameter.dtype)
+    modes = {module: module.training for module in (*new.modules(), *original.modules())}
+    new.eval(), original.eval()
+    try:
+        expected, got = original(inputs), new(inputs)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if not torch.equal(expected, got):
+        raise ValueError(
+            f"form='glu' did not reproduce block {index}'s MLP exactly (largest difference "
+            f"{(expected - got).abs().max().item():.3g}): this {config.base_model_type} model's MLP computes something "
+            f"else than its layout {config.mlp_layout} says; the model was left unchanged"
+        )
+
+
 def _feedforward_parameters(block, adapter: ArchitectureAdapter) -> int:
     names = (adapter.mlp_attribute, *adapter.bypassed_attributes)
     return sum(count_parameters(getattr(block, name)) for name in names)
@@ -262,7 +344,8 @@ def _extend(old: RetrofitConfig, new: RetrofitConfig) -> RetrofitConfig:
         raise ValueError(
             f"blocks {overlap} are already KAN feedforwards (retrofitted: {old.blocks}); choose other blocks"
         )
-    differing = [key for key in (*BLOCK_SETTINGS, "hidden_size") if getattr(old, key) != getattr(new, key)]
+    differing = [key for key in (*BLOCK_SETTINGS, "hidden_size", "form", "function_groups")
+                 if getattr(old, key) != getattr(new, key)]
     if differing:
         detail = ", ".join(f"{key}: {getattr(old, key)!r} -> {getattr(new, key)!r}" for key in differing)
         raise ValueError(

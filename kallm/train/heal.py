@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.retrofit_config import read_retrofit_config
 from ..saving import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
 from ..surgery.checks import causal_lm_parts
 from ..surgery.fit import default_calibration, original_feedforward, outlier_rows, record_feedforwards
@@ -179,7 +180,7 @@ def heal(model, teacher, tokenizer, data=None, config: HealConfig | None = None,
     if config.output_dir:
         check_output_folder(config.output_dir, (model, teacher))
     resume = resume_checkpoint(config.resume, config.output_dir, CHECKPOINT_PREFIX, STATE_FILE)
-    layout = _Layout(model, teacher, config.trainable)
+    layout = _Layout(model, teacher, config.trainable, config.progressive)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
     sequences, data_stats = healing_sequences(data, tokenizer, config, teacher)
@@ -196,7 +197,7 @@ class _Layout:
     outside the retrofitted feedforwards, except for parameters the policy trains.
     """
 
-    def __init__(self, model, teacher, policy: str):
+    def __init__(self, model, teacher, policy: str, progressive: bool = False):
         if teacher is model:
             raise ValueError("the teacher must be a separate model (the original, un-retrofitted one)")
         self.blocks = retrofitted_blocks(model)
@@ -214,6 +215,9 @@ class _Layout:
         if len(self.student_blocks) != len(self.teacher_blocks):
             raise ValueError(f"the teacher has {len(self.teacher_blocks)} blocks, the student "
                              f"{len(self.student_blocks)}; pass the original model the student was retrofitted from")
+        if progressive and read_retrofit_config(model.config).form == "glu":
+            raise ValueError("progressive=True blends each new feedforward in from the original, but form='glu' "
+                             "starts exactly at the original already: heal it without progressive")
         self.first = min(self.blocks)
         self.trained = _trained_names(model, policy)
         self._check_teacher_matches(model, teacher)

@@ -106,9 +106,10 @@ class TrainConfig:
                                   "adapter cannot be merged", choices=ADAPTER_TYPES)
     lora_alpha: float = option(16.0, "adapter scaling numerator: updates are scaled by alpha / rank")
     lora_dropout: float = option(0.0, "dropout on the adapter's input")
-    lora_targets: str | None = option(None, "layers that take the adapter: KAN layers, attention projections or "
-                                            "both (kallm.lora_targets); default: all on a retrofitted model, "
-                                            "attention on a plain one", choices=LORA_TARGETS)
+    lora_targets: str | None = option(None, "layers that take the adapter: KAN layers, attention projections, "
+                                            "MLP projections (mlp) or KAN layers and attention (all) "
+                                            "(kallm.lora_targets); default: all on a model with KAN layers, "
+                                            "attention on any other", choices=LORA_TARGETS)
     merge: bool = option(False, "with an adapter, also save the model with the adapter merged into it to "
                                 "OUT/merged")
     degree_stages: list[int] | None = option(None, "train in stages of rising KAN degree (e.g. 1 2 3): max_steps "
