@@ -164,6 +164,38 @@ def _refuse_quantized(model, adapter, blocks, indices):
                 raise ValueError(f"{_some(integer)} hold non-float (quantized) weights; {way_out}")
 
 
+def check_adapter_fits_kan_blocks(model: nn.Module, names, source=None) -> None:
+    """Refuse a PEFT adapter (LoRA or KAN adapter) that holds parts for KAN layers in blocks where ``model`` has
+    no KAN feedforward: PEFT would apply the rest and drop those parts without a word.
+
+    ``names``: the adapter's weight names or its target module names; a name without a block index (a suffix
+    such as ``mlp.layers.0``) tells nothing and is skipped. A model of a family kallm does not retrofit has no
+    KAN layers of kallm's, so nothing is checked.
+    """
+    try:
+        _, adapter, blocks = causal_lm_parts(model, "load_adapter", allow_adapters=True)
+    except (TypeError, KeyError, ValueError):
+        return
+    kan_layer = re.compile(rf"(?:^|\.)(\d+)\.{re.escape(adapter.mlp_attribute)}\.layers\.\d+(?:\.|$)")
+    adapted = sorted({int(match.group(1)) for name in names if (match := kan_layer.search(name))})
+    retrofitted = [i for i, block in enumerate(blocks) if is_kan_feedforward(getattr(block, adapter.mlp_attribute))]
+    lost = [i for i in adapted if i not in retrofitted]
+    if lost:
+        named = f"the adapter in {source}" if source else "the adapter"
+        raise ValueError(
+            f"{named} holds parts for KAN layers in blocks {adapted}, but this model has KAN feedforwards in blocks "
+            f"{retrofitted or 'none'}: the parts for blocks {lost} would be dropped and the "
+            f"adapter applied only in part; load it into a model retrofitted on blocks {adapted}, as the one it was "
+            f"trained on"
+        )
+
+
+def target_names(peft_config) -> list[str]:
+    """The module names a PEFT config targets, as listed (none for a regular expression)."""
+    targets = getattr(peft_config, "target_modules", None)
+    return [] if targets is None or isinstance(targets, str) else list(targets)
+
+
 def _some(names: list[str]) -> str:
     listed = ", ".join(names[:LISTED_NAMES])
     return listed + (f" and {len(names) - LISTED_NAMES} more" if len(names) > LISTED_NAMES else "")
