@@ -387,6 +387,38 @@ def test_corrupted_kan_config_is_refused_naming_the_field(saved, tmp_path, case)
         AutoModelForCausalLM.from_pretrained(folder)
 
 
+def _as_resaved_by_plain_transformers(config, model_type=None):
+    """config.json as transformers' own class of the base family writes it: kan_config kept, kallm's model_type,
+    architectures and auto_map gone."""
+    family = config["kan_config"]["base_model_type"]
+    config.update(model_type=model_type or family, architectures=[type(tiny_model(family)).__name__])
+    del config["auto_map"]
+
+
+@pytest.mark.parametrize("name", [TOKENIZER_CASE, "gpt2-rational"])
+def test_a_config_resaved_as_its_plain_family_still_loads_the_kan_model(saved, tmp_path, name):
+    folder, model, reference = saved[name]
+    resaved = copy_checkpoint(saved, tmp_path, name, edit_config=_as_resaved_by_plain_transformers)
+    expected = torch.load(reference)
+    loaders = [AutoModelForCausalLM.from_pretrained]
+    if name == TOKENIZER_CASE:
+        loaders.append(lambda source: kallm.load_model(str(source))[0])
+    for load in loaders:
+        loaded = load(resaved)
+        assert type(loaded) is type(model)
+        assert torch.equal(logits_of(loaded, expected["ids"]), expected["logits"])
+    loaded.save_pretrained(tmp_path / "kallm-again")
+    assert json.loads((tmp_path / "kallm-again" / "config.json").read_text())["model_type"] == model.config.model_type
+
+
+def test_a_kan_config_under_a_family_kallm_does_not_retrofit_is_refused(saved, tmp_path):
+    folder = copy_checkpoint(saved, tmp_path, edit_config=lambda config: _as_resaved_by_plain_transformers(config, "phi"))
+    with pytest.raises(ValueError, match=r"carries a kan_config \(KAN feedforwards in blocks \[1, 2\]\) but its "
+                                         r"model_type 'phi' is no family kallm retrofits .*; set model_type in "
+                                         r"config.json to 'kallama'"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
 def as_saved_by_schema_version_1(kan_config):
     """A kan_config dict in the form kallm wrote before RetrofitConfig (schema version 1)."""
     return {

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..core import KAN_CONFIG_CLASSES
+from ..core.configuration_kallm import config_as
 from ..core.layers import KANFeedForward, intermediate_size_for_budget
 from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
 from ..core.retrofit_config import AUTO, BLOCK_SETTINGS, KINDS, RetrofitConfig, read_retrofit_config
@@ -353,14 +354,7 @@ def _keep_the_best_fits(model, config: RetrofitConfig, report: dict, count: int,
 
 def _convert_class(model, base_type, kan_config):
     """Turn a base-family model into its retrofitted class, in place, keeping every tensor."""
-    config_class = KAN_CONFIG_CLASSES[base_type]
-    dropped = ("model_type", "architectures", "auto_map", "kan_config")
-    values = {k: v for k, v in model.config.to_dict().items() if k not in dropped}
-    new_config = config_class(**values, kan_config=kan_config)
-    new_config._name_or_path = model.config._name_or_path
-    for attribute in ("_attn_implementation_internal", "_experts_implementation_internal"):
-        if hasattr(model.config, attribute):
-            setattr(new_config, attribute, getattr(model.config, attribute))
+    new_config = config_as(model.config, KAN_CONFIG_CLASSES[base_type], kan_config)
     old_config = model.config
     for module in model.modules():
         if getattr(module, "config", None) is old_config:
