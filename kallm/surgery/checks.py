@@ -14,11 +14,13 @@ from torch import nn
 from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SEQUENCE_CLASSIFICATION_CLASSES, KANModelMixin
 from ..core.layers import is_kan_feedforward
 from ..core.retrofit_config import RetrofitConfig, read_retrofit_config
+from ..loading import is_dequantized_gguf, quantization_method
 from .adapters import ArchitectureAdapter, adapter_for
 
 #: parts of the class names of quantized linear layers: bitsandbytes (Linear4bit, Linear8bitLt),
-#: GPTQ (QuantLinear and its kernels' variants), AWQ (WQLinear_GEMM, ...), HQQ, optimum-quanto, fp8
-QUANTIZED_LAYER_MARKERS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "WQLinear", "HQQLinear", "QLinear", "FP8Linear")
+#: GPTQ (QuantLinear and its kernels' variants), AWQ (WQLinear_GEMM, ...), HQQ, optimum-quanto, fp8, GGUF blocks
+QUANTIZED_LAYER_MARKERS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "WQLinear", "HQQLinear", "QLinear", "FP8Linear",
+                           "GgufLinear")
 #: how many tensor names an error message lists before it just counts the rest
 LISTED_NAMES = 4
 
@@ -141,12 +143,11 @@ def _refuse_quantized(model, adapter, blocks, indices):
         "model unquantized (without quantization_config, load_in_4bit or load_in_8bit), or dequantize it first "
         "(model.dequantize())"
     )
-    quantization_config = getattr(model.config, "quantization_config", None)
-    if quantization_config is not None or getattr(model, "hf_quantizer", None) is not None:
-        method = getattr(quantization_config, "quant_method", None)
-        if method is None and isinstance(quantization_config, dict):
-            method = quantization_config.get("quant_method")
-        raise ValueError(f"this model is quantized (quantization_config, method {str(method)!r}); {way_out}")
+    tagged = getattr(model.config, "quantization_config", None) is not None or getattr(model, "hf_quantizer", None)
+    # transformers tags a GGUF load as quantized also when it unpacked every weight to float: those it retrofits
+    if tagged and not is_dequantized_gguf(model):
+        raise ValueError(f"this model is quantized (quantization_config, method {quantization_method(model)!r}); "
+                         f"{way_out}")
     for index in indices:
         for attribute in (adapter.mlp_attribute, *adapter.bypassed_attributes):
             feedforward = getattr(blocks[index], attribute)

@@ -15,7 +15,7 @@ from ..core.configuration_kallm import config_as
 from ..core.layers import KANFeedForward, intermediate_size_for_budget
 from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
 from ..core.retrofit_config import AUTO, BLOCK_SETTINGS, KINDS, RetrofitConfig, read_retrofit_config
-from ..loading import public_source_name
+from ..loading import public_source_name, untag_dequantized_gguf
 from .adapters import ArchitectureAdapter
 from .checks import causal_lm_parts, check_weights, retrofitted_class, retrofitted_kan_config
 from .fit import check_fit_arguments, fit_new_feedforwards
@@ -113,6 +113,7 @@ def retrofit(
         resolved = dataclasses.replace(resolved, blocks=sorted(set(previous.blocks if previous else ()) | set(indices)))
         _restart_feedforwards(model, adapter, indices)
         _record(model.config, resolved)
+        untag_dequantized_gguf(model)
         return model
 
     resolved = _resolve_sizes(resolved, existing, blocks, adapter)
@@ -147,6 +148,8 @@ def retrofit(
         # Whatever failed (a fit gone non-finite, an interrupt), the model is left as it was.
         saved.undo()
         raise
+    # a model transformers unpacked from a GGUF file to float: it keeps no tag that would refuse save and training
+    untag_dequantized_gguf(model)
     return model
 
 
