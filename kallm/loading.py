@@ -132,10 +132,7 @@ def _load_weights(name_or_path: str, source: str, gguf_file: str | None, dtype, 
     except SafetensorError as error:
         raise OSError(f"cannot read the weights of {name_or_path}: {_damaged_weights(source)} ({error})") from error
     if gguf_file:
-        quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None:
-            # Nothing is quantized any more; left tagged, transformers would refuse save_pretrained.
-            quantizer.remove_quantization_config(model)
+        untag_dequantized_gguf(model)
         # Record where the weights came from (model cards, kan_config) instead of a temp path.
         model.config._name_or_path = name_or_path
     return model
@@ -148,6 +145,34 @@ def _load_tokenizer(source: str, gguf_file: str | None = None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def quantization_method(model) -> str | None:
+    """The method of ``model``'s ``quantization_config`` (``"gguf"``, ``"bitsandbytes"``, ...), None without one."""
+    config = getattr(model.config, "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method))
+
+
+def is_dequantized_gguf(model) -> bool:
+    """Whether ``model`` was loaded from a GGUF file with every weight unpacked to float.
+
+    transformers tags every GGUF load as quantized (a ``GgufConfig``), also when it unpacked all weights (on CPU,
+    or without a matmul kernel for the file's types); weights it keeps packed live in its ``Gguf*`` modules."""
+    return quantization_method(model) == "gguf" and not any(
+        type(module).__name__.startswith("Gguf") for module in model.modules())
+
+
+def untag_dequantized_gguf(model) -> None:
+    """Drop the quantization tag of a GGUF load whose weights are all float (``is_dequantized_gguf``): nothing is
+    quantized, and with the tag transformers refuses to save the model and its Trainer to train it."""
+    if not is_dequantized_gguf(model):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    else:  # a config read back from a folder saved with the tag
+        del model.config.quantization_config
 
 
 def _load_delta_folder(folder: str, dtype, options: dict):

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import kallm
 import kallm.loading
 from kallm.core.layers import KANFeedForward
+from kallm.core.retrofit_config import RetrofitConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CODE_FILES = (
@@ -101,13 +102,14 @@ def saved(tmp_path_factory):
     result["llama-newer-schema"] = (newer, None, None)
     for name, edit_config, edit_weights in [
         ("llama-kan-weight-dropped", None, "model.layers.2.mlp.layers.0.weight"),
-        ("llama-bogus-blocks-path", "model.blocks", None),
+        ("llama-bogus-blocks-path", {"blocks_path": "model.blocks"}, None),
+        ("llama-basis-edited", {"basis": "legendre"}, None),  # as many features as cheby2: the tensors fit
     ]:
         folder = root / name
         shutil.copytree(result["llama"][0], folder)
         if edit_config:
             config = json.loads((folder / "config.json").read_text())
-            config["kan_config"]["blocks_path"] = edit_config
+            config["kan_config"].update(edit_config)
             (folder / "config.json").write_text(json.dumps(config))
         if edit_weights:
             weights = safetensors.torch.load_file(folder / "model.safetensors")
@@ -300,6 +302,56 @@ def test_weights_that_do_not_match_kan_config_are_refused(saved, tmp_path, case)
     assert "does not initialise or drop KAN tensors" in str(error.value)
 
 
+def test_kan_settings_edited_apart_from_the_weights_are_refused_naming_both(saved, tmp_path):
+    folder, model, _ = saved["llama"]
+    with safetensors.safe_open(folder / "model.safetensors", framework="pt") as weights:
+        recorded = json.loads(weights.metadata()["kallm_kan_settings"])
+    assert recorded == {str(block): RetrofitConfig.from_dict(model.config.kan_config).settings(block) for block in (1, 2)}
+    with pytest.raises(ValueError, match=r"block 1's basis is 'cheby2' in the weights but 'legendre' in kan_config"):
+        AutoModelForCausalLM.from_pretrained(saved["llama-basis-edited"][0])
+    edited = copy_checkpoint(saved, tmp_path, "qwen2-gegenbauer-tanh", edit_config=_kan("basis_options", {"alpha": 1.5}))
+    with pytest.raises(ValueError, match=r"block 2's basis_options is \{'alpha': 0.5\} in the weights but "
+                                         r"\{'alpha': 1.5\} in kan_config"):
+        AutoModelForCausalLM.from_pretrained(edited)
+    def block_1_to_cheby2(config):
+        config["kan_config"]["block_settings"]["1"]["basis"] = "cheby2"
+
+    per_block = copy_checkpoint(saved, tmp_path, "llama-per-block", edit_config=block_1_to_cheby2)
+    with pytest.raises(ValueError, match=r"settings than its weights were made for: block 1's basis is 'legendre' in "
+                                         r"the weights but 'cheby2' in kan_config\. "):
+        AutoModelForCausalLM.from_pretrained(per_block)
+
+
+def test_weights_saved_without_kan_settings_still_load(saved, tmp_path):
+    """Checkpoints saved before kallm recorded the KAN settings in the weights' metadata."""
+    folder = copy_checkpoint(saved, tmp_path, edit_weights=lambda weights: None)
+    with safetensors.safe_open(folder / "model.safetensors", framework="pt") as weights:
+        assert "kallm_kan_settings" not in weights.metadata()
+    expected = torch.load(saved["llama"][2])
+    assert torch.equal(logits_of(AutoModelForCausalLM.from_pretrained(folder), expected["ids"]), expected["logits"])
+
+
+def test_sharded_weights_record_and_check_the_kan_settings(saved, tmp_path):
+    model = saved["llama"][1]
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    recording = []
+    for shard in shards:
+        with safetensors.safe_open(shard, framework="pt") as weights:
+            holds_kan = any(".mlp.layers." in name for name in weights.keys())
+            recording.append((holds_kan, "kallm_kan_settings" in weights.metadata()))
+    assert all(holds_kan == recorded for holds_kan, recorded in recording) and (True, True) in recording
+    expected = torch.load(saved["llama"][2])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    assert torch.equal(logits_of(loaded, expected["ids"]), expected["logits"])
+    config = json.loads((tmp_path / "sharded" / "config.json").read_text())
+    config["kan_config"]["basis"] = "legendre"
+    (tmp_path / "sharded" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"block 1's basis is 'cheby2' in the weights but 'legendre' in kan_config"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+
+
 def test_loading_info_is_still_returned_on_request(saved):
     model, info = AutoModelForCausalLM.from_pretrained(saved["gpt2"][0], output_loading_info=True)
     assert isinstance(model, type(saved["gpt2"][1]))
@@ -384,6 +436,38 @@ def test_corrupted_kan_config_is_refused_naming_the_field(saved, tmp_path, case)
     edit, message = CORRUPTED[case]
     folder = copy_checkpoint(saved, tmp_path, edit_config=edit)
     with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def _as_resaved_by_plain_transformers(config, model_type=None):
+    """config.json as transformers' own class of the base family writes it: kan_config kept, kallm's model_type,
+    architectures and auto_map gone."""
+    family = config["kan_config"]["base_model_type"]
+    config.update(model_type=model_type or family, architectures=[type(tiny_model(family)).__name__])
+    del config["auto_map"]
+
+
+@pytest.mark.parametrize("name", [TOKENIZER_CASE, "gpt2-rational"])
+def test_a_config_resaved_as_its_plain_family_still_loads_the_kan_model(saved, tmp_path, name):
+    folder, model, reference = saved[name]
+    resaved = copy_checkpoint(saved, tmp_path, name, edit_config=_as_resaved_by_plain_transformers)
+    expected = torch.load(reference)
+    loaders = [AutoModelForCausalLM.from_pretrained]
+    if name == TOKENIZER_CASE:
+        loaders.append(lambda source: kallm.load_model(str(source))[0])
+    for load in loaders:
+        loaded = load(resaved)
+        assert type(loaded) is type(model)
+        assert torch.equal(logits_of(loaded, expected["ids"]), expected["logits"])
+    loaded.save_pretrained(tmp_path / "kallm-again")
+    assert json.loads((tmp_path / "kallm-again" / "config.json").read_text())["model_type"] == model.config.model_type
+
+
+def test_a_kan_config_under_a_family_kallm_does_not_retrofit_is_refused(saved, tmp_path):
+    folder = copy_checkpoint(saved, tmp_path, edit_config=lambda config: _as_resaved_by_plain_transformers(config, "phi"))
+    with pytest.raises(ValueError, match=r"carries a kan_config \(KAN feedforwards in blocks \[1, 2\]\) but its "
+                                         r"model_type 'phi' is no family kallm retrofits .*; set model_type in "
+                                         r"config.json to 'kallama'"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
@@ -544,6 +628,9 @@ REFUSED_IN_FRESH_PROCESSES = {
     "llama-kan-weight-dropped": "1 tensors the config describes are missing from the weights: "
                                 "model.layers.2.mlp.layers.0.weight.",
     "llama-bogus-blocks-path": "kan_config.blocks_path 'model.blocks' names no submodule of KALlamaForCausalLM",
+    "llama-basis-edited": "gives its KAN blocks other settings than its weights were made for: block 1's basis is "
+                          "'cheby2' in the weights but 'legendre' in kan_config; block 2's basis is 'cheby2' in the "
+                          "weights but 'legendre' in kan_config.",
 }
 
 

@@ -4,6 +4,7 @@ reload it in fresh processes (with kallm, and without kallm through trust_remote
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -100,3 +101,28 @@ def test_real_smollm2_shrinks_to_a_mini_model_that_agrees_on_kept_tokens(smollm2
     ids = torch.tensor([loaded_tokenizer(texts[1])["input_ids"]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, small.eval()(ids).logits)
+
+
+def test_real_smollm2_from_gguf_through_transformers_retrofits_saves_and_reloads(smollm2, tmp_path):
+    """transformers tags a GGUF load as quantized (GgufConfig) even when it unpacked every weight to float, as it
+    does on CPU; those float weights retrofit as kallm.load_model's do, and the tag is not saved."""
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf_file = kallm.loading.resolve_model("smollm2-135m-instruct")
+    direct = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    assert direct.config.quantization_config.quant_method == "gguf"
+    assert {p.dtype for p in direct.parameters()} == {torch.float32}
+    ids = torch.tensor([[1, 9690, 198, 2683, 314, 260]])
+    for model in (direct, copy.deepcopy(smollm2[0])):
+        torch.manual_seed(0)
+        retrofitted = kallm.retrofit(model, last_n=2).eval()
+        assert retrofitted.config.kan_config["blocks"] == [28, 29]
+        assert getattr(retrofitted.config, "quantization_config", None) is None
+        assert getattr(retrofitted, "hf_quantizer", None) is None
+    torch.testing.assert_close(retrofitted.state_dict(), direct.state_dict(), rtol=0, atol=0)
+    direct.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(direct)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, direct(ids).logits)

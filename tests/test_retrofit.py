@@ -18,7 +18,7 @@ import torch
 import transformers
 from conftest import TINY_CONFIGS, tiny_model
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GgufConfig
 
 import kallm
 from kallm.core.layers import KANFeedForward
@@ -701,6 +701,15 @@ def _quantizer(model):
     model.hf_quantizer = object()
 
 
+class GgufLinear(nn.Linear):
+    """Stands for the layer in which transformers keeps a GGUF file's weights packed."""
+
+
+def _gguf_packed(model):
+    model.config.quantization_config = {"quant_method": "gguf", "dequantize": False}
+    model.model.layers[2].mlp.up_proj = GgufLinear(32, 64, bias=False)
+
+
 @pytest.mark.parametrize(
     ("quantize", "message"),
     [
@@ -708,6 +717,7 @@ def _quantizer(model):
         (_bitsandbytes_layer, "model.layers.2.mlp.up_proj is a quantized layer (Linear8bitLt)"),
         (_quantization_config, "this model is quantized (quantization_config, method 'bitsandbytes')"),
         (_quantizer, "this model is quantized"),
+        (_gguf_packed, "this model is quantized (quantization_config, method 'gguf')"),
     ],
 )
 @pytest.mark.parametrize("kind", ["kan", "linear"])
@@ -722,6 +732,17 @@ def test_quantized_weights_are_refused(quantize, message, kind):
     assert getattr(model, "hf_quantizer", None) is not None or "quantization_config" not in before["config"] or (
         model.config.quantization_config == before["config"]["quantization_config"]
     )
+
+
+@pytest.mark.parametrize("kind", ["kan", "linear"])
+def test_a_gguf_load_unpacked_to_float_is_retrofitted_and_loses_its_quantization_tag(kind, tmp_path):
+    """transformers tags every GGUF load as quantized, also one whose weights it unpacked to float."""
+    model = tiny_model("llama")
+    model.config.quantization_config = GgufConfig(dequantize=False)  # as on CPU: the flag stays, the weights are float
+    kallm.retrofit(model, last_n=1, kind=kind)
+    assert getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
 
 
 def test_only_the_blocks_to_retrofit_must_hold_float_weights():

@@ -27,7 +27,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from .retrofit_config import SCHEMA_VERSION, RetrofitConfig
+from .retrofit_config import SCHEMA_VERSION, RetrofitConfig, kan_config_blocks
 
 KAN_SCHEMA_VERSION = SCHEMA_VERSION
 
@@ -178,3 +178,38 @@ KAN_CONFIG_CLASSES = {
         KAGemma2Config, KAPhi3Config, KAGPT2Config, KAGPTNeoXConfig, KAOPTConfig,
     )
 }
+
+
+def retrofitted_config(config):
+    """The retrofitted config (``KALlamaConfig``, ...) of a base family's ``config`` that carries a ``kan_config``
+    of KAN feedforwards, or None for any other config.
+
+    Such a config is a kallm checkpoint's, re-saved by plain transformers (``model_type`` "llama"): loaded as
+    the family's own model, its KAN blocks would get freshly initialised MLPs, with a missing-keys warning at
+    most. A linear restart (``kind`` "linear") keeps its family's classes, so it is no such config.
+    """
+    if isinstance(config, KANConfigMixin) or not kan_config_blocks(config):
+        return None
+    config_class = KAN_CONFIG_CLASSES.get(config.model_type)
+    if config_class is None:
+        recorded = KAN_CONFIG_CLASSES.get(config.kan_config.get("base_model_type"))
+        raise ValueError(
+            f"this config carries a kan_config (KAN feedforwards in blocks {kan_config_blocks(config)}) but its "
+            f"model_type {config.model_type!r} is no family kallm retrofits ({', '.join(KAN_CONFIG_CLASSES)}): "
+            f"loaded as a plain model, its KAN blocks would be freshly initialised MLPs"
+            + (f"; set model_type in config.json to {recorded.model_type!r}, as kallm saved it" if recorded else "")
+        )
+    return config_as(config, config_class, config.kan_config)
+
+
+def config_as(config, config_class, kan_config: dict | None):
+    """``config``'s values as a ``config_class`` with ``kan_config``, keeping what transformers holds beside the
+    values (where the config was loaded from, the attention implementation chosen at load)."""
+    dropped = ("model_type", "architectures", "auto_map", "kan_config")
+    values = {key: value for key, value in config.to_dict().items() if key not in dropped}
+    new_config = config_class(**values, kan_config=kan_config)
+    new_config._name_or_path = config._name_or_path
+    for attribute in ("_attn_implementation_internal", "_experts_implementation_internal"):
+        if hasattr(config, attribute):
+            setattr(new_config, attribute, getattr(config, attribute))
+    return new_config

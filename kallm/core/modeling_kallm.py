@@ -11,12 +11,15 @@ Part of kallm's portable core: plain torch + transformers, sibling imports only.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoModel,
@@ -52,6 +55,7 @@ from transformers import (
     Qwen3Model,
 )
 from transformers.initialization import guard_torch_init_functions
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .bases import custom_bases
 from .configuration_kallm import (
@@ -368,6 +372,84 @@ def _some(keys, shown=6):
     return listed + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
 
 
+#: key of the safetensors metadata that records the settings each block's KAN weights were made for
+KAN_SETTINGS_METADATA = "kallm_kan_settings"
+
+
+def _kan_settings(kan_config: dict) -> dict[str, dict]:
+    """``{block: settings}`` (``RetrofitConfig.settings``: basis, degree, options, ...) as JSON would read it back."""
+    config = RetrofitConfig.from_dict(kan_config)
+    return json.loads(json.dumps({str(index): config.settings(index) for index in config.blocks}))
+
+
+def _safetensors_files(source, hub_options: dict) -> list[str]:
+    """The local paths of a checkpoint's safetensors weights (one file, or the shards its index names)."""
+    index = delta_file(source, SAFE_WEIGHTS_INDEX_NAME, hub_options)
+    if index is None:
+        single = delta_file(source, SAFE_WEIGHTS_NAME, hub_options)
+        return [single] if single else []
+    with open(index, encoding="utf-8") as file:
+        shards = sorted(set(json.load(file)["weight_map"].values()))
+    return [path for shard in shards if (path := delta_file(source, shard, hub_options))]
+
+
+def record_kan_settings(kan_config: dict, folder) -> None:
+    """Write the settings each block's KAN weights were made for into the metadata of every safetensors file in
+    ``folder`` that holds KAN tensors, where ``check_kan_settings`` finds them at load.
+
+    The config records them too, but a config can be edited apart from its weights: another basis with as many
+    features loads into the same tensors and computes another function. transformers' ``save_pretrained``
+    takes no metadata, so each such file's header is rewritten after it is saved."""
+    settings = json.dumps(_kan_settings(kan_config), sort_keys=True)
+    for path in _safetensors_files(os.fspath(folder), {}):
+        partial = path + ".partial"
+        try:
+            with open(path, "rb") as weights:
+                header_size = int.from_bytes(weights.read(8), "little")
+                header = json.loads(weights.read(header_size))
+                if not any(_KAN_TENSOR.search(name) for name in header if name != "__metadata__"):
+                    continue
+                header["__metadata__"] = {**header.get("__metadata__", {}), KAN_SETTINGS_METADATA: settings}
+                encoded = json.dumps(header, separators=(",", ":")).encode()
+                encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the tensor data to 8 bytes
+                with open(partial, "wb") as rewritten:
+                    rewritten.write(len(encoded).to_bytes(8, "little") + encoded)
+                    shutil.copyfileobj(weights, rewritten, 16 * 2**20)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+
+
+def check_kan_settings(model: nn.Module, source, hub_options: dict) -> None:
+    """Refuse a checkpoint whose ``kan_config`` gives a block other settings (basis, degree, options, ...) than
+    its weights record (``record_kan_settings``): the KAN layers would compute another function. Weights saved
+    before kallm recorded them are not checked."""
+    kan_config = model.config.kan_config
+    if kan_config is None or source is None:
+        return
+    recorded = None
+    for path in _safetensors_files(os.fspath(source), hub_options):
+        with safe_open(path, framework="pt") as weights:
+            recorded = (weights.metadata() or {}).get(KAN_SETTINGS_METADATA)
+        if recorded is not None:
+            break
+    if recorded is None:
+        return
+    recorded, described = json.loads(recorded), _kan_settings(kan_config)
+    differences = [
+        f"block {block}'s {name} is {value!r} in the weights but {described[block].get(name)!r} in kan_config"
+        for block, settings in recorded.items() if block in described
+        for name, value in settings.items() if described[block].get(name) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"the config of {source} gives its KAN blocks other settings than its weights were made for: "
+            f"{'; '.join(differences[:4])}{' ...' if len(differences) > 4 else ''}. The KAN layers would compute "
+            f"another function; restore kan_config in config.json to what the weights record"
+        )
+
+
 class KANModelMixin:
     """What every retrofitted class (causal LM, sequence classifier, base model) adds to its base class (the
     mixin comes first in the bases, so that its methods run around the base class's)."""
@@ -415,6 +497,7 @@ class KANModelMixin:
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         check_weights_match_kan_config(model, loading_info, pretrained_model_name_or_path)
+        check_kan_settings(model, pretrained_model_name_or_path, hub_options)
         return (model, loading_info) if output_loading_info else model
 
     @classmethod
@@ -519,6 +602,7 @@ class KANModelMixin:
         super().save_pretrained(folder, is_main_process=is_main_process, **save_options)
         if not is_main_process:
             return None
+        record_kan_settings(self.config.kan_config, folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         write_model_card(self, folder, hub.pop("tags", None) or (), location=repo_id or "PATH_OR_REPO")

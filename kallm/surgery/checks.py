@@ -13,12 +13,15 @@ from torch import nn
 
 from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SEQUENCE_CLASSIFICATION_CLASSES, KANModelMixin
 from ..core.function_layers import is_retrofitted_feedforward
+from ..core.layers import is_kan_feedforward
 from ..core.retrofit_config import RetrofitConfig, read_retrofit_config
+from ..loading import is_dequantized_gguf, quantization_method
 from .adapters import ArchitectureAdapter, adapter_for
 
 #: parts of the class names of quantized linear layers: bitsandbytes (Linear4bit, Linear8bitLt),
-#: GPTQ (QuantLinear and its kernels' variants), AWQ (WQLinear_GEMM, ...), HQQ, optimum-quanto, fp8
-QUANTIZED_LAYER_MARKERS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "WQLinear", "HQQLinear", "QLinear", "FP8Linear")
+#: GPTQ (QuantLinear and its kernels' variants), AWQ (WQLinear_GEMM, ...), HQQ, optimum-quanto, fp8, GGUF blocks
+QUANTIZED_LAYER_MARKERS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "WQLinear", "HQQLinear", "QLinear", "FP8Linear",
+                           "GgufLinear")
 #: how many tensor names an error message lists before it just counts the rest
 LISTED_NAMES = 4
 
@@ -151,12 +154,11 @@ def _refuse_quantized(model, adapter, blocks, indices):
         "model unquantized (without quantization_config, load_in_4bit or load_in_8bit), or dequantize it first "
         "(model.dequantize())"
     )
-    quantization_config = getattr(model.config, "quantization_config", None)
-    if quantization_config is not None or getattr(model, "hf_quantizer", None) is not None:
-        method = getattr(quantization_config, "quant_method", None)
-        if method is None and isinstance(quantization_config, dict):
-            method = quantization_config.get("quant_method")
-        raise ValueError(f"this model is quantized (quantization_config, method {str(method)!r}); {way_out}")
+    tagged = getattr(model.config, "quantization_config", None) is not None or getattr(model, "hf_quantizer", None)
+    # transformers tags a GGUF load as quantized also when it unpacked every weight to float: those it retrofits
+    if tagged and not is_dequantized_gguf(model):
+        raise ValueError(f"this model is quantized (quantization_config, method {quantization_method(model)!r}); "
+                         f"{way_out}")
     for index in indices:
         for attribute in (adapter.mlp_attribute, *adapter.bypassed_attributes):
             feedforward = getattr(blocks[index], attribute)
@@ -172,6 +174,38 @@ def _refuse_quantized(model, adapter, blocks, indices):
             ]
             if integer:
                 raise ValueError(f"{_some(integer)} hold non-float (quantized) weights; {way_out}")
+
+
+def check_adapter_fits_kan_blocks(model: nn.Module, names, source=None) -> None:
+    """Refuse a PEFT adapter (LoRA or KAN adapter) that holds parts for KAN layers in blocks where ``model`` has
+    no KAN feedforward: PEFT would apply the rest and drop those parts without a word.
+
+    ``names``: the adapter's weight names or its target module names; a name without a block index (a suffix
+    such as ``mlp.layers.0``) tells nothing and is skipped. A model of a family kallm does not retrofit has no
+    KAN layers of kallm's, so nothing is checked.
+    """
+    try:
+        _, adapter, blocks = causal_lm_parts(model, "load_adapter", allow_adapters=True)
+    except (TypeError, KeyError, ValueError):
+        return
+    kan_layer = re.compile(rf"(?:^|\.)(\d+)\.{re.escape(adapter.mlp_attribute)}\.layers\.\d+(?:\.|$)")
+    adapted = sorted({int(match.group(1)) for name in names if (match := kan_layer.search(name))})
+    retrofitted = [i for i, block in enumerate(blocks) if is_kan_feedforward(getattr(block, adapter.mlp_attribute))]
+    lost = [i for i in adapted if i not in retrofitted]
+    if lost:
+        named = f"the adapter in {source}" if source else "the adapter"
+        raise ValueError(
+            f"{named} holds parts for KAN layers in blocks {adapted}, but this model has KAN feedforwards in blocks "
+            f"{retrofitted or 'none'}: the parts for blocks {lost} would be dropped and the "
+            f"adapter applied only in part; load it into a model retrofitted on blocks {adapted}, as the one it was "
+            f"trained on"
+        )
+
+
+def target_names(peft_config) -> list[str]:
+    """The module names a PEFT config targets, as listed (none for a regular expression)."""
+    targets = getattr(peft_config, "target_modules", None)
+    return [] if targets is None or isinstance(targets, str) else list(targets)
 
 
 def _some(names: list[str]) -> str:

@@ -34,6 +34,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core.bases import make_basis
 from ..core.layers import KANLinear, is_kan_linear
+from .checks import check_adapter_fits_kan_blocks, target_names
 
 PEFT_METHOD = "kan_adapter"
 #: what every parameter name of the adapter contains (PEFT finds an adapter's weights by it)
@@ -216,6 +217,7 @@ class KANAdapterModel(BaseTuner):
 
     def _prepare_model(self, peft_config: KANAdapterConfig, model: nn.Module) -> None:
         # runs before any layer is replaced: a bad target or rank leaves the model as it was
+        check_adapter_fits_kan_blocks(model, target_names(peft_config))
         names = [name for name, _ in model.named_modules() if self._check_target_module_exists(peft_config, name)]
         _check_targets(model, peft_config, names)
 

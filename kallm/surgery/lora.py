@@ -13,18 +13,21 @@ config; and once this module is imported (``import kallm`` imports it as soon as
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core.kan_function import kan_linear
 from ..core.layers import KANLinear, is_kan_linear
-from .checks import causal_lm_parts
+from .checks import causal_lm_parts, check_adapter_fits_kan_blocks, target_names
 
 LORA_TARGETS = ("kan", "attention", "mlp", "all")
 #: the roles of an MLP layout (``ArchitectureAdapter.mlp_layout``) that are linear projections
@@ -105,9 +108,20 @@ def load_adapter(model: nn.Module, folder, is_trainable: bool = False, **kwargs)
     """``PeftModel.from_pretrained(model, folder)`` for an adapter that may hold KAN layers (LoRA on them), or a
     KAN adapter (``kallm.KANAdapterConfig``)."""
     config = PeftConfig.from_pretrained(folder)
+    check_adapter_fits_kan_blocks(model, [*target_names(config), *_weight_names(folder)], folder)
     if isinstance(config, LoraConfig):
         config = with_kan_lora(config, model)
     return PeftModel.from_pretrained(model, folder, config=config, is_trainable=is_trainable, **kwargs)
+
+
+def _weight_names(folder) -> list[str]:
+    """The tensor names of the adapter saved in ``folder`` (none when it is no local folder with safetensors
+    weights): they name every layer the adapter was trained on, even where PEFT shortened its target names."""
+    path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return []
+    with safe_open(path, framework="pt") as weights:
+        return list(weights.keys())
 
 
 def register_with_peft() -> None:
@@ -117,11 +131,19 @@ def register_with_peft() -> None:
     PEFT keeps custom LoRA layers per config object and saves none of them, so a config read from an adapter
     folder knows no KAN layer, and PEFT has no registry of its own to add one to. kallm therefore wraps the
     step where PEFT picks the LoRA layer for a target: a KAN layer its config has no layer for is registered
-    on that config first. Everything else goes to PEFT's own choice unchanged. Idempotent.
+    on that config first. Everything else goes to PEFT's own choice unchanged.
+
+    It also wraps the step before PEFT adapts a model, so that a LoRA config naming KAN layers in blocks the
+    model has none in is refused (see ``check_adapter_fits_kan_blocks``) rather than applied in part. Idempotent.
     """
     choose = LoraModel._create_new_module
     if getattr(choose, "kallm_knows_kan_layers", False):
         return
+    prepare = LoraModel._prepare_model
+
+    def prepare_model(self, peft_config, model):
+        check_adapter_fits_kan_blocks(model, target_names(peft_config))
+        return prepare(self, peft_config, model)
 
     def create_new_module(config, adapter_name, target, **kwargs):
         layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
@@ -131,6 +153,7 @@ def register_with_peft() -> None:
 
     create_new_module.kallm_knows_kan_layers = True
     LoraModel._create_new_module = staticmethod(create_new_module)
+    LoraModel._prepare_model = prepare_model
 
 
 def _rank_limit(module: nn.Module) -> int:

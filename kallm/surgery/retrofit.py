@@ -11,11 +11,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..core import KAN_CONFIG_CLASSES
+from ..core.configuration_kallm import config_as
 from ..core.function_layers import ChannelFunctions, check_zero_start
 from ..core.layers import KANFeedForward, intermediate_size_for_budget
 from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
 from ..core.retrofit_config import AUTO, BLOCK_SETTINGS, FORMS, KINDS, RetrofitConfig, read_retrofit_config
-from ..loading import public_source_name
+from ..loading import public_source_name, untag_dequantized_gguf
 from .adapters import EXACT_ACTIVATIONS, ArchitectureAdapter, supported_model_types
 from .checks import causal_lm_parts, check_weights, retrofitted_class, retrofitted_kan_config
 from .fit import check_fit_arguments, fit_new_feedforwards
@@ -117,6 +118,7 @@ def retrofit(
         resolved = dataclasses.replace(resolved, blocks=sorted(set(previous.blocks if previous else ()) | set(indices)))
         _restart_feedforwards(model, adapter, indices)
         _record(model.config, resolved)
+        untag_dequantized_gguf(model)
         return model
 
     if request.form == "kan":
@@ -163,6 +165,8 @@ def retrofit(
         # Whatever failed (a fit gone non-finite, an interrupt), the model is left as it was.
         saved.undo()
         raise
+    # a model transformers unpacked from a GGUF file to float: it keeps no tag that would refuse save and training
+    untag_dequantized_gguf(model)
     return model
 
 
@@ -436,14 +440,7 @@ def _keep_the_best_fits(model, config: RetrofitConfig, report: dict, count: int,
 
 def _convert_class(model, base_type, kan_config):
     """Turn a base-family model into its retrofitted class, in place, keeping every tensor."""
-    config_class = KAN_CONFIG_CLASSES[base_type]
-    dropped = ("model_type", "architectures", "auto_map", "kan_config")
-    values = {k: v for k, v in model.config.to_dict().items() if k not in dropped}
-    new_config = config_class(**values, kan_config=kan_config)
-    new_config._name_or_path = model.config._name_or_path
-    for attribute in ("_attn_implementation_internal", "_experts_implementation_internal"):
-        if hasattr(model.config, attribute):
-            setattr(new_config, attribute, getattr(model.config, attribute))
+    new_config = config_as(model.config, KAN_CONFIG_CLASSES[base_type], kan_config)
     old_config = model.config
     for module in model.modules():
         if getattr(module, "config", None) is old_config:
