@@ -27,6 +27,7 @@ import torch
 import yaml
 from transformers import set_seed
 
+from .cli_types import existing_path
 from .eval.evaluate import evaluate
 from .loading import DEFAULT_MODEL, load_model
 from .surgery.fit import INITS
@@ -391,7 +392,7 @@ def run_experiment(config: ExperimentConfig, restart: bool = False) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML experiment config (see configs/)")
+    parser.add_argument("config", type=existing_path, help="YAML experiment config (see configs/)")
     parser.add_argument("--out", help="override the config's output folder")
     parser.add_argument("--restart", action="store_true",
                         help="run every arm again, ignoring the runs OUT/runs.json already holds")
