@@ -264,6 +264,19 @@ def test_prefix_cache_gives_the_same_healing_and_says_what_it_holds(tmp_path):
                    **{**settings, "data": TEXTS[1:2]})
 
 
+def test_prefix_cache_is_keyed_on_the_teachers_prefix_weights_not_its_name(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    settings = dict(data=TEXTS[:1], max_steps=2, local_passes=0, cache_dir=str(tmp_path / "cache"), **QUICK)
+    student, teacher = pair()
+    kallm.heal(student, teacher, tokenizer, **settings)
+    kallm.heal(pair()[0], copy.deepcopy(teacher), tokenizer, **settings)  # the same weights: the states are reused
+    other_teacher = tiny_model("llama", seed=1)  # the same name and shapes, other weights
+    assert other_teacher.config._name_or_path == teacher.config._name_or_path
+    other_student = kallm.retrofit(copy.deepcopy(other_teacher), last_n=1)
+    with pytest.raises(ValueError, match="other data or another model"):
+        kallm.heal(other_student, other_teacher, tokenizer, **settings)
+
+
 def test_healing_data_forms(tmp_path):
     from datasets import Dataset
 

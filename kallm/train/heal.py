@@ -205,7 +205,7 @@ class _Layout:
         self.first = min(self.blocks)
         self.trained = _trained_names(model, policy)
         self._check_teacher_matches(model, teacher)
-        upstream = self._upstream_parameters(model)
+        upstream = {id(tensor) for tensor in self.prefix_tensors(model, self.student_blocks).values()}
         self.shared_prefix = self.first > 0 and not any(
             id(p) in upstream for name, p in model.named_parameters() if name in self.trained)
 
@@ -231,15 +231,25 @@ class _Layout:
                              f"{'; '.join(problems[:3])}{more}. Pass the original model the student was "
                              f"retrofitted from (parameters the trainable policy trains may differ)")
 
-    def _upstream_parameters(self, model) -> set[int]:
-        """Ids of parameters that act before the first retrofitted block (embeddings, prefix blocks)."""
-        downstream = {id(p) for block in self.student_blocks[self.first:] for p in block.parameters()}
-        downstream |= {id(p) for p in model.get_submodule(self.adapter.final_norm_path).parameters()}
+    def prefix_tensors(self, model, blocks) -> dict[str, torch.Tensor]:
+        """The parameters and buffers of ``model`` (whose decoder blocks are ``blocks``) that act before the first
+        retrofitted block (embeddings, prefix blocks, rotary tables), by name."""
+        downstream = [*blocks[self.first:], model.get_submodule(self.adapter.final_norm_path)]
         output = model.get_output_embeddings()
-        tied = output is not None and output.weight is model.get_input_embeddings().weight
-        if output is not None and not tied:
-            downstream |= {id(p) for p in output.parameters()}
-        return {id(p) for p in model.parameters() if id(p) not in downstream}
+        if output is not None and output.weight is not model.get_input_embeddings().weight:
+            downstream.append(output)
+        excluded = {id(t) for module in downstream for t in (*module.parameters(), *module.buffers())}
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        return {name: t for name, t in tensors.items() if id(t) not in excluded}
+
+    def prefix_digest(self, teacher) -> str:
+        """A hash of the teacher's prefix weights, which compute the shared prefix states."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.prefix_tensors(teacher, self.teacher_blocks).items()):
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
 
 def _trained_names(model, policy: str) -> set[str]:
@@ -867,8 +877,10 @@ class _PrefixCache:
         digest = hashlib.sha256()
         for sequence in healer.sequences:
             digest.update(sequence.numpy().tobytes() + b"|")
-        key = {"model": str(getattr(healer.teacher.config, "_name_or_path", "")), "first_block": healer.layout.first,
-               "data": digest.hexdigest()}
+        # the states depend on the teacher's prefix weights, not on its name: another teacher of the same name
+        # and shapes must not reuse them
+        key = {"prefix_weights": healer.layout.prefix_digest(healer.teacher), "first_block": healer.layout.first,
+               "autocast": str(healer.autocast_dtype), "data": digest.hexdigest()}
         key_file = self.folder / "cache_key.json"
         if key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) != key:
             raise ValueError(f"cache_dir {folder} holds prefix states of other data or another model; "
