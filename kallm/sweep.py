@@ -26,12 +26,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-import yaml
 
-from .cli_types import existing_path
+from .cli_types import Number, existing_path, non_negative_float, non_negative_int, positive_float, positive_int
 from .cli_types import seed as seed_range
 from .core.layers import KANFeedForward
-from .experiment import ARM_NAME, ARM_NAME_RULE, PeakMemory, _expand_env, run_recorded
+from .experiment import ARM_NAME, ARM_NAME_RULE, PeakMemory, check_unique_seeds, read_config, run_recorded
 from .loading import DEFAULT_MODEL
 
 #: what an arm does to the mini model's feedforwards: KAN ones, the linear restart, or nothing (MLP retrained)
@@ -40,6 +39,12 @@ SWEEP_KINDS = ("kan", "linear", "mlp")
 ARM_KEYS = ("kind", "basis", "degree", "last_n", "blocks", "intermediate_size")
 DATA_KEYS = ("train", "dev", "train_split", "dev_split", "text_column", "label_column", "train_limit", "dev_limit",
              "num_labels")
+#: the numeric settings of data and train, with their valid values
+DATA_RANGES = {"train_limit": positive_int, "dev_limit": positive_int, "num_labels": Number(int, 2)}
+TRAIN_RANGES = {"steps": positive_int, "batch_size": positive_int, "warmup_steps": non_negative_int,
+                "max_length": Number(int, 2), "learning_rate": positive_float, "weight_decay": non_negative_float,
+                "eval_batch_size": positive_int}
+SHRINK_RANGES = {"num_blocks": positive_int, "max_tokens": positive_int}
 #: in ``OUT/models/ARM``: the arm's settings as the config wrote them and as they were run
 ARM_SETTINGS_FILE = "arm_settings.json"
 TRAIN_KEYS = ("steps", "batch_size", "max_length", "learning_rate", "warmup_steps", "weight_decay", "eval_batch_size")
@@ -67,11 +72,7 @@ class SweepConfig:
 def load_sweep(path: str | os.PathLike) -> SweepConfig:
     """Read a YAML sweep config, expand its grid into arms and check every setting, before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep config not found: {path}")
-    raw = _expand_env(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a sweep config is a mapping of settings, got {type(raw).__name__}")
+    raw = read_config(path, "sweep")
     known = {f.name for f in fields(SweepConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -136,11 +137,12 @@ def check_sweep(config: SweepConfig) -> None:
         if not isinstance(config.data.get(key), str):
             raise ValueError(f"data.{key} must name a local .jsonl/.csv file or a hub dataset, got "
                              f"{config.data.get(key)!r}")
-    for key, least in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0)):
-        value = config.train.get(key, least)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            kind = "a positive" if least else "a non-negative"
-            raise ValueError(f"train.{key} must be {kind} integer, got {value!r}")
+    for section, ranges in (("data", DATA_RANGES), ("train", TRAIN_RANGES), ("shrink", SHRINK_RANGES)):
+        for key, valid in ranges.items():
+            valid.check(f"{section}.{key}", getattr(config, section).get(key))
+    for key in ("text_column", "label_column", "train_split", "dev_split"):
+        if not isinstance(config.data.get(key, ""), str):
+            raise ValueError(f"data.{key} must be a name, got {config.data[key]!r}")
     unknown = sorted(set(config.shrink) - {"num_blocks", "blocks", "max_tokens"})
     if unknown:
         raise ValueError(f"unknown shrink settings {unknown}; valid: num_blocks, blocks, max_tokens")
@@ -501,14 +503,6 @@ def select(config: SweepConfig, arms: str | None, seeds: list[int] | None) -> Sw
     if seeds:
         config.seeds = seeds
     return config
-
-
-def check_unique_seeds(seeds: list[int], name: str) -> None:
-    """Refuse a seed given twice: its run would count twice in the mean and the spread over seeds."""
-    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-    if repeated:
-        raise ValueError(f"{name} {repeated} given more than once; each seed is one run, and a repeated one would "
-                         f"count twice in the mean and spread over seeds")
 
 
 def seed_list(text: str) -> list[int]:
