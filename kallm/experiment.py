@@ -301,7 +301,18 @@ def to_markdown(config: ExperimentConfig, rows: list[dict]) -> str:
             f"{cell(row['perplexity'], digits=2)} | {cell(row['chat_loss'], digits=3)} | "
             f"{cell(row['peak_memory_bytes'], 1 / 2**30, 2, ' GiB')} | {cell(row['train_seconds'], 1, 0, ' s')} |"
         )
-    return "\n".join(lines) + "\n"
+    return portable_paths("\n".join(lines) + "\n")
+
+
+def portable_paths(text: str) -> str:
+    """``text`` with the folders that ``${KALLM_*}`` variables name (``KALLM_DATA_DIR``) written as those
+    variables again: a report names data as the config does, not where this machine keeps it."""
+    folders = {name: value.rstrip(os.sep) for name, value in os.environ.items()
+               if name.startswith(ENV_PREFIX) and os.path.isabs(value) and os.path.isdir(value)}
+    for name, folder in sorted(folders.items(), key=lambda item: -len(item[1])):  # the deepest folder first
+        if folder:
+            text = text.replace(folder, f"${{{name}}}")
+    return text
 
 
 def plot_results(records: list[dict], rows: list[dict], out: Path) -> list[Path]:

@@ -30,7 +30,15 @@ import torch
 from .cli_types import Number, existing_path, non_negative_float, non_negative_int, positive_float, positive_int
 from .cli_types import seed as seed_range
 from .core.layers import KANFeedForward
-from .experiment import ARM_NAME, ARM_NAME_RULE, PeakMemory, check_unique_seeds, read_config, run_recorded
+from .experiment import (
+    ARM_NAME,
+    ARM_NAME_RULE,
+    PeakMemory,
+    check_unique_seeds,
+    portable_paths,
+    read_config,
+    run_recorded,
+)
 from .loading import DEFAULT_MODEL
 
 #: what an arm does to the mini model's feedforwards: KAN ones, the linear restart, or nothing (MLP retrained)
@@ -428,7 +436,7 @@ def sweep_markdown(config: SweepConfig, rows: list[dict], dev_size: int) -> str:
             f"({100 * stat['stderr']:.1f}) | {row['trainable_parameters']:,} | {row['total_parameters']:,} | "
             f"{row['train_seconds']:.0f} s | {row['seconds_per_step']:.3f} | {row['peak_memory_bytes'] / 2**30:.2f} GiB |"
         )
-    return "\n".join(lines) + "\n"
+    return portable_paths("\n".join(lines) + "\n")
 
 
 def plot_sweep(rows: list[dict], path: Path) -> Path:

@@ -12,7 +12,7 @@ from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm.experiment
 from kallm.cli import main
-from kallm.experiment import load_experiment, run_experiment, summarize
+from kallm.experiment import load_experiment, run_experiment, summarize, to_markdown
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -151,6 +151,20 @@ def test_config_errors_are_one_line_with_exit_status_2(tmp_path, capsys, monkeyp
         expected = "'retrofit' must be a mapping"
     assert re.search(expected, error), error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_the_report_names_data_as_the_config_does_not_by_this_machines_folders(tmp_path, monkeypatch):
+    data = tmp_path / "private" / "data"
+    data.mkdir(parents=True)
+    monkeypatch.setenv("KALLM_DATA_DIR", str(data))
+    monkeypatch.setenv("KALLM_STEPS", "3")  # not a folder: left alone
+    config = load_experiment(write_config(
+        tmp_path, data="${KALLM_DATA_DIR}/chat/train.jsonl", arms={"x": {"kind": "kan"}},
+        train={"max_steps": 3}, eval={"tasks": ["perplexity"], "text": "${KALLM_DATA_DIR}/wiki.raw"}))
+    assert config.data == f"{data}/chat/train.jsonl"
+    report = to_markdown(config, [])
+    assert "data `${KALLM_DATA_DIR}/chat/train.jsonl`" in report and "'${KALLM_DATA_DIR}/wiki.raw'" in report
+    assert str(tmp_path) not in report and "'max_steps': 3" in report
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
