@@ -51,9 +51,11 @@ class Number:
         return not (too_low or too_high)
 
     def check(self, name: str, value) -> None:
-        """Raise ``ValueError`` naming ``name`` when ``value`` (None: not set) is out of range."""
-        if value is not None and not self.accepts(value):
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+        """Raise ``ValueError`` naming ``name`` when ``value`` (None: not set; a list: each item) is out of range."""
+        values = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        if not all(self.accepts(item) for item in values):
+            each = " each" if isinstance(value, (list, tuple)) else ""
+            raise ValueError(f"{name} must be {self.describe()}{each}, got {value!r}")
 
     def __call__(self, text: str):
         try:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from ..cli_types import finite_float, finite_int
+from ..cli_types import Number, finite_float, finite_int
 
 
 def option(default=None, help: str = "", valid=None, **argparse_options):
     """A config field: its default, its help text, its valid values (a ``kallm.cli_types.Number``: the flag
-    refuses others while the command line is read, ``check_values`` when the config is made) and any argparse
-    options (``aliases``, ``choices``, ``metavar``)."""
+    refuses others while the command line is read, ``check_values`` when the config is made; or another argparse
+    type of ``kallm.cli_types``, for the flag only) and any argparse options (``aliases``, ``choices``,
+    ``metavar``)."""
     return dataclasses.field(default=default, metadata={"help": help, **argparse_options,
                                                         **({"valid": valid} if valid else {})})
 
@@ -20,7 +21,7 @@ def option(default=None, help: str = "", valid=None, **argparse_options):
 def check_values(config) -> None:
     """Raise ``ValueError`` for the first field of ``config`` whose value its ``valid`` range refuses."""
     for f in dataclasses.fields(config):
-        if "valid" in f.metadata:
+        if isinstance(f.metadata.get("valid"), Number):  # other checks (local paths) are the command line's
             f.metadata["valid"].check(f.name, getattr(config, f.name))
 
 

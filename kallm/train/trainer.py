@@ -18,7 +18,7 @@ import transformers
 from peft import PeftModel, get_peft_model
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
 
-from ..cli_types import Number, fraction, non_negative_float, positive_float, positive_int
+from ..cli_types import Number, fraction, non_negative_float, path_or_hub_id, positive_float, positive_int
 from ..cli_types import seed as seed_range
 from ..core.layers import is_kan_linear
 from ..core.modeling_kallm import count_parameters
@@ -74,7 +74,7 @@ class TrainConfig:
     split: str = option("train", "split of a hub dataset")
     limit: int | None = option(None, "train on the first N conversations only", positive_int)
     eval_data: str | None = option(None, "held-out chat data scored during training (eval_loss): a file, folder "
-                                         "or hub dataset id like --data")
+                                         "or hub dataset id like --data", path_or_hub_id)
     eval_split: str = option("test", "split of a hub dataset given as --eval-data")
     eval_fraction: float = option(0.0, "share of the training conversations held out for evaluation instead of "
                                        "--eval-data (0: none)", Number(float, 0, 1, high_open=True))
@@ -115,7 +115,7 @@ class TrainConfig:
                                 "OUT/merged")
     degree_stages: list[int] | None = option(None, "train in stages of rising KAN degree (e.g. 1 2 3): max_steps "
                                                    "split evenly, the KAN layers converted exactly between stages "
-                                                   "(kallm.train.curriculum)", metavar="DEGREE")
+                                                   "(kallm.train.curriculum)", positive_int, metavar="DEGREE")
 
     def __post_init__(self):
         check_values(self)  # every number's range, as declared on its field
