@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_types import path_or_hub_id, positive_int
+
 #: formats ``kallm export`` writes
 FORMATS = ("onnx",)
 DEFAULT_PROMPT = "The capital of France is"
@@ -11,13 +13,13 @@ DEFAULT_PROMPT = "The capital of France is"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("format", choices=FORMATS, help="the format to export to")
-    parser.add_argument("model", help="folder (or hub id, .gguf, bundled name) of a model, retrofitted or not")
+    parser.add_argument("model", type=path_or_hub_id, help="folder (or hub id, .gguf, bundled name) of a model, retrofitted or not")
     parser.add_argument("--out", required=True, help="folder to write model.onnx, its weights, config and tokenizer")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip running the export with ONNX Runtime against PyTorch")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text the check runs both models on")
-    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens the check decodes both ways")
+    parser.add_argument("--new-tokens", type=positive_int, default=16, help="greedy tokens the check decodes both ways")
 
 
 def run(args) -> int:

@@ -27,6 +27,7 @@ import torch
 import yaml
 from transformers import set_seed
 
+from .cli_types import existing_path
 from .eval.evaluate import evaluate
 from .loading import DEFAULT_MODEL, load_model
 from .surgery.fit import INITS
@@ -98,6 +99,7 @@ class ExperimentConfig:
         if not isinstance(self.seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool)
                                                        for s in self.seeds):
             raise ValueError(f"seeds must be a list of integers, got {self.seeds!r}")
+        check_unique_seeds(self.seeds, "seeds")
         if self.data is None and any(arm.kind != "baseline" for arm in self.arms):
             raise ValueError("trained arms need 'data' (a chat dataset: local file or hub id)")
         reserved = {"output_dir", "seed"} & set(self.train)
@@ -109,12 +111,18 @@ class ExperimentConfig:
         TrainConfig(**self.train)  # fail on a bad setting now, not after the first arm
 
 
+def check_unique_seeds(seeds: list[int], name: str) -> None:
+    """Refuse a seed given twice: its run would count twice in the mean and the spread over seeds."""
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise ValueError(f"{name} {repeated} given more than once; each seed is one run, and a repeated one would "
+                         f"count twice in the mean and spread over seeds")
+
+
 def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
     """Read and validate a YAML experiment config."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"experiment config not found: {path}")
-    raw = _expand_env(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    raw = read_config(path, "experiment")
     known = {f.name for f in fields(ExperimentConfig)}
     unknown = set(raw) - known
     if unknown:
@@ -133,8 +141,27 @@ def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
     raw.setdefault("name", path.stem)
     try:
         return ExperimentConfig(**raw)
-    except TypeError as error:  # a value of the wrong type, e.g. max_steps: "ten"
+    except (TypeError, AttributeError) as error:  # a value of the wrong type, e.g. retrofit: 5
         raise ValueError(f"{path}: a setting has the wrong type: {error}") from error
+
+
+def read_config(path: Path, what: str) -> dict:
+    """The settings of a YAML ``what`` config (``${KALLM_*}`` expanded); a missing file, a YAML syntax error or a
+    document that is no mapping raise one clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path} is no valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is no UTF-8 text: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config is a mapping of settings, got {type(raw).__name__}")
+    return _expand_env(raw)
 
 
 def _expand_env(value):
@@ -274,7 +301,18 @@ def to_markdown(config: ExperimentConfig, rows: list[dict]) -> str:
             f"{cell(row['perplexity'], digits=2)} | {cell(row['chat_loss'], digits=3)} | "
             f"{cell(row['peak_memory_bytes'], 1 / 2**30, 2, ' GiB')} | {cell(row['train_seconds'], 1, 0, ' s')} |"
         )
-    return "\n".join(lines) + "\n"
+    return portable_paths("\n".join(lines) + "\n")
+
+
+def portable_paths(text: str) -> str:
+    """``text`` with the folders that ``${KALLM_*}`` variables name (``KALLM_DATA_DIR``) written as those
+    variables again: a report names data as the config does, not where this machine keeps it."""
+    folders = {name: value.rstrip(os.sep) for name, value in os.environ.items()
+               if name.startswith(ENV_PREFIX) and os.path.isabs(value) and os.path.isdir(value)}
+    for name, folder in sorted(folders.items(), key=lambda item: -len(item[1])):  # the deepest folder first
+        if folder:
+            text = text.replace(folder, f"${{{name}}}")
+    return text
 
 
 def plot_results(records: list[dict], rows: list[dict], out: Path) -> list[Path]:
@@ -391,7 +429,7 @@ def run_experiment(config: ExperimentConfig, restart: bool = False) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML experiment config (see configs/)")
+    parser.add_argument("config", type=existing_path, help="YAML experiment config (see configs/)")
     parser.add_argument("--out", help="override the config's output folder")
     parser.add_argument("--restart", action="store_true",
                         help="run every arm again, ignoring the runs OUT/runs.json already holds")

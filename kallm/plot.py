@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from .cli_types import non_negative_int, path_or_hub_id, positive_int
 from .core.layers import KANLinear
 from .core.retrofit_config import kan_config_blocks
 from .loading import load_model
@@ -78,11 +79,11 @@ def plot_layer(layer: KANLinear, path: str, count: int = 16, title: str = "") ->
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="folder (or hub id) of a retrofitted model")
-    parser.add_argument("--block", type=int, help="index of a retrofitted decoder block (required)")
-    parser.add_argument("--layer", type=int, dest="deprecated_layer", help=argparse.SUPPRESS)
-    parser.add_argument("--stage", type=int, default=0, help="which KAN layer of the feedforward (0 = first)")
-    parser.add_argument("--edges", type=int, default=16, help="how many of the strongest edges to draw")
+    parser.add_argument("model", type=path_or_hub_id, help="folder (or hub id) of a retrofitted model")
+    parser.add_argument("--block", type=non_negative_int, help="index of a retrofitted decoder block (required)")
+    parser.add_argument("--layer", type=non_negative_int, dest="deprecated_layer", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=non_negative_int, default=0, help="which KAN layer of the feedforward (0 = first)")
+    parser.add_argument("--edges", type=positive_int, default=16, help="how many of the strongest edges to draw")
     parser.add_argument("--out", help="PNG path (default: kan_block<L>_stage<S>.png)")
 
 

@@ -14,20 +14,31 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import itertools
 import json
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-import yaml
 
+from .cli_types import Number, existing_path, non_negative_float, non_negative_int, positive_float, positive_int
+from .cli_types import seed as seed_range
 from .core.layers import KANFeedForward
-from .experiment import ARM_NAME, ARM_NAME_RULE, PeakMemory, _expand_env, run_recorded
+from .experiment import (
+    ARM_NAME,
+    ARM_NAME_RULE,
+    PeakMemory,
+    check_unique_seeds,
+    portable_paths,
+    read_config,
+    run_recorded,
+)
 from .loading import DEFAULT_MODEL
 
 #: what an arm does to the mini model's feedforwards: KAN ones, the linear restart, or nothing (MLP retrained)
@@ -36,6 +47,14 @@ SWEEP_KINDS = ("kan", "linear", "mlp")
 ARM_KEYS = ("kind", "basis", "degree", "last_n", "blocks", "intermediate_size")
 DATA_KEYS = ("train", "dev", "train_split", "dev_split", "text_column", "label_column", "train_limit", "dev_limit",
              "num_labels")
+#: the numeric settings of data and train, with their valid values
+DATA_RANGES = {"train_limit": positive_int, "dev_limit": positive_int, "num_labels": Number(int, 2)}
+TRAIN_RANGES = {"steps": positive_int, "batch_size": positive_int, "warmup_steps": non_negative_int,
+                "max_length": Number(int, 2), "learning_rate": positive_float, "weight_decay": non_negative_float,
+                "eval_batch_size": positive_int}
+SHRINK_RANGES = {"num_blocks": positive_int, "max_tokens": positive_int}
+#: in ``OUT/models/ARM``: the arm's settings as the config wrote them and as they were run
+ARM_SETTINGS_FILE = "arm_settings.json"
 TRAIN_KEYS = ("steps", "batch_size", "max_length", "learning_rate", "warmup_steps", "weight_decay", "eval_batch_size")
 
 
@@ -61,11 +80,7 @@ class SweepConfig:
 def load_sweep(path: str | os.PathLike) -> SweepConfig:
     """Read a YAML sweep config, expand its grid into arms and check every setting, before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep config not found: {path}")
-    raw = _expand_env(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a sweep config is a mapping of settings, got {type(raw).__name__}")
+    raw = read_config(path, "sweep")
     known = {f.name for f in fields(SweepConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -85,7 +100,9 @@ def load_sweep(path: str | os.PathLike) -> SweepConfig:
 
 def expand_grid(grid) -> dict:
     """Arms from grid entries such as ``{basis: [cheby2, legendre], degree: [2, 3]}``: every combination, named
-    after its values (``cheby2-d2``, ``legendre-d3``; other settings as ``key=value``)."""
+    after its values (``cheby2-d2``, ``legendre-d3``; other settings as ``key_value``). The names become folder
+    names, so they hold only letters, digits, ``.``, ``_`` and ``-``; two combinations that would read alike get
+    ``-2``, ``-3``, ... Each arm's settings are stored with its results, so no value is lost to the name."""
     if not isinstance(grid, list) or not all(isinstance(entry, dict) for entry in grid):
         raise ValueError(f"'grid' must be a list of mappings from arm settings to lists of values, got {grid!r}")
     arms = {}
@@ -96,19 +113,30 @@ def expand_grid(grid) -> dict:
             settings = dict(zip(keys, combination))
             parts = [str(settings.get("basis", settings.get("kind", "kan")))]
             parts += [f"d{settings['degree']}"] if "degree" in settings else []
-            parts += [f"{key}={value}" for key, value in settings.items() if key not in ("basis", "degree", "kind")]
-            arms["-".join(parts).replace(">", "_then_").replace("+", "_plus_")] = settings
+            parts += [f"{key}_{value}" for key, value in settings.items() if key not in ("basis", "degree", "kind")]
+            name = safe_arm_name("-".join(parts))
+            unique, number = name, 1
+            while unique in arms:
+                number += 1
+                unique = f"{name}-{number}"
+            arms[unique] = settings
     return arms
+
+
+def safe_arm_name(text: str) -> str:
+    """``text`` as a folder name that is valid everywhere (``ARM_NAME``): composed bases read ``a_plus_b`` and
+    ``a_then_b``, any other character but letters, digits, ``.``, ``_`` and ``-`` becomes ``_``."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace(">", "_then_").replace("+", "_plus_"))
+    return re.sub(r"_{2,}", "_", re.sub(r"\.{2,}", ".", name)).strip("._-") or "arm"
 
 
 def check_sweep(config: SweepConfig) -> None:
     """Refuse a sweep that would fail later, naming the setting and the valid choices."""
     if not config.arms:
         raise ValueError("a sweep needs at least one arm ('arms' or 'grid')")
-    if not isinstance(config.seeds, list) or not config.seeds or not all(
-        isinstance(seed, int) and not isinstance(seed, bool) for seed in config.seeds
-    ):
-        raise ValueError(f"seeds must be a non-empty list of integers, got {config.seeds!r}")
+    if not isinstance(config.seeds, list) or not config.seeds or not all(seed_range.accepts(s) for s in config.seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers in [0, {seed_range.high}], got {config.seeds!r}")
+    check_unique_seeds(config.seeds, "seeds")
     for section, valid in (("data", DATA_KEYS), ("train", TRAIN_KEYS)):
         unknown = sorted(set(getattr(config, section)) - set(valid))
         if unknown:
@@ -117,11 +145,12 @@ def check_sweep(config: SweepConfig) -> None:
         if not isinstance(config.data.get(key), str):
             raise ValueError(f"data.{key} must name a local .jsonl/.csv file or a hub dataset, got "
                              f"{config.data.get(key)!r}")
-    for key, least in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0)):
-        value = config.train.get(key, least)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            kind = "a positive" if least else "a non-negative"
-            raise ValueError(f"train.{key} must be {kind} integer, got {value!r}")
+    for section, ranges in (("data", DATA_RANGES), ("train", TRAIN_RANGES), ("shrink", SHRINK_RANGES)):
+        for key, valid in ranges.items():
+            valid.check(f"{section}.{key}", getattr(config, section).get(key))
+    for key in ("text_column", "label_column", "train_split", "dev_split"):
+        if not isinstance(config.data.get(key, ""), str):
+            raise ValueError(f"data.{key} must be a name, got {config.data[key]!r}")
     unknown = sorted(set(config.shrink) - {"num_blocks", "blocks", "max_tokens"})
     if unknown:
         raise ValueError(f"unknown shrink settings {unknown}; valid: num_blocks, blocks, max_tokens")
@@ -202,6 +231,12 @@ def load_data(config: SweepConfig) -> tuple[list[dict], list[dict], int]:
     return train, dev, num_labels
 
 
+def rows_digest(*row_lists: list[dict]) -> str:
+    """A hash of the rows' texts and labels: a run recorded on other data (an edited file under the same path)
+    is not taken for a finished one."""
+    return hashlib.sha256(json.dumps(row_lists, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def prepare_mini_model(config: SweepConfig, train_rows: list[dict]) -> Path:
     """``OUT/mini-model``: the shrunk model and its tokenizer, made once (kept while the settings match)."""
     from .loading import load_model
@@ -210,7 +245,8 @@ def prepare_mini_model(config: SweepConfig, train_rows: list[dict]) -> Path:
 
     folder = Path(config.out) / "mini-model"
     settings = {"model": config.model, "shrink": config.shrink, "trim_vocabulary": config.trim_vocabulary,
-                "train": config.data["train"], "train_limit": config.data.get("train_limit")}
+                "train": config.data["train"], "train_limit": config.data.get("train_limit"),
+                "train_rows": rows_digest(train_rows)}
     record = folder / "kallm_sweep_mini_model.json"
     if record.is_file() and json.loads(record.read_text(encoding="utf-8")) == settings:
         return folder
@@ -326,7 +362,8 @@ def run_sweep_arm(config: SweepConfig, name: str, seed: int, inputs: SweepInputs
     from .core.modeling_kallm import count_parameters
     from .saving import save_checkpoint
 
-    model = build_arm(inputs, arm_settings(config, name), seed)
+    settings = arm_settings(config, name)
+    model = build_arm(inputs, settings, seed)
     pad_id = inputs.tokenizer.pad_token_id
     with PeakMemory() as memory:
         record = train_classifier(model, inputs.train, pad_id, config.train, seed)
@@ -338,7 +375,12 @@ def run_sweep_arm(config: SweepConfig, name: str, seed: int, inputs: SweepInputs
     print(f"    accuracy {100 * record['accuracy']:.1f}%, {record['train_seconds']:.0f} s "
           f"({record['seconds_per_step']:.2f} s/step)", flush=True)
     if save_models:
-        save_checkpoint(model, inputs.tokenizer, Path(config.out) / "models" / name / f"seed{seed}")
+        folder = Path(config.out) / "models" / name
+        save_checkpoint(model, inputs.tokenizer, folder / f"seed{seed}")
+        # the arm's name is made fit for a folder; its settings as written are kept beside its models
+        (folder / ARM_SETTINGS_FILE).write_text(
+            json.dumps({"arm": name, "settings": config.arms[name], "resolved": settings}, indent=2, default=str)
+            + "\n", encoding="utf-8")
     return record
 
 
@@ -394,7 +436,7 @@ def sweep_markdown(config: SweepConfig, rows: list[dict], dev_size: int) -> str:
             f"({100 * stat['stderr']:.1f}) | {row['trainable_parameters']:,} | {row['total_parameters']:,} | "
             f"{row['train_seconds']:.0f} s | {row['seconds_per_step']:.3f} | {row['peak_memory_bytes'] / 2**30:.2f} GiB |"
         )
-    return "\n".join(lines) + "\n"
+    return portable_paths("\n".join(lines) + "\n")
 
 
 def plot_sweep(rows: list[dict], path: Path) -> Path:
@@ -430,7 +472,9 @@ def run_sweep(config: SweepConfig, restart: bool = False, save_models: bool = Fa
     out = Path(config.out)
     mini_model = prepare_mini_model(config, data[0])
     inputs = prepare_inputs(config, mini_model, data)
-    jobs = [(name, seed, _run_settings(config, name, save_models)) for name in config.arms for seed in config.seeds]
+    digest = rows_digest(*data[:2])
+    jobs = [(name, seed, _run_settings(config, name, save_models, digest))
+            for name in config.arms for seed in config.seeds]
     records = run_recorded(out, jobs, lambda name, seed: run_sweep_arm(config, name, seed, inputs, save_models),
                            restart)
     rows = summarize_sweep(records, len(data[1]))
@@ -445,16 +489,18 @@ def run_sweep(config: SweepConfig, restart: bool = False, save_models: bool = Fa
     return {"rows": rows, "runs": records, "report": str(out / "results.md"), "plot": str(plot)}
 
 
-def _run_settings(config: SweepConfig, name: str, save_models: bool) -> dict:
-    """What decides a run's result besides its seed, as runs.json stores it."""
+def _run_settings(config: SweepConfig, name: str, save_models: bool, data_digest: str) -> dict:
+    """What decides a run's result besides its seed, as runs.json stores it: the data by its content (``data_digest``
+    of the training and dev rows), not only by where it is."""
     settings = {"model": config.model, "shrink": config.shrink, "trim_vocabulary": config.trim_vocabulary,
-                "data": config.data, "train": config.train, "arm": arm_settings(config, name)}
+                "data": config.data, "data_rows": data_digest, "train": config.train,
+                "arm": arm_settings(config, name)}
     if save_models:  # a run recorded without its saved model runs again when models are asked for
         settings["saved_model"] = True
     return json.loads(json.dumps(settings, default=str))
 
 
-def select(config: SweepConfig, arms: str | None, seeds: str | None) -> SweepConfig:
+def select(config: SweepConfig, arms: str | None, seeds: list[int] | None) -> SweepConfig:
     """The config narrowed to ``--arms a,b`` and ``--seeds 0,1`` (names and seeds the config holds)."""
     if arms:
         chosen = [name.strip() for name in arms.split(",") if name.strip()]
@@ -463,17 +509,28 @@ def select(config: SweepConfig, arms: str | None, seeds: str | None) -> SweepCon
             raise ValueError(f"--arms: {unknown} are not arms of {config.name}; its arms: {', '.join(config.arms)}")
         config.arms = {name: config.arms[name] for name in chosen}
     if seeds:
-        try:
-            config.seeds = [int(seed) for seed in seeds.split(",")]
-        except ValueError:
-            raise ValueError(f"--seeds takes integers separated by commas, e.g. 0,1; got {seeds!r}") from None
+        config.seeds = seeds
     return config
 
 
+def seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2``: distinct seeds, comma-separated."""
+    try:
+        seeds = [seed_range(part.strip()) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"takes integers in [0, {seed_range.high}] separated by commas, e.g. 0,1; "
+                                         f"got {text!r}") from None
+    try:
+        check_unique_seeds(seeds, "seeds")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return seeds
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML sweep config (see configs/sweep-agnews.yaml)")
+    parser.add_argument("config", type=existing_path, help="YAML sweep config (see configs/sweep-agnews.yaml)")
     parser.add_argument("--arms", help="run only these arms, comma-separated")
-    parser.add_argument("--seeds", help="run only these seeds, comma-separated, e.g. 0 or 0,1")
+    parser.add_argument("--seeds", type=seed_list, help="run only these seeds, comma-separated, e.g. 0 or 0,1")
     parser.add_argument("--out", help="override the config's output folder")
     parser.add_argument("--save-models", action="store_true",
                         help="save every trained arm to OUT/models/ARM/seedN (model + trimmed tokenizer)")

@@ -67,8 +67,9 @@ POLICIES = {"glu-last5": "functions", "glu-all": "functions", "lora-r8": None, "
 
 def build_arm(base, arm: str, args):
     """The model of ``arm``; kallm.train sets what trains by ``POLICIES``."""
-    import kallm
     from peft import LoraConfig, get_peft_model
+
+    import kallm
 
     count = base.config.num_hidden_layers
     blocks = range(count - args.last_blocks, count)

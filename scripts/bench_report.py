@@ -6,14 +6,16 @@ import json
 import os
 from pathlib import Path
 
+from kallm.experiment import portable_paths
+
 
 def write_report(report: dict, table: str, json_path: str | None, markdown_path: str | None) -> None:
     """Write ``report`` as JSON to ``json_path`` and the markdown ``table`` to ``markdown_path`` (either skipped
-    when empty or None)."""
+    when empty or None). Data under ``${KALLM_DATA_DIR}`` is named so, not by this machine's folders."""
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        Path(json_path).write_text(portable_paths(json.dumps(report, indent=2)) + "\n", encoding="utf-8")
     if markdown_path:
-        Path(markdown_path).write_text(table, encoding="utf-8")
+        Path(markdown_path).write_text(portable_paths(table), encoding="utf-8")
 
 
 def load_average() -> str:

@@ -232,3 +232,14 @@ def test_bench_adapters_trains_both_adapter_types_and_writes_its_tables(tmp_path
     assert [b["adapter"] for b in report["best"]] == ["lora", "kan"]
     table = out_md.read_text()
     assert "| kan | 4 |" in table and "| lora | " in table and "Without an adapter" in table
+
+
+def test_reports_name_data_by_kallm_data_dir_not_by_this_machines_folders(tmp_path, monkeypatch):
+    data = tmp_path / "shared" / "data"
+    data.mkdir(parents=True)
+    monkeypatch.setenv("KALLM_DATA_DIR", str(data))
+    report = load_script("bench_report")
+    report.write_report({"data": str(data / "chat" / "test.jsonl")}, f"data: {data}/text.raw\n",
+                        str(tmp_path / "r.json"), str(tmp_path / "r.md"))
+    assert json.loads((tmp_path / "r.json").read_text()) == {"data": "${KALLM_DATA_DIR}/chat/test.jsonl"}
+    assert (tmp_path / "r.md").read_text() == "data: ${KALLM_DATA_DIR}/text.raw\n"

@@ -164,7 +164,11 @@ def test_retrofit_command_refuses_bad_calibration(saved_tiny, tmp_path, capsys, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "calibration.txt").write_text("some text")
     out = tmp_path / "never"
-    assert main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "1", *arguments]) == 2
+    try:  # a missing file is refused while the command line is read (SystemExit), other errors when it runs
+        status = main(["retrofit", "--model", str(saved_tiny), "--out", str(out), "--last-n", "1", *arguments])
+    except SystemExit as error:
+        status = error.code
+    assert status == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
@@ -242,6 +246,21 @@ def test_a_hub_id_in_offline_mode_says_how_to_work_offline(tmp_path, capsys, mon
     assert code == 2 and len(error.strip().splitlines()) == 1, error
     assert "HF_HUB_OFFLINE is set and the files are not in the local cache" in error
     assert "a .gguf file or the bundled smollm2-135m-instruct" in error
+
+
+@pytest.mark.parametrize("name", ["./out/nothing", "out/nothing", "out/deeper/nothing", "~/surely-no-such-kallm-model"])
+def test_a_local_folder_that_does_not_exist_is_not_taken_for_an_unreachable_hub(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()  # "out/nothing" reads like a hub id, but out/ is a folder here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=f"model folder {name} does not exist"):
+        kallm.load_model(name)
+    with pytest.raises(SystemExit) as refused:
+        main(["inspect", name])
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and f"kallm inspect: error: argument model: no such file or folder: {name}" in error
+    assert "Hub" not in error and "Traceback" not in error
+    assert kallm.loading.resolve_model("someone/model") == ("someone/model", None)  # no folder someone/ here
 
 
 def test_an_unreachable_hub_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):

@@ -106,7 +106,7 @@ def test_the_command_line_takes_degree_stages():
 
 @pytest.mark.parametrize("settings, message", [
     (dict(degree_stages=[2, 1]), "degree_stages must be increasing degrees >= 1"),
-    (dict(degree_stages=[0, 1]), "degree_stages must be increasing degrees >= 1"),
+    (dict(degree_stages=[0, 1]), "degree_stages must be an integer >= 1 each, got \\[0, 1\\]"),
     (dict(max_steps=-1), "degree_stages needs max_steps"),
     (dict(resume=True), "degree_stages cannot resume"),
     (dict(lora_rank=2), "train without lora_rank"),

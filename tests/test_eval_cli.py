@@ -109,7 +109,6 @@ def test_command_end_to_end(saved_model, inputs, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "bbh,mmlu"], "unknown evaluation"),
     (["--tasks", "bbh", "--bbh-tasks", "nope"], "unknown BBH task"),
-    (["--tasks", "bbh", "--limit", "0"], "limit must be a positive"),
     (["--tasks", "bbh", "--card", "--model", "someone/hub-model"], "--card writes into the model card of a local"),
 ])
 def test_command_rejects_bad_input_before_loading_the_model(argv, message, inputs, monkeypatch):
@@ -118,6 +117,19 @@ def test_command_rejects_bad_input_before_loading_the_model(argv, message, input
     monkeypatch.setattr(kallm.loading, "load_model", lambda *a, **k: pytest.fail("the model should not load"))
     with pytest.raises(ValueError, match=message):
         cli.run(parse(["--bbh-dir", str(inputs["bbh"]), *argv]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--limit", "0"], "argument --limit: must be an integer >= 1, got '0'"),
+    (["--max-tokens", "-5"], "argument --max-tokens: must be an integer >= 2, got '-5'"),
+    (["--max-length", "nan"], "argument --max-length: must be an integer >= 2, got 'nan'"),
+    (["--batch-size", "inf"], "argument --batch-size: must be an integer >= 1, got 'inf'"),
+    (["--harness-fewshot", "-1"], "argument --harness-fewshot: must be an integer >= 0, got '-1'"),
+])
+def test_numbers_out_of_range_are_refused_while_the_command_line_is_read(argv, message, capsys):
+    with pytest.raises(SystemExit) as refused:
+        parse(["--model", "m", *argv])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_command_argument_errors(tmp_path, capsys):
@@ -140,8 +152,10 @@ def test_a_missing_bbh_dir_is_an_error_naming_it_and_the_hub_needs_bbh_dataset(t
     monkeypatch.chdir(tmp_path)
     asked = []
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, repo_type: asked.append(repo) or [])
-    assert main(["eval", "--tasks", "bbh", "--bbh-dir", "missing/bbh"]) == 2
-    assert "kallm eval: error: BBH folder not found: missing/bbh" in capsys.readouterr().err and asked == []
+    with pytest.raises(SystemExit) as refused:
+        main(["eval", "--tasks", "bbh", "--bbh-dir", "missing/bbh"])
+    assert refused.value.code == 2 and asked == []
+    assert "kallm eval: error: argument --bbh-dir: no such file or folder: missing/bbh" in capsys.readouterr().err
     # the hub only through --bbh-dataset (this fake repository has no BBH configs)
     monkeypatch.setattr("datasets.load_dataset", lambda repo, task, split: [])
     assert main(["eval", "--tasks", "bbh", "--bbh-dataset", "someone/bbh", "--bbh-tasks", "navigate"]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm.experiment
 from kallm.cli import main
-from kallm.experiment import load_experiment, run_experiment, summarize
+from kallm.experiment import load_experiment, run_experiment, summarize, to_markdown
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -117,7 +118,12 @@ def test_summarize_reports_mean_and_sample_std_over_seeds():
         ({"arms": {"x": {"kind": "kan", "colour": "red"}}}, r"arm 'x': unknown settings \['colour'\]; valid: distill"),
         ({"arms": {"x": "kan"}}, r"arm 'x': settings must be a mapping"),
         ({"seeds": ["/../../../tmp"]}, "seeds must be a list of integers"),
-        ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "train": {"max_steps": "ten"}}, "has the wrong type"),
+        ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "train": {"max_steps": "ten"}},
+         r"max_steps must be an integer >= 1 \(or -1\), got 'ten'"),
+        ({"data": "d.jsonl", "arms": {"x": {"kind": "kan"}}, "train": {"learning_rate": float("nan")}},
+         "learning_rate must be a finite number > 0, got nan"),
+        ({"retrofit": 5}, "a setting has the wrong type"),
+        ({"seeds": [1, 2, 1]}, r"seeds \[1\] given more than once"),
         ({"data": "${HOME}/x.jsonl"}, r"uses \$\{HOME\}, but only environment variables whose names start with KALLM_"),
         ({"out": "${PATH}"}, r"uses \$\{PATH\}, but only"),
     ],
@@ -125,6 +131,40 @@ def test_summarize_reports_mean_and_sample_std_over_seeds():
 def test_bad_configs_are_refused_with_a_clear_message(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         load_experiment(write_config(tmp_path, **overrides))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: [unclosed", r"is no valid YAML \(line 1, column 16\): expected ',' or '\]'"),
+    ("- a\n- b\n", "a config is a mapping of settings, got list"),
+    ("arms: {x: {kind: baseline}}\ncolour: red\n", r"unknown experiment keys \['colour'\]"),
+    ("arms: {x: {kind: baseline}}\nretrofit: 5\n", "a setting has the wrong type"),
+])
+@pytest.mark.parametrize("command", ["experiment", "sweep"])
+def test_config_errors_are_one_line_with_exit_status_2(tmp_path, capsys, monkeypatch, text, message, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text(text.replace("experiment keys", f"{command} keys"))
+    assert main([command, "bad.yaml"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"kallm {command}: error: ")
+    expected = message.replace("experiment", command)
+    if command == "sweep" and "retrofit" in text:
+        expected = "'retrofit' must be a mapping"
+    assert re.search(expected, error), error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_the_report_names_data_as_the_config_does_not_by_this_machines_folders(tmp_path, monkeypatch):
+    data = tmp_path / "private" / "data"
+    data.mkdir(parents=True)
+    monkeypatch.setenv("KALLM_DATA_DIR", str(data))
+    monkeypatch.setenv("KALLM_STEPS", "3")  # not a folder: left alone
+    config = load_experiment(write_config(
+        tmp_path, data="${KALLM_DATA_DIR}/chat/train.jsonl", arms={"x": {"kind": "kan"}},
+        train={"max_steps": 3}, eval={"tasks": ["perplexity"], "text": "${KALLM_DATA_DIR}/wiki.raw"}))
+    assert config.data == f"{data}/chat/train.jsonl"
+    report = to_markdown(config, [])
+    assert "data `${KALLM_DATA_DIR}/chat/train.jsonl`" in report and "'${KALLM_DATA_DIR}/wiki.raw'" in report
+    assert str(tmp_path) not in report and "'max_steps': 3" in report
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

@@ -134,6 +134,8 @@ def test_default_calibration_is_the_models_own_deterministic_replies(tiny_tokeni
         ({"init": "fit", "calibration": torch.full((2, 8), 500)}, ValueError, r"\[0, 128\)"),
         ({"init": "random", "calibration": ["some text"]}, ValueError, "only used by init='fit'"),
         ({"init": "fit", "calibration": token_ids(), "kind": "linear"}, ValueError, "kind='kan'"),
+        ({"init": "fit", "calibration": torch.full((1, 600), 7)}, ValueError,
+         r"give the feedforward of block \d the same input \(no spread across tokens"),
     ],
 )
 def test_bad_fit_arguments_fail_before_the_model_changes(arguments, error, message):

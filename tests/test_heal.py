@@ -144,8 +144,15 @@ def test_heal_with_a_time_budget_stops_on_time():
 
 @pytest.mark.parametrize("settings, message", [
     (dict(), "needs a budget"),
-    (dict(minutes=0), "minutes must be > 0"),
-    (dict(max_steps=0), "max_steps must be >= 1"),
+    (dict(minutes=0), r"minutes must be a finite number > 0, got 0"),
+    (dict(max_steps=0), "max_steps must be an integer >= 1"),
+    (dict(max_steps=2.5), "max_steps must be an integer >= 1"),
+    (dict(max_steps=1, max_grad_norm=-1), r"max_grad_norm must be a finite number >= 0, got -1"),
+    (dict(max_steps=1, temperature=float("inf")), "temperature must be a finite number > 0, got inf"),
+    (dict(max_steps=1, learning_rate=float("nan")), "learning_rate must be a finite number > 0, got nan"),
+    (dict(max_steps=1, warmup=1.0), r"warmup must be a finite number in \[0, 1\)"),
+    (dict(max_steps=1, seed=-1), "seed must be an integer in"),
+    (dict(max_steps=1, local_tokens=0), "local_tokens must be an integer >= 1"),
     (dict(max_steps=1, trainable="head"), "trainable must be one of"),
     (dict(max_steps=1, bf16=True, fp16=True), "at most one of bf16 and fp16"),
     (dict(max_steps=1, save_steps=2), "need output_dir"),
@@ -171,7 +178,9 @@ def test_refused_calls_leave_the_model_untouched(tmp_path):
         (dict(model=student, teacher=teacher, data=[1, 2]), TypeError, "only texts"),
         (dict(model=student, teacher=teacher, data=str(tmp_path / "missing.txt")), FileNotFoundError, "not found"),
         (dict(model=student, teacher=teacher, data=[{"messages": []}]), ValueError, "holds no valid conversation"),
-        (dict(model=student, teacher=teacher, data=TEXTS, minutes=0), ValueError, "minutes must be > 0"),
+        (dict(model=student, teacher=teacher, data=TEXTS, minutes=0), ValueError, "minutes must be a finite number > 0"),
+        (dict(model=student, teacher=teacher, data=TEXTS, max_steps=1, max_grad_norm=-1), ValueError,
+         "max_grad_norm must be a finite number >= 0"),
         (dict(model=student, teacher=teacher, data=TEXTS, resume=True, output_dir=str(tmp_path)),
          FileNotFoundError, "no checkpoint-N"),
     ]
@@ -253,6 +262,19 @@ def test_prefix_cache_gives_the_same_healing_and_says_what_it_holds(tmp_path):
     with pytest.raises(ValueError, match="other data or another model"):
         kallm.heal(pair()[0], teacher, tokenizer, cache_dir=str(tmp_path / "cache"),
                    **{**settings, "data": TEXTS[1:2]})
+
+
+def test_prefix_cache_is_keyed_on_the_teachers_prefix_weights_not_its_name(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    settings = dict(data=TEXTS[:1], max_steps=2, local_passes=0, cache_dir=str(tmp_path / "cache"), **QUICK)
+    student, teacher = pair()
+    kallm.heal(student, teacher, tokenizer, **settings)
+    kallm.heal(pair()[0], copy.deepcopy(teacher), tokenizer, **settings)  # the same weights: the states are reused
+    other_teacher = tiny_model("llama", seed=1)  # the same name and shapes, other weights
+    assert other_teacher.config._name_or_path == teacher.config._name_or_path
+    other_student = kallm.retrofit(copy.deepcopy(other_teacher), last_n=1)
+    with pytest.raises(ValueError, match="other data or another model"):
+        kallm.heal(other_student, other_teacher, tokenizer, **settings)
 
 
 def test_healing_data_forms(tmp_path):

@@ -54,14 +54,20 @@ def test_heal_command_heals_and_saves(workspace, tmp_path, capsys):
 
 def test_heal_command_errors(workspace, tmp_path, capsys):
     common = ["heal", "--model", str(workspace / "student"), "--out", str(tmp_path / "x"), "--quiet"]
-    assert main(common + ["--minutes", "0"]) == 2
-    assert "minutes must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # refused while the command line is read
+        main(common + ["--minutes", "0"])
+    assert refused.value.code == 2
+    assert "argument --minutes: must be a finite number > 0, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--max-steps", "1", "--max-grad-norm", "-1"])
+    assert "argument --max_grad_norm/--max-grad-norm: must be a finite number >= 0, got '-1'" in capsys.readouterr().err
     assert main(common) == 2
     assert "needs a budget" in capsys.readouterr().err
     assert main(common + ["--max-steps", "1", "--teacher", str(workspace / "student")]) == 2
     assert "the teacher is itself retrofitted" in capsys.readouterr().err
-    assert main(common + ["--max-steps", "1", "--data", str(tmp_path / "none.txt")]) == 2
-    assert "text file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--max-steps", "1", "--data", str(tmp_path / "none.txt")])
+    assert f"argument --data: no such file or folder: {tmp_path / 'none.txt'}" in capsys.readouterr().err
     assert not (tmp_path / "x" / "config.json").exists()
 
 

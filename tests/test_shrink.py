@@ -160,6 +160,17 @@ def test_tokenizers_shrink_cannot_rebuild_are_refused():
         kallm.shrink(tiny_model("llama"), word_level, vocab_from=["a"])
 
 
+def test_the_special_tokens_of_the_generation_config_are_kept_though_no_text_uses_them():
+    model, tokenizer = tiny_model("llama"), make_tiny_tokenizer()
+    model.generation_config.eos_token_id = [model.config.eos_token_id, 60]  # a second stop token
+    model.generation_config.pad_token_id = 61
+    small, small_tokenizer = kallm.shrink(model, tokenizer, vocab_from=["the cat"])
+    kept = small_tokenizer.convert_ids_to_tokens(
+        small.generation_config.eos_token_id + [small.generation_config.pad_token_id])
+    assert kept == tokenizer.convert_ids_to_tokens([model.config.eos_token_id, 60, 61])
+    assert small.config.vocab_size < model.config.vocab_size
+
+
 def test_a_retrofitted_model_is_refused():
     model = kallm.retrofit(tiny_model("llama"), last_n=1)
     with pytest.raises(ValueError, match="already retrofitted; shrink the model it came from"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import make_tiny_tokenizer, tiny_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kallm.cli import main
+from kallm.experiment import ARM_NAME
 from kallm.sweep import expand_grid, load_sweep, pareto_front, run_sweep, select
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,6 +86,9 @@ def test_cli_subset_and_saved_models_load_as_classifiers(workspace, monkeypatch)
     runs = json.loads((out / "runs.json").read_text())
     assert [(run["arm"], run["seed"]) for run in runs] == [("rbf-d2", 1), ("mlp", 1)]
     saved = out / "models" / "rbf-d2" / "seed1"
+    recorded = json.loads((out / "models" / "rbf-d2" / "arm_settings.json").read_text())
+    assert recorded["arm"] == "rbf-d2" and recorded["settings"] == {"basis": "rbf", "degree": 2}
+    assert recorded["resolved"]["last_n"] == 1
     model = AutoModelForSequenceClassification.from_pretrained(saved).eval()
     tokenizer = AutoTokenizer.from_pretrained(saved)
     assert type(model).__name__ == "KALlamaForSequenceClassification"
@@ -101,9 +106,14 @@ def test_cli_subset_and_saved_models_load_as_classifiers(workspace, monkeypatch)
     ({"arms": {"bad": {"basis": "cheby2", "alpha": 2.0}}}, "arm 'bad'"),
     ({"arms": {"../x": {}}}, "arm name '../x' is not allowed"),
     ({"seeds": []}, "seeds must be a non-empty list of integers"),
+    ({"seeds": [0, -1]}, "seeds must be a non-empty list of integers in [0, 4294967295]"),
     ({"train": {"epochs": 1}}, "unknown train settings ['epochs']"),
-    ({"train": {"steps": 0}}, "train.steps must be a positive integer, got 0"),
-    ({"train": {"warmup_steps": -1}}, "train.warmup_steps must be a non-negative integer, got -1"),
+    ({"train": {"steps": 0}}, "train.steps must be an integer >= 1, got 0"),
+    ({"train": {"warmup_steps": -1}}, "train.warmup_steps must be an integer >= 0, got -1"),
+    ({"train": {"learning_rate": "fast"}}, "train.learning_rate must be a finite number > 0, got 'fast'"),
+    ({"train": {"max_length": 1}}, "train.max_length must be an integer >= 2, got 1"),
+    ({"data": {"train": "a.jsonl", "dev": "b.jsonl", "num_labels": 1}}, "data.num_labels must be an integer >= 2"),
+    ({"shrink": {"num_blocks": 0}}, "shrink.num_blocks must be an integer >= 1, got 0"),
     ({"shrink": {"layers": 2}}, "unknown shrink settings ['layers']"),
     ({"surprise": 1}, "unknown sweep keys ['surprise']"),
 ])
@@ -133,13 +143,63 @@ def test_subset_selection_refuses_unknown_arms(workspace, monkeypatch):
     config = load_sweep(write_config(workspace))
     with pytest.raises(ValueError, match="--arms: \\['nope'\\] are not arms of tiny-sweep; its arms: cheby2-d2"):
         select(config, "nope,mlp", None)
-    with pytest.raises(ValueError, match="--seeds takes integers"):
-        select(config, None, "zero")
+
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ("zero", r"takes integers in \[0, 4294967295\] separated by commas, e.g. 0,1; got 'zero'"),
+    ("0,0", r"seeds \[0\] given more than once"),
+    ("1,-1", "takes integers in"),
+])
+def test_cli_seeds_are_distinct_integers(workspace, monkeypatch, capsys, seeds, message):
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", str(write_config(workspace)), "--seeds", seeds])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error
+    assert error.strip().splitlines()[-1].startswith("kallm sweep: error: argument --seeds: ")
+    assert re.search(message, error)
+    assert not (workspace / "out").exists()
+
+
+def test_a_seed_twice_in_the_config_is_refused(workspace, monkeypatch):
+    """A repeated seed would count the same run twice in the mean and shrink its spread."""
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    with pytest.raises(ValueError, match=r"seeds \[0\] given more than once"):
+        load_sweep(write_config(workspace, seeds=[0, 1, 0]))
+
+
+def test_resume_reruns_arms_whose_data_changed_under_the_same_path(workspace, monkeypatch, capsys):
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    path = write_config(workspace, seeds=[0], grid=[], arms={"mlp": {"kind": "mlp"}})
+    run_sweep(load_sweep(path))
+    capsys.readouterr()
+    run_sweep(load_sweep(path))
+    assert "already in runs.json with the same settings, skipped" in capsys.readouterr().out
+    dev = workspace / "dev.jsonl"
+    dev.write_text(dev.read_text().replace('"label": 0', '"label": 2').replace('"label": 1', '"label": 0')
+                   .replace('"label": 2', '"label": 1'))  # the same path, the labels swapped
+    result = run_sweep(load_sweep(path))
+    log = capsys.readouterr().out
+    assert "skipped" not in log and "in runs.json with other settings, running it again" in log
+    assert "shrinking" not in log  # the training rows did not change, so the mini model is kept
+    (workspace / "train.jsonl").write_text((workspace / "train.jsonl").read_text().replace("news", "report"))
+    run_sweep(load_sweep(path))
+    log = capsys.readouterr().out
+    assert "shrinking" in log and "skipped" not in log  # new training texts: a new vocabulary and runs
+    assert result["runs"][0]["settings"]["data_rows"] != json.loads((workspace / "out" / "runs.json").read_text())[
+        0]["settings"]["data_rows"]
 
 
 def test_grid_names_and_pareto_front():
     assert list(expand_grid([{"basis": ["cheby2", "a+b", "a>b"], "degree": [2, 3]}])) == [
         "cheby2-d2", "cheby2-d3", "a_plus_b-d2", "a_plus_b-d3", "a_then_b-d2", "a_then_b-d3"]
+    # option values with characters no folder name may hold on some systems; names stay distinct
+    arms = expand_grid([{"basis": ["cheby2"], "input_map": ["a/b", "a:b", "a*b?", "x y", "..", "[1, 2]"]}])
+    assert list(arms) == ["cheby2-input_map_a_b", "cheby2-input_map_a_b-2", "cheby2-input_map_a_b-3",
+                          "cheby2-input_map_x_y", "cheby2-input_map", "cheby2-input_map_1_2"]
+    assert [settings["input_map"] for settings in arms.values()] == ["a/b", "a:b", "a*b?", "x y", "..", "[1, 2]"]
+    assert all(ARM_NAME.fullmatch(name) and ".." not in name for name in arms)
     rows = [{"arm": name, "accuracy": {"mean": accuracy}, "train_seconds": seconds}
             for name, accuracy, seconds in [("fast", 0.5, 1), ("best", 0.7, 5), ("worse", 0.6, 6), ("mid", 0.6, 2)]]
     assert pareto_front(rows) == {"fast", "best", "mid"}

@@ -189,10 +189,14 @@ def test_distillation_heals_towards_the_teacher(tmp_path):
     (dict(bf16=True, fp16=True), "at most one of bf16 and fp16"),
     (dict(trainable="head"), "trainable must be one of retrofitted, functions, tail, tail\\+embeddings, all"),
     (dict(truncation="cut"), "truncation must be one of truncate, skip"),
-    (dict(distill_alpha=1.5), "distill_alpha must be in"),
-    (dict(distill_temperature=0), "distill_temperature must be > 0"),
-    (dict(max_length=1), "max_length must be >= 2"),
-    (dict(max_steps=0), "max_steps must be >= 1"),
+    (dict(distill_alpha=1.5), r"distill_alpha must be a finite number in \[0, 1\], got 1.5"),
+    (dict(distill_temperature=0), "distill_temperature must be a finite number > 0"),
+    (dict(max_length=1), "max_length must be an integer >= 2"),
+    (dict(max_steps=0), r"max_steps must be an integer >= 1 \(or -1\)"),
+    (dict(max_grad_norm=float("inf")), "max_grad_norm must be a finite number >= 0, got inf"),
+    (dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0"),
+    (dict(seed=-1), "seed must be an integer in"),
+    (dict(batch_size=2.0), "batch_size must be an integer >= 1"),
     (dict(lr_scheduler="step"), "lr_scheduler must be one of"),
 ])
 def test_config_errors(settings, message):

@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from ..cli_types import Number, existing_path, non_negative_int, path_or_hub_id, positive_int
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -14,28 +16,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .bbh import DEFAULT_HUB_DATASET, MODES
     from .evaluate import DEFAULT_TEXT, TASKS
 
-    parser.add_argument("--model", default=DEFAULT_MODEL,
+    parser.add_argument("--model", default=DEFAULT_MODEL, type=path_or_hub_id,
                         help=f"hub id, folder (kallm checkpoints included), .gguf file or bundled name "
                              f"(default {DEFAULT_MODEL})")
     parser.add_argument("--tasks", help=f"kallm's evaluations, comma-separated, from: {', '.join(TASKS)} "
                                         f"(default: bbh,perplexity, or none with --harness)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--bbh-dir", help="local folder of BBH task JSON files (<task>.json); it must exist")
+    source.add_argument("--bbh-dir", type=existing_path, help="local folder of BBH task JSON files (<task>.json); it must exist")
     source.add_argument("--bbh-dataset",
                         help=f"hub dataset id of BBH, used when --bbh-dir is not given (default {DEFAULT_HUB_DATASET})")
     parser.add_argument("--bbh-tasks", help="comma-separated BBH task names (default: every task present)")
-    parser.add_argument("--limit", type=int, help="first N examples of each BBH task")
+    parser.add_argument("--limit", type=positive_int, help="first N examples of each BBH task")
     parser.add_argument("--mode", choices=MODES, default="generate",
                         help="generate: greedy reply, extracted answer (the research's way); "
                              "loglik: most likely of the closed answer set (cheaper; skips free-form tasks)")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples (or windows) scored at once")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap in generate mode")
-    parser.add_argument("--text", default=DEFAULT_TEXT,
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="examples (or windows) scored at once")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="reply length cap in generate mode")
+    parser.add_argument("--text", default=DEFAULT_TEXT, type=path_or_hub_id,
                         help=f"perplexity text: a file or hub_id[:config] (default {DEFAULT_TEXT})")
-    parser.add_argument("--max-length", type=int, default=512, help="perplexity window in tokens")
-    parser.add_argument("--max-tokens", type=int, help="score at most this many tokens of the perplexity text")
-    parser.add_argument("--chat-data", help="held-out conversations for chat_loss (JSONL/JSON/parquet or hub id)")
-    parser.add_argument("--chat-limit", type=int, help="first N conversations of --chat-data")
+    parser.add_argument("--max-length", type=Number(int, 2), default=512, help="perplexity window in tokens")
+    parser.add_argument("--max-tokens", type=Number(int, 2), help="score at most this many tokens of the perplexity text")
+    parser.add_argument("--chat-data", type=path_or_hub_id, help="held-out conversations for chat_loss (JSONL/JSON/parquet or hub id)")
+    parser.add_argument("--chat-limit", type=positive_int, help="first N conversations of --chat-data")
     parser.add_argument("--out", help="folder for results.json, results.md and bbh_examples.jsonl")
     parser.add_argument("--card", action="store_true",
                         help="also add the results to the model card (README.md model-index) of --model, a local "
@@ -48,10 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     harness.add_argument("--harness", metavar="TASKS",
                          help="also run these lm-evaluation-harness tasks (comma-separated) on the model kallm "
                               "loaded; its results join the report")
-    harness.add_argument("--harness-include", metavar="FOLDER",
+    harness.add_argument("--harness-include", metavar="FOLDER", type=existing_path,
                          help="folder of lm-evaluation-harness task YAMLs (local data files work offline)")
-    harness.add_argument("--harness-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
-    harness.add_argument("--harness-limit", type=int, help="first N examples of each harness task")
+    harness.add_argument("--harness-fewshot", type=non_negative_int, help="few-shot examples per prompt (default: the task's)")
+    harness.add_argument("--harness-limit", type=positive_int, help="first N examples of each harness task")
     harness.add_argument("--harness-no-chat-template", dest="harness_chat_template", action="store_false",
                          default=argparse.SUPPRESS,
                          help="give the harness's prompts as plain text instead of through the chat template")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from ..cli_types import existing_path, finite_int, path_or_hub_id, positive_int
 from ..core.layers import KANFeedForward
 from ..loading import DEFAULT_MODEL, load_model, push_to_hub
 from ..saving import check_output_folder, save_checkpoint
@@ -28,14 +29,14 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, folder, .gguf file or bundled name")
+    parser.add_argument("--model", default=DEFAULT_MODEL, type=path_or_hub_id, help="hub id, folder, .gguf file or bundled name")
     parser.add_argument("--out", required=True, help="folder to save the retrofitted model and tokenizer to")
-    parser.add_argument("--last-n", type=int, default=5, help="retrofit the last N decoder blocks")
-    parser.add_argument("--blocks", type=int, nargs="+", help="explicit decoder block indices (overrides --last-n)")
-    parser.add_argument("--layers", type=int, nargs="+", dest="deprecated_layers", help=argparse.SUPPRESS)
+    parser.add_argument("--last-n", type=positive_int, default=5, help="retrofit the last N decoder blocks")
+    parser.add_argument("--blocks", type=finite_int, nargs="+", help="explicit decoder block indices (overrides --last-n)")
+    parser.add_argument("--layers", type=finite_int, nargs="+", dest="deprecated_layers", help=argparse.SUPPRESS)
     parser.add_argument("--basis", default="cheby2", help="basis name, 'a+b' (parallel) or 'a>b' (sequential)")
-    parser.add_argument("--degree", type=int, default=2, help="polynomial degree (or basis size) of each edge function")
-    parser.add_argument("--intermediate-size", type=int, help="KAN inner size (default: half the MLP's parameters)")
+    parser.add_argument("--degree", type=positive_int, default=2, help="polynomial degree (or basis size) of each edge function")
+    parser.add_argument("--intermediate-size", type=positive_int, help="KAN inner size (default: half the MLP's parameters)")
     parser.add_argument("--kind", default="kan", choices=KINDS,
                         help="kan, or linear for the re-initialised MLP baseline")
     parser.add_argument("--form", default="kan", choices=FORMS,
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--form glu: channels share functions in this many groups (default: one per channel)")
     parser.add_argument("--init", default="random", choices=INITS,
                         help="fit: start each KAN feedforward fitted to the MLP it replaces (see docs/fit-init.md)")
-    parser.add_argument("--calibration", metavar="FILE",
+    parser.add_argument("--calibration", metavar="FILE", type=existing_path,
                         help="text file to fit on with --init fit (default: replies the model writes itself)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="layer/basis option, repeatable")
     parser.add_argument("--trainable", default="tail+embeddings", choices=POLICIES,

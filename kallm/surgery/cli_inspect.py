@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli_types import path_or_hub_id
 from ..loading import load_model
 from .trainable import summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="folder (or hub id, .gguf, bundled name) of a model")
+    parser.add_argument("model", type=path_or_hub_id, help="folder (or hub id, .gguf, bundled name) of a model")
 
 
 def run(args) -> int:

@@ -218,6 +218,8 @@ def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int]
     tokens = sum(int(s.numel()) for s in sequences)
     _check_calibration_size(template, tokens)
     records = record_feedforwards(model, adapter, indices, sequences, progress=progress)
+    for index, (inputs, _) in records.items():
+        _check_spread(index, inputs, tokens)
     install()
     errors, ordinary = {}, {}
     bar = tqdm(sorted(indices), desc="kallm fit: blocks", disable=not progress, unit="block")
@@ -256,6 +258,21 @@ def _check_calibration_size(template, tokens: int) -> None:
             f"each token gives {1 + AUGMENT} rows (itself and {AUGMENT} noisy copies), so fewer tokens leave the "
             f"fit underdetermined. Pass more calibration text, or use init='random'"
         )
+
+
+#: below this spread across tokens (relative to the inputs' size) the inputs of a feedforward are all alike
+MIN_INPUT_SPREAD = 1e-3
+
+
+def _check_spread(index: int, inputs: torch.Tensor, tokens: int) -> None:
+    """Refuse calibration whose tokens all give block ``index``'s feedforward the same input (one token
+    repeated): a fit to a single point matches it exactly with huge parameters and says nothing of other text."""
+    x = inputs.float()
+    if x.std(0, unbiased=False).max() <= MIN_INPUT_SPREAD * x.pow(2).mean().sqrt():
+        raise ValueError(
+            f"init='fit': the {tokens} calibration tokens give the feedforward of block {index} the same input "
+            f"(no spread across tokens, e.g. one token repeated), so there is nothing to fit; pass varied "
+            f"calibration text, or use init='random'")
 
 
 def _check_finite(index: int, feedforward, error: float, ordinary: float, tokens: int) -> None:

@@ -71,7 +71,10 @@ def shrink(
     if vocab_from is None:
         kept_ids, new_tokenizer = None, copy.deepcopy(tokenizer)
     else:
-        kept_ids, new_tokenizer = trim_tokenizer(tokenizer, vocab_from, max_tokens, _config_token_ids(model.config))
+        # the special tokens the config and the generation config name (eos, bos, pad) are kept, used in the texts
+        # or not: generation stops on them
+        special = _config_token_ids(model.config) | _config_token_ids(getattr(model, "generation_config", None))
+        kept_ids, new_tokenizer = trim_tokenizer(tokenizer, vocab_from, max_tokens, special)
     embedding_rows = model.get_input_embeddings().weight.shape[0]
     if kept_ids is not None and kept_ids[-1] >= embedding_rows:
         raise ValueError(f"the tokenizer produces id {kept_ids[-1]}, but the model has only {embedding_rows} "
@@ -124,7 +127,7 @@ def _blocks_to_keep(count: int, num_blocks, blocks) -> list[int]:
 
 def _config_token_ids(config) -> set[int]:
     ids = set()
-    for name in _TOKEN_ID_FIELDS:
+    for name in _TOKEN_ID_FIELDS if config is not None else ():
         value = getattr(config, name, None)
         ids.update(value if isinstance(value, list) else [value] if isinstance(value, int) else [])
     return ids

@@ -15,15 +15,17 @@ import os
 import typing
 from pathlib import Path
 
+from ..cli_types import existing_path, path_or_hub_id
+
 #: the TrainConfig fields set by flags written here rather than generated from the field
 MANUAL_FIELDS = ("resume", "progress_bar", "training_arguments")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", required=True, type=path_or_hub_id,
                         help="model to train: a kallm checkpoint folder (from kallm retrofit), hub id, .gguf file "
                              "or bundled name")
-    parser.add_argument("--data", required=True,
+    parser.add_argument("--data", required=True, type=path_or_hub_id,
                         help="chat data with a 'messages' column: .jsonl/.json/.parquet file, folder or glob, "
                              "or hub dataset id[:config] (e.g. HuggingFaceTB/smol-smoltalk)")
     _add_generated_flags(parser)
@@ -31,12 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     distill.add_argument("--distill", action="store_true",
                          help="mix in a KL divergence to a teacher (default teacher: the model the checkpoint "
                               "was retrofitted from)")
-    distill.add_argument("--teacher", help="teacher model (hub id, folder, .gguf or bundled name)")
+    distill.add_argument("--teacher", type=path_or_hub_id, help="teacher model (hub id, folder, .gguf or bundled name)")
     runs = parser.add_argument_group("run")
-    runs.add_argument("--training-args", metavar="FILE",
+    runs.add_argument("--training-args", metavar="FILE", type=existing_path,
                       help="YAML or JSON file of further TrainingArguments fields (e.g. lr_scheduler_kwargs, "
                            "hub_strategy); the flags above win over it")
-    runs.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+    runs.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT", type=existing_path,
                       help="resume from CHECKPOINT, or without a value from the latest one in --out")
     runs.add_argument("--quiet", dest="progress_bar", action="store_false", default=argparse.SUPPRESS,
                       help="no progress bar")
@@ -55,6 +57,7 @@ def _pass_through_fields():
     given: ``kallm train`` leaves them to ``--training-args`` and kallm's defaults)."""
     from transformers import TrainingArguments
 
+    from ..cli_types import positive_float, positive_int
     from .trainer import PASS_THROUGH
 
     hints = typing.get_type_hints(TrainingArguments)
@@ -68,6 +71,7 @@ def _pass_through_fields():
         for name in PASS_THROUGH
     ])
     flags._argument_group_name = "TrainingArguments fields passed through"
+    flags._valid = {"eval_steps": positive_float, "per_device_eval_batch_size": positive_int}
     return flags
 
 

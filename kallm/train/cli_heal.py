@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..cli_types import existing_path, path_or_hub_id
+
 #: the HealConfig fields set by flags written here rather than generated from the field
 MANUAL_FIELDS = ("output_dir", "resume", "progress_bar", "save_model")
 
@@ -14,16 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .heal import HealConfig
     from .options import add_flags, flag_fields
 
-    parser.add_argument("--model", required=True, help="the retrofitted model: a kallm checkpoint folder")
-    parser.add_argument("--teacher", help="the original model (default: the model the checkpoint was retrofitted "
+    parser.add_argument("--model", required=True, type=path_or_hub_id, help="the retrofitted model: a kallm checkpoint folder")
+    parser.add_argument("--teacher", type=path_or_hub_id, help="the original model (default: the model the checkpoint was retrofitted "
                                           "from, as recorded in its config)")
-    parser.add_argument("--data", help="healing data: a .txt file, chat data (.jsonl/.json/.parquet, folder, hub "
+    parser.add_argument("--data", type=path_or_hub_id, help="healing data: a .txt file, chat data (.jsonl/.json/.parquet, folder, hub "
                                        "dataset id); default: text the original model writes itself")
     parser.add_argument("--out", required=True, help="folder for metrics.jsonl, the curve, checkpoints and the "
                                                      "healed model")
     add_flags(parser, flag_fields(HealConfig, "healing", MANUAL_FIELDS))
     runs = parser.add_argument_group("run")
-    runs.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+    runs.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT", type=existing_path,
                       help="resume from CHECKPOINT, or without a value from the latest one in --out")
     runs.add_argument("--quiet", action="store_true", help="no progress bars")
 

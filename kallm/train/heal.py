@@ -36,13 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..cli_types import Number, non_negative_float, non_negative_int, positive_float, positive_int
+from ..cli_types import seed as seed_range
 from ..core.retrofit_config import read_retrofit_config
 from ..saving import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
 from ..surgery.checks import causal_lm_parts
 from ..surgery.fit import default_calibration, original_feedforward, outlier_rows, record_feedforwards
 from ..surgery.retrofit import retrofitted_blocks
 from ..surgery.trainable import POLICIES, set_trainable
-from .options import option
+from .options import check_values, option
 
 logger = logging.getLogger("kallm")
 
@@ -68,66 +70,57 @@ class HealConfig:
     output_dir: str | None = option(None, "folder for metrics.jsonl, the curve, checkpoints and the healed model "
                                           "(None writes nothing)")
     minutes: float | None = option(None, "wall-clock budget of both stages (data preparation and callbacks not "
-                                         "counted)")
-    max_steps: int | None = option(None, "end-to-end optimizer steps; with --minutes too, whichever ends first")
+                                         "counted)", positive_float)
+    max_steps: int | None = option(None, "end-to-end optimizer steps; with --minutes too, whichever ends first",
+                                   positive_int)
     trainable: str = option("retrofitted", "which parameters train end to end (a kallm.set_trainable policy)",
                             choices=POLICIES)
-    learning_rate: float = option(3e-4, "peak learning rate of the end-to-end stage", aliases=["--lr"])
-    warmup: float = option(0.05, "warmup as a share of the end-to-end stage; then cosine decay to zero at its end")
-    batch_size: int = option(4, "sequences per step and process")
-    max_length: int = option(256, "tokens per sequence")
-    temperature: float = option(1.0, "softmax temperature of both distributions in the KL")
-    ce_weight: float = option(0.0, "loss = KL * T^2 + ce_weight * next-token cross-entropy")
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0: none)")
+    learning_rate: float = option(3e-4, "peak learning rate of the end-to-end stage", positive_float, aliases=["--lr"])
+    warmup: float = option(0.05, "warmup as a share of the end-to-end stage; then cosine decay to zero at its end",
+                           Number(float, 0, 1, high_open=True))
+    batch_size: int = option(4, "sequences per step and process", positive_int)
+    max_length: int = option(256, "tokens per sequence", Number(int, 2))
+    temperature: float = option(1.0, "softmax temperature of both distributions in the KL", positive_float)
+    ce_weight: float = option(0.0, "loss = KL * T^2 + ce_weight * next-token cross-entropy", non_negative_float)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: none)", non_negative_float)
     progressive: bool = option(False, "blend each retrofitted feedforward as (1 - a) * original + a * new, a "
                                       "rising 0 -> 1")
-    progressive_fraction: float = option(0.5, "share of the end-to-end stage over which a reaches 1")
-    local_fraction: float = option(0.25, "share of --minutes the block-local stage may use (0 skips it)")
+    progressive_fraction: float = option(0.5, "share of the end-to-end stage over which a reaches 1",
+                                         Number(float, 0, 1, low_open=True))
+    local_fraction: float = option(0.25, "share of --minutes the block-local stage may use (0 skips it)",
+                                   Number(float, 0, 1, high_open=True))
     local_passes: float = option(4.0, "passes over the recorded pairs in the block-local stage (it stops at its "
-                                      "time share too)")
+                                      "time share too)", non_negative_float)
     local_tokens: int = option(32768, "tokens recorded for the block-local stage, from randomly drawn sequences "
-                                      "(8 x hidden_size bytes per token and block)")
-    local_learning_rate: float = option(1e-3, "peak learning rate of the block-local stage", aliases=["--local-lr"])
-    local_batch_rows: int = option(512, "rows per step of the block-local stage")
-    generate_tokens: int = option(8192, "tokens of text the original model writes when no data is given")
+                                      "(8 x hidden_size bytes per token and block)", positive_int)
+    local_learning_rate: float = option(1e-3, "peak learning rate of the block-local stage", positive_float,
+                                        aliases=["--local-lr"])
+    local_batch_rows: int = option(512, "rows per step of the block-local stage", positive_int)
+    generate_tokens: int = option(8192, "tokens of text the original model writes when no data is given",
+                                   positive_int)
     split: str = option("train", "split of a hub dataset")
-    limit: int | None = option(None, "use the first N rows of the data only")
+    limit: int | None = option(None, "use the first N rows of the data only", positive_int)
     cache_dir: str | None = option(None, "keep the prefix hidden states of each sequence here (safetensors) and "
                                          "reuse them in later epochs")
     bf16: bool = option(False, "bfloat16 autocast")
     fp16: bool = option(False, "float16 autocast with gradient scaling (GPU)")
-    save_steps: int = option(0, "end-to-end steps between checkpoints (0: none)")
-    logging_steps: int = option(1, "end-to-end steps between points of the curve in metrics.jsonl")
+    save_steps: int = option(0, "end-to-end steps between checkpoints (0: none)", non_negative_int)
+    logging_steps: int = option(1, "end-to-end steps between points of the curve in metrics.jsonl", positive_int)
     #: resume from this checkpoint folder, or True for the latest one in output_dir (``--resume [CHECKPOINT]``)
     resume: str | bool | None = None
-    seed: int = option(0, "seed of the data order and the block-local stage's held-out rows")
+    seed: int = option(0, "seed of the data order and the block-local stage's held-out rows", seed_range)
     #: a progress bar (``--quiet`` turns it off)
     progress_bar: bool = True
     #: write the healed model and tokenizer to output_dir (metrics, report and curve are written regardless)
     save_model: bool = True
 
     def __post_init__(self):
+        check_values(self)  # every number's range, as declared on its field
         checks = [
             (self.minutes is not None or self.max_steps is not None,
              "heal needs a budget: minutes= (wall clock) and/or max_steps= (end-to-end steps)"),
-            (self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}"),
-            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.trainable in POLICIES, f"trainable must be one of {', '.join(POLICIES)}, got {self.trainable!r}"),
-            (self.learning_rate > 0 and self.local_learning_rate > 0, "learning rates must be > 0"),
-            (0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-            (self.ce_weight >= 0, f"ce_weight must be >= 0, got {self.ce_weight}"),
-            (0 < self.progressive_fraction <= 1, f"progressive_fraction must be in (0, 1], "
-                                                 f"got {self.progressive_fraction}"),
-            (0 <= self.local_fraction < 1, f"local_fraction must be in [0, 1), got {self.local_fraction}"),
-            (self.local_passes >= 0, f"local_passes must be >= 0, got {self.local_passes}"),
-            (self.local_tokens >= 1 and self.local_batch_rows >= 1, "local_tokens and local_batch_rows must be >= 1"),
-            (self.generate_tokens >= 1, f"generate_tokens must be >= 1, got {self.generate_tokens}"),
             (not (self.bf16 and self.fp16), "choose at most one of bf16 and fp16"),
-            (self.save_steps >= 0 and self.logging_steps >= 1, "save_steps must be >= 0 and logging_steps >= 1"),
-            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
             (not (self.save_steps or self.resume) or self.output_dir, "checkpoints and resume need output_dir"),
         ]
         for ok, message in checks:
@@ -221,7 +214,7 @@ class _Layout:
         self.first = min(self.blocks)
         self.trained = _trained_names(model, policy)
         self._check_teacher_matches(model, teacher)
-        upstream = self._upstream_parameters(model)
+        upstream = {id(tensor) for tensor in self.prefix_tensors(model, self.student_blocks).values()}
         self.shared_prefix = self.first > 0 and not any(
             id(p) in upstream for name, p in model.named_parameters() if name in self.trained)
 
@@ -247,15 +240,25 @@ class _Layout:
                              f"{'; '.join(problems[:3])}{more}. Pass the original model the student was "
                              f"retrofitted from (parameters the trainable policy trains may differ)")
 
-    def _upstream_parameters(self, model) -> set[int]:
-        """Ids of parameters that act before the first retrofitted block (embeddings, prefix blocks)."""
-        downstream = {id(p) for block in self.student_blocks[self.first:] for p in block.parameters()}
-        downstream |= {id(p) for p in model.get_submodule(self.adapter.final_norm_path).parameters()}
+    def prefix_tensors(self, model, blocks) -> dict[str, torch.Tensor]:
+        """The parameters and buffers of ``model`` (whose decoder blocks are ``blocks``) that act before the first
+        retrofitted block (embeddings, prefix blocks, rotary tables), by name."""
+        downstream = [*blocks[self.first:], model.get_submodule(self.adapter.final_norm_path)]
         output = model.get_output_embeddings()
-        tied = output is not None and output.weight is model.get_input_embeddings().weight
-        if output is not None and not tied:
-            downstream |= {id(p) for p in output.parameters()}
-        return {id(p) for p in model.parameters() if id(p) not in downstream}
+        if output is not None and output.weight is not model.get_input_embeddings().weight:
+            downstream.append(output)
+        excluded = {id(t) for module in downstream for t in (*module.parameters(), *module.buffers())}
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        return {name: t for name, t in tensors.items() if id(t) not in excluded}
+
+    def prefix_digest(self, teacher) -> str:
+        """A hash of the teacher's prefix weights, which compute the shared prefix states."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.prefix_tensors(teacher, self.teacher_blocks).items()):
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
 
 def _trained_names(model, policy: str) -> set[str]:
@@ -867,8 +870,10 @@ class _PrefixCache:
         digest = hashlib.sha256()
         for sequence in healer.sequences:
             digest.update(sequence.numpy().tobytes() + b"|")
-        key = {"model": str(getattr(healer.teacher.config, "_name_or_path", "")), "first_block": healer.layout.first,
-               "data": digest.hexdigest()}
+        # the states depend on the teacher's prefix weights, not on its name: another teacher of the same name
+        # and shapes must not reuse them
+        key = {"prefix_weights": healer.layout.prefix_digest(healer.teacher), "first_block": healer.layout.first,
+               "autocast": str(healer.autocast_dtype), "data": digest.hexdigest()}
         key_file = self.folder / "cache_key.json"
         if key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) != key:
             raise ValueError(f"cache_dir {folder} holds prefix states of other data or another model; "

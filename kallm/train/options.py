@@ -6,22 +6,37 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from ..cli_types import Number, finite_float, finite_int
 
-def option(default=None, help: str = "", **argparse_options):
-    """A config field: its default, its help text and any argparse options (``aliases``, ``choices``,
+
+def option(default=None, help: str = "", valid=None, **argparse_options):
+    """A config field: its default, its help text, its valid values (a ``kallm.cli_types.Number``: the flag
+    refuses others while the command line is read, ``check_values`` when the config is made; or another argparse
+    type of ``kallm.cli_types``, for the flag only) and any argparse options (``aliases``, ``choices``,
     ``metavar``)."""
-    return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_options,
+                                                        **({"valid": valid} if valid else {})})
+
+
+def check_values(config) -> None:
+    """Raise ``ValueError`` for the first field of ``config`` whose value its ``valid`` range refuses."""
+    for f in dataclasses.fields(config):
+        if isinstance(f.metadata.get("valid"), Number):  # other checks (local paths) are the command line's
+            f.metadata["valid"].check(f.name, getattr(config, f.name))
 
 
 def flag_fields(config_class, group: str, manual: tuple[str, ...]):
     """``config_class``'s fields but the ``manual`` ones (whose flags a command writes itself), as a dataclass
     ``HfArgumentParser`` reads."""
     hints = typing.get_type_hints(config_class)
+    chosen = [f for f in dataclasses.fields(config_class) if f.name not in manual]
     flags = dataclasses.make_dataclass(f"{config_class.__name__}Flags", [
-        (f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
-        for f in dataclasses.fields(config_class) if f.name not in manual
+        (f.name, hints[f.name], dataclasses.field(
+            default=f.default, metadata={key: value for key, value in f.metadata.items() if key != "valid"}))
+        for f in chosen
     ])
     flags._argument_group_name = group
+    flags._valid = {f.name: f.metadata["valid"] for f in chosen if "valid" in f.metadata}
     return flags
 
 
@@ -29,8 +44,15 @@ def add_flags(parser, *dataclasses_):
     """Add the flags ``HfArgumentParser`` makes of ``dataclasses_`` to ``parser``."""
     from transformers import HfArgumentParser
 
+    flags = HfArgumentParser(dataclasses_, add_help=False)
+    valid = {name: check for flags_class in dataclasses_ for name, check in getattr(flags_class, "_valid", {}).items()}
+    for action in flags._actions:  # HfArgumentParser types a flag by its field's type: the range checks instead
+        if action.dest in valid:
+            action.type = valid[action.dest]
+        elif action.type in (int, float):
+            action.type = finite_int if action.type is int else finite_float
     # argparse's own way of taking over another parser's options (what parents= does)
-    parser._add_container_actions(HfArgumentParser(dataclasses_, add_help=False))
+    parser._add_container_actions(flags)
 
 
 def field_values(args, config_class) -> dict:

@@ -20,6 +20,8 @@ from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArgumen
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..cli_types import Number, fraction, non_negative_float, path_or_hub_id, positive_float, positive_int
+from ..cli_types import seed as seed_range
 from ..core.layers import is_kan_linear
 from ..core.modeling_kallm import count_parameters
 from ..data import TRUNCATION, ChatCollator, prepare_chat_dataset
@@ -30,7 +32,7 @@ from ..surgery.lora import LORA_TARGETS, lora_config
 from ..surgery.trainable import POLICIES, set_trainable
 from .chat_trainer import ChatTrainer
 from .distill import DistillationTrainer
-from .options import option
+from .options import check_values, option
 
 logger = logging.getLogger(__name__)
 
@@ -54,58 +56,60 @@ class TrainConfig:
     trainable: str | None = option(None, "which parameters train (a kallm.set_trainable policy); default: "
                                          "tail+embeddings, or with --lora the adapter alone (a policy then names "
                                          "the model weights that train besides it)", choices=POLICIES)
-    max_steps: int = option(-1, "optimizer steps; -1 trains for --epochs over the data")
-    epochs: float = option(1.0, "passes over the data when --max-steps is -1")
-    learning_rate: float = option(1e-4, "peak learning rate", aliases=["--lr"])
+    max_steps: int = option(-1, "optimizer steps; -1 trains for --epochs over the data", Number(int, 1, also=(-1,)))
+    epochs: float = option(1.0, "passes over the data when --max-steps is -1", positive_float)
+    learning_rate: float = option(1e-4, "peak learning rate", positive_float, aliases=["--lr"])
     lr_scheduler: str = option("cosine", "learning-rate schedule after warmup", aliases=["--scheduler"],
                                choices=SCHEDULERS)
-    warmup: float = option(0.03, "warmup steps, or a fraction of all steps when below 1")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    warmup: float = option(0.03, "warmup steps, or a fraction of all steps when below 1", non_negative_float)
+    weight_decay: float = option(0.0, "AdamW weight decay", non_negative_float)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: none)", non_negative_float)
     batch_size: int = option(8, "sequences per device and step; the effective batch is batch size x gradient "
-                                "accumulation x processes")
-    grad_accum: int = option(1, "gradient accumulation steps")
-    max_length: int = option(1024, "tokens per sequence")
+                                "accumulation x processes", positive_int)
+    grad_accum: int = option(1, "gradient accumulation steps", positive_int)
+    max_length: int = option(1024, "tokens per sequence", Number(int, 2))
     truncation: str = option("truncate", "what happens to conversations longer than --max-length: truncate "
                                          "them, or skip them", choices=TRUNCATION)
     packing: bool = option(False, "pack several conversations into each sequence of --max-length tokens")
     group_by_length: bool = option(False, "batch conversations of similar length together (less padding; no "
                                           "effect with --packing)")
     split: str = option("train", "split of a hub dataset")
-    limit: int | None = option(None, "train on the first N conversations only")
+    limit: int | None = option(None, "train on the first N conversations only", positive_int)
     eval_data: str | None = option(None, "held-out chat data scored during training (eval_loss): a file, folder "
-                                         "or hub dataset id like --data")
+                                         "or hub dataset id like --data", path_or_hub_id)
     eval_split: str = option("test", "split of a hub dataset given as --eval-data")
     eval_fraction: float = option(0.0, "share of the training conversations held out for evaluation instead of "
-                                       "--eval-data (0: none)")
+                                       "--eval-data (0: none)", Number(float, 0, 1, high_open=True))
     early_stopping_patience: int | None = option(None, "stop after this many evaluations without a lower "
                                                        "eval_loss, and keep the best checkpoint (needs "
-                                                       "evaluation data)")
-    distill_alpha: float = option(0.5, "with a teacher: weight of the KL term; 1 - alpha weighs cross-entropy")
-    distill_temperature: float = option(2.0, "with a teacher: softmax temperature of both distributions")
+                                                       "evaluation data)", positive_int)
+    distill_alpha: float = option(0.5, "with a teacher: weight of the KL term; 1 - alpha weighs cross-entropy",
+                                  fraction)
+    distill_temperature: float = option(2.0, "with a teacher: softmax temperature of both distributions",
+                                        positive_float)
     bf16: bool = option(False, "bfloat16 mixed precision")
     fp16: bool = option(False, "float16 mixed precision (GPU)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    save_steps: int = option(500, "steps between checkpoints (and evaluations, unless --eval_steps says)")
-    save_total_limit: int | None = option(2, "checkpoints kept, oldest deleted first (None keeps all)")
-    logging_steps: int = option(10, "steps between log lines in metrics.jsonl")
-    seed: int = option(42, "random seed of initialisation, data order and dropout")
+    save_steps: int = option(500, "steps between checkpoints (and evaluations, unless --eval_steps says)", positive_int)
+    save_total_limit: int | None = option(2, "checkpoints kept, oldest deleted first (None keeps all)", positive_int)
+    logging_steps: int = option(10, "steps between log lines in metrics.jsonl", positive_int)
+    seed: int = option(42, "random seed of initialisation, data order and dropout", seed_range)
     #: resume from this checkpoint folder, or True for the latest one in output_dir (``--resume [CHECKPOINT]``)
     resume: str | bool | None = None
-    num_proc: int | None = option(None, "processes for tokenization (datasets.map)")
+    num_proc: int | None = option(None, "processes for tokenization (datasets.map)", positive_int)
     #: a progress bar (``--quiet`` turns it off)
     progress_bar: bool = True
     #: other ``TrainingArguments`` fields, passed through: report_to, eval_strategy, optim, torch_compile,
     #: deepspeed, fsdp, push_to_hub, ... (``kallm train --training-args FILE`` or the flags of ``PASS_THROUGH``)
     training_arguments: dict = field(default_factory=dict)
     lora_rank: int | None = option(None, "train a PEFT adapter of this rank (LoRA, or see --adapter) instead of the "
-                                         "model's weights; --out receives the adapter (see kallm.lora_config)",
+                                         "model's weights; --out receives the adapter (see kallm.lora_config)", positive_int,
                                    aliases=["--lora"], metavar="RANK")
     adapter: str = option("lora", "with --lora: the adapter type, LoRA's low-rank update or a KAN adapter (a small "
                                   "KAN between a down- and an up-projection; kallm.kan_adapter_config); a KAN "
                                   "adapter cannot be merged", choices=ADAPTER_TYPES)
-    lora_alpha: float = option(16.0, "adapter scaling numerator: updates are scaled by alpha / rank")
-    lora_dropout: float = option(0.0, "dropout on the adapter's input")
+    lora_alpha: float = option(16.0, "adapter scaling numerator: updates are scaled by alpha / rank", positive_float)
+    lora_dropout: float = option(0.0, "dropout on the adapter's input", Number(float, 0, 1, high_open=True))
     lora_targets: str | None = option(None, "layers that take the adapter: KAN layers, attention projections, "
                                             "MLP projections (mlp) or KAN layers and attention (all) "
                                             "(kallm.lora_targets); default: all on a model with KAN layers, "
@@ -114,9 +118,10 @@ class TrainConfig:
                                 "OUT/merged")
     degree_stages: list[int] | None = option(None, "train in stages of rising KAN degree (e.g. 1 2 3): max_steps "
                                                    "split evenly, the KAN layers converted exactly between stages "
-                                                   "(kallm.train.curriculum)", metavar="DEGREE")
+                                                   "(kallm.train.curriculum)", positive_int, metavar="DEGREE")
 
     def __post_init__(self):
+        check_values(self)  # every number's range, as declared on its field
         checks = [
             (self.trainable is None or self.trainable in POLICIES,
              f"trainable must be one of {', '.join(POLICIES)}, got {self.trainable!r}"),
@@ -125,27 +130,9 @@ class TrainConfig:
             (self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, "
                                               f"got {self.lr_scheduler!r}"),
             (not (self.bf16 and self.fp16), "choose at most one of bf16 and fp16"),
-            (0.0 <= self.distill_alpha <= 1.0, f"distill_alpha must be in [0, 1], got {self.distill_alpha}"),
-            (self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}"),
-            (self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.max_steps == -1 or self.max_steps >= 1, f"max_steps must be >= 1 (or -1), got {self.max_steps}"),
-            (self.max_steps != -1 or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
-            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
-            (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
-            (self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1"),
-            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
-            (0.0 <= self.eval_fraction < 1.0, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
             (not (self.eval_data and self.eval_fraction), "give eval_data or eval_fraction, not both"),
-            (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
-             f"early_stopping_patience must be >= 1, got {self.early_stopping_patience}"),
             (self.early_stopping_patience is None or self.eval_data or self.eval_fraction,
              "early stopping compares evaluations: give eval_data or eval_fraction too"),
-            (self.lora_rank is None or (isinstance(self.lora_rank, int) and self.lora_rank >= 1),
-             f"lora_rank must be a positive integer, got {self.lora_rank!r}"),
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
-            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
             (self.lora_targets is None or self.lora_targets in LORA_TARGETS,
              f"lora_targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}"),
             (self.adapter in ADAPTER_TYPES, f"adapter must be one of {', '.join(ADAPTER_TYPES)}, got {self.adapter!r}"),
