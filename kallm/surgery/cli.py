@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--form", default="kan", choices=FORMS,
                         help="kan: a KAN feedforward; glu: the MLP keeps its projections and gains learnable "
                              "functions that start at zero, so the model starts exactly at the original")
-    parser.add_argument("--function-groups", type=int,
+    parser.add_argument("--function-groups", type=positive_int,
                         help="--form glu: channels share functions in this many groups (default: one per channel)")
     parser.add_argument("--init", default="random", choices=INITS,
                         help="fit: start each KAN feedforward fitted to the MLP it replaces (see docs/fit-init.md)")
