@@ -1,13 +1,14 @@
 """``kallm demo``: the main job, end to end on the bundled SmolLM2-135M-Instruct, offline.
 
 1. Generate chat data with the original model (its replies to prompts kallm ships).
-2. Retrofit the last 5 blocks, by default with function-preserving init fitted on the
-   generated training conversations.
+2. Retrofit the last 5 blocks: once with ``form="glu"`` (the MLPs kept, zero-initialised functions added, so
+   it computes exactly what the original did), and with the research's form, by default with
+   function-preserving init fitted on the generated training conversations.
 3. Heal with ``kallm.heal`` for a fixed budget (2 minutes by default): block-local training of
    each new feedforward, then distillation from the original through the retrofitted tail.
 4. Measure perplexity and chat loss on held-out generated conversations (and WikiText /
    a BBH subset when ``--text`` / ``--bbh-dir`` or ``$KALLM_DATA_DIR`` provide them)
-   for the original, the fitted and the healed model.
+   for the original, the exact start, the fitted and the healed model.
 5. Save, reload in a fresh Python process through ``AutoModelForCausalLM`` with
    ``trust_remote_code=True``, and reply to a prompt.
 """
@@ -206,8 +207,14 @@ def run(args) -> int:
     held_out = write_jsonl(data[:args.held_out], out / "generated_held_out.jsonl")
     rows = {"original": measure(original, tokenizer, held_out, args)}
 
-    print(f"[3/6] Retrofitting the last {args.last_n} blocks ({args.basis}, degree {args.degree}, "
-          f"{args.init} init) ...", flush=True)
+    print(f"[3/6] Retrofitting the last {args.last_n} blocks: first form='glu' (the MLPs kept, zero functions "
+          f"added: the exact start), then the research's form ({args.basis}, degree {args.degree}, {args.init} "
+          f"init) ...", flush=True)
+    # the glu form puts one basis on each channel: the first stage of a chained spec ("a>b")
+    exact_start = retrofit(copy.deepcopy(original), last_n=args.last_n, basis=args.basis.split(">")[0],
+                           degree=args.degree, form="glu")
+    rows["retrofitted (form=glu, exact start)"] = measure(exact_start, tokenizer, held_out, args)
+    del exact_start
     calibration = None
     if args.init == "fit":
         calibration = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in data[args.held_out:]]

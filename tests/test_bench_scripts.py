@@ -243,3 +243,29 @@ def test_reports_name_data_by_kallm_data_dir_not_by_this_machines_folders(tmp_pa
                         str(tmp_path / "r.json"), str(tmp_path / "r.md"))
     assert json.loads((tmp_path / "r.json").read_text()) == {"data": "${KALLM_DATA_DIR}/chat/test.jsonl"}
     assert (tmp_path / "r.md").read_text() == "data: ${KALLM_DATA_DIR}/text.raw\n"
+
+
+def test_bench_finetune_trains_each_arm_in_its_own_process_and_writes_its_table(tmp_path, data_dir):
+    folder, text, out_json, out_md = fit_bench_inputs(tmp_path)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join((data_dir / "chat/hh_rlhf_helpful/test.jsonl").read_text(encoding="utf-8")
+                            .splitlines(True)[:8]))
+    code = load_script("bench_finetune").main([
+        "--model", str(folder), "--arms", "untouched,glu-last5,lora-matched,full-mlp", "--last-blocks", "2",
+        "--train-data", str(chat), "--eval-data", str(chat), "--eval-limit", "4", "--train-limit", "8",
+        "--text", str(text), "--perplexity-tokens", "100", "--bbh-dir", str(data_dir / "bbh/bbh"),
+        "--bbh-tasks", "navigate", "--bbh-limit", "2", "--steps", "2", "--batch-size", "2", "--max-length", "64",
+        "--lrs", "1e-3", "--json", str(out_json), "--markdown", str(out_md)])
+    assert code == 0
+    runs = {row["arm"]: row for row in json.loads(out_json.read_text())["runs"]}
+    assert list(runs) == ["untouched", "glu-last5", "lora-matched", "full-mlp"]
+    # tiny Llama: hidden 32, intermediate 64; cheby2 degree 2 gives each channel's function 2 + 2 parameters
+    functions = 2 * (2 * 64 * 4)
+    assert runs["glu-last5"]["trainable_parameters"] == functions
+    per_rank = 2 * 3 * (32 + 64)  # gate, up, down of 2 blocks
+    assert runs["lora-matched"]["trainable_parameters"] == round(functions / per_rank) * per_rank
+    assert runs["full-mlp"]["trainable_parameters"] == 2 * 3 * 32 * 64 + functions
+    assert runs["untouched"]["trainable_parameters"] == 0 and runs["untouched"]["seconds_per_step"] is None
+    for row in runs.values():
+        assert row["chat_loss"] > 0 and row["perplexity"] > 1 and 0 <= row["bbh"] <= 1 and row["peak_rss_mb"] > 0
+    assert "| glu-last5 | 0.001 | 1,024 |" in out_md.read_text()

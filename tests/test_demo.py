@@ -22,7 +22,9 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     assert code == 0
     printed = capsys.readouterr().out
     rows = json.loads((out / "demo_results.json").read_text())
-    assert list(rows) == ["original", "retrofitted (fit init)", "healed (kallm.heal)"]
+    assert list(rows) == ["original", "retrofitted (form=glu, exact start)", "retrofitted (fit init)",
+                          "healed (kallm.heal)"]
+    assert rows["retrofitted (form=glu, exact start)"] == rows["original"]  # it computes what the original did
     assert "2 steps, " in printed and (out / "heal" / "heal_curve.png").is_file()
     assert "fit relative error per block: 2: " in printed
     assert all(row["chat_loss"] > 0 for row in rows.values())
