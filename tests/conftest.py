@@ -77,11 +77,50 @@ TINY_CONFIGS = {
 }
 
 
+#: the start of a script for a fresh interpreter in which importing kallm fails, so that only the code saved beside
+#: a checkpoint can be used (what a user without kallm has)
+BLOCK_KALLM = r"""
+import importlib.abc, sys
+class BlockKallm(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "kallm" or name.startswith("kallm."):
+            raise ImportError("kallm is blocked in this process")
+sys.meta_path.insert(0, BlockKallm())
+"""
+
+
 def tiny_model(model_type: str, seed: int = 0):
     """A randomly initialised 3-block causal LM of ``model_type`` in float32, eval mode."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type]())
     return model.eval()
+
+
+def check_adapter_refused_on_other_kan_blocks(folder, logits_of, adapted_logits) -> None:
+    """The adapter saved in ``folder`` (LoRA or KAN adapter, with parts on the KAN layers of a tiny Llama retrofitted
+    in blocks 1 and 2, whose logits were ``adapted_logits``) is refused on a base retrofitted elsewhere, naming the
+    blocks on each side, by every loader, and loads exactly on a base retrofitted alike."""
+    import json
+
+    import peft
+
+    other = lambda: kallm.retrofit(tiny_model("llama"), blocks=[0, 1]).eval()  # noqa: E731
+    mismatch = (r"the adapter.* holds parts for KAN layers in blocks \[1, 2\], but this model has KAN feedforwards in "
+                r"blocks \[0, 1\]: the parts for blocks \[2\] would be dropped")
+    for load in (kallm.load_adapter, peft.PeftModel.from_pretrained):
+        with pytest.raises(ValueError, match=mismatch):
+            load(other(), folder)
+    with pytest.raises(ValueError, match=r"in blocks \[1, 2\], but this model has KAN feedforwards in blocks none"):
+        kallm.load_adapter(tiny_model("llama"), folder)
+    # PEFT shortens long target lists to suffixes without block indices; the adapter's weights still name them
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.layers.0", "mlp.layers.1"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=mismatch):
+        kallm.load_adapter(other(), folder)
+    same_blocks = kallm.retrofit(tiny_model("llama"), blocks=[1, 2]).eval()
+    torch.testing.assert_close(logits_of(kallm.load_adapter(same_blocks, folder)), adapted_logits, rtol=0, atol=0)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import TINY_CONFIGS, make_tiny_tokenizer, tiny_model
+from conftest import BLOCK_KALLM, TINY_CONFIGS, make_tiny_tokenizer, tiny_model
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 import kallm
@@ -92,13 +92,8 @@ def test_a_classifier_extends_and_refuses_like_a_causal_lm():
     assert (recorded.kind, recorded.blocks) == ("linear", [2])
 
 
-FRESH_PROCESS = r"""
-import importlib.abc, json, sys
-class BlockKallm(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "kallm" or name.startswith("kallm."):
-            raise ImportError("kallm is blocked in this process")
-sys.meta_path.insert(0, BlockKallm())
+FRESH_PROCESS = BLOCK_KALLM + r"""
+import json
 import torch
 import transformers
 request = json.loads(sys.argv[1])

@@ -11,21 +11,14 @@ import subprocess
 import sys
 
 import torch
-from conftest import make_tiny_tokenizer
+from conftest import BLOCK_KALLM, make_tiny_tokenizer
 from test_eval_bbh import TOY, chat_model
 
 import kallm
 from kallm.eval import bbh
 
-HARNESS_LIKE = r"""
-import importlib.abc, json, sys
-
-class BlockKallm(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "kallm" or name.startswith("kallm."):
-            raise ImportError("kallm is blocked in this process")
-
-sys.meta_path.insert(0, BlockKallm())
+HARNESS_LIKE = BLOCK_KALLM + r"""
+import json
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

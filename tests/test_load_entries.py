@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, make_tiny_tokenizer, tiny_model
+from conftest import BLOCK_KALLM, TINY_CONFIGS, make_tiny_tokenizer, tiny_model
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
 
@@ -134,13 +134,8 @@ def test_each_entry_point_loads_each_kind_of_folder_exactly(saved, kind, entry):
 
 
 # Runs in a fresh interpreter where importing kallm fails: only the code saved in each folder can be used.
-WITHOUT_KALLM = r"""
-import importlib.abc, json, sys
-class BlockKallm(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "kallm" or name.startswith("kallm."):
-            raise ImportError("kallm is blocked in this process")
-sys.meta_path.insert(0, BlockKallm())
+WITHOUT_KALLM = BLOCK_KALLM + r"""
+import json
 import torch, transformers
 from peft import AutoPeftModelForCausalLM
 request = json.loads(sys.argv[1])
