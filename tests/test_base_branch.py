@@ -115,6 +115,20 @@ def test_the_init_stays_variance_preserving_and_shares_the_variance_with_the_bas
         assert 0.4 < float(branch.var()) < 0.6
 
 
+def test_a_feedforward_with_branches_compiles_as_one_graph_and_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = KANFeedForward(16, 24, "cheby2", base="silu")
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    eager_y = model(x)
+    eager_grads = torch.autograd.grad(eager_y.square().sum(), [x, *model.parameters()])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break fails
+    compiled_y = compiled(x)
+    compiled_grads = torch.autograd.grad(compiled_y.square().sum(), [x, *model.parameters()])
+    for actual, expected in zip([compiled_y, *compiled_grads], [eager_y, *eager_grads]):
+        torch.testing.assert_close(actual, expected)
+
+
 def test_parameter_counts_include_the_branch_and_match_the_built_modules():
     for base in (None, *BRANCHES):
         layer = KANLinear(12, 7, "rational", 3, base=base)
@@ -307,3 +321,14 @@ def test_the_cli_retrofits_with_a_branch_and_refuses_an_unknown_one(tmp_path, ca
     assert exit_info.value.code == 2
     assert "kallm retrofit: error: argument --base: invalid choice: 'relu' (choose from 'silu', 'linear')" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_onnx_export_of_a_model_with_branches_matches_pytorch(tmp_path):
+    from kallm.onnx_export import ONNX_PACKAGES, check_onnx
+
+    for package in ONNX_PACKAGES:
+        pytest.importorskip(package, reason=f"{package} is not installed (pip install 'kallm[onnx]')")
+    model = kallm.retrofit(tiny_model("llama"), blocks={1: {"base": "linear"}, 2: {}}, base="silu")
+    folder = kallm.export_onnx(model, tmp_path / "onnx")
+    check = check_onnx(model, folder, IDS[:1], new_tokens=2)
+    assert check.tokens_match and check.max_logit_diff < 1e-4

@@ -441,7 +441,7 @@ def test_a_broken_schema_version_1_config_is_refused_in_its_own_terms(saved, tmp
 
 def test_newer_schema_version_is_refused_with_a_clear_error(saved):
     with pytest.raises(ValueError, match=r"schema_version is 99, but the installed kallm code only understands "
-                                         r"versions up to 3; upgrade kallm"):
+                                         r"versions up to 4; upgrade kallm"):
         AutoModelForCausalLM.from_pretrained(saved["llama-newer-schema"][0])
 
 
