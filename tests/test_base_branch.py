@@ -64,6 +64,15 @@ def test_the_branch_adds_its_matrix_times_the_function_of_the_raw_input(base):
 
 
 @pytest.mark.parametrize("base", BRANCHES)
+def test_the_textbook_reference_copies_the_branch(base):
+    from kallm.reference import ReferenceKANLinear
+
+    layer = KANLinear(6, 5, "legendre", 3, base=base)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(ReferenceKANLinear(layer)(x), layer(x))
+
+
+@pytest.mark.parametrize("base", BRANCHES)
 def test_gradients_reach_the_branch_and_the_input_exactly(base):
     layer = KANLinear(5, 3, base=base, dtype=torch.float64)
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
@@ -332,3 +341,28 @@ def test_onnx_export_of_a_model_with_branches_matches_pytorch(tmp_path):
     folder = kallm.export_onnx(model, tmp_path / "onnx")
     check = check_onnx(model, folder, IDS[:1], new_tokens=2)
     assert check.tokens_match and check.max_logit_diff < 1e-4
+
+
+def test_lora_on_layers_with_branches_adapts_the_coefficients_and_keeps_the_branch():
+    import peft
+
+    model = kallm.retrofit(tiny_model("llama"), last_n=2, base="silu")
+    expected = logits(model)
+    model = peft.get_peft_model(model, kallm.lora_config(model, "kan", r=4, lora_dropout=0.5)).eval()
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)  # a fresh adapter changes nothing
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    adapted = logits(model)
+    layer = model.get_base_model().model.layers[2].mlp.layers[0]
+    x = torch.randn(2, 4, layer.get_base_layer().in_features)
+    with torch.no_grad():
+        eval_output = layer(x)
+        layer.train()
+        layer.lora_dropout["default"].eval()  # the training path, with dropout itself off
+        torch.testing.assert_close(layer(x), eval_output)
+        layer.eval()
+    merged = model.merge_and_unload()
+    assert all(layer.base == "silu" for layer in kan_layers(merged))
+    torch.testing.assert_close(logits(merged), adapted, rtol=0, atol=0)

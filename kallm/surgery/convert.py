@@ -145,12 +145,13 @@ def _convert_layer(layer, basis: str, degree: int, basis_options: dict):
     weight = layer.weight
     new = KANLinear(
         layer.in_features, layer.out_features, basis, degree, input_map=layer.input_map,
-        bias=layer.bias is not None, base=layer.base, device=weight.device, dtype=weight.dtype, **basis_options,
+        bias=layer.bias is not None, base=getattr(layer, "base", None), device=weight.device, dtype=weight.dtype,
+        **basis_options,
     )
     if layer.input_scale is not None:
         new.input_scale.copy_(layer.input_scale)
         new.input_shift.copy_(layer.input_shift)
-    if layer.base_weight is not None:
+    if new.base_weight is not None:
         new.base_weight.copy_(layer.base_weight)
     if new.basis.describe() == layer.basis.describe():
         new.load_state_dict(layer.state_dict())
