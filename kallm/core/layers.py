@@ -79,7 +79,7 @@ class KANLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, self.basis.num_features * in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.base_weight = nn.Parameter(torch.empty(out_features, in_features, **factory)) if base else None
+        self.base_weight = nn.Parameter(torch.empty(out_features, in_features, **factory)) if base is not None else None
         if input_map == "affine":
             self.input_scale = nn.Parameter(torch.empty(in_features, **factory))
             self.input_shift = nn.Parameter(torch.empty(in_features, **factory))
@@ -257,7 +257,7 @@ def check_base(base, owner: str = "base") -> None:
                          f"{', '.join(repr(name) for name in BASE_BRANCHES)}")
 
 
-def _check_layer_arguments(in_features, out_features, input_map, bias, base=None):
+def _check_layer_arguments(in_features, out_features, input_map, bias, base):
     _check_size("in_features", in_features)
     _check_size("out_features", out_features)
     if not isinstance(input_map, str) or input_map not in INPUT_MAPS:

@@ -156,7 +156,8 @@ class RetrofitConfig:
     @classmethod
     def from_dict(cls, data, base_model_type: str | None = None) -> RetrofitConfig:
         """The config a ``kan_config`` dict describes, checked field by field; dicts of older schema versions (1:
-        kallm before ``RetrofitConfig``; 2: before ``form``; 3: before ``base``) are upgraded. A saved config must be complete (see ``check_complete``).
+        kallm before ``RetrofitConfig``; 2: before ``form``; 3: before ``base``) are upgraded. A saved config must
+        be complete (see ``check_complete``).
         ``base_model_type``, when given, is the family the config must belong to."""
         if not isinstance(data, dict):
             raise ValueError(f"kan_config must be a dict (a JSON object) or null, got {data!r}")
