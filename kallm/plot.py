@@ -1,7 +1,8 @@
 """``kallm plot``: draw the learned univariate functions of a KAN layer.
 
 Every edge (input i -> output o) of a ``KANLinear`` is a function
-``f_io(x) = sum_k w_oik * phi_k(t_i(x))``; plotting the strongest edges shows what a
+``f_io(x) = sum_k w_oik * phi_k(t_i(x))`` (plus ``v_oi * silu(x)`` or ``v_oi * x`` with a base
+branch); plotting the strongest edges shows what a
 retrofitted block has learned.
 """
 
@@ -42,12 +43,18 @@ def edge_functions(layer: KANLinear, edges: list[tuple[int, int]], points: int =
     ys = []
     for i, o in edges:
         ys.append(sum(weight[o, k, i] * values[k][:, i] for k in range(len(values))))
-    return x, torch.stack(ys)
+    y = torch.stack(ys)
+    if layer.base_weight is not None:
+        branch = torch.nn.functional.silu(x) if layer.base == "silu" else x
+        y = y + layer.base_weight.detach().double()[[o for _, o in edges], inputs].unsqueeze(-1) * branch
+    return x, y
 
 
 def strongest_edges(layer: KANLinear, count: int) -> list[tuple[int, int]]:
-    """The ``count`` edges whose coefficient vectors have the largest norm."""
+    """The ``count`` edges whose coefficient vectors (with the base branch's weight) have the largest norm."""
     weight = layer.weight.detach().float().view(layer.out_features, -1, layer.in_features)
+    if layer.base_weight is not None:
+        weight = torch.cat([weight, layer.base_weight.detach().float().unsqueeze(1)], 1)
     norms = weight.norm(dim=1)  # (out, in)
     top = norms.flatten().topk(min(count, norms.numel())).indices
     return [(int(index % layer.in_features), int(index // layer.in_features)) for index in top]

@@ -55,13 +55,17 @@ class ReferenceKANLinear(nn.Module):
         self.input_scale = _copy(layer.input_scale)
         self.input_shift = _copy(layer.input_shift)
         self.basis_parameters = nn.ParameterList([_copy(p) for p in layer.basis_parameters])
+        self.base, self.base_weight = layer.base, _copy(layer.base_weight)
 
     def forward(self, x):
         leading = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
         y = reference_kan_linear(
-            x.reshape(-1, self.in_features), self.coefficients, self.bias, self.input_scale, self.input_shift,
-            self.basis, list(self.basis_parameters),
+            flat, self.coefficients, self.bias, self.input_scale, self.input_shift, self.basis,
+            list(self.basis_parameters),
         )
+        if self.base_weight is not None:
+            y = y + nn.functional.linear(nn.functional.silu(flat) if self.base == "silu" else flat, self.base_weight)
         return y.reshape(*leading, self.out_features)
 
 

@@ -40,6 +40,7 @@ CASES.update({
     "gpt2-rational": ("gpt2", {"blocks": [0, 2], "basis": "rational", "denominator_degree": 2}),
     "llama-per-block": ("llama", {"blocks": {1: {"basis": "legendre", "degree": 3}, 2: {"intermediate_size": 12}}}),
     "qwen2-gegenbauer-tanh": ("qwen2", {"last_n": 1, "basis": "gegenbauer", "alpha": 0.5, "input_map": "tanh"}),
+    "llama-base-branches": ("llama", {"blocks": {1: {"base": "linear"}, 2: {}}, "base": "silu"}),
 })
 TOKENIZER_CASE = "llama"
 
@@ -145,7 +146,7 @@ def test_saved_folder_holds_safetensors_config_code_and_card(saved, name):
     assert config["architectures"] == [model_class]
     assert config["model_type"] == type(model.config).model_type
     assert config["kan_config"] == model.config.kan_config
-    assert config["kan_config"]["schema_version"] == 3
+    assert config["kan_config"]["schema_version"] == 4
 
 
 def test_each_retrofitted_class_names_its_family_and_shares_one_init(saved):
@@ -379,7 +380,7 @@ CORRUPTED = {
     "schema-version-true": (_kan("schema_version", True), r"no integer schema_version >= 1 \(got True\)"),
     "schema-version-zero": (_kan("schema_version", 0), r"no integer schema_version >= 1 \(got 0\)"),
     "not-a-dict": (_replace_kan_config("layers"), r"kan_config must be a dict \(a JSON object\) or null, got 'layers'"),
-    "unknown-key": (_add_kan_key, r"kan_config has unknown keys \['activation'\] for schema_version 3"),
+    "unknown-key": (_add_kan_key, r"kan_config has unknown keys \['activation'\] for schema_version 4"),
     "blocks-strings": (_kan("blocks", ["1"]), r"block indices must be integers, got '1'"),
     "blocks-unsorted": (_kan("blocks", [2, 1]), r"kan_config.blocks must be a non-empty, sorted list of distinct "
                                                 r"non-negative block indices, got \[2, 1\]"),
@@ -499,7 +500,7 @@ def test_a_schema_version_1_checkpoint_loads_and_is_read_in_todays_schema(saved,
     # read in today's schema; init was not recorded before version 2
     assert loaded.config.kan_config == {**model.config.kan_config, "init": None}
     loaded.save_pretrained(tmp_path / "resaved")
-    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["kan_config"]["schema_version"] == 3
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["kan_config"]["schema_version"] == 4
 
 
 @pytest.mark.parametrize(
@@ -524,7 +525,7 @@ def test_a_broken_schema_version_1_config_is_refused_in_its_own_terms(saved, tmp
 
 def test_newer_schema_version_is_refused_with_a_clear_error(saved):
     with pytest.raises(ValueError, match=r"schema_version is 99, but the installed kallm code only understands "
-                                         r"versions up to 3; upgrade kallm"):
+                                         r"versions up to 4; upgrade kallm"):
         AutoModelForCausalLM.from_pretrained(saved["llama-newer-schema"][0])
 
 
@@ -623,7 +624,7 @@ def run_fresh_processes(requests: dict, tmp_path) -> dict:
 
 # saved folders every load path must refuse -> what the error says
 REFUSED_IN_FRESH_PROCESSES = {
-    "llama-newer-schema": "schema_version is 99, but the installed kallm code only understands versions up to 3; "
+    "llama-newer-schema": "schema_version is 99, but the installed kallm code only understands versions up to 4; "
                           "upgrade kallm",
     "llama-kan-weight-dropped": "1 tensors the config describes are missing from the weights: "
                                 "model.layers.2.mlp.layers.0.weight.",

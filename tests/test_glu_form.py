@@ -274,7 +274,7 @@ def test_a_fresh_process_without_kallm_loads_the_glu_form_with_trust_remote_code
 
 def test_an_older_kan_config_of_schema_version_2_is_read_as_form_kan():
     kan = kallm.retrofit(tiny_model("llama"), last_n=1).config.kan_config
-    version_2 = {key: value for key, value in kan.items() if key not in ("form", "function_groups", "mlp_layout")}
+    version_2 = {key: value for key, value in kan.items() if key not in ("form", "function_groups", "mlp_layout", "base")}
     version_2["schema_version"] = 2
     assert kallm.RetrofitConfig.from_dict(version_2).to_dict() == kan
 

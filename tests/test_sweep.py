@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kallm.cli import main
 from kallm.experiment import ARM_NAME
-from kallm.sweep import expand_grid, load_sweep, pareto_front, run_sweep, select
+from kallm.sweep import arm_settings, expand_grid, load_sweep, pareto_front, run_sweep, select
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,12 +210,18 @@ def test_the_agnews_config_loads_with_every_arm_the_issue_asks_for(monkeypatch, 
 
     monkeypatch.setenv("KALLM_DATA_DIR", str(tmp_path))
     config = load_sweep(Path(__file__).resolve().parent.parent / "configs" / "sweep-agnews.yaml")
-    assert len(config.arms) == 13 + 10 + 4 + 3 and config.seeds == [0, 1, 2]
+    assert len(config.arms) == 13 + 10 + 4 + 3 + 3 and config.seeds == [0, 1, 2]
     kinds = [settings.get("kind", "kan") for settings in config.arms.values()]
     assert kinds.count("linear") == 1 and kinds.count("mlp") == 1
     assert sum("+" in settings.get("basis", "") for settings in config.arms.values()) == 2
     assert sum(">" in settings.get("basis", "") for settings in config.arms.values()) == 2
     assert config.arms["fully-kan-cheby2-d2"]["last_n"] == 3 == config.shrink["num_blocks"]
+    branches = {name: settings["base"] for name, settings in config.arms.items() if "base" in settings}
+    assert branches == {"base-silu-cheby2-d2": "silu", "base-linear-cheby2-d2": "linear",
+                        "fully-kan-base-silu-cheby2-d2": "silu"}
+    assert config.arms["fully-kan-base-silu-cheby2-d2"]["last_n"] == 3
+    for name in branches:  # the settings reach retrofit as a field, not a basis option
+        assert arm_settings(config, name)["base"] == branches[name]
 
 
 def test_a_tokenizer_without_pad_or_eos_token_is_refused_before_anything_is_written(workspace, monkeypatch):

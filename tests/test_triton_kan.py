@@ -232,6 +232,29 @@ def test_kan_linear_dispatches_kernel_bases_to_the_fused_op(triton_kan, fused_on
 
 
 @needs_triton
+@pytest.mark.parametrize("base", ["silu", "linear"])
+def test_a_base_branch_runs_beside_the_fused_op_with_the_plain_ops_results(triton_kan, fused_on_cpu, monkeypatch,
+                                                                          base):
+    calls = []
+    fused = triton_kan.fused_kan_linear
+    monkeypatch.setattr(triton_kan, "fused_kan_linear", lambda *a: calls.append(a[-1]) or fused(*a))
+    torch.manual_seed(0)
+    layer = KANLinear(10, 6, "cheby2", base=base).to(DEVICE)
+    x = torch.randn(7, 10, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    assert calls  # the basis part took the kernels
+    y.square().sum().backward()
+    fused_grads = [x.grad.clone(), layer.weight.grad.clone(), layer.base_weight.grad.clone()]
+    x.grad = None
+    layer.zero_grad()
+    monkeypatch.setattr(kan_function, "FUSED_DEVICE_TYPES", ())  # now the plain op
+    expected = layer(x)
+    expected.square().sum().backward()
+    _assert_close([y, *fused_grads], [expected, x.grad, layer.weight.grad, layer.base_weight.grad], 1e-5,
+                  ["grad_x", "grad_weight", "grad_base_weight"])
+
+
+@needs_triton
 def test_compiled_feedforward_has_one_graph_and_matches_eager(triton_kan, fused_on_cpu, monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(kan_function, "_triton_kernels", [])  # the kernels are first looked for while tracing

@@ -135,10 +135,16 @@ class Basis:
         # On CPU even inside a meta-device context (transformers builds models under one in
         # from_pretrained), since the result must be a real number.
         with torch.device("cpu"):
-            z = math.sqrt(2.0) * torch.erfinv(torch.linspace(-1.0, 1.0, 4003, dtype=torch.float64)[1:-1])
-            t = torch.tanh(z).unsqueeze(-1)
+            t = torch.tanh(standard_normal_quantiles()).unsqueeze(-1)
             params = [p.to(torch.float64) for p in self.initial_parameters(1)]
             return float(sum(v.pow(2).mean() for v in self.values(t, params)))
+
+
+def standard_normal_quantiles() -> torch.Tensor:
+    """4001 evenly spaced quantiles of ``N(0, 1)`` (float64, on CPU): the mean of ``f`` over them is ``E[f(z)]``
+    to the precision the variance-preserving inits need."""
+    with torch.device("cpu"):
+        return math.sqrt(2.0) * torch.erfinv(torch.linspace(-1.0, 1.0, 4003, dtype=torch.float64)[1:-1])
 
 
 # --------------------------------------------------------------------------- polynomials

@@ -196,6 +196,67 @@ def _autograd_recompute(basis, t, basis_params, grad_blocks, need_t, needs_param
     return features, grad_t, param_grads
 
 
+#: what a KAN layer's base branch applies to its input before its matrix: ``silu(x)``, or ``x`` itself
+BASE_BRANCHES = ("silu", "linear")
+
+
+def _branch_input(x, activation):
+    """``silu(x)`` in the math dtype, or ``x`` itself."""
+    return torch.nn.functional.silu(x.to(_math_dtype(x))) if activation == "silu" else x
+
+
+class BaseBranchFunction(torch.autograd.Function):
+    """``silu(x) @ weight.T`` (or ``x @ weight.T``) saving only ``x`` and the weight for backward.
+
+    Plain autograd on ``F.linear(F.silu(x), weight)`` would also keep ``silu(x)`` (and, under autocast, a
+    low-precision copy of the input) alive until backward. ``x`` is the tensor the fused op saves anyway, so the
+    branch adds no activation memory; backward recomputes ``silu(x)``, one elementwise pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, activation: str):
+        compute_dtype = _compute_dtype(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            # (N, I) @ (I, O) -> (N, O)
+            y = _matmul(_branch_input(x, activation).to(compute_dtype), weight.to(compute_dtype).t()).contiguous()
+        ctx.activation, ctx.compute_dtype = activation, compute_dtype
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        dtype, activation = ctx.compute_dtype, ctx.activation
+        grad_x = grad_weight = None
+        with torch.autocast(x.device.type, enabled=False):
+            grad_y = grad_y.to(dtype)  # (N, O)
+            if ctx.needs_input_grad[1]:
+                # dL/dweight = dL/dy^T @ silu(x): (O, N) @ (N, I) -> (O, I)
+                grad_weight = _matmul(grad_y.t(), _branch_input(x, activation).to(dtype)).to(weight.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_input = _matmul(grad_y, weight.to(dtype))  # dL/dsilu(x): (N, O) @ (O, I) -> (N, I)
+                if activation == "silu":
+                    math_dtype = _math_dtype(x)
+                    grad_input = torch.ops.aten.silu_backward(grad_input.to(math_dtype), x.to(math_dtype))
+                grad_x = grad_input.to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+def base_branch(x, weight, activation: str):
+    """A KAN layer's base branch on ``x`` ``(N, in)``: ``silu(x) @ weight.T``, or ``x @ weight.T`` for
+    ``"linear"``; the same dtype rules as ``kan_linear`` (math in float32, the multiply in the autocast or weight
+    dtype), so the two parts add up in one dtype."""
+    if _needs_autograd(x, weight):
+        if _is_quantized(weight):
+            raise RuntimeError(f"this base branch's weight is quantized ({type(weight).__name__}), which serves "
+                               f"inference only: run it under torch.no_grad() or torch.inference_mode()")
+        return BaseBranchFunction.apply(x, weight, activation)
+    compute_dtype = _compute_dtype(x, weight)
+    with torch.autocast(x.device.type, enabled=False):
+        inputs = _branch_input(x, activation).to(compute_dtype)
+        return torch.nn.functional.linear(inputs, weight if _is_quantized(weight) else weight.to(compute_dtype))
+
+
 #: devices whose tensors take the Triton kernels of ``triton_kan.py`` when Triton is importable and the
 #: basis has a kernel (kallm's tests add "cpu" to run them under Triton's interpreter).
 FUSED_DEVICE_TYPES = ("cuda",)

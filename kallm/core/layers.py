@@ -10,16 +10,22 @@ import math
 import torch
 from torch import nn
 
-from .bases import Basis, accepted_options, make_basis, route_options
-from .kan_function import kan_linear
+from .bases import Basis, accepted_options, make_basis, route_options, standard_normal_quantiles
+from .kan_function import BASE_BRANCHES, base_branch, kan_linear
 
 INPUT_MAPS = ("affine", "tanh")
 #: KANLinear arguments a KANFeedForward passes to every layer; the rest are basis options.
-LAYER_OPTIONS = ("input_map", "bias", "device", "dtype")
+LAYER_OPTIONS = ("input_map", "bias", "base", "device", "dtype")
+#: ``E[g(z)^2]``, ``z ~ N(0, 1)``, of each base branch's function ``g``: its share of the variance-preserving init
+_BRANCH_MEAN_SQUARE = {
+    "silu": float(torch.nn.functional.silu(standard_normal_quantiles()).pow(2).mean()),
+    "linear": 1.0,
+}
 
 
 class KANLinear(nn.Module):
-    """``y_o = b_o + sum_i sum_k w_oik * phi_k(t_i)``, a learnable univariate function per edge.
+    """``y_o = b_o + sum_i sum_k w_oik * phi_k(t_i)``, a learnable univariate function per edge
+    (plus ``sum_i v_oi * g(x_i)`` with a base branch).
 
     Args:
         in_features, out_features: sizes, like ``nn.Linear``.
@@ -30,15 +36,24 @@ class KANLinear(nn.Module):
             output depends on other tokens: ``"affine"`` is ``t = tanh(scale * x + shift)``
             with a learnable scale and shift per input channel (initialised to 1 and 0, and
             set from data by function-preserving init); ``"tanh"`` is ``t = tanh(x)``.
+        bias: whether the layer has a bias.
+        base: None (the default: no branch, the research's form), or a base branch beside the basis
+            functions, as in pykan and efficient-kan: ``"silu"`` adds ``base_weight @ silu(x)``, ``"linear"``
+            adds ``base_weight @ x`` (``base_weight``: ``(out, in)``, on the raw input, not the mapped ``t``).
         **basis_options: options of the basis (``alpha``, ``beta``, ``grid_size``, ...).
 
     Parameters: ``out * in * K`` coefficients (``K = basis.num_features``; ``degree`` for
     the polynomial bases), ``out`` biases (the folded constant basis function), ``2 * in``
-    for the affine input map, plus the basis' own (``rational``: ``m * in``).
+    for the affine input map, plus the basis' own (``rational``: ``m * in``), plus ``out * in`` for a base
+    branch.
 
     Initialisation (variance preserving): coefficients ``~ N(0, 1 / (in * S))`` with
     ``S = sum_k E[phi_k(tanh z)^2]``, ``z ~ N(0, 1)``, and zero bias, so a unit-variance
-    input gives an output of variance close to one.
+    input gives an output of variance close to one. With a base branch the two parts share that
+    variance equally (efficient-kan's ``scale_base`` and ``scale_spline`` in one rule): coefficients
+    ``~ N(0, 1 / (2 * in * S))`` and ``base_weight ~ N(0, 1 / (2 * in * E[g(z)^2]))``, with ``E[silu(z)^2]``
+    about 0.354 and ``E[z^2] = 1``; the basis coefficients are drawn first, so a seed gives them the same
+    directions with or without the branch.
     """
 
     def __init__(
@@ -49,20 +64,22 @@ class KANLinear(nn.Module):
         degree: int = 2,
         input_map: str = "affine",
         bias: bool = True,
+        base: str | None = None,
         device=None,
         dtype=None,
         **basis_options,
     ):
         super().__init__()
-        _check_layer_arguments(in_features, out_features, input_map, bias)
+        _check_layer_arguments(in_features, out_features, input_map, bias, base)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"KANLinear needs a floating point torch.dtype (torch.float32, ...), got {dtype!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.input_map = input_map
+        self.input_map, self.base = input_map, base
         self.basis: Basis = make_basis(basis, degree, **basis_options)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, self.basis.num_features * in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.base_weight = nn.Parameter(torch.empty(out_features, in_features, **factory)) if base is not None else None
         if input_map == "affine":
             self.input_scale = nn.Parameter(torch.empty(in_features, **factory))
             self.input_shift = nn.Parameter(torch.empty(in_features, **factory))
@@ -77,8 +94,12 @@ class KANLinear(nn.Module):
     def reset_parameters(self) -> None:
         # torch.nn.init is looked up at call time so that transformers' loading guard,
         # which patches it, never re-initialises weights it has just loaded.
-        std = 1.0 / math.sqrt(self.in_features * self.basis.mean_square())
+        parts = 1 if self.base is None else 2  # a base branch takes half the output variance
+        std = 1.0 / math.sqrt(self.in_features * self.basis.mean_square() * parts)
         nn.init.normal_(self.weight, mean=0.0, std=std)
+        if self.base is not None:
+            branch_std = 1.0 / math.sqrt(self.in_features * _BRANCH_MEAN_SQUARE[self.base] * parts)
+            nn.init.normal_(self.base_weight, mean=0.0, std=branch_std)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         if self.input_scale is not None:
@@ -111,22 +132,27 @@ class KANLinear(nn.Module):
             self.basis,
             list(self.basis_parameters),
         )
+        if self.base_weight is not None:
+            y = y + base_branch(x.reshape(-1, self.in_features), self.base_weight, self.base)
         return y.reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.basis.describe().items() if k not in ("members",))
-        return f"in_features={self.in_features}, out_features={self.out_features}, {options}, input_map={self.input_map}"
+        branch = "" if self.base is None else f", base={self.base}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {options}, "
+                f"input_map={self.input_map}{branch}")
 
     @staticmethod
     def count_parameters(
-        in_features, out_features, basis="cheby2", degree=2, input_map="affine", bias=True, device=None, dtype=None,
-        **options,
+        in_features, out_features, basis="cheby2", degree=2, input_map="affine", bias=True, base=None, device=None,
+        dtype=None, **options,
     ):
         """Parameter count of a ``KANLinear`` with these arguments, without building it
         (``device`` and ``dtype`` are accepted, and ignored, so that the same arguments work)."""
-        _check_layer_arguments(in_features, out_features, input_map, bias)
+        _check_layer_arguments(in_features, out_features, input_map, bias, base)
         built = make_basis(basis, degree, **options)
         count = out_features * in_features * built.num_features + (out_features if bias else 0)
+        count += out_features * in_features if base is not None else 0
         count += 2 * in_features if input_map == "affine" else 0
         count += sum(math.prod(shape) for shape in built.parameter_shapes(in_features))
         return count
@@ -141,7 +167,7 @@ class KANFeedForward(nn.Module):
     may itself be a parallel spec (``"cheby2+rbf"``). No activation sits between stages:
     every KAN layer is non-linear on its own. Works on any leading shape.
 
-    ``options`` are ``KANLinear`` arguments: ``input_map``, ``bias``, ``device`` and
+    ``options`` are ``KANLinear`` arguments: ``input_map``, ``bias``, ``base``, ``device`` and
     ``dtype`` reach every layer; basis options reach the stages whose basis takes them
     (``grid_size`` in ``"bspline>cheby2"``) and must be taken by at least one.
     """
@@ -224,13 +250,21 @@ def _check_size(name, value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_layer_arguments(in_features, out_features, input_map, bias):
+def check_base(base, owner: str = "base") -> None:
+    """Refuse a base branch name other than None, ``"silu"`` or ``"linear"``."""
+    if base is not None and (not isinstance(base, str) or base not in BASE_BRANCHES):
+        raise ValueError(f"unknown {owner} {base!r}; valid choices: None (no base branch), "
+                         f"{', '.join(repr(name) for name in BASE_BRANCHES)}")
+
+
+def _check_layer_arguments(in_features, out_features, input_map, bias, base):
     _check_size("in_features", in_features)
     _check_size("out_features", out_features)
     if not isinstance(input_map, str) or input_map not in INPUT_MAPS:
         raise ValueError(f"unknown input_map {input_map!r}; valid choices: {', '.join(INPUT_MAPS)}")
     if not isinstance(bias, bool):
         raise ValueError(f"bias must be True or False, got {bias!r}")
+    check_base(base)
 
 
 def is_kan_feedforward(module: nn.Module) -> bool:

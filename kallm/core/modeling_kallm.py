@@ -198,6 +198,8 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO", datase
     else:
         shape = (f"| KAN feedforward sizes | {kan['hidden_size']} -> {kan['intermediate_size']} -> "
                  f"{kan['hidden_size']} |\n| input map, bias | {kan['input_map']}, {kan['bias']} |\n")
+        if kan["base"] is not None:
+            shape += f"| base branch | `{kan['base']}`: each KAN layer also adds a matrix times {kan['base']}(x) |\n"
         counted = f"{kan_params:,} in KAN feedforwards"
         change = "replaced by Kolmogorov-Arnold Network feedforwards"
     options = ", ".join(f"{k}={v!r}" for k, v in config.basis_options.items()) or "defaults"

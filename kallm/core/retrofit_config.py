@@ -4,7 +4,7 @@ A ``RetrofitConfig`` is written by a user (which blocks, basis, degree, ...) and
 ``kallm.retrofit`` (the model's structure, the sizes it resolved, how blocks were chosen); the
 completed config, as ``to_dict()``, is the ``kan_config`` of a retrofitted model's config. Loading
 reads it back with ``from_dict``, which checks every field by type and value and upgrades the dicts
-older kallm versions saved (schema versions 1 and 2). See docs/checkpoint-format.md.
+older kallm versions saved (schema versions 1 to 3). See docs/checkpoint-format.md.
 
 Part of kallm's portable core: plain torch + transformers, sibling imports only.
 """
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .function_layers import ChannelFunctions, check_layout
-from .layers import INPUT_MAPS, KANFeedForward
+from .layers import INPUT_MAPS, KANFeedForward, check_base
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 KINDS = ("kan", "linear")
 #: what replaces a feedforward: a two-layer KAN (``"kan"``), or the MLP's own projections with learnable functions
 #: on its activation and up channel that start at zero (``"glu"``, see function_layers.py)
@@ -28,16 +28,16 @@ INITS = ("random", "fit")
 #: ``blocks="auto"``: retrofit the ``num_blocks`` blocks that fit init replaces with the lowest error
 AUTO = "auto"
 #: settings one block may set for itself (``blocks={25: {"degree": 3}}``)
-BLOCK_SETTINGS = ("basis", "degree", "intermediate_size", "input_map", "bias", "basis_options")
+BLOCK_SETTINGS = ("basis", "degree", "intermediate_size", "input_map", "bias", "base", "basis_options")
 #: fields ``retrofit`` fills in from the model and its architecture adapter
 MODEL_FIELDS = ("base_model_type", "base_model", "blocks_path", "mlp_attribute", "bypassed_attributes", "hidden_size",
                 "mlp_layout")
 #: KAN feedforward settings that ``form="glu"`` has no use for (it keeps the MLP's projections)
-KAN_FORM_SETTINGS = ("intermediate_size", "input_map", "bias")
+KAN_FORM_SETTINGS = ("intermediate_size", "input_map", "bias", "base")
 #: KANLinear arguments that place tensors; a config never carries them (the model's dtype and device rule)
 PLACEMENT_OPTIONS = ("device", "dtype")
 #: KANLinear options that are fields of their own rather than basis options
-_LAYER_FIELDS = ("input_map", "bias")
+_LAYER_FIELDS = ("input_map", "bias", "base")
 
 
 @dataclass
@@ -56,6 +56,8 @@ class RetrofitConfig:
         basis, degree: basis spec and degree (``kallm.KANLinear``).
         intermediate_size: its inner size; None: the largest within half the parameters of the MLP it replaces.
         input_map: ``"affine"`` or ``"tanh"``; bias: whether its layers have biases.
+        base: None (no base branch: the research's form), or ``"silu"``/``"linear"``: every KAN layer also adds a
+            matrix times ``silu(x)`` (or ``x``) of its input, as in pykan and efficient-kan (``kallm.KANLinear``).
         basis_options: options of the basis (``alpha``, ``grid_size``, ...).
 
     How:
@@ -85,6 +87,7 @@ class RetrofitConfig:
     intermediate_size: int | None = None
     input_map: str = "affine"
     bias: bool = True
+    base: str | None = None
     basis_options: dict[str, Any] = field(default_factory=dict)
     kind: str = "kan"
     form: str = "kan"
@@ -128,7 +131,7 @@ class RetrofitConfig:
         return {
             "hidden_size": self.hidden_size, "intermediate_size": settings["intermediate_size"],
             "basis": settings["basis"], "degree": settings["degree"], "input_map": settings["input_map"],
-            "bias": settings["bias"], **settings["basis_options"],
+            "bias": settings["bias"], "base": settings["base"], **settings["basis_options"],
         }
 
     def function_arguments(self, index: int) -> dict:
@@ -152,8 +155,9 @@ class RetrofitConfig:
 
     @classmethod
     def from_dict(cls, data, base_model_type: str | None = None) -> RetrofitConfig:
-        """The config a ``kan_config`` dict describes, checked field by field; dicts of schema version 1 (kallm
-        before ``RetrofitConfig``) are upgraded. A saved config must be complete (see ``check_complete``).
+        """The config a ``kan_config`` dict describes, checked field by field; dicts of older schema versions (1:
+        kallm before ``RetrofitConfig``; 2: before ``form``; 3: before ``base``) are upgraded. A saved config must
+        be complete (see ``check_complete``).
         ``base_model_type``, when given, is the family the config must belong to."""
         if not isinstance(data, dict):
             raise ValueError(f"kan_config must be a dict (a JSON object) or null, got {data!r}")
@@ -171,6 +175,8 @@ class RetrofitConfig:
             data = _upgrade_version_1(data)
         if data["schema_version"] == 2:
             data = _upgrade_version_2(data)
+        if data["schema_version"] == 3:
+            data = _upgrade_version_3(data)
         expected = [f.name for f in dataclasses.fields(cls)]
         missing = [key for key in expected if key not in data]
         if missing:
@@ -286,6 +292,8 @@ class RetrofitConfig:
             raise ValueError(f"unknown input_map {settings['input_map']!r}; valid choices: {', '.join(INPUT_MAPS)}")
         if "bias" in settings and not isinstance(settings["bias"], bool):
             raise ValueError(f"{owner}.bias must be true or false, got {settings['bias']!r}")
+        if "base" in settings:
+            check_base(settings["base"], f"{owner}.base")
         if "basis_options" in settings:
             options = settings["basis_options"]
             if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
@@ -325,7 +333,7 @@ class RetrofitConfig:
             raise ValueError("form='glu' starts exactly at the original MLP, so there is nothing to fit: use "
                              "init='random' (its functions start at zero)")
         defaults = RetrofitConfig.__dataclass_fields__
-        given = [name for name in ("input_map", "bias") if getattr(self, name) != defaults[name].default]
+        given = [name for name in ("input_map", "bias", "base") if getattr(self, name) != defaults[name].default]
         given += sorted({name for own in self.block_settings.values() for name in own if name in KAN_FORM_SETTINGS})
         if given:
             raise ValueError(f"form='glu' keeps the MLP's own projections, so the KAN feedforward settings "
@@ -358,7 +366,8 @@ class RetrofitConfig:
                 return
             KANFeedForward.count_parameters(
                 self.hidden_size or 1, settings["intermediate_size"] or 1, settings["basis"], settings["degree"],
-                input_map=settings["input_map"], bias=settings["bias"], **settings["basis_options"],
+                input_map=settings["input_map"], bias=settings["bias"], base=settings["base"],
+                **settings["basis_options"],
             )
         except (TypeError, ValueError) as error:
             hint = ""
@@ -428,12 +437,23 @@ def _check_block_list(key, blocks):
 
 
 def _upgrade_version_2(data: dict) -> dict:
-    """A schema version 2 ``kan_config`` in today's keys: every version 2 retrofit was of ``form="kan"``."""
-    added = {"form": "kan", "function_groups": None, "mlp_layout": None}
+    """A schema version 2 ``kan_config`` in version 3's keys: every version 2 retrofit was of ``form="kan"``."""
+    return _add_keys(data, {"form": "kan", "function_groups": None, "mlp_layout": None})
+
+
+def _upgrade_version_3(data: dict) -> dict:
+    """A schema version 3 ``kan_config`` in today's keys: no version 3 retrofit had a base branch."""
+    return _add_keys(data, {"base": None})
+
+
+def _add_keys(data: dict, added: dict) -> dict:
+    """``data`` one schema version up, with the keys that version ``added``."""
+    version = data["schema_version"]
     present = sorted(key for key in added if key in data)
     if present:
-        raise ValueError(f"kan_config has unknown keys {present} for schema_version 2; they came with version 3")
-    return {**data, **added, "schema_version": SCHEMA_VERSION}
+        raise ValueError(f"kan_config has unknown keys {present} for schema_version {version}; they came with "
+                         f"version {version + 1}")
+    return {**data, **added, "schema_version": version + 1}
 
 
 def _block_key(key) -> int:

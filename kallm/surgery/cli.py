@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from ..cli_types import existing_path, finite_int, path_or_hub_id, positive_int
+from ..core.kan_function import BASE_BRANCHES
 from ..core.layers import KANFeedForward
 from ..loading import DEFAULT_MODEL, load_model, push_to_hub
 from ..saving import check_output_folder, save_checkpoint
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--basis", default="cheby2", help="basis name, 'a+b' (parallel) or 'a>b' (sequential)")
     parser.add_argument("--degree", type=positive_int, default=2, help="polynomial degree (or basis size) of each edge function")
     parser.add_argument("--intermediate-size", type=positive_int, help="KAN inner size (default: half the MLP's parameters)")
+    parser.add_argument("--base", choices=BASE_BRANCHES,
+                        help="add a base branch to every KAN layer: a matrix on silu(x) or on x beside the basis "
+                             "functions (default: none, the research's form)")
     parser.add_argument("--kind", default="kan", choices=KINDS,
                         help="kan, or linear for the re-initialised MLP baseline")
     parser.add_argument("--form", default="kan", choices=FORMS,
@@ -65,7 +69,7 @@ def run(args) -> int:
     # Check the settings before spending time on loading the model.
     check_output_folder(args.out, (args.model,))
     try:
-        KANFeedForward.count_parameters(2, 2, args.basis, args.degree, **options)
+        KANFeedForward.count_parameters(2, 2, args.basis, args.degree, base=args.base, **options)
     except TypeError as error:  # an --option value of the wrong type
         raise ValueError(f"bad layer settings (--basis {args.basis}, --degree {args.degree}, --option): "
                          f"{error}") from error
@@ -79,7 +83,7 @@ def run(args) -> int:
     print(f"Retrofitting ({args.kind}, form {args.form}, basis {args.basis}, degree {args.degree}) ...")
     retrofit(
         model, last_n=args.last_n, blocks=blocks, basis=args.basis, degree=args.degree,
-        intermediate_size=args.intermediate_size, kind=args.kind, form=args.form,
+        intermediate_size=args.intermediate_size, base=args.base, kind=args.kind, form=args.form,
         function_groups=args.function_groups, init=args.init, calibration=calibration,
         tokenizer=tokenizer, **options,
     )

@@ -67,7 +67,8 @@ def convert(module: nn.Module, basis: str, degree: int | None = None, allow_loss
 
     ``module`` is a ``KANLinear`` or ``ChannelFunctions`` (a new one is returned), or any module holding them, such
     as a retrofitted model (of either form) or a ``KANFeedForward``, converted in place and returned; a model's
-    ``config.kan_config`` follows. Input maps and biases keep their meaning; ``basis_options`` are
+    ``config.kan_config`` follows. Input maps, biases and base branches keep their meaning (a base branch's
+    matrix is carried over unchanged: it multiplies ``silu(x)`` or ``x``, not the basis); ``basis_options`` are
     the target basis' options (``alpha=...``).
 
     Polynomial to polynomial at the same or a higher degree is exact (equal outputs up to float
@@ -144,11 +145,14 @@ def _convert_layer(layer, basis: str, degree: int, basis_options: dict):
     weight = layer.weight
     new = KANLinear(
         layer.in_features, layer.out_features, basis, degree, input_map=layer.input_map,
-        bias=layer.bias is not None, device=weight.device, dtype=weight.dtype, **basis_options,
+        bias=layer.bias is not None, base=getattr(layer, "base", None), device=weight.device, dtype=weight.dtype,
+        **basis_options,
     )
     if layer.input_scale is not None:
         new.input_scale.copy_(layer.input_scale)
         new.input_shift.copy_(layer.input_shift)
+    if new.base_weight is not None:
+        new.base_weight.copy_(layer.base_weight)
     if new.basis.describe() == layer.basis.describe():
         new.load_state_dict(layer.state_dict())
         return new, None

@@ -245,7 +245,7 @@ def minimum_calibration_tokens(feedforward, augment: int = AUGMENT) -> int:
 
 
 def _unknowns_per_output(feedforward) -> int:
-    return max(layer.weight.shape[1] for layer in feedforward.layers) + 1
+    return max(_coefficients(layer).shape[1] for layer in feedforward.layers) + 1
 
 
 def _check_calibration_size(template, tokens: int) -> None:
@@ -254,7 +254,8 @@ def _check_calibration_size(template, tokens: int) -> None:
         unknowns = _unknowns_per_output(template)
         raise ValueError(
             f"init='fit' needs at least {needed} calibration tokens for these KAN feedforwards, got {tokens}: its "
-            f"largest least-squares problem has {unknowns} unknowns per output (basis features and a bias) and "
+            f"largest least-squares problem has {unknowns} unknowns per output (basis features, base branch inputs "
+            f"and a bias) and "
             f"each token gives {1 + AUGMENT} rows (itself and {AUGMENT} noisy copies), so fewer tokens leave the "
             f"fit underdetermined. Pass more calibration text, or use init='random'"
         )
@@ -329,6 +330,8 @@ def fit_feedforward(feedforward, inputs: torch.Tensor, outputs: torch.Tensor, or
     copies of each recorded row (Gaussian noise of ``noise`` times each channel's spread).
     Without it the first layer keeps its random weights and only the recorded rows are used.
     The last layer is solved by ridge least squares (``ridge`` times each feature's variance).
+    A layer's base branch (``base="silu"`` or ``"linear"``) is solved with its basis coefficients: its
+    inputs (``silu(x)`` or ``x``) are extra columns of the same least-squares problem.
 
     Rows whose target is far larger than the rest (the attention-sink token's massive
     activations) are fitted apart: one hidden unit becomes a step that is on for them only,
@@ -450,12 +453,27 @@ def outlier_rows(y: torch.Tensor) -> torch.Tensor:
 
 
 def _features(layer, x):
+    """The columns ``layer`` is linear in: its basis features, then its base branch's inputs (if any)."""
     if layer.input_scale is not None:
         t = torch.tanh(x * layer.input_scale.float() + layer.input_shift.float())
     else:
         t = torch.tanh(x)
     params = [p.float() for p in layer.basis_parameters]
-    return torch.cat(layer.basis.values(t, params), -1)
+    branch = [] if layer.base_weight is None else [torch.nn.functional.silu(x) if layer.base == "silu" else x]
+    return torch.cat([*layer.basis.values(t, params), *branch], -1)
+
+
+def _coefficients(layer) -> torch.Tensor:
+    """The matrix that multiplies ``_features(layer, x)``: the basis coefficients, then the base branch's."""
+    return layer.weight if layer.base_weight is None else torch.cat([layer.weight, layer.base_weight], 1)
+
+
+def _set_coefficients(layer, rows, values: torch.Tensor) -> None:
+    """Write ``values`` (columns as in ``_coefficients``) into rows ``rows`` of the layer's matrices."""
+    basis_columns = layer.weight.shape[1]
+    layer.weight[rows] = values[:, :basis_columns].to(layer.weight.dtype)
+    if layer.base_weight is not None:
+        layer.base_weight[rows] = values[:, basis_columns:].to(layer.base_weight.dtype)
 
 
 def _inputs_of(layers, k, x):
@@ -478,6 +496,8 @@ def _set_map(layers, k, scale, shift, units=None):
     elif k > 0 and layers[k - 1].bias is not None:
         previous = layers[k - 1]
         previous.weight[units] *= scale.to(previous.weight.dtype)[:, None]
+        if previous.base_weight is not None:
+            previous.base_weight[units] *= scale.to(previous.base_weight.dtype)[:, None]
         previous.bias[units] = (previous.bias[units] * scale + shift).to(previous.bias.dtype)
 
 
@@ -501,7 +521,7 @@ def _least_squares(layer, x, target, ridge, units=None):
     centred (the bias takes the mean) and each gets ``ridge`` times its own variance.
     ``target`` is a tensor or a function of the input rows.
     """
-    size = layer.weight.shape[1]
+    size = _coefficients(layer).shape[1]
     gram = torch.zeros(size, size, dtype=torch.float64, device=x.device)
     cross, feature_sum, target_sum = None, torch.zeros(size, dtype=torch.float64, device=x.device), None
     for s in range(0, len(x), CHUNK):
@@ -521,7 +541,7 @@ def _least_squares(layer, x, target, ridge, units=None):
     solution = torch.linalg.solve(gram, cross)
     bias = target_mean - feature_mean @ solution
     rows = slice(None) if units is None else units
-    layer.weight[rows] = solution.T.to(layer.weight.dtype)
+    _set_coefficients(layer, rows, solution.T)
     if layer.bias is not None:
         layer.bias[rows] = bias.to(layer.bias.dtype)
 
@@ -529,14 +549,15 @@ def _least_squares(layer, x, target, ridge, units=None):
 def _make_step_unit(layers, x, outlier):
     """Turn hidden unit 0 (the output of ``layers[-2]``, input of ``layers[-1]``) into a step:
     -1 on ordinary rows and +1 on outlier rows. Its direction in feature space is the
-    Fisher discriminant of the two groups; the step sits midway across the gap between them."""
+    Fisher discriminant of the two groups (base branch inputs included); the step sits midway across the gap
+    between them."""
     features = _features(layers[-2], x)
     normal_mean, outlier_mean = features[~outlier].mean(0), features[outlier].mean(0)
     centred = features[~outlier] - normal_mean
     scatter = (centred.T @ centred).double() / len(centred)
     scatter.diagonal().add_(1e-2 * float(scatter.diagonal().mean()) + 1e-12)
     direction = torch.linalg.solve(scatter, (outlier_mean - normal_mean).double()).float()
-    layers[-2].weight[0] = direction.to(layers[-2].weight.dtype)
+    _set_coefficients(layers[-2], slice(0, 1), direction[None])
     if layers[-2].bias is not None:
         layers[-2].bias[0] = 0.0
     h = features @ direction
@@ -551,9 +572,9 @@ def _make_step_unit(layers, x, outlier):
 def _match_outliers(layer, x, y, outlier):
     """Move the outlier rows' mean residual onto the step unit's most separating feature."""
     features = _features(layer, x)
-    residual = y - (features @ layer.weight.float().T + (layer.bias.float() if layer.bias is not None else 0.0))
+    residual = y - (features @ _coefficients(layer).float().T + (layer.bias.float() if layer.bias is not None else 0.0))
     width = layer.in_features
-    columns = torch.arange(0, features.shape[1], width, device=x.device)  # unit 0's features
+    columns = torch.arange(0, layer.weight.shape[1], width, device=x.device)  # unit 0's basis features
     gaps = features[outlier][:, columns].mean(0) - features[~outlier][:, columns].mean(0)
     best = int(gaps.abs().argmax())
     column, gap = int(columns[best]), gaps[best]

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..core.kan_function import kan_linear
+from ..core.kan_function import base_branch, kan_linear
 from ..core.layers import KANLinear, is_kan_linear
 from .checks import causal_lm_parts, check_adapter_fits_kan_blocks, target_names
 
@@ -167,7 +167,8 @@ class KANLoraLinear(nn.Module, LoraLayer):
 
     Without dropout the update is added to the coefficients before the fused op runs, so the
     features are computed once and the result equals the merged layer's bit for bit. With LoRA
-    dropout in training, the features are built once by plain torch ops and feed both paths.
+    dropout in training, the features are built once by plain torch ops and feed both paths. A base
+    branch (``base="silu"``) is not adapted: it runs beside, as in the layer itself.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
@@ -252,7 +253,7 @@ class KANLoraLinear(nn.Module, LoraLayer):
         leading = x.shape[:-1]
         y = kan_linear(x.reshape(-1, base.in_features), weight, bias, base.input_scale, base.input_shift, base.basis,
                        list(base.basis_parameters))
-        return y.reshape(*leading, base.out_features)
+        return _with_branch(base, x, y.reshape(*leading, base.out_features))
 
     def _forward_with_dropout(self, base, x, active):
         features = _features(base, x)
@@ -261,10 +262,18 @@ class KANLoraLinear(nn.Module, LoraLayer):
             lora_input = self.lora_dropout[adapter](features).to(self.lora_A[adapter].weight.dtype)
             update = self.lora_B[adapter](self.lora_A[adapter](lora_input)) * self.scaling[adapter]
             result = result + update.to(result.dtype)
-        return result
+        return _with_branch(base, x, result)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def _with_branch(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` plus the layer's base branch on ``x``, if it has one (a checkpoint's older copy of the layer has none)."""
+    branch_weight = getattr(layer, "base_weight", None)
+    if branch_weight is None:
+        return y
+    return y + base_branch(x.reshape(-1, layer.in_features), branch_weight, layer.base).reshape(y.shape).to(y.dtype)
 
 
 def _features(layer, x: torch.Tensor) -> torch.Tensor:

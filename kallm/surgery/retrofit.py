@@ -19,7 +19,7 @@ from ..core.retrofit_config import AUTO, BLOCK_SETTINGS, FORMS, KINDS, RetrofitC
 from ..loading import public_source_name, untag_dequantized_gguf
 from .adapters import EXACT_ACTIVATIONS, ArchitectureAdapter, supported_model_types
 from .checks import causal_lm_parts, check_weights, retrofitted_class, retrofitted_kan_config
-from .fit import check_fit_arguments, fit_new_feedforwards
+from .fit import check_fit_arguments, fit_new_feedforwards, minimum_calibration_tokens
 
 __all__ = ["FORMS", "KINDS", "retrofit", "retrofitted_blocks"]
 
@@ -49,7 +49,8 @@ def retrofit(
         **fields: ``RetrofitConfig`` fields as keywords (default: ``last_n=5, basis="cheby2", degree=2``):
             ``blocks`` (indices, negative ones from the end; ``{index: settings}`` for per-block settings;
             ``"auto"`` with ``num_blocks``), ``last_n``, ``basis``, ``degree``, ``intermediate_size``,
-            ``input_map``, ``bias``, ``basis_options``, ``kind`` (``"kan"`` or ``"linear"``, the linear-restart
+            ``input_map``, ``bias``, ``base`` (None, ``"silu"`` or ``"linear"``: a base branch beside the basis
+            functions), ``basis_options``, ``kind`` (``"kan"`` or ``"linear"``, the linear-restart
             baseline), ``form`` (``"kan"``, or ``"glu"``: the MLP keeps its projections and gains learnable
             functions that start at zero, so the model starts exactly at the original) and ``function_groups``
             (``form="glu"``: channels per shared function; None: one function per channel). Any other keyword
@@ -153,7 +154,7 @@ def retrofit(
     saved = _SavedState(model, adapter, indices)
     try:
         if request.init == "fit":
-            template = max(templates.values(), key=lambda module: max(layer.weight.shape[1] for layer in module.layers))
+            template = max(templates.values(), key=minimum_calibration_tokens)
             report = fit_new_feedforwards(model, adapter, indices, install, template, calibration, tokenizer)
             if request.blocks == AUTO:
                 _keep_the_best_fits(model, new_config, report, request.num_blocks, saved)
@@ -251,7 +252,7 @@ def _resolve_sizes(config: RetrofitConfig, existing: RetrofitConfig | None, bloc
         replaced = _feedforward_parameters(blocks[index], adapter)
         return intermediate_size_for_budget(
             config.hidden_size, int(replaced * DEFAULT_PARAMETER_SHARE), settings["basis"], settings["degree"],
-            input_map=settings["input_map"], bias=settings["bias"], **settings["basis_options"],
+            input_map=settings["input_map"], bias=settings["bias"], base=settings["base"], **settings["basis_options"],
         )
 
     explicit = config.intermediate_size is not None
