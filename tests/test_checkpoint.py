@@ -1026,8 +1026,8 @@ def test_load_model_reads_a_saved_folder(saved):
     ("make_argument", "error", "message"),
     [
         (lambda tmp: str(tmp / "missing.gguf"), FileNotFoundError, "GGUF file not found"),
-        (lambda tmp: str(tmp / "no-such-folder"), FileNotFoundError, "no folder, .gguf file, hub id"),
-        (lambda tmp: "./relative/missing", FileNotFoundError, "no folder, .gguf file, hub id"),
+        (lambda tmp: str(tmp / "no-such-folder"), FileNotFoundError, "no-such-folder does not exist"),
+        (lambda tmp: "./relative/missing", FileNotFoundError, "model folder ./relative/missing does not exist"),
         (lambda tmp: "", ValueError, "expected a hub id, a folder, a .gguf file or a bundled name"),
         (lambda tmp: str(tmp / "weights.bin"), ValueError, "is a file; pass a model folder"),
         (lambda tmp: str(tmp), FileNotFoundError, "holds no tokenizer"),
