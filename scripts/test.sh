@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export KALLM_DATA_DIR="${KALLM_DATA_DIR:-$(cd .. && pwd)/shared/data}"
-python -m pytest tests "$@"
+python -m pytest tests --durations=15 "$@"

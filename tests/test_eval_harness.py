@@ -66,6 +66,9 @@ def test_command_merges_harness_results_into_the_report_and_refuses_unknown_task
     with pytest.raises(ValueError, match="unknown lm-evaluation-harness task.*no_such_task"):
         cli.run(parser.parse_args(["--model", str(folder), "--harness", "no_such_task", "--harness-include",
                                    str(tmp_path / "tasks")]))
-    with pytest.raises(FileNotFoundError, match="--harness-include folder not found"):
-        cli.run(parser.parse_args(["--model", str(folder), "--harness", names[0], "--harness-include",
-                                   str(tmp_path / "missing")]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # a missing folder is refused while the command line is read
+        parser.parse_args(["--model", str(folder), "--harness", names[0], "--harness-include",
+                           str(tmp_path / "missing")])
+    assert refused.value.code == 2
+    assert "argument --harness-include: no such file or folder" in capsys.readouterr().err

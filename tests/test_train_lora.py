@@ -132,9 +132,9 @@ def test_a_user_peft_model_trains_its_adapter_with_a_policy_for_the_base(workspa
 
 @pytest.mark.parametrize("settings, message", [
     (dict(merge=True), "merge needs an adapter to merge: set lora_rank"),
-    (dict(lora_rank=0), "lora_rank must be a positive integer"),
-    (dict(lora_rank=2, lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
-    (dict(lora_rank=2, lora_alpha=0), "lora_alpha must be > 0"),
+    (dict(lora_rank=0), "lora_rank must be an integer >= 1, got 0"),
+    (dict(lora_rank=2, lora_dropout=1.0), r"lora_dropout must be a finite number in \[0, 1\), got 1.0"),
+    (dict(lora_rank=2, lora_alpha=0), "lora_alpha must be a finite number > 0, got 0"),
     (dict(lora_rank=2, lora_targets="ffn"), "lora_targets must be one of kan, attention, mlp, all, got 'ffn'"),
     (dict(lora_rank=2, adapter="dora"), "adapter must be one of lora, kan, got 'dora'"),
     (dict(adapter="kan"), "adapter='kan' needs lora_rank, the adapter's rank"),
