@@ -114,10 +114,11 @@ def run_arm(arm: str, lr: float, args) -> dict:
             train(model, tokenizer, args.train_data, config)
             seconds = time.perf_counter() - start
     model.eval()
-    row = {"arm": arm, "lr": lr if arm != "untouched" else None, "trainable_parameters": trainable,
-           "seconds_per_step": seconds / args.steps if seconds else None,
-           "chat_loss": chat_loss(model, tokenizer, args.eval_data, max_length=args.max_length,
-                                  limit=args.eval_limit)["loss"]}
+    with tempfile.TemporaryDirectory() as work:
+        row = {"arm": arm, "lr": lr if arm != "untouched" else None, "trainable_parameters": trainable,
+               "seconds_per_step": seconds / args.steps if seconds else None,
+               "chat_loss": chat_loss(model, tokenizer, held_out_data(args, Path(work)), max_length=args.max_length,
+                                      limit=args.eval_limit)["loss"]}
     if args.text:
         row["perplexity"] = perplexity(model, tokenizer, load_text(args.text), max_length=512,
                                        max_tokens=args.perplexity_tokens)["perplexity"]
@@ -129,12 +130,26 @@ def run_arm(arm: str, lr: float, args) -> dict:
     return row
 
 
+def held_out_data(args, work: Path) -> str:
+    """The held-out conversations: --eval-data, or with --held-out-from N the --eval-limit conversations of the
+    training file from its N-th line on (the training distribution; they must lie past --train-limit)."""
+    if args.held_out_from is None:
+        return args.eval_data
+    lines = Path(args.train_data).read_text(encoding="utf-8").splitlines(True)
+    rows = lines[args.held_out_from:args.held_out_from + args.eval_limit]
+    if len(rows) < args.eval_limit:
+        raise SystemExit(f"--held-out-from {args.held_out_from}: {args.train_data} has {len(lines)} lines")
+    path = work / "held_out.jsonl"
+    path.write_text("".join(rows), encoding="utf-8")
+    return str(path)
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
         f"{s['model']}; {s['steps']} steps of {s['batch_size']} x {s['max_length']} tokens on {s['train_limit']} "
         f"conversations of {Path(s['train_data']).parent.name}, warmup {s['warmup']}, seed {s['seed']}; held-out "
-        f"chat loss on {s['eval_limit']} conversations of {Path(s['eval_data']).parent.name}; WikiText-2 perplexity "
+        f"chat loss on {s['eval_limit']} conversations of {held_out_name(s)}; WikiText-2 perplexity "
         f"over {s['perplexity_tokens']:,} tokens; BBH ({s['bbh_limit']} examples per task, loglik). Load average "
         f"{s['load_average']}. Each arm at its best learning rate of {', '.join(f'{lr:g}' for lr in s['lrs'])} "
         f"(lowest held-out chat loss); every run in the JSON.",
@@ -153,6 +168,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def held_out_name(settings: dict) -> str:
+    if settings["held_out_from"] is None:
+        return Path(settings["eval_data"]).parent.name
+    return f"{Path(settings['train_data']).parent.name} from line {settings['held_out_from']} (not trained on)"
+
+
 def best_per_arm(runs: list[dict]) -> list[dict]:
     best = {}
     for row in runs:
@@ -168,6 +189,8 @@ def parse_args(argv):
     parser.add_argument("--last-blocks", type=int, default=5, help="the blocks the 'last5' arms change")
     parser.add_argument("--train-data", default=data_path("chat", "hh_rlhf_helpful", "test.jsonl"))
     parser.add_argument("--eval-data", default=data_path("chat", "oasst_en100", "best_path.jsonl"))
+    parser.add_argument("--held-out-from", type=int,
+                        help="score the --eval-limit conversations of --train-data from this line on instead")
     parser.add_argument("--text", default=data_path("text", "wikitext2", "wiki.test.raw"))
     parser.add_argument("--bbh-dir", default=data_path("bbh", "bbh"))
     parser.add_argument("--bbh-tasks", default="boolean_expressions,navigate,causal_judgement,hyperbaton,"
@@ -191,6 +214,9 @@ def parse_args(argv):
         parser.error(f"unknown arms {unknown}; valid choices: {', '.join(ARMS)}")
     if not args.train_data or not args.eval_data:
         parser.error("set KALLM_DATA_DIR or pass --train-data and --eval-data")
+    if args.held_out_from is not None and args.held_out_from < args.train_limit:
+        parser.error(f"--held-out-from {args.held_out_from} would score conversations trained on (the first "
+                     f"--train-limit {args.train_limit})")
     for name in ("text", "bbh_dir"):
         if getattr(args, name) and not os.path.exists(getattr(args, name)):
             setattr(args, name, None)

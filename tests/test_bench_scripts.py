@@ -269,3 +269,17 @@ def test_bench_finetune_trains_each_arm_in_its_own_process_and_writes_its_table(
     for row in runs.values():
         assert row["chat_loss"] > 0 and row["perplexity"] > 1 and 0 <= row["bbh"] <= 1 and row["peak_rss_mb"] > 0
     assert "| glu-last5 | 0.001 | 1,024 |" in out_md.read_text()
+
+
+def test_bench_finetune_scores_held_out_rows_of_the_training_file_past_those_trained_on(tmp_path, capsys):
+    bench = load_script("bench_finetune")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(f'{{"row": {i}}}\n' for i in range(10)))
+    args = bench.parse_args(["--train-data", str(train), "--eval-data", str(train), "--train-limit", "4",
+                             "--held-out-from", "6", "--eval-limit", "3"])
+    held_out = bench.held_out_data(args, tmp_path)
+    assert Path(held_out).read_text().splitlines() == ['{"row": 6}', '{"row": 7}', '{"row": 8}']
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--train-data", str(train), "--eval-data", str(train), "--train-limit", "4",
+                          "--held-out-from", "3"])
+    assert "would score conversations trained on" in capsys.readouterr().err
