@@ -123,6 +123,17 @@ def check_adapter_refused_on_other_kan_blocks(folder, logits_of, adapted_logits)
     torch.testing.assert_close(logits_of(kallm.load_adapter(same_blocks, folder)), adapted_logits, rtol=0, atol=0)
 
 
+def check_compiles_as_one_graph(model, x) -> None:
+    """``torch.compile(model, fullgraph=True)`` (a graph break fails) gives the eager outputs and gradients."""
+    eager_y = model(x)
+    eager_grads = torch.autograd.grad(eager_y.square().sum(), [x, *model.parameters()])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled_y = compiled(x)
+    compiled_grads = torch.autograd.grad(compiled_y.square().sum(), [x, *model.parameters()])
+    for actual, expected in zip([compiled_y, *compiled_grads], [eager_y, *eager_grads]):
+        torch.testing.assert_close(actual, expected)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run several times faster on one intra-op thread: a second one costs more in

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_tokenizer, tiny_model
+from conftest import check_compiles_as_one_graph, make_tiny_tokenizer, tiny_model
 from test_fit import block_errors, token_ids
 from test_retrofit import assert_unchanged, snapshot
 from transformers import AutoModelForCausalLM
@@ -129,13 +129,7 @@ def test_a_feedforward_with_branches_compiles_as_one_graph_and_matches_eager():
     torch.manual_seed(0)
     model = KANFeedForward(16, 24, "cheby2", base="silu")
     x = torch.randn(2, 5, 16, requires_grad=True)
-    eager_y = model(x)
-    eager_grads = torch.autograd.grad(eager_y.square().sum(), [x, *model.parameters()])
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break fails
-    compiled_y = compiled(x)
-    compiled_grads = torch.autograd.grad(compiled_y.square().sum(), [x, *model.parameters()])
-    for actual, expected in zip([compiled_y, *compiled_grads], [eager_y, *eager_grads]):
-        torch.testing.assert_close(actual, expected)
+    check_compiles_as_one_graph(model, x)
 
 
 def test_parameter_counts_include_the_branch_and_match_the_built_modules():

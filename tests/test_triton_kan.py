@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from conftest import check_compiles_as_one_graph
 
 from kallm.core import kan_function
 from kallm.core.bases import Chebyshev2, RecurrenceBasis, make_basis
@@ -261,13 +262,7 @@ def test_compiled_feedforward_has_one_graph_and_matches_eager(triton_kan, fused_
     torch.manual_seed(0)
     model = KANFeedForward(16, 24, "cheby2").to(DEVICE)
     x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
-    eager_y = model(x)
-    eager_grads = torch.autograd.grad(eager_y.square().sum(), [x, *model.parameters()])
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break fails
-    compiled_y = compiled(x)
-    compiled_grads = torch.autograd.grad(compiled_y.square().sum(), [x, *model.parameters()])
-    for actual, expected in zip([compiled_y, *compiled_grads], [eager_y, *eager_grads]):
-        torch.testing.assert_close(actual, expected)
+    check_compiles_as_one_graph(model, x)
 
 
 def test_cpu_tensors_never_load_the_kernels(monkeypatch):
