@@ -3,7 +3,7 @@
 A ``Number`` is an argparse ``type=``: a value outside its range is refused while the command line is read
 (``kallm CMD: error: argument --x: must be an integer >= 1, got '0'``, exit status 2), before any model loads or
 any file is written. The same object checks a config field (``HealConfig``, ``TrainConfig``), so a range is
-written once. ``existing_path`` and ``model_source`` refuse a local path that does not exist.
+written once. ``existing_path`` and ``path_or_hub_id`` refuse a local path that does not exist.
 
 It imports nothing from kallm, so that every layer may use it.
 """
