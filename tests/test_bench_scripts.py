@@ -37,6 +37,14 @@ def fit_bench_inputs(tmp_path):
     return folder, text, out_json, out_md
 
 
+def first_conversations(data_dir, tmp_path, count: int = 8):
+    """A chat file of the first ``count`` HH-RLHF conversations of the data folder."""
+    chat = tmp_path / "chat.jsonl"
+    lines = (data_dir / "chat/hh_rlhf_helpful/test.jsonl").read_text(encoding="utf-8").splitlines(True)
+    chat.write_text("".join(lines[:count]))
+    return chat
+
+
 def test_bench_fit_init_scores_every_arm(tmp_path):
     folder, text, out_json, out_md = fit_bench_inputs(tmp_path)
     code = load_script("bench_fit_init").main([
@@ -213,9 +221,7 @@ def test_bench_int8_quality_compares_each_quantized_arm_with_its_model(tmp_path)
 
 def test_bench_adapters_trains_both_adapter_types_and_writes_its_tables(tmp_path, data_dir):
     folder, _, out_json, out_md = fit_bench_inputs(tmp_path)
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join((data_dir / "chat/hh_rlhf_helpful/test.jsonl").read_text(encoding="utf-8")
-                            .splitlines(True)[:8]))
+    chat = first_conversations(data_dir, tmp_path)
     code = load_script("bench_adapters").main([
         "--model", str(folder), "--train-data", str(chat), "--eval-data", str(chat), "--eval-limit", "4",
         "--last-blocks", "2", "--lora-rank", "4", "--kan-rank", "4", "--steps", "2", "--batch-size", "2",
@@ -247,9 +253,7 @@ def test_reports_name_data_by_kallm_data_dir_not_by_this_machines_folders(tmp_pa
 
 def test_bench_finetune_trains_each_arm_in_its_own_process_and_writes_its_table(tmp_path, data_dir):
     folder, text, out_json, out_md = fit_bench_inputs(tmp_path)
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join((data_dir / "chat/hh_rlhf_helpful/test.jsonl").read_text(encoding="utf-8")
-                            .splitlines(True)[:8]))
+    chat = first_conversations(data_dir, tmp_path)
     code = load_script("bench_finetune").main([
         "--model", str(folder), "--arms", "untouched,glu-last5,lora-matched,full-mlp", "--last-blocks", "2",
         "--train-data", str(chat), "--eval-data", str(chat), "--eval-limit", "4", "--train-limit", "8",
