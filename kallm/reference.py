@@ -75,11 +75,16 @@ class ReferenceKANFeedForward(nn.Module):
     def __init__(self, feedforward: KANFeedForward):
         super().__init__()
         self.layers = nn.ModuleList(ReferenceKANLinear(layer) for layer in feedforward.layers)
+        self.gate = ReferenceKANLinear(feedforward.gate) if getattr(feedforward, "gate", None) is not None else None
 
     def forward(self, hidden_states):
-        for layer in self.layers:
-            hidden_states = layer(hidden_states)
-        return hidden_states
+        first, *rest = self.layers
+        out = first(hidden_states)
+        if self.gate is not None:
+            out = nn.functional.silu(self.gate(hidden_states)) * out
+        for layer in rest:
+            out = layer(out)
+        return out
 
 
 def _copy(parameter):

@@ -41,6 +41,7 @@ CASES.update({
     "llama-per-block": ("llama", {"blocks": {1: {"basis": "legendre", "degree": 3}, 2: {"intermediate_size": 12}}}),
     "qwen2-gegenbauer-tanh": ("qwen2", {"last_n": 1, "basis": "gegenbauer", "alpha": 0.5, "input_map": "tanh"}),
     "llama-base-branches": ("llama", {"blocks": {1: {"base": "linear"}, 2: {}}, "base": "silu"}),
+    "qwen2-gated": ("qwen2", {"last_n": 2, "form": "gated", "base": "linear"}),
 })
 TOKENIZER_CASE = "llama"
 

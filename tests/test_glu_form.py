@@ -153,8 +153,8 @@ def test_chained_bases_and_overflowing_ones_are_refused():
 def test_an_unknown_form_is_refused_naming_the_forms():
     model = tiny_model("llama")
     before = snapshot(model)
-    with pytest.raises(ValueError, match="unknown form 'gated'; valid choices: kan, glu"):
-        kallm.retrofit(model, last_n=1, form="gated")
+    with pytest.raises(ValueError, match="unknown form 'swiglu'; valid choices: kan, glu, gated"):
+        kallm.retrofit(model, last_n=1, form="swiglu")
     assert_unchanged(model, before)
 
 

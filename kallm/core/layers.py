@@ -167,35 +167,53 @@ class KANFeedForward(nn.Module):
     may itself be a parallel spec (``"cheby2+rbf"``). No activation sits between stages:
     every KAN layer is non-linear on its own. Works on any leading shape.
 
+    ``gated=True`` (``form="gated"`` of a retrofit) adds a third KAN layer beside the first, ``gate``
+    (hidden -> intermediate, the first stage's basis), and multiplies: ``silu(gate(x)) * layers[0](x)`` feeds
+    the next stage, the product that a SwiGLU MLP computes and a sum of univariate functions cannot. With
+    ``base="linear"`` it holds a SwiGLU MLP of ``intermediate`` channels exactly (basis coefficients zero), which
+    is how fit init starts it (docs/kan-learning.md).
+
     ``options`` are ``KANLinear`` arguments: ``input_map``, ``bias``, ``base``, ``device`` and
     ``dtype`` reach every layer; basis options reach the stages whose basis takes them
     (``grid_size`` in ``"bspline>cheby2"``) and must be taken by at least one.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, basis: str = "cheby2", degree: int = 2, **options):
+    def __init__(self, hidden_size: int, intermediate_size: int, basis: str = "cheby2", degree: int = 2,
+                 gated: bool = False, **options):
         super().__init__()
         _check_size("hidden_size", hidden_size)
         _check_size("intermediate_size", intermediate_size)
+        _check_gated(gated)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        plan = _plan(hidden_size, intermediate_size, basis, options)
         self.layers = nn.ModuleList(
-            KANLinear(n_in, n_out, stage, degree, **stage_options)
-            for stage, (n_in, n_out), stage_options in _plan(hidden_size, intermediate_size, basis, options)
+            KANLinear(n_in, n_out, stage, degree, **stage_options) for stage, (n_in, n_out), stage_options in plan
         )
+        first_stage, sizes, first_options = plan[0]
+        self.gate = KANLinear(*sizes, first_stage, degree, **first_options) if gated else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            hidden_states = layer(hidden_states)
-        return hidden_states
+        first, *rest = self.layers
+        out = first(hidden_states)
+        if self.gate is not None:
+            out = nn.functional.silu(self.gate(hidden_states)) * out
+        for layer in rest:
+            out = layer(out)
+        return out
 
     @staticmethod
-    def count_parameters(hidden_size, intermediate_size, basis="cheby2", degree=2, **options):
+    def count_parameters(hidden_size, intermediate_size, basis="cheby2", degree=2, gated=False, **options):
+        _check_gated(gated)
+        plan = _plan(hidden_size, intermediate_size, basis, options)
+        stages = plan + plan[:1] if gated else plan
         return sum(
             KANLinear.count_parameters(n_in, n_out, stage, degree, **stage_options)
-            for stage, (n_in, n_out), stage_options in _plan(hidden_size, intermediate_size, basis, options)
+            for stage, (n_in, n_out), stage_options in stages
         )
 
 
-def intermediate_size_for_budget(hidden_size: int, budget: int, basis: str = "cheby2", degree: int = 2, **options) -> int:
+def intermediate_size_for_budget(hidden_size: int, budget: int, basis: str = "cheby2", degree: int = 2,
+                                 **options) -> int:
     """Largest intermediate size whose ``KANFeedForward`` has at most ``budget`` parameters.
 
     The count grows with the intermediate size (quadratically once a spec has three stages),
@@ -255,6 +273,11 @@ def check_base(base, owner: str = "base") -> None:
     if base is not None and (not isinstance(base, str) or base not in BASE_BRANCHES):
         raise ValueError(f"unknown {owner} {base!r}; valid choices: None (no base branch), "
                          f"{', '.join(repr(name) for name in BASE_BRANCHES)}")
+
+
+def _check_gated(gated):
+    if not isinstance(gated, bool):
+        raise ValueError(f"gated must be True or False, got {gated!r}")
 
 
 def _check_layer_arguments(in_features, out_features, input_map, bias, base):

@@ -21,9 +21,10 @@ from .layers import INPUT_MAPS, KANFeedForward, check_base
 
 SCHEMA_VERSION = 4
 KINDS = ("kan", "linear")
-#: what replaces a feedforward: a two-layer KAN (``"kan"``), or the MLP's own projections with learnable functions
-#: on its activation and up channel that start at zero (``"glu"``, see function_layers.py)
-FORMS = ("kan", "glu")
+#: what replaces a feedforward: a two-layer KAN (``"kan"``, the research's form); the MLP's own projections with
+#: learnable functions on its activation and up channel that start at zero (``"glu"``, see function_layers.py); or a
+#: gated KAN, ``down(silu(gate(x)) * up(x))`` with three KAN layers (``"gated"``, see layers.py)
+FORMS = ("kan", "glu", "gated")
 INITS = ("random", "fit")
 #: ``blocks="auto"``: retrofit the ``num_blocks`` blocks that fit init replaces with the lowest error
 AUTO = "auto"
@@ -61,7 +62,11 @@ class RetrofitConfig:
         basis_options: options of the basis (``alpha``, ``grid_size``, ...).
 
     How:
-        form: ``"kan"`` (the KAN feedforward above), or ``"glu"``: the MLP keeps its projections and its
+        form: ``"kan"`` (the KAN feedforward above, the research's form); ``"gated"``: the KAN feedforward with a
+            third KAN layer that gates the first, ``down(silu(gate(x)) * up(x))`` like a SwiGLU MLP (the default
+            size still keeps it within half the MLP's parameters; with ``base="linear"`` and ``init="fit"`` it
+            starts as the MLP's most important channels, see docs/kan-learning.md); or ``"glu"``: the MLP keeps
+            its projections and its
             activation (and a gated MLP's up channel) gains learnable univariate functions of ``basis`` and
             ``degree``, zero at the start, so the model starts exactly at the original (docs/retrofitting.md).
             ``intermediate_size`` is then the MLP's channel count, filled in by ``retrofit``.
@@ -132,6 +137,7 @@ class RetrofitConfig:
             "hidden_size": self.hidden_size, "intermediate_size": settings["intermediate_size"],
             "basis": settings["basis"], "degree": settings["degree"], "input_map": settings["input_map"],
             "bias": settings["bias"], "base": settings["base"], **settings["basis_options"],
+            **({"gated": True} if self.form == "gated" else {}),
         }
 
     def function_arguments(self, index: int) -> dict:
@@ -325,6 +331,15 @@ class RetrofitConfig:
             _check_size("function_groups", self.function_groups)
         if self.mlp_layout:  # empty for a layout whose mlp_attribute is the activation itself
             check_layout(self.mlp_layout)
+        if self.form == "gated":
+            if self.kind != "kan":
+                raise ValueError(f"form='gated' is a retrofit of kind='kan'; kind={self.kind!r} restarts the MLPs "
+                                 f"instead")
+            bases = {self.base, *(own.get("base", self.base) for own in self.block_settings.values())}
+            if self.init == "fit" and bases != {"linear"}:
+                raise ValueError("init='fit' starts form='gated' as the MLP's most important channels, which its "
+                                 "layers hold exactly only with base='linear'; pass base='linear', or "
+                                 "init='random'")
         if self.form != "glu":
             return
         if self.kind != "kan":
@@ -367,14 +382,14 @@ class RetrofitConfig:
             KANFeedForward.count_parameters(
                 self.hidden_size or 1, settings["intermediate_size"] or 1, settings["basis"], settings["degree"],
                 input_map=settings["input_map"], bias=settings["bias"], base=settings["base"],
-                **settings["basis_options"],
+                gated=self.form == "gated", **settings["basis_options"],
             )
         except (TypeError, ValueError) as error:
             hint = ""
             if "unknown basis" in str(error):
                 hint = "; a basis added with kallm.register_basis must be registered before the checkpoint is loaded"
             where = "" if index is None else f" of block {index}"
-            built = "the functions of form='glu'" if self.form == "glu" else "a KAN feedforward"
+            built = "the functions of form='glu'" if self.form == "glu" else f"a form={self.form!r} KAN feedforward"
             raise ValueError(f"kan_config's basis, degree and options{where} do not build {built}: "
                              f"{error}{hint}") from error
 

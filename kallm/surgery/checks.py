@@ -181,14 +181,14 @@ def check_adapter_fits_kan_blocks(model: nn.Module, names, source=None) -> None:
     no KAN feedforward: PEFT would apply the rest and drop those parts without a word.
 
     ``names``: the adapter's weight names or its target module names; a name without a block index (a suffix
-    such as ``mlp.layers.0``) tells nothing and is skipped. A model of a family kallm does not retrofit has no
+    such as ``mlp.layers.0`` or ``mlp.gate``) tells nothing and is skipped. A model of a family kallm does not retrofit has no
     KAN layers of kallm's, so nothing is checked.
     """
     try:
         _, adapter, blocks = causal_lm_parts(model, "load_adapter", allow_adapters=True)
     except (TypeError, KeyError, ValueError):
         return
-    kan_layer = re.compile(rf"(?:^|\.)(\d+)\.{re.escape(adapter.mlp_attribute)}\.layers\.\d+(?:\.|$)")
+    kan_layer = re.compile(rf"(?:^|\.)(\d+)\.{re.escape(adapter.mlp_attribute)}\.(?:layers\.\d+|gate)(?:\.|$)")
     adapted = sorted({int(match.group(1)) for name in names if (match := kan_layer.search(name))})
     retrofitted = [i for i, block in enumerate(blocks) if is_kan_feedforward(getattr(block, adapter.mlp_attribute))]
     lost = [i for i in adapted if i not in retrofitted]

@@ -226,7 +226,11 @@ def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int]
     for index in bar:
         inputs, outputs = records.pop(index)
         feedforward = getattr(blocks[index], adapter.mlp_attribute)
-        errors[index] = fit_feedforward(feedforward, inputs, outputs, originals.pop(index))
+        if getattr(feedforward, "gate", None) is not None:
+            errors[index] = fit_gated_feedforward(feedforward, inputs, outputs, originals.pop(index),
+                                                  dict(adapter.mlp_layout))
+        else:
+            errors[index] = fit_feedforward(feedforward, inputs, outputs, originals.pop(index))
         ordinary[index] = ordinary_token_error(feedforward, inputs, outputs)
         bar.set_postfix(block=index, relative_error=f"{errors[index]:.3f}")
         _check_finite(index, feedforward, errors[index], ordinary[index], tokens)
@@ -372,6 +376,102 @@ def fit_feedforward(feedforward, inputs: torch.Tensor, outputs: torch.Tensor, or
         _match_outliers(layers[-1], _inputs_of(layers, len(layers) - 1, x), y, outlier)
     prediction = _run(feedforward, x)
     return float((prediction - y).norm() / y.norm().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def fit_gated_feedforward(feedforward, inputs: torch.Tensor, outputs: torch.Tensor, original: nn.Module,
+                          layout: dict[str, str], *, augment: int = AUGMENT, noise: float = 0.5,
+                          ridge: float = HIDDEN_RIDGE, seed: int = 0) -> float:
+    """Start a ``form="gated"`` feedforward (``base="linear"``) as the most important channels of the SwiGLU MLP
+    ``original``, then solve its output layer; returns the relative error over the recorded rows.
+
+    The gate and up layers' base branches get the MLP's gate and up rows of the ``intermediate_size`` channels with
+    the largest ``rms(silu(g_j) u_j) * ||down[:, j]||`` on the recorded inputs, and zero basis coefficients, so they
+    compute those channels exactly (a wider form's spare channels get a zero up row and add nothing); their input
+    maps are set so that the basis functions see well-spread inputs once they learn. The output layer's base branch
+    gets the MLP's down columns of those channels, and on top of them its basis and base branch are solved by ridge
+    least squares for the rest of the output, on the recorded rows and ``augment`` noisy copies of each (targets
+    from ``original``): that makes up for part of the dropped channels, and at full width leaves the copy exact.
+    """
+    gate, up, down = _swiglu_parts(original, layout)
+    first, last = feedforward.layers[0], feedforward.layers[-1]
+    if len(feedforward.layers) != 2:
+        raise ValueError("fit init of form='gated' needs a two-stage basis (one '>' at most)")
+    device = first.base_weight.device
+    x = inputs.to(device=device, dtype=torch.float32)
+    y = outputs.to(device=device, dtype=torch.float32)
+    channels = torch.nn.functional.silu(_run(gate, x)) * _run(up, x)
+    eye = torch.eye(channels.shape[1], device=device)
+    down_columns = _run(down, eye) - _run(down, eye[:1] * 0)
+    importance = channels.pow(2).mean(0).sqrt() * down_columns.norm(dim=1)
+    keep = importance.argsort(descending=True)[: feedforward.intermediate_size]
+    width = len(keep)
+    for layer, projection in ((feedforward.gate, gate), (first, up)):
+        bias = projection.bias
+        if bias is not None and layer.bias is None:
+            raise ValueError("the MLP's projections have biases, which a form='gated' feedforward built with "
+                             "bias=False cannot hold; use bias=True")
+        layer.weight.zero_()
+        layer.base_weight.zero_()
+        layer.base_weight[:width] = projection.weight[keep].to(layer.base_weight.dtype)
+        if layer.bias is not None:
+            layer.bias.zero_()
+            if bias is not None:
+                layer.bias[:width] = bias[keep].to(layer.bias.dtype)
+        _standardize([layer], 0, x, INPUT_SPREAD)
+    if width < feedforward.intermediate_size:  # spare gate channels keep their random rows: their up rows are zero
+        feedforward.gate.base_weight[width:].normal_(0.0, x.shape[1] ** -0.5)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    train_x, train_y = x, y
+    if augment > 0:
+        copies = x.repeat(augment, 1)
+        copies += noise * x.std(0, unbiased=False) * torch.randn(copies.shape, generator=generator, device=device)
+        train_x, train_y = torch.cat([x, copies]), torch.cat([y, _run(original, copies)])
+    hidden = _gated_hidden(feedforward, train_x)
+    _standardize([last], 0, hidden, HIDDEN_SPREAD)
+    # solved for what the copied channels miss, so that the ridge pulls towards the copy (exact at full width)
+    copied, offset = down_columns[keep].T, _run(down, eye[:1] * 0)[0]
+    _least_squares(last, hidden, train_y - hidden[:, :width] @ copied.T - offset, ridge)
+    last.base_weight[:, :width] += copied.to(last.base_weight.dtype)
+    if last.bias is not None:
+        last.bias += offset.to(last.bias.dtype)
+    prediction = _run(feedforward, x)
+    return float((prediction - y).norm() / y.norm().clamp_min(1e-12))
+
+
+def _gated_hidden(feedforward, x):
+    """The input of a gated feedforward's output layer, ``silu(gate(x)) * up(x)``, in float32."""
+    return torch.nn.functional.silu(_run(feedforward.gate, x)) * _run(feedforward.layers[0], x)
+
+
+def _swiglu_parts(original: nn.Module, layout: dict[str, str]) -> tuple[nn.Linear, nn.Linear, nn.Module]:
+    """``(gate, up, down)`` projections of a SwiGLU MLP (a fused ``gate_up`` projection split in two); refuses an
+    MLP that is not one."""
+    activation = getattr(original, layout.get("activation", ""), None)
+    probe = torch.linspace(-6, 6, 97)
+    if "down" not in layout or not ({"gate", "up"} <= set(layout) or "gate_up" in layout) or activation is None:
+        raise ValueError(f"fit init of form='gated' copies the channels of a gated MLP (SwiGLU); this MLP's parts "
+                         f"are {layout}; use init='random'")
+    if not torch.allclose(activation(probe), torch.nn.functional.silu(probe), atol=1e-5):
+        raise ValueError(f"fit init of form='gated' copies the channels of a SwiGLU MLP, whose gate goes through "
+                         f"silu; this MLP's activation is {type(activation).__name__}; use init='random'")
+    if "gate_up" in layout:
+        fused = getattr(original, layout["gate_up"])
+        half = fused.out_features // 2
+        halves = []
+        for rows in (slice(0, half), slice(half, None)):  # the gate's channels first, as the MLP chunks them
+            linear = nn.Linear(fused.in_features, half, bias=fused.bias is not None, device=fused.weight.device,
+                               dtype=fused.weight.dtype)
+            linear.weight.data = fused.weight.data[rows]
+            if fused.bias is not None:
+                linear.bias.data = fused.bias.data[rows]
+            halves.append(linear)
+        return (*halves, getattr(original, layout["down"]))
+    gate, up = getattr(original, layout["gate"]), getattr(original, layout["up"])
+    if not isinstance(gate, nn.Linear) or not isinstance(up, nn.Linear):
+        raise ValueError(f"fit init of form='gated' reads the MLP's gate and up projections as nn.Linear; this "
+                         f"MLP's are {type(gate).__name__} and {type(up).__name__}; use init='random'")
+    return gate, up, getattr(original, layout["down"])
 
 
 class NeuronDirections:

@@ -51,8 +51,9 @@ def retrofit(
             ``"auto"`` with ``num_blocks``), ``last_n``, ``basis``, ``degree``, ``intermediate_size``,
             ``input_map``, ``bias``, ``base`` (None, ``"silu"`` or ``"linear"``: a base branch beside the basis
             functions), ``basis_options``, ``kind`` (``"kan"`` or ``"linear"``, the linear-restart
-            baseline), ``form`` (``"kan"``, or ``"glu"``: the MLP keeps its projections and gains learnable
-            functions that start at zero, so the model starts exactly at the original) and ``function_groups``
+            baseline), ``form`` (``"kan"``; ``"gated"``: a third KAN layer gates the first, like a SwiGLU MLP; or
+            ``"glu"``: the MLP keeps its projections and gains learnable functions that start at zero, so the
+            model starts exactly at the original) and ``function_groups``
             (``form="glu"``: channels per shared function; None: one function per channel). Any other keyword
             is a basis option (``alpha=0.5``). ``layers=`` is the deprecated name of ``blocks=``.
         filter_fn: ``filter_fn(feedforward_module, qualified_name) -> bool`` (torchao's ``quantize_`` convention)
@@ -122,7 +123,7 @@ def retrofit(
         untag_dequantized_gguf(model)
         return model
 
-    if request.form == "kan":
+    if request.form != "glu":
         resolved = _resolve_sizes(resolved, existing, blocks, adapter)
     # Build one module per distinct setting first so that bad basis options fail before the model is touched.
     templates = {}
@@ -252,7 +253,8 @@ def _resolve_sizes(config: RetrofitConfig, existing: RetrofitConfig | None, bloc
         replaced = _feedforward_parameters(blocks[index], adapter)
         return intermediate_size_for_budget(
             config.hidden_size, int(replaced * DEFAULT_PARAMETER_SHARE), settings["basis"], settings["degree"],
-            input_map=settings["input_map"], bias=settings["bias"], base=settings["base"], **settings["basis_options"],
+            input_map=settings["input_map"], bias=settings["bias"], base=settings["base"],
+            gated=config.form == "gated", **settings["basis_options"],
         )
 
     explicit = config.intermediate_size is not None
