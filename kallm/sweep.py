@@ -43,19 +43,22 @@ from .loading import DEFAULT_MODEL
 
 #: what an arm does to the mini model's feedforwards: KAN ones, the linear restart, or nothing (MLP retrained)
 SWEEP_KINDS = ("kan", "linear", "mlp")
+#: the KAN feedforward forms an arm may take (``form="glu"`` keeps the MLP, which a sweep retrains as kind mlp)
+SWEEP_FORMS = ("kan", "gated")
 #: arm settings that are not KAN layer options
-ARM_KEYS = ("kind", "basis", "degree", "last_n", "blocks", "intermediate_size")
+ARM_KEYS = ("kind", "form", "basis", "degree", "last_n", "blocks", "intermediate_size")
 DATA_KEYS = ("train", "dev", "train_split", "dev_split", "text_column", "label_column", "train_limit", "dev_limit",
              "num_labels")
 #: the numeric settings of data and train, with their valid values
 DATA_RANGES = {"train_limit": positive_int, "dev_limit": positive_int, "num_labels": Number(int, 2)}
 TRAIN_RANGES = {"steps": positive_int, "batch_size": positive_int, "warmup_steps": non_negative_int,
                 "max_length": Number(int, 2), "learning_rate": positive_float, "weight_decay": non_negative_float,
-                "eval_batch_size": positive_int}
+                "eval_batch_size": positive_int, "eval_every": positive_int}
 SHRINK_RANGES = {"num_blocks": positive_int, "max_tokens": positive_int}
 #: in ``OUT/models/ARM``: the arm's settings as the config wrote them and as they were run
 ARM_SETTINGS_FILE = "arm_settings.json"
-TRAIN_KEYS = ("steps", "batch_size", "max_length", "learning_rate", "warmup_steps", "weight_decay", "eval_batch_size")
+TRAIN_KEYS = ("steps", "batch_size", "max_length", "learning_rate", "warmup_steps", "weight_decay", "eval_batch_size",
+              "eval_every")
 
 
 @dataclass
@@ -175,8 +178,12 @@ def arm_settings(config: SweepConfig, name: str) -> dict:
     if kind == "linear":
         return {key: settings[key] for key in ("kind", "last_n", "blocks") if key in settings}
     options = {key: value for key, value in settings.items() if key not in ARM_KEYS}
+    form = settings.get("form", "kan")
+    if form not in SWEEP_FORMS:
+        raise ValueError(f"arm {name!r}: unknown form {form!r}; valid choices: {', '.join(SWEEP_FORMS)}")
     try:  # builds the basis with its options without allocating anything; unknown bases name the valid ones
-        KANFeedForward.count_parameters(8, 8, settings.get("basis", "cheby2"), settings.get("degree", 2), **options)
+        KANFeedForward.count_parameters(8, 8, settings.get("basis", "cheby2"), settings.get("degree", 2),
+                                        gated=form == "gated", **options)
     except (TypeError, ValueError) as error:
         raise ValueError(f"arm {name!r}: {error}") from error
     return settings
@@ -320,20 +327,24 @@ def batch(examples, pad_id: int):
     return input_ids, attention, torch.tensor([label for _, label in examples])
 
 
-def train_classifier(model, train, pad_id: int, settings: dict, seed: int) -> dict:
+def train_classifier(model, train, pad_id: int, settings: dict, seed: int, score=None) -> dict:
     """Plain AdamW training, every parameter, on batches drawn in a seeded order; returns timings and losses.
 
-    ``warmup_steps``: the learning rate rises linearly to ``learning_rate`` over that many steps, then stays."""
+    ``warmup_steps``: the learning rate rises linearly to ``learning_rate`` over that many steps, then stays.
+    ``eval_every``: ``score(model)`` (dev accuracy) after every that many steps and after the last, as
+    ``curve``: ``[[step, accuracy], ...]``; scoring time is not training time."""
     steps, batch_size = settings.get("steps", 100), settings.get("batch_size", 16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.get("learning_rate", 1e-3),
                                   weight_decay=settings.get("weight_decay", 0.0))
     warmup = settings.get("warmup_steps", 0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    every = settings.get("eval_every") if score is not None else None
     generator = torch.Generator().manual_seed(seed)
     order = []
-    model.train()
-    losses, started = [], time.perf_counter()
-    for _ in range(steps):
+    losses, curve, seconds = [], [], 0.0
+    for step in range(1, steps + 1):
+        started = time.perf_counter()
+        model.train()
         if len(order) < batch_size:
             order += torch.randperm(len(train), generator=generator).tolist()
         chosen, order = order[:batch_size], order[batch_size:]
@@ -344,8 +355,13 @@ def train_classifier(model, train, pad_id: int, settings: dict, seed: int) -> di
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
-    seconds = time.perf_counter() - started
-    return {"train_seconds": round(seconds, 2), "seconds_per_step": round(seconds / steps, 4), "losses": losses}
+        seconds += time.perf_counter() - started
+        if every and (step % every == 0 or step == steps):
+            curve.append([step, score(model)])
+    record = {"train_seconds": round(seconds, 2), "seconds_per_step": round(seconds / steps, 4), "losses": losses}
+    if every:
+        record["curve"] = curve
+    return record
 
 
 @torch.inference_mode()
@@ -365,10 +381,14 @@ def run_sweep_arm(config: SweepConfig, name: str, seed: int, inputs: SweepInputs
     settings = arm_settings(config, name)
     model = build_arm(inputs, settings, seed)
     pad_id = inputs.tokenizer.pad_token_id
+
+    def score(trained):
+        return accuracy(trained, inputs.dev, pad_id, config.train.get("eval_batch_size", 250))
+
     with PeakMemory() as memory:
-        record = train_classifier(model, inputs.train, pad_id, config.train, seed)
+        record = train_classifier(model, inputs.train, pad_id, config.train, seed, score)
     record.update(
-        arm=name, seed=seed, accuracy=accuracy(model, inputs.dev, pad_id, config.train.get("eval_batch_size", 250)),
+        arm=name, seed=seed, accuracy=record["curve"][-1][1] if "curve" in record else score(model),
         trainable_parameters=count_parameters(model, trainable_only=True), total_parameters=count_parameters(model),
         peak_memory_bytes=memory.peak_bytes,
     )
@@ -401,11 +421,24 @@ def summarize_sweep(records: list[dict], dev_size: int) -> list[dict]:
             "train_seconds": statistics.fmean(run["train_seconds"] for run in runs),
             "seconds_per_step": statistics.fmean(run["seconds_per_step"] for run in runs),
             "peak_memory_bytes": max(run["peak_memory_bytes"] for run in runs),
+            **({"curve": mean_curve(runs)} if all("curve" in run for run in runs) else {}),
         })
     front = pareto_front(rows)
     for row in rows:
         row["pareto"] = row["arm"] in front
     return rows
+
+
+def mean_curve(runs: list[dict]) -> list[dict]:
+    """Dev accuracy against steps over an arm's seeds: ``[{"step", "mean", "stderr"}]`` at the steps every run
+    scored."""
+    steps = sorted(set.intersection(*({step for step, _ in run["curve"]} for run in runs)))
+    points = []
+    for step in steps:
+        values = [dict(run["curve"])[step] for run in runs]
+        error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        points.append({"step": step, "mean": statistics.fmean(values), "stderr": error})
+    return points
 
 
 def pareto_front(rows: list[dict]) -> set[str]:
@@ -436,7 +469,23 @@ def sweep_markdown(config: SweepConfig, rows: list[dict], dev_size: int) -> str:
             f"({100 * stat['stderr']:.1f}) | {row['trainable_parameters']:,} | {row['total_parameters']:,} | "
             f"{row['train_seconds']:.0f} s | {row['seconds_per_step']:.3f} | {row['peak_memory_bytes'] / 2**30:.2f} GiB |"
         )
+    lines += curve_table(rows)
     return portable_paths("\n".join(lines) + "\n")
+
+
+def curve_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: dev accuracy against training steps (mean over seeds), for the arms scored along the way."""
+    curves = [row for row in rows if row.get("curve")]
+    if not curves:
+        return []
+    steps = sorted({point["step"] for row in curves for point in row["curve"]})
+    lines = ["", "Dev accuracy (%) against training steps, mean over seeds (train.eval_every):", "",
+             "| arm | " + " | ".join(str(step) for step in steps) + " |", "| --- |" + " ---: |" * len(steps)]
+    for row in curves:
+        by_step = {point["step"]: point["mean"] for point in row["curve"]}
+        cells = [f"{100 * by_step[step]:.1f}" if step in by_step else "" for step in steps]
+        lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_sweep(rows: list[dict], path: Path) -> Path:
@@ -466,6 +515,35 @@ def plot_sweep(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def plot_curves(rows: list[dict], path: Path) -> Path | None:
+    """Dev accuracy against training steps, one line per arm (mean over seeds, standard error shaded)."""
+    curves = [row for row in rows if row.get("curve")]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 6))
+    for row in curves:
+        steps = [point["step"] for point in row["curve"]]
+        mean = [100 * point["mean"] for point in row["curve"]]
+        error = [100 * point["stderr"] for point in row["curve"]]
+        dashed = "--" if row["arm"].startswith("fully") else "-"
+        line, = axis.plot(steps, mean, dashed, marker="o", markersize=3, label=row["arm"])
+        axis.fill_between(steps, [m - e for m, e in zip(mean, error)], [m + e for m, e in zip(mean, error)],
+                          color=line.get_color(), alpha=0.15)
+    axis.set_xlabel("training steps")
+    axis.set_ylabel("dev accuracy (%), mean ± standard error over seeds")
+    axis.set_title("Dev accuracy against training steps")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def run_sweep(config: SweepConfig, restart: bool = False, save_models: bool = False) -> dict:
     """Run every arm for every seed (resuming from ``OUT/runs.json``), then write the report and the plot."""
     data = load_data(config)  # bad data fails here, before anything is loaded or written
@@ -485,8 +563,10 @@ def run_sweep(config: SweepConfig, restart: bool = False, save_models: bool = Fa
         encoding="utf-8",
     )
     plot = plot_sweep(rows, out / "accuracy_vs_time.png")
+    curves = plot_curves(rows, out / "accuracy_vs_steps.png")
     print(report)
-    return {"rows": rows, "runs": records, "report": str(out / "results.md"), "plot": str(plot)}
+    return {"rows": rows, "runs": records, "report": str(out / "results.md"), "plot": str(plot),
+            "curves": str(curves) if curves else None}
 
 
 def _run_settings(config: SweepConfig, name: str, save_models: bool, data_digest: str) -> dict:

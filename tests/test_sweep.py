@@ -103,6 +103,8 @@ def test_cli_subset_and_saved_models_load_as_classifiers(workspace, monkeypatch)
 @pytest.mark.parametrize("change, message", [
     ({"arms": {"bad": {"basis": "chebyshev9"}}}, "arm 'bad': unknown basis 'chebyshev9'"),
     ({"arms": {"bad": {"kind": "lstm"}}}, "arm 'bad': unknown kind 'lstm'; valid choices: kan, linear, mlp"),
+    ({"arms": {"bad": {"form": "glu"}}}, "arm 'bad': unknown form 'glu'; valid choices: kan, gated"),
+    ({"train": {"eval_every": 0}}, "train.eval_every must be an integer >= 1, got 0"),
     ({"arms": {"bad": {"basis": "cheby2", "alpha": 2.0}}}, "arm 'bad'"),
     ({"arms": {"../x": {}}}, "arm name '../x' is not allowed"),
     ({"seeds": []}, "seeds must be a non-empty list of integers"),
@@ -205,23 +207,37 @@ def test_grid_names_and_pareto_front():
     assert pareto_front(rows) == {"fast", "best", "mid"}
 
 
-def test_the_agnews_config_loads_with_every_arm_the_issue_asks_for(monkeypatch, tmp_path):
+def test_the_agnews_config_pairs_every_form_with_its_linear_partner_at_a_converged_budget(monkeypatch, tmp_path):
     from pathlib import Path
 
     monkeypatch.setenv("KALLM_DATA_DIR", str(tmp_path))
     config = load_sweep(Path(__file__).resolve().parent.parent / "configs" / "sweep-agnews.yaml")
-    assert len(config.arms) == 13 + 10 + 4 + 3 + 3 and config.seeds == [0, 1, 2]
-    kinds = [settings.get("kind", "kan") for settings in config.arms.values()]
-    assert kinds.count("linear") == 1 and kinds.count("mlp") == 1
+    assert config.seeds == [0, 1, 2] and config.train["steps"] == 400 and config.train["eval_every"] == 50
+    resolved = {name: arm_settings(config, name) for name in config.arms}
+    assert resolved["linear-restart"] == {"kind": "linear", "last_n": 1}
+    assert resolved["fully-linear-restart"] == {"kind": "linear", "last_n": 3}
+    assert resolved["mlp-retrained"] == {"kind": "mlp"}
+    forms = {name: (settings.get("form", "kan"), settings.get("base"), settings["last_n"])
+             for name, settings in resolved.items() if settings["kind"] == "kan"}
+    assert forms == {
+        "cheby2-d2": ("kan", None, 1), "base-silu-cheby2-d2": ("kan", "silu", 1), "gated-cheby2-d2": ("gated", None, 1),
+        "fully-kan-cheby2-d2": ("kan", None, 3), "fully-kan-base-silu-cheby2-d2": ("kan", "silu", 3),
+        "fully-kan-gated-cheby2-d2": ("gated", None, 3),
+    }
+    assert all(("fully" in name) == (settings.get("last_n") == 3) for name, settings in resolved.items()
+               if settings["kind"] != "mlp")
+    assert 3 == config.shrink["num_blocks"]
+
+
+def test_the_bases_config_holds_every_basis_at_the_same_budget(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    monkeypatch.setenv("KALLM_DATA_DIR", str(tmp_path))
+    root = Path(__file__).resolve().parent.parent / "configs"
+    config, forms = load_sweep(root / "sweep-agnews-bases.yaml"), load_sweep(root / "sweep-agnews.yaml")
+    assert len(config.arms) == 13 + 10 + 4 + 1 and config.train == forms.train and config.data == forms.data
     assert sum("+" in settings.get("basis", "") for settings in config.arms.values()) == 2
     assert sum(">" in settings.get("basis", "") for settings in config.arms.values()) == 2
-    assert config.arms["fully-kan-cheby2-d2"]["last_n"] == 3 == config.shrink["num_blocks"]
-    branches = {name: settings["base"] for name, settings in config.arms.items() if "base" in settings}
-    assert branches == {"base-silu-cheby2-d2": "silu", "base-linear-cheby2-d2": "linear",
-                        "fully-kan-base-silu-cheby2-d2": "silu"}
-    assert config.arms["fully-kan-base-silu-cheby2-d2"]["last_n"] == 3
-    for name in branches:  # the settings reach retrofit as a field, not a basis option
-        assert arm_settings(config, name)["base"] == branches[name]
 
 
 def test_a_tokenizer_without_pad_or_eos_token_is_refused_before_anything_is_written(workspace, monkeypatch):
@@ -265,6 +281,39 @@ def test_arms_are_copies_of_one_loaded_classifier_with_the_head_drawn_from_the_s
     torch.optim.SGD(first.parameters(), lr=1.0).step()
     assert not isinstance(inputs.classifier.model.layers[1].mlp, KANFeedForward)
     assert all(torch.equal(tensor, loaded[name]) for name, tensor in inputs.classifier.state_dict().items())
+
+
+def test_eval_every_scores_the_dev_rows_along_the_way_and_plots_the_curves(workspace, monkeypatch):
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    config = load_sweep(write_config(
+        workspace, seeds=[0, 1], train={"steps": 5, "batch_size": 4, "max_length": 16, "eval_every": 2},
+        grid=[], arms={"gated": {"form": "gated"}, "linear-restart": {"kind": "linear"}}))
+    result = run_sweep(config)
+    for run in result["runs"]:  # after steps 2 and 4, and after the last; the final accuracy is the last point
+        assert [step for step, _ in run["curve"]] == [2, 4, 5] and run["accuracy"] == run["curve"][-1][1]
+    rows = {row["arm"]: row for row in result["rows"]}
+    gated = rows["gated"]["curve"]
+    assert [point["step"] for point in gated] == [2, 4, 5]
+    runs = [run for run in result["runs"] if run["arm"] == "gated"]
+    assert gated[0]["mean"] == pytest.approx(sum(run["curve"][0][1] for run in runs) / 2)
+    out = workspace / "out"
+    assert (out / "accuracy_vs_steps.png").stat().st_size > 0
+    report = (out / "results.md").read_text()
+    assert "| arm | 2 | 4 | 5 |" in report and f"| gated | {100 * gated[0]['mean']:.1f} |" in report
+    model = json.loads((out / "results.json").read_text())
+    assert model["arms"][0]["curve"] == gated
+
+
+def test_a_gated_arm_is_a_gated_kan_feedforward(workspace, monkeypatch):
+    from kallm.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model
+
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    config = load_sweep(write_config(workspace, arms={"gated": {"form": "gated", "last_n": 2}}, grid=[]))
+    data = load_data(config)
+    inputs = prepare_inputs(config, prepare_mini_model(config, data[0]), data)
+    model = build_arm(inputs, arm_settings(config, "gated"), 0)
+    assert all(block.mlp.gate is not None for block in model.model.layers)
+    assert model.config.kan_config["form"] == "gated"
 
 
 def test_warmup_steps_scale_the_first_updates():
