@@ -43,6 +43,7 @@ _EXPORTS = {
     "quantize": "surgery",
     "retrofit": "surgery",
     "save_quantized": "surgery",
+    "parameter_groups": "surgery",
     "set_trainable": "surgery",
     "shrink": "surgery",
     "summary": "surgery",

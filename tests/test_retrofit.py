@@ -454,6 +454,41 @@ def test_set_trainable_errors():
     assert kallm.set_trainable(plain, "all") == sum(p.numel() for p in plain.parameters())
 
 
+def test_parameter_groups_split_the_trainable_parameters_by_role_at_scaled_learning_rates():
+    model = kallm.retrofit(tiny_model("llama"), last_n=1, basis="rational", base="linear", form="gated")
+    kallm.set_trainable(model, "tail")
+    groups = kallm.parameter_groups(model, 1e-3, {"base": 0.1, "coefficients": 2.0})
+    by_role = {group["role"]: group for group in groups}
+    assert set(by_role) == {"coefficients", "base", "bias", "input_maps", "basis", "other"}
+    names = {id(p): name for name, p in model.named_parameters()}
+    role_names = {role: {names[id(p)] for p in group["params"]} for role, group in by_role.items()}
+    assert role_names["base"] == {f"model.layers.2.mlp.{part}.base_weight" for part in ("gate", "layers.0", "layers.1")}
+    assert "model.layers.2.mlp.gate.weight" in role_names["coefficients"]
+    assert "model.layers.2.mlp.layers.1.input_shift" in role_names["input_maps"]
+    assert "model.layers.2.mlp.gate.basis_parameters.0" in role_names["basis"]
+    assert "model.layers.2.self_attn.q_proj.weight" in role_names["other"]
+    assert (by_role["base"]["lr"], by_role["coefficients"]["lr"], by_role["other"]["lr"]) == (1e-4, 2e-3, 1e-3)
+    # every trainable parameter once, frozen ones never
+    listed = [id(p) for group in groups for p in group["params"]]
+    assert sorted(listed) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    torch.optim.AdamW(groups)  # torch takes them as they are
+    glu = kallm.retrofit(tiny_model("llama"), last_n=1, form="glu")
+    glu_roles = {g["role"] for g in kallm.parameter_groups(glu, 1.0)}
+    assert {"coefficients", "input_maps", "other"} <= glu_roles
+
+
+@pytest.mark.parametrize("scales, message", [
+    ({"embeddings": 0.1}, "unknown parameter roles ['embeddings'] in learning rate scales; valid roles: coefficients, "
+                          "base, bias, input_maps, basis, other"),
+    ({"base": -1.0}, "learning rate scales must be finite numbers >= 0"),
+    ({"base": "slow"}, "learning rate scales must be finite numbers >= 0"),
+    ({"base": float("nan")}, "learning rate scales must be finite numbers >= 0"),
+])
+def test_parameter_groups_refuse_unknown_roles_and_bad_scales(scales, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kallm.parameter_groups(tiny_model("llama"), 1e-3, scales)
+
+
 def test_summary_returns_and_prints_the_table(capsys):
     model = kallm.retrofit(tiny_model("llama"), last_n=2)
     trainable = kallm.set_trainable(model, "retrofitted")

@@ -7,4 +7,4 @@ from .lora import KANLoraLinear, load_adapter, lora_config, lora_targets, with_k
 from .quantize import load_quantized, quantize, save_quantized
 from .retrofit import retrofit, retrofitted_blocks, retrofitted_layers
 from .shrink import shrink
-from .trainable import POLICIES, set_trainable, summary
+from .trainable import PARAMETER_ROLES, POLICIES, parameter_groups, set_trainable, summary
