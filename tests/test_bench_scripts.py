@@ -287,3 +287,70 @@ def test_bench_finetune_scores_held_out_rows_of_the_training_file_past_those_tra
         bench.parse_args(["--train-data", str(train), "--eval-data", str(train), "--train-limit", "4",
                           "--held-out-from", "3"])
     assert "would score conversations trained on" in capsys.readouterr().err
+
+
+def heal_data_folder(tmp_path, data_dir):
+    """A data folder of the healing texts (cut short) that bench_heal and bench_block_ceiling read."""
+    data = tmp_path / "data"
+    for name in ("text/wikitext2/wiki.test.raw", "text/tinyshakespeare/input.txt"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_text((data_dir / name).read_text(encoding="utf-8")[:3000])
+    for name in ("chat/oasst_en100/all_paths.jsonl", "chat/hh_rlhf_helpful/test.jsonl"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_text("".join((data_dir / name).read_text(encoding="utf-8").splitlines(True)[:6]))
+    return data
+
+
+def test_bench_block_ceiling_fits_and_trains_each_form_block_locally(tmp_path, data_dir, monkeypatch):
+    folder, _, _, _ = fit_bench_inputs(tmp_path)
+    monkeypatch.setenv("KALLM_DATA_DIR", str(heal_data_folder(tmp_path, data_dir)))
+    output = tmp_path / "ceiling"
+    code = load_script("bench_block_ceiling").main([
+        "--model", str(folder), "--blocks", "1,2", "--forms", "kan,gated", "--steps", "4", "--eval-every", "2",
+        "--batch", "16", "--train-tokens", "600", "--score-tokens", "200", "--lr-scales", "base=0.1",
+        "--output", str(output)])
+    assert code == 0
+    results = json.loads(output.with_suffix(".json").read_text())["results"]
+    assert [(r["block"], r["form"]) for r in results] == [(1, "kan"), (1, "gated"), (2, "kan"), (2, "gated")]
+    for r in results:
+        assert [p["step"] for p in r["curve"]] == [0, 2, 4]
+        assert all(0 <= p["train"] < 10 and 0 <= p["held_out"] < 10 for p in r["curve"])
+        assert r["parameters"] <= r["mlp_parameters"] * (0.5 if r["form"] == "kan" else 1.0)
+    gated = results[1]  # fit init starts the gated form at most of the MLP: far below a random start's error of ~1
+    assert gated["curve"][0]["train"] < 0.5
+    table = output.with_suffix(".md").read_text()
+    assert "| 2 | gated |" in table and "--lr-scales base=0.1" in table
+
+
+def test_diagnose_kan_learning_reports_per_block_numbers_for_each_arm(tmp_path, monkeypatch):
+    import yaml
+
+    from kallm.sweep import load_sweep
+
+    folder, _, _, _ = fit_bench_inputs(tmp_path)
+    rows = [{"text": f"the {['ball', 'bank'][i % 2]} news {i}", "label": i % 2} for i in range(24)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny", "model": str(folder), "out": str(tmp_path / "out"), "shrink": {"num_blocks": 2},
+        "data": {"train": str(tmp_path / "rows.jsonl"), "dev": str(tmp_path / "rows.jsonl")},
+        "train": {"steps": 4, "batch_size": 4, "max_length": 16, "learning_rate": 1e-3},
+        "arms": {"fully-linear-restart": {"kind": "linear", "last_n": 2},
+                 "fully-kan-cheby2-d2": {"basis": "cheby2", "degree": 2, "last_n": 2}}}))
+    load_sweep(config)
+    output = tmp_path / "diagnosis"
+    code = load_script("diagnose_kan_learning").main(["--config", str(config), "--steps", "4", "--every", "2",
+                                                     "--output", str(output)])
+    assert code == 0
+    results = {r["arm"]: r for r in json.loads(output.with_suffix(".json").read_text())["results"]}
+    assert set(results) == {"fully-linear-restart", "fully-kan-cheby2-d2"}
+    for arm, result in results.items():
+        assert [p["step"] for p in result["points"]] == [0, 2, 4]
+        for point in result["points"]:
+            assert [row["block"] for row in point["blocks"]] == [0, 1]
+            for row in point["blocks"]:
+                assert row["in"] > 0 and row["out"] > 0 and 0 <= row["token_spread"] <= 1
+                assert ("saturated" in row) == (arm == "fully-kan-cheby2-d2")
+                assert (row["grad"] is None) == (point["step"] == 0)
+        assert all(row["update"] > 0 for row in result["points"][-1]["blocks"])
+    assert "| fully-kan-cheby2-d2 | 4 |" in output.with_suffix(".md").read_text()
