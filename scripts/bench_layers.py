@@ -3,11 +3,14 @@
 At hidden size 576 (SmolLM2-135M) it compares, for each token count N:
 
 - ``kan``: ``KANFeedForward(576, h)`` (cheby2, degree 2) with ``h`` sized to half the MLP's parameters;
+- ``kan_base_silu``: the same with a base branch on every layer (``base="silu"``), ``h`` sized to the same budget;
+- ``kan_gated``: the gated form (``gated=True``: ``down(silu(gate(x)) * up(x))``, three KAN layers), ``h``
+  sized to the same budget;
 - ``llama_mlp``: transformers' ``LlamaMLP`` 576 -> 1536 -> 576 (SiLU), the module kallm replaces;
-- ``textbook``: the same KAN feedforward computed by ``kallm.reference`` (stack + einsum, plain autograd).
+- ``textbook``: the ``kan`` arm computed by ``kallm.reference`` (stack + einsum, plain autograd).
 
 For each: parameters, median forward+backward time (the models run interleaved, and each
-ratio is the median of per-round ratios so that load shared by all three cancels),
+ratio is the median of per-round ratios so that load shared by all of them cancels),
 activation bytes saved for backward per token (``saved_tensors_hooks``; parameters,
 duplicates of one storage and copies of weights, which do not grow with N, are not
 counted) and, on CUDA, the peak memory of one step above what was allocated before it.
@@ -58,12 +61,18 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON, DEFAULT_MARKDOWN = str(ROOT / "docs" / "bench_layers.json"), str(ROOT / "docs" / "bench_layers.md")
 
 
+#: the KAN feedforward arms of the CPU rows: name -> KANFeedForward options beside basis and degree
+KAN_ARMS = {"kan": {}, "kan_base_silu": {"base": "silu"}, "kan_gated": {"gated": True}}
+
+
 def build_models(basis: str, degree: int):
+    """The intermediate size of each KAN arm (each at half the MLP's parameters) and the models of the CPU rows."""
     mlp = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=MLP_INTERMEDIATE, hidden_act="silu"))
-    mlp_params = sum(p.numel() for p in mlp.parameters())
-    h = intermediate_size_for_budget(HIDDEN, mlp_params // 2, basis, degree)
-    kan = KANFeedForward(HIDDEN, h, basis, degree)
-    return h, {"kan": kan, "llama_mlp": mlp, "textbook": ReferenceKANFeedForward(kan)}
+    budget = sum(p.numel() for p in mlp.parameters()) // 2
+    sizes = {name: intermediate_size_for_budget(HIDDEN, budget, basis, degree, **options)
+             for name, options in KAN_ARMS.items()}
+    models = {name: KANFeedForward(HIDDEN, sizes[name], basis, degree, **options) for name, options in KAN_ARMS.items()}
+    return sizes, {**models, "llama_mlp": mlp, "textbook": ReferenceKANFeedForward(models["kan"])}
 
 
 def saved_bytes(model, x) -> int:
@@ -178,10 +187,12 @@ def decode_markdown(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(rows, h) -> str:
+def markdown(rows, sizes) -> str:
+    h = sizes["kan"]
+    others = ", ".join(f"{name} {size}" for name, size in sizes.items() if name != "kan")
     lines = [
-        f"hidden 576; KAN intermediate h = {h}; saved-bytes target for the KAN FF in fp32: 4*(576+h) = "
-        f"{4 * (HIDDEN + h)} bytes/token",
+        f"hidden 576; KAN intermediate h = {h} ({others}); saved-bytes target for the KAN FF in fp32: "
+        f"4*(576+h) = {4 * (HIDDEN + h)} bytes/token",
         "",
         "| device | threads | dtype | N | model | params | fwd+bwd ms | x LlamaMLP | saved bytes/token | peak GPU MiB |",
         "|---|---:|---|---:|---|---:|---:|---:|---:|---:|",
@@ -353,14 +364,14 @@ def main(argv=None) -> int:
     for device, dtype, threads in settings:
         torch.set_num_threads(threads)
         torch.manual_seed(0)
-        h, models = build_models(args.basis, args.degree)
+        sizes, models = build_models(args.basis, args.degree)
         models = {name: model.to(device=device, dtype=dtype) for name, model in models.items()}
         for tokens in args.tokens:
             new_rows = measure(models, tokens, dtype, device, args.repeats, args.warmup)
             for row in new_rows:
                 row["threads"] = threads if device.type == "cpu" else None
             rows += new_rows
-            print(markdown(new_rows, h), flush=True)
+            print(markdown(new_rows, sizes), flush=True)
         for tokens in args.decode_tokens:
             new_rows = measure_decode(models, tokens, dtype, device, args.repeats)
             for row in new_rows:
@@ -368,12 +379,12 @@ def main(argv=None) -> int:
             decode_rows += new_rows
             print(decode_markdown(new_rows), flush=True)
 
-    table = markdown(rows, h) + ("\n" + decode_markdown(decode_rows) if decode_rows else "")
+    table = markdown(rows, sizes) + ("\n" + decode_markdown(decode_rows) if decode_rows else "")
     print(table)
     report = {
-        "hidden_size": HIDDEN, "mlp_intermediate_size": MLP_INTERMEDIATE, "kan_intermediate_size": h,
-        "basis": args.basis, "degree": args.degree, "repeats": args.repeats, "warmup": args.warmup,
-        "saved_bytes_target_fp32": 4 * (HIDDEN + h),
+        "hidden_size": HIDDEN, "mlp_intermediate_size": MLP_INTERMEDIATE, "kan_intermediate_size": sizes["kan"],
+        "kan_intermediate_sizes": sizes, "basis": args.basis, "degree": args.degree, "repeats": args.repeats, "warmup": args.warmup,
+        "saved_bytes_target_fp32": 4 * (HIDDEN + sizes["kan"]),
         "environment": {
             "torch": torch.__version__, "machine": platform.machine(),
             "processor": platform.processor(), "cpu_count": os.cpu_count(),

@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import make_tiny_tokenizer, tiny_model
 
+from kallm.core.layers import KANFeedForward
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,10 +91,18 @@ def test_bench_layers_writes_its_table(tmp_path):
                                               "--json", str(out_json), "--markdown", str(out_md)])
     assert code in (0, None)
     report = json.loads(out_json.read_text())
-    assert [(r["tokens"], r["model"]) for r in report["decode_rows"]] == [
-        (n, m) for n in (1, 8) for m in ("kan", "llama_mlp", "textbook")]
+    arms = ("kan", "kan_base_silu", "kan_gated", "llama_mlp", "textbook")
+    assert [(r["tokens"], r["model"]) for r in report["decode_rows"]] == [(n, m) for n in (1, 8) for m in arms]
     assert all(r["forward_us"] > 0 for r in report["decode_rows"])
+    assert [r["model"] for r in report["rows"]] == list(arms)
+    # every KAN arm the widest of its form within half the MLP's parameters
+    sizes, budget = report["kan_intermediate_sizes"], report["rows"][3]["parameters"] // 2
+    for arm, options in (("kan", {}), ("kan_base_silu", {"base": "silu"}), ("kan_gated", {"gated": True})):
+        assert next(r["parameters"] for r in report["rows"] if r["model"] == arm) <= budget
+        assert KANFeedForward.count_parameters(576, sizes[arm] + 1, "cheby2", 2, **options) > budget
+    assert sizes["kan"] == report["kan_intermediate_size"] > sizes["kan_base_silu"]
     assert "| cpu | 1 | float32 | 8 | kan |" in out_md.read_text()
+    assert "| cpu | 1 | float32 | 64 | kan_gated |" in out_md.read_text()
 
 
 def test_bench_layers_gpu_rows_count_the_gemm_traffic_and_need_a_gpu(monkeypatch):
