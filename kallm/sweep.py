@@ -58,7 +58,7 @@ SHRINK_RANGES = {"num_blocks": positive_int, "max_tokens": positive_int}
 #: in ``OUT/models/ARM``: the arm's settings as the config wrote them and as they were run
 ARM_SETTINGS_FILE = "arm_settings.json"
 TRAIN_KEYS = ("steps", "batch_size", "max_length", "learning_rate", "warmup_steps", "weight_decay", "eval_batch_size",
-              "eval_every")
+              "eval_every", "learning_rate_scales")
 
 
 @dataclass
@@ -154,6 +154,10 @@ def check_sweep(config: SweepConfig) -> None:
     for key in ("text_column", "label_column", "train_split", "dev_split"):
         if not isinstance(config.data.get(key, ""), str):
             raise ValueError(f"data.{key} must be a name, got {config.data[key]!r}")
+    if "learning_rate_scales" in config.train:
+        from .surgery.trainable import check_role_scales
+
+        check_role_scales(config.train["learning_rate_scales"], "train.learning_rate_scales")
     unknown = sorted(set(config.shrink) - {"num_blocks", "blocks", "max_tokens"})
     if unknown:
         raise ValueError(f"unknown shrink settings {unknown}; valid: num_blocks, blocks, max_tokens")
@@ -331,11 +335,15 @@ def train_classifier(model, train, pad_id: int, settings: dict, seed: int, score
     """Plain AdamW training, every parameter, on batches drawn in a seeded order; returns timings and losses.
 
     ``warmup_steps``: the learning rate rises linearly to ``learning_rate`` over that many steps, then stays.
+    ``learning_rate_scales``: ``{role: scale}`` by parameter role (``kallm.parameter_groups``), e.g. slower basis
+    coefficients.
     ``eval_every``: ``score(model)`` (dev accuracy) after every that many steps and after the last, as
     ``curve``: ``[[step, accuracy], ...]``; scoring time is not training time."""
     steps, batch_size = settings.get("steps", 100), settings.get("batch_size", 16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.get("learning_rate", 1e-3),
-                                  weight_decay=settings.get("weight_decay", 0.0))
+    from .surgery.trainable import parameter_groups
+
+    groups = parameter_groups(model, settings.get("learning_rate", 1e-3), settings.get("learning_rate_scales"))
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.get("weight_decay", 0.0))
     warmup = settings.get("warmup_steps", 0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     every = settings.get("eval_every") if score is not None else None

@@ -105,6 +105,9 @@ def test_cli_subset_and_saved_models_load_as_classifiers(workspace, monkeypatch)
     ({"arms": {"bad": {"kind": "lstm"}}}, "arm 'bad': unknown kind 'lstm'; valid choices: kan, linear, mlp"),
     ({"arms": {"bad": {"form": "glu"}}}, "arm 'bad': unknown form 'glu'; valid choices: kan, gated"),
     ({"train": {"eval_every": 0}}, "train.eval_every must be an integer >= 1, got 0"),
+    ({"train": {"learning_rate_scales": {"weights": 0.1}}}, "unknown parameter roles ['weights'] in "
+                                                            "train.learning_rate_scales; valid roles: coefficients"),
+    ({"train": {"learning_rate_scales": 0.1}}, "train.learning_rate_scales must be a mapping of parameter roles"),
     ({"arms": {"bad": {"basis": "cheby2", "alpha": 2.0}}}, "arm 'bad'"),
     ({"arms": {"../x": {}}}, "arm name '../x' is not allowed"),
     ({"seeds": []}, "seeds must be a non-empty list of integers"),
@@ -314,6 +317,26 @@ def test_a_gated_arm_is_a_gated_kan_feedforward(workspace, monkeypatch):
     model = build_arm(inputs, arm_settings(config, "gated"), 0)
     assert all(block.mlp.gate is not None for block in model.model.layers)
     assert model.config.kan_config["form"] == "gated"
+
+
+def test_learning_rate_scales_reach_each_parameter_role(workspace, monkeypatch):
+    from kallm.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model, train_classifier
+
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    config = load_sweep(write_config(workspace, grid=[], arms={"kan": {}},
+                                     train={"steps": 2, "batch_size": 4, "max_length": 16,
+                                            "learning_rate_scales": {"coefficients": 0.0}}))
+    data = load_data(config)
+    inputs = prepare_inputs(config, prepare_mini_model(config, data[0]), data)
+    model = build_arm(inputs, arm_settings(config, "kan"), 0)
+    layer = model.model.layers[1].mlp.layers[0]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train_classifier(model, inputs.train, inputs.tokenizer.pad_token_id, config.train, 0)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert "model.layers.1.mlp.layers.0.weight" not in changed and torch.equal(layer.weight, before[
+        "model.layers.1.mlp.layers.0.weight"])
+    assert {"model.layers.1.mlp.layers.0.bias", "model.layers.1.mlp.layers.0.input_scale",
+            "score.weight"} <= changed
 
 
 def test_warmup_steps_scale_the_first_updates():

@@ -72,14 +72,7 @@ def parameter_groups(model: nn.Module, learning_rate: float, scales: dict[str, f
     each group has a ``"role"`` key. Works on any module: a model, a ``KANFeedForward``, a ``PeftModel``.
     """
     scales = dict(scales or {})
-    unknown = sorted(set(scales) - set(PARAMETER_ROLES))
-    if unknown:
-        raise ValueError(f"unknown parameter roles {unknown} in learning rate scales; valid roles: "
-                         f"{', '.join(PARAMETER_ROLES)}")
-    bad = {role: scale for role, scale in scales.items()
-           if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf")}
-    if bad:
-        raise ValueError(f"learning rate scales must be finite numbers >= 0, got {bad}")
+    check_role_scales(scales)
     roles = {}
     for module in model.modules():
         if is_kan_linear(module) or is_channel_functions(module):
@@ -93,6 +86,20 @@ def parameter_groups(model: nn.Module, learning_rate: float, scales: dict[str, f
             groups[roles.get(parameter, "other")].append(parameter)
     return [{"params": params, "lr": learning_rate * scales.get(role, 1.0), "role": role}
             for role, params in groups.items() if params]
+
+
+def check_role_scales(scales, owner: str = "learning rate scales") -> None:
+    """Refuse ``{role: scale}`` with a role outside ``PARAMETER_ROLES`` or a scale that is no finite number >= 0."""
+    if not isinstance(scales, dict):
+        raise ValueError(f"{owner} must be a mapping of parameter roles to numbers, such as {{'coefficients': 0.1}}; "
+                         f"got {scales!r}")
+    unknown = sorted(set(scales) - set(PARAMETER_ROLES))
+    if unknown:
+        raise ValueError(f"unknown parameter roles {unknown} in {owner}; valid roles: {', '.join(PARAMETER_ROLES)}")
+    bad = {role: scale for role, scale in scales.items()
+           if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf")}
+    if bad:
+        raise ValueError(f"{owner} must be finite numbers >= 0, got {bad}")
 
 
 def _apply_policy(model, adapter, blocks, policy):
