@@ -46,7 +46,9 @@ SWEEP_KINDS = ("kan", "linear", "mlp")
 #: the KAN feedforward forms an arm may take (``form="glu"`` keeps the MLP, which a sweep retrains as kind mlp)
 SWEEP_FORMS = ("kan", "gated")
 #: arm settings that are not KAN layer options
-ARM_KEYS = ("kind", "form", "basis", "degree", "last_n", "blocks", "intermediate_size")
+ARM_KEYS = ("kind", "form", "basis", "degree", "last_n", "blocks", "intermediate_size", "learning_rate_scales")
+#: arm settings that change how the arm trains rather than what it is (over the config's ``train`` section)
+ARM_TRAIN_KEYS = ("learning_rate_scales",)
 DATA_KEYS = ("train", "dev", "train_split", "dev_split", "text_column", "label_column", "train_limit", "dev_limit",
              "num_labels")
 #: the numeric settings of data and train, with their valid values
@@ -166,7 +168,9 @@ def check_sweep(config: SweepConfig) -> None:
 
 
 def arm_settings(config: SweepConfig, name: str) -> dict:
-    """The arm's settings merged over the config's retrofit defaults, checked (basis, options, kind)."""
+    """The arm's settings merged over the config's retrofit defaults, checked (basis, options, kind). An arm's
+    ``learning_rate_scales`` (``{role: scale}``, see ``kallm.parameter_groups``) is kept with them and overrides the
+    config's ``train.learning_rate_scales`` for that arm alone."""
     if not isinstance(name, str) or not ARM_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"arm name {name!r} is not allowed: arm names become folder names, so they must be "
                          f"{ARM_NAME_RULE}")
@@ -177,10 +181,15 @@ def arm_settings(config: SweepConfig, name: str) -> dict:
     if kind not in SWEEP_KINDS:
         raise ValueError(f"arm {name!r}: unknown kind {kind!r}; valid choices: {', '.join(SWEEP_KINDS)}")
     settings = {**config.retrofit, **own, "kind": kind}
+    if "learning_rate_scales" in own:
+        from .surgery.trainable import check_role_scales
+
+        check_role_scales(own["learning_rate_scales"], f"arm {name!r}: learning_rate_scales")
+    training = {key: own[key] for key in ARM_TRAIN_KEYS if key in own}
     if kind == "mlp":
-        return {"kind": "mlp"}
+        return {"kind": "mlp", **training}
     if kind == "linear":
-        return {key: settings[key] for key in ("kind", "last_n", "blocks") if key in settings}
+        return {**{key: settings[key] for key in ("kind", "last_n", "blocks") if key in settings}, **training}
     options = {key: value for key, value in settings.items() if key not in ARM_KEYS}
     form = settings.get("form", "kan")
     if form not in SWEEP_FORMS:
@@ -312,7 +321,7 @@ def build_arm(inputs: SweepInputs, settings: dict, seed: int):
     for name in inputs.head:  # the head is new (not in the mini model): drawn for each seed as transformers does
         model._init_weights(model.get_submodule(name.rpartition(".")[0]))
     if settings["kind"] != "mlp":
-        retrofit(model, **settings)
+        retrofit(model, **{key: value for key, value in settings.items() if key not in ARM_TRAIN_KEYS})
     return model
 
 
@@ -393,8 +402,9 @@ def run_sweep_arm(config: SweepConfig, name: str, seed: int, inputs: SweepInputs
     def score(trained):
         return accuracy(trained, inputs.dev, pad_id, config.train.get("eval_batch_size", 250))
 
+    training = {**config.train, **{key: settings[key] for key in ARM_TRAIN_KEYS if key in settings}}
     with PeakMemory() as memory:
-        record = train_classifier(model, inputs.train, pad_id, config.train, seed, score)
+        record = train_classifier(model, inputs.train, pad_id, training, seed, score)
     record.update(
         arm=name, seed=seed, accuracy=record["curve"][-1][1] if "curve" in record else score(model),
         trainable_parameters=count_parameters(model, trainable_only=True), total_parameters=count_parameters(model),

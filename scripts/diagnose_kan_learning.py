@@ -104,14 +104,16 @@ def _rms(tensor) -> float:
 
 
 def run_arm(name, config, inputs, args) -> dict:
-    from kallm.sweep import accuracy, arm_settings, batch, build_arm
+    import kallm
+    from kallm.sweep import ARM_TRAIN_KEYS, accuracy, arm_settings, batch, build_arm
 
-    model = build_arm(inputs, arm_settings(config, name), args.seed)
+    arm = arm_settings(config, name)
+    model = build_arm(inputs, arm, args.seed)
     pad = inputs.tokenizer.pad_token_id
     probe = Probe(model, batch(inputs.train[:64], pad))
-    settings = config.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.get("learning_rate", 1e-3),
-                                  weight_decay=settings.get("weight_decay", 0.0))
+    settings = {**config.train, **{key: arm[key] for key in ARM_TRAIN_KEYS if key in arm}}  # as the sweep trains it
+    groups = kallm.parameter_groups(model, settings.get("learning_rate", 1e-3), settings.get("learning_rate_scales"))
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.get("weight_decay", 0.0))
     warmup = settings.get("warmup_steps", 0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     generator = torch.Generator().manual_seed(args.seed)  # the sweep's data order

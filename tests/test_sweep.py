@@ -225,8 +225,10 @@ def test_the_agnews_config_pairs_every_form_with_its_linear_partner_at_a_converg
     assert forms == {
         "cheby2-d2": ("kan", None, 1), "base-silu-cheby2-d2": ("kan", "silu", 1), "gated-cheby2-d2": ("gated", None, 1),
         "fully-kan-cheby2-d2": ("kan", None, 3), "fully-kan-base-silu-cheby2-d2": ("kan", "silu", 3),
-        "fully-kan-gated-cheby2-d2": ("gated", None, 3),
+        "fully-kan-gated-cheby2-d2": ("gated", None, 3), "fully-kan-cheby2-d2-slow-coefficients": ("kan", None, 3),
     }
+    assert resolved["fully-kan-cheby2-d2-slow-coefficients"]["learning_rate_scales"] == {"coefficients": 0.05}
+    assert not any("learning_rate_scales" in settings for name, settings in resolved.items() if "slow" not in name)
     assert all(("fully" in name) == (settings.get("last_n") == 3) for name, settings in resolved.items()
                if settings["kind"] != "mlp")
     assert 3 == config.shrink["num_blocks"]
@@ -337,6 +339,33 @@ def test_learning_rate_scales_reach_each_parameter_role(workspace, monkeypatch):
         "model.layers.1.mlp.layers.0.weight"])
     assert {"model.layers.1.mlp.layers.0.bias", "model.layers.1.mlp.layers.0.input_scale",
             "score.weight"} <= changed
+
+
+def test_an_arms_learning_rate_scales_override_the_configs_for_that_arm_alone(workspace, monkeypatch):
+    import kallm.sweep as sweep
+
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    config = load_sweep(write_config(
+        workspace, grid=[], seeds=[0], train={"steps": 1, "batch_size": 4, "max_length": 16,
+                                              "learning_rate_scales": {"coefficients": 0.5}},
+        arms={"slow": {"learning_rate_scales": {"coefficients": 0.1}}, "kan": {},
+              "linear-restart": {"kind": "linear", "learning_rate_scales": {"other": 2.0}}}))
+    assert arm_settings(config, "slow")["learning_rate_scales"] == {"coefficients": 0.1}
+    assert arm_settings(config, "linear-restart") == {"kind": "linear", "last_n": 1,
+                                                      "learning_rate_scales": {"other": 2.0}}
+    seen = {}
+    train = sweep.train_classifier
+
+    def spy(model, rows, pad_id, settings, seed, score=None):
+        seen[len(seen)] = settings["learning_rate_scales"]
+        return train(model, rows, pad_id, settings, seed, score)
+
+    monkeypatch.setattr(sweep, "train_classifier", spy)
+    result = run_sweep(config)
+    assert list(seen.values()) == [{"coefficients": 0.1}, {"coefficients": 0.5}, {"other": 2.0}]
+    assert [run["arm"] for run in result["runs"]] == ["slow", "kan", "linear-restart"]
+    with pytest.raises(ValueError, match="arm 'bad': learning_rate_scales must be finite numbers >= 0"):
+        load_sweep(write_config(workspace, grid=[], arms={"bad": {"learning_rate_scales": {"base": -1}}}))
 
 
 def test_warmup_steps_scale_the_first_updates():
