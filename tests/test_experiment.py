@@ -178,6 +178,7 @@ def test_shipped_recipes_load(monkeypatch):
     research = load_experiment(CONFIGS / "research.yaml")
     assert small.data == "/data/chat/oasst_en100/all_paths.jsonl"
     assert [arm.name for arm in research.arms][:2] == ["baseline", "linear-restart"] and research.seeds == [0, 1, 2]
+    assert research.retrofit == {"last_n": 5, "basis": "cheby2", "degree": 2, "form": "kan"}  # the research's form
     for recipe in (small, research):
         assert {(arm.kind, arm.init) for arm in recipe.arms} >= {("kan", "random"), ("kan", "fit")}
 
