@@ -386,8 +386,17 @@ def load_recorded_runs(path: Path) -> dict:
 def run_recorded(out: Path, jobs: list[tuple[str, int, dict]], run_one, restart: bool = False) -> list[dict]:
     """Run ``jobs`` (arm name, seed, settings) with ``run_one(name, seed) -> record``, recording each finished run
     with its settings in ``OUT/runs.json`` as it ends; a run recorded there with the same settings is kept instead
-    (unless ``restart``), so that an interrupted grid resumes where it stopped. Returns the records in job order."""
-    recorded = {} if restart else load_recorded_runs(out / "runs.json")
+    (unless ``restart``), so that an interrupted grid resumes where it stopped. Runs of other arms and seeds that
+    ``runs.json`` holds stay in it (a run narrowed by ``--arms`` or ``--seeds`` adds to the record, and
+    ``--restart`` replaces only the runs it makes again). Returns the records of ``jobs``, in job order."""
+    path = out / "runs.json"
+    try:
+        kept = load_recorded_runs(path)
+    except ValueError:
+        if not restart:
+            raise
+        kept = {}  # --restart replaces a file that holds no runs
+    recorded = {} if restart else dict(kept)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for number, (name, seed, settings) in enumerate(jobs, 1):
@@ -401,7 +410,8 @@ def run_recorded(out: Path, jobs: list[tuple[str, int, dict]], run_one, restart:
         changed = ": in runs.json with other settings, running it again" if previous is not None else ""
         print(f"{progress}{changed}", flush=True)
         records.append({**run_one(name, seed), "settings": settings})
-        (out / "runs.json").write_text(json.dumps(records, indent=2, default=str) + "\n", encoding="utf-8")
+        kept[(name, seed)] = records[-1]
+        path.write_text(json.dumps(list(kept.values()), indent=2, default=str) + "\n", encoding="utf-8")
     return records
 
 

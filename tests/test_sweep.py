@@ -143,6 +143,28 @@ def test_bad_data_is_refused_before_anything_is_written(workspace, monkeypatch, 
     assert not (workspace / "out").exists()
 
 
+def test_a_narrowed_sweep_keeps_the_runs_of_other_arms_and_seeds_in_runs_json(workspace, monkeypatch):
+    monkeypatch.setenv("KALLM_TINY", str(workspace))
+    path = write_config(workspace)
+    out = workspace / "out"
+
+    def recorded():
+        return sorted((run["arm"], run["seed"]) for run in json.loads((out / "runs.json").read_text()))
+
+    assert main(["sweep", str(path), "--arms", "rbf-d2", "--seeds", "0"]) == 0
+    assert main(["sweep", str(path), "--arms", "mlp", "--seeds", "1"]) == 0
+    assert recorded() == [("mlp", 1), ("rbf-d2", 0)]
+    first = json.loads((out / "runs.json").read_text())
+    assert main(["sweep", str(path), "--arms", "mlp", "--seeds", "1", "--restart"]) == 0  # replaces that run alone
+    again = json.loads((out / "runs.json").read_text())
+    assert recorded() == [("mlp", 1), ("rbf-d2", 0)]
+    assert next(r for r in again if r["arm"] == "rbf-d2") == next(r for r in first if r["arm"] == "rbf-d2")
+    assert main(["sweep", str(path), "--arms", "rbf-d2,mlp", "--seeds", "0,1"]) == 0
+    assert recorded() == [("mlp", 0), ("mlp", 1), ("rbf-d2", 0), ("rbf-d2", 1)]
+    report = (out / "results.md").read_text()  # the report covers the arms asked for, from every recorded run
+    assert "| rbf-d2" in report and "| mlp" in report
+
+
 def test_subset_selection_refuses_unknown_arms(workspace, monkeypatch):
     monkeypatch.setenv("KALLM_TINY", str(workspace))
     config = load_sweep(write_config(workspace))
