@@ -304,7 +304,8 @@ def markdown(results: list[dict], args) -> str:
     original = next((r for r in results if r["arm"] == "original"), None)
     reference = original["curve"][0]["perplexity"] if original else None
     marks = sorted({p["minutes"] for r in results for p in r["curve"] if r["arm"] != "original"})
-    lines = [f"SmolLM2-135M-Instruct, last {args.last_n} blocks, cheby2 degree 2 (default size), "
+    form = ", ".join(args.retrofit_option) or "cheby2 degree 2 (default size)"
+    lines = [f"SmolLM2-135M-Instruct, last {args.last_n} blocks, KAN arms retrofitted with {form}, "
              f"{args.minutes:g} minutes of healing per arm on {args.threads} CPU threads (evaluation excluded). "
              f"Perplexity on the first {args.score_tokens:,} tokens of WikiText-2 test (never healed on)"
              + (f"; in brackets, times the original's {reference:.2f}." if reference else "."), "",
