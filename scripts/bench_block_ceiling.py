@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_heal import data_paths, split_wikitext  # noqa: E402
+from bench_report import write_report  # noqa: E402
 
 from kallm.cli_types import role_scales  # noqa: E402
 
@@ -181,8 +182,7 @@ def main(argv=None) -> int:
     report = markdown(results, args)
     print(report)
     if args.output:
-        Path(f"{args.output}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
-        Path(f"{args.output}.md").write_text(report)
+        write_report({"args": vars(args), "results": results}, report, f"{args.output}.json", f"{args.output}.md")
     return 0
 
 

@@ -24,14 +24,18 @@ with the dev accuracy at those steps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_report import write_report  # noqa: E402
+
 SATURATED = 2.65  # tanh(2.65) = 0.99
 
 
@@ -179,8 +183,7 @@ def main(argv=None) -> int:
     report = markdown(results, args)
     print(report)
     if args.output:
-        Path(f"{args.output}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
-        Path(f"{args.output}.md").write_text(report)
+        write_report({"args": vars(args), "results": results}, report, f"{args.output}.json", f"{args.output}.md")
     return 0
 
 

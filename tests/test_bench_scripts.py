@@ -138,13 +138,7 @@ def test_bench_heal_runs_its_arms_and_writes_table_json_and_curve(tmp_path, data
 
     bench = load_script("bench_heal")
     folder, _, _, _ = fit_bench_inputs(tmp_path)
-    data = tmp_path / "data"
-    for name in ("text/wikitext2/wiki.test.raw", "text/tinyshakespeare/input.txt"):
-        (data / name).parent.mkdir(parents=True, exist_ok=True)
-        (data / name).write_text((data_dir / name).read_text(encoding="utf-8")[:3000])
-    for name in ("chat/oasst_en100/all_paths.jsonl", "chat/hh_rlhf_helpful/test.jsonl"):
-        (data / name).parent.mkdir(parents=True, exist_ok=True)
-        (data / name).write_text("".join((data_dir / name).read_text(encoding="utf-8").splitlines(True)[:6]))
+    data = heal_data_folder(tmp_path, data_dir)
     (data / "bbh/bbh").mkdir(parents=True)
     for task in bench.BBH_TASKS.split(","):
         shutil.copy(data_dir / "bbh/bbh" / f"{task}.json", data / "bbh/bbh")
