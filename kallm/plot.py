@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=path_or_hub_id, help="folder (or hub id) of a retrofitted model")
     parser.add_argument("--block", type=non_negative_int, help="index of a retrofitted decoder block (required)")
     parser.add_argument("--layer", type=non_negative_int, dest="deprecated_layer", help=argparse.SUPPRESS)
-    parser.add_argument("--stage", type=non_negative_int, default=0, help="which KAN layer of the feedforward (0 = first; form=gated: the last is the gate)")
+    parser.add_argument("--stage", type=non_negative_int, default=0,
+                        help="which KAN layer of the feedforward (0 = first; form=gated: the last is the gate)")
     parser.add_argument("--edges", type=positive_int, default=16, help="how many of the strongest edges to draw")
     parser.add_argument("--out", help="PNG path (default: kan_block<L>_stage<S>.png)")
 

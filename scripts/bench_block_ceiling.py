@@ -57,7 +57,8 @@ def parse(argv=None):
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=512, help="rows per step")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lr-scales", default={}, type=role_scales, help="ROLE=SCALE,...: learning rate scales by parameter role (kallm.parameter_groups)")
+    parser.add_argument("--lr-scales", default={}, type=role_scales,
+                        help="ROLE=SCALE,...: learning rate scales by parameter role (kallm.parameter_groups)")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--train-tokens", type=int, default=32768)
     parser.add_argument("--score-tokens", type=int, default=8192)
@@ -147,16 +148,18 @@ def train(feedforward, data, args) -> list[dict]:
 
 
 def markdown(results, args) -> str:
+    scales = " --lr-scales " + ",".join(f"{k}={v:g}" for k, v in args.lr_scales.items()) if args.lr_scales else ""
     lines = [f"Block-local fit of SmolLM2-135M-Instruct's MLPs: fit init, then {args.steps} Adam steps of "
              f"{args.batch} rows (lr {args.lr:g}, cosine) on {args.train_tokens:,} tokens of healing text; relative "
              f"error on those rows (train) and on the first {args.score_tokens:,} tokens of WikiText-2 test "
              f"(held-out). Command: `python scripts/bench_block_ceiling.py --blocks {args.blocks} --steps "
-             f"{args.steps}" + (" --lr-scales " + ",".join(f"{k}={v:g}" for k, v in args.lr_scales.items()) if args.lr_scales else "") + "`.", "",
+             f"{args.steps}" + scales + "`.", "",
              "| block | form | parameters | x MLP | train: init | train: end | held-out: init | held-out: best | "
              "held-out: end |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         curve = r["curve"]
-        lines.append(f"| {r['block']} | {r['form']} | {r['parameters']:,} | {r['parameters'] / r['mlp_parameters']:.2f} | "
+        share = r["parameters"] / r["mlp_parameters"]
+        lines.append(f"| {r['block']} | {r['form']} | {r['parameters']:,} | {share:.2f} | "
                      f"{curve[0]['train']:.3f} | {curve[-1]['train']:.3f} | {curve[0]['held_out']:.3f} | "
                      f"{min(p['held_out'] for p in curve):.3f} | {curve[-1]['held_out']:.3f} |")
     return "\n".join(lines) + "\n"

@@ -181,8 +181,8 @@ def check_adapter_fits_kan_blocks(model: nn.Module, names, source=None) -> None:
     no KAN feedforward: PEFT would apply the rest and drop those parts without a word.
 
     ``names``: the adapter's weight names or its target module names; a name without a block index (a suffix
-    such as ``mlp.layers.0`` or ``mlp.gate``) tells nothing and is skipped. A model of a family kallm does not retrofit has no
-    KAN layers of kallm's, so nothing is checked.
+    such as ``mlp.layers.0`` or ``mlp.gate``) tells nothing and is skipped. A model of a family kallm does not
+    retrofit has no KAN layers of kallm's, so nothing is checked.
     """
     try:
         _, adapter, blocks = causal_lm_parts(model, "load_adapter", allow_adapters=True)
