@@ -100,7 +100,7 @@ def test_help_shows_defaults_and_closed_choices(capsys):
         main(["retrofit", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "retrofit the last N decoder blocks (default: 5)" in help_text
-    assert "--kind {kan,linear}" in help_text and "--form {kan,glu}" in help_text
+    assert "--kind {kan,linear}" in help_text and "--form {kan,glu,gated}" in help_text
     assert "--trainable {retrofitted,functions,tail,tail+embeddings,all}" in help_text
     with pytest.raises(SystemExit) as exit_info:
         main(["retrofit", "--out", "never", "--kind", "mlp"])

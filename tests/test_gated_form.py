@@ -225,3 +225,10 @@ def test_plot_draws_the_gate_as_the_last_stage(tmp_path, capsys):
     assert (tmp_path / "g.png").is_file()
     assert main(["plot", str(tmp_path / "m"), "--block", "2", "--stage", "3"]) == 2
     assert "--stage must be between 0 and 2 (stage 2: the gate of form='gated')" in capsys.readouterr().err
+
+
+def test_a_saved_config_whose_settings_build_no_gated_feedforward_is_refused_naming_the_form():
+    from kallm.core.retrofit_config import RetrofitConfig
+
+    with pytest.raises(ValueError, match="do not build a gated KAN feedforward: basis 'cheby2': degree must be"):
+        RetrofitConfig(form="gated", degree=0)

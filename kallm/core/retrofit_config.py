@@ -389,7 +389,8 @@ class RetrofitConfig:
             if "unknown basis" in str(error):
                 hint = "; a basis added with kallm.register_basis must be registered before the checkpoint is loaded"
             where = "" if index is None else f" of block {index}"
-            built = "the functions of form='glu'" if self.form == "glu" else f"a form={self.form!r} KAN feedforward"
+            built = {"glu": "the functions of form='glu'", "gated": "a gated KAN feedforward"}.get(
+                self.form, "a KAN feedforward")
             raise ValueError(f"kan_config's basis, degree and options{where} do not build {built}: "
                              f"{error}{hint}") from error
 
