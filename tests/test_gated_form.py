@@ -232,3 +232,15 @@ def test_a_saved_config_whose_settings_build_no_gated_feedforward_is_refused_nam
 
     with pytest.raises(ValueError, match="do not build a gated KAN feedforward: basis 'cheby2': degree must be"):
         RetrofitConfig(form="gated", degree=0)
+
+
+def test_fit_init_of_a_three_stage_gated_form_is_refused_before_the_model_changes():
+    model = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="fit init of form='gated' needs a two-stage basis"):
+        kallm.retrofit(model, last_n=1, form="gated", base="linear", init="fit", basis="cheby2>legendre>cheby2",
+                       calibration=token_ids())
+    with pytest.raises(ValueError, match="fit init of form='gated' needs a two-stage basis"):  # per block too
+        kallm.retrofit(model, blocks={1: {"basis": "a>b>c"}, 2: {}}, form="gated", base="linear", init="fit",
+                       calibration=token_ids())
+    assert_unchanged(model, before)

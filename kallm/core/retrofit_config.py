@@ -340,6 +340,10 @@ class RetrofitConfig:
                 raise ValueError("init='fit' starts form='gated' as the MLP's most important channels, which its "
                                  "layers hold exactly only with base='linear'; pass base='linear', or "
                                  "init='random'")
+            stages = {len(str(own.get("basis", self.basis)).split(">")) for own in [{}, *self.block_settings.values()]}
+            if self.init == "fit" and max(stages) > 2:
+                raise ValueError("fit init of form='gated' needs a two-stage basis (one '>' at most): it copies the "
+                                 "MLP's gate, up and down projections into three KAN layers")
         if self.form != "glu":
             return
         if self.kind != "kan":
