@@ -114,22 +114,3 @@ def path_or_hub_id(text: str) -> str:
         raise argparse.ArgumentTypeError(f"no such file or folder: {text} (a local path must exist; a hub id "
                                          f"reads 'user/name')")
     return text
-
-
-def role_scales(text: str) -> dict[str, float]:
-    """``ROLE=SCALE,...`` (``base=0.1,coefficients=2``): learning rate scales by parameter role, each a finite number
-    >= 0 (``kallm.parameter_groups`` knows the roles). An empty text is no scaling."""
-    scales = {}
-    for pair in (part.strip() for part in text.split(",")):
-        if not pair:
-            continue
-        role, equals, value = pair.partition("=")
-        try:
-            scale = float(value)
-        except ValueError:
-            scale = math.nan
-        if not equals or not role.strip() or not (0 <= scale < math.inf):
-            raise argparse.ArgumentTypeError(f"takes ROLE=SCALE pairs separated by commas, each scale a finite number "
-                                             f">= 0 (e.g. base=0.1,coefficients=2); got {pair!r}")
-        scales[role.strip()] = scale
-    return scales

@@ -348,9 +348,9 @@ def train_classifier(model, train, pad_id: int, settings: dict, seed: int, score
     coefficients.
     ``eval_every``: ``score(model)`` (dev accuracy) after every that many steps and after the last, as
     ``curve``: ``[[step, accuracy], ...]``; scoring time is not training time."""
-    steps, batch_size = settings.get("steps", 100), settings.get("batch_size", 16)
     from .surgery.trainable import parameter_groups
 
+    steps, batch_size = settings.get("steps", 100), settings.get("batch_size", 16)
     groups = parameter_groups(model, settings.get("learning_rate", 1e-3), settings.get("learning_rate_scales"))
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.get("weight_decay", 0.0))
     warmup = settings.get("warmup_steps", 0)

@@ -38,8 +38,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_heal import data_paths, split_wikitext  # noqa: E402
 from bench_report import write_report  # noqa: E402
 
-from kallm.cli_types import role_scales  # noqa: E402
-
 FORMS = {
     "kan": {"share": 0.5},
     "kan-full": {"share": 1.0},
@@ -109,6 +107,20 @@ def build(form: str, original, x, y, adapter):
     else:
         fit_feedforward(feedforward, x, y, original)
     return feedforward
+
+
+def role_scales(text: str) -> dict[str, float]:
+    """``--lr-scales base=0.1,coefficients=2`` as ``{"base": 0.1, "coefficients": 2.0}``, checked as
+    ``kallm.parameter_groups`` checks it."""
+    from kallm.surgery.trainable import check_role_scales
+
+    try:
+        scales = {role.strip(): float(value) for role, _, value in
+                  (pair.partition("=") for pair in text.split(",") if pair.strip())}
+        check_role_scales(scales, "--lr-scales")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"takes ROLE=SCALE pairs such as base=0.1,coefficients=2: {error}") from None
+    return scales
 
 
 def mlp_parameters(module) -> int:

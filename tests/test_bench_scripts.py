@@ -326,6 +326,15 @@ def test_bench_block_ceiling_fits_and_trains_each_form_block_locally(tmp_path, d
     assert "| 2 | gated |" in table and "--lr-scales base=0.1" in table
 
 
+@pytest.mark.parametrize("text", ["weights=0.1", "base=-1", "base", "base=slow", "base=nan"])
+def test_bench_block_ceiling_refuses_bad_learning_rate_scales_while_reading_its_arguments(text, capsys):
+    bench = load_script("bench_block_ceiling")
+    assert bench.parse(["--lr-scales", "base=0.1, coefficients=2"]).lr_scales == {"base": 0.1, "coefficients": 2.0}
+    with pytest.raises(SystemExit):
+        bench.parse(["--lr-scales", text])
+    assert "argument --lr-scales: takes ROLE=SCALE pairs such as base=0.1,coefficients=2" in capsys.readouterr().err
+
+
 def test_diagnose_kan_learning_reports_per_block_numbers_for_each_arm(tmp_path, monkeypatch):
     import yaml
 

@@ -335,13 +335,14 @@ class RetrofitConfig:
             if self.kind != "kan":
                 raise ValueError(f"form='gated' is a retrofit of kind='kan'; kind={self.kind!r} restarts the MLPs "
                                  f"instead")
-            bases = {self.base, *(own.get("base", self.base) for own in self.block_settings.values())}
+            blocks = [{}, *self.block_settings.values()]  # the config's own settings, then each block's
+            bases = {own.get("base", self.base) for own in blocks}
             if self.init == "fit" and bases != {"linear"}:
                 raise ValueError("init='fit' starts form='gated' as the MLP's most important channels, which its "
                                  "layers hold exactly only with base='linear'; pass base='linear', or "
                                  "init='random'")
-            stages = {len(str(own.get("basis", self.basis)).split(">")) for own in [{}, *self.block_settings.values()]}
-            if self.init == "fit" and max(stages) > 2:
+            stages = max(len(str(own.get("basis", self.basis)).split(">")) for own in blocks)
+            if self.init == "fit" and stages > 2:
                 raise ValueError("fit init of form='gated' needs a two-stage basis (one '>' at most): it copies the "
                                  "MLP's gate, up and down projections into three KAN layers")
         if self.form != "glu":
