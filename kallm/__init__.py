@@ -3,12 +3,12 @@
 ``import kallm`` is light: each name below loads its module (and torch, transformers) on first use, so that
 ``kallm --help`` answers at once. kallm's model classes still register with transformers' Auto classes at
 ``import kallm``, and its LoRA layer for KAN layers with PEFT: at once when the library is loaded, otherwise as
-soon as it is (see ``_registration``).
+soon as it is (see ``_imports``).
 """
 
 import importlib
 
-from ._registration import register_when_libraries_load
+from ._imports import install_moved_module_finder, register_when_libraries_load
 
 __version__ = "0.1.0"
 
@@ -23,32 +23,32 @@ _EXPORTS = {
     "list_bases": "core",
     "register_basis": "core",
     "register_with_transformers": "core",
-    "load_delta": "loading",
-    "save_delta": "delta",
-    "load_model": "loading",
-    "OnnxCheck": "onnx_export",
-    "check_onnx": "onnx_export",
-    "export_onnx": "onnx_export",
-    "push_to_hub": "loading",
-    "HealConfig": "train.heal",
-    "heal": "train.heal",
+    "load_delta": "checkpoints",
+    "save_delta": "checkpoints",
+    "load_model": "checkpoints",
+    "OnnxCheck": "export",
+    "check_onnx": "export",
+    "export_onnx": "export",
+    "push_to_hub": "checkpoints",
+    "HealConfig": "heal",
+    "heal": "heal",
     "ConversionReport": "surgery",
-    "KANAdapterConfig": "surgery",
-    "kan_adapter_config": "surgery",
+    "KANAdapterConfig": "finetune",
+    "kan_adapter_config": "finetune",
     "convert": "surgery",
-    "load_adapter": "surgery",
-    "lora_config": "surgery",
-    "lora_targets": "surgery",
+    "load_adapter": "finetune",
+    "lora_config": "finetune",
+    "lora_targets": "finetune",
     "load_quantized": "surgery",
     "quantize": "surgery",
     "retrofit": "surgery",
     "save_quantized": "surgery",
-    "parameter_groups": "surgery",
+    "parameter_groups": "train.parameter_groups",
     "set_trainable": "surgery",
     "shrink": "surgery",
     "summary": "surgery",
     "supported_model_types": "surgery",
-    "with_kan_lora": "surgery",
+    "with_kan_lora": "finetune",
 }
 
 __all__ = [name for name in _EXPORTS if name != "register_with_transformers"]
@@ -72,4 +72,5 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
 
 
+install_moved_module_finder()
 register_when_libraries_load()

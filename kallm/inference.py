@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .data import IGNORE_INDEX
+from .data.chat import IGNORE_INDEX
 
 
 def model_device(model) -> torch.device:

@@ -29,8 +29,8 @@ from peft import get_peft_model
 
 import kallm
 from kallm.eval.chat_loss import chat_loss
+from kallm.finetune.lora import LORA_TARGETS
 from kallm.surgery.checks import causal_lm_parts
-from kallm.surgery.lora import LORA_TARGETS
 from kallm.train import TrainConfig, train
 from kallm.train.trainer import ADAPTER_TYPES
 

@@ -68,7 +68,7 @@ def parse(argv=None):
 def record(args):
     """``{block: {"train": (x, y), "held_out": (x, y), "original": mlp}}`` from the bundled model."""
     import kallm
-    from kallm.surgery.adapters import adapter_for
+    from kallm.surgery.architectures import adapter_for
     from kallm.surgery.fit import record_feedforwards
 
     paths = data_paths()
@@ -112,7 +112,7 @@ def build(form: str, original, x, y, adapter):
 def role_scales(text: str) -> dict[str, float]:
     """``--lr-scales base=0.1,coefficients=2`` as ``{"base": 0.1, "coefficients": 2.0}``, checked as
     ``kallm.parameter_groups`` checks it."""
-    from kallm.surgery.trainable import check_role_scales
+    from kallm.train.parameter_groups import check_role_scales
 
     try:
         scales = {role.strip(): float(value) for role, _, value in

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import kallm
-from kallm.saving import save_checkpoint
+from kallm.checkpoints.save import save_checkpoint
 
 
 def folder_size(folder: Path) -> int:

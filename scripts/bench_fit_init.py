@@ -34,7 +34,7 @@ from torch import nn
 
 import kallm
 from kallm.eval.perplexity import perplexity
-from kallm.surgery.adapters import adapter_for
+from kallm.surgery.architectures import adapter_for
 from kallm.surgery.fit import default_calibration, ordinary_token_error, outlier_rows, record_feedforwards
 
 ROOT = Path(__file__).resolve().parent.parent

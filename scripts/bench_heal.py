@@ -245,9 +245,9 @@ def train_arm(student, teacher, tokenizer, args, paths, evaluator) -> dict:
 def block_errors(student, teacher, tokenizer, scored: str) -> dict:
     """Relative error ||f(x) - y|| / ||y|| of each retrofitted feedforward on the scored text's hidden
     states (teacher forced), over all tokens and over ordinary (non-outlier) tokens."""
-    from kallm.surgery.adapters import adapter_for
+    from kallm.core.retrofit_config import retrofitted_blocks
+    from kallm.surgery.architectures import adapter_for
     from kallm.surgery.fit import ordinary_token_error, original_feedforward, record_feedforwards
-    from kallm.surgery.retrofit import retrofitted_blocks
 
     adapter = adapter_for(teacher.config.model_type)
     layers = retrofitted_blocks(student)
@@ -268,8 +268,8 @@ def blocks_alone(student, teacher, score) -> dict:
     """Perplexity with one retrofitted block's new feedforward in the original model, for each block."""
     from torch import nn
 
-    from kallm.surgery.adapters import adapter_for
-    from kallm.surgery.retrofit import retrofitted_blocks
+    from kallm.core.retrofit_config import retrofitted_blocks
+    from kallm.surgery.architectures import adapter_for
 
     adapter = adapter_for(teacher.config.model_type)
     alone = {}

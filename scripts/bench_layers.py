@@ -7,7 +7,7 @@ At hidden size 576 (SmolLM2-135M) it compares, for each token count N:
 - ``kan_gated``: the gated form (``gated=True``: ``down(silu(gate(x)) * up(x))``, three KAN layers), ``h``
   sized to the same budget;
 - ``llama_mlp``: transformers' ``LlamaMLP`` 576 -> 1536 -> 576 (SiLU), the module kallm replaces;
-- ``textbook``: the ``kan`` arm computed by ``kallm.reference`` (stack + einsum, plain autograd).
+- ``textbook``: the ``kan`` arm computed by ``kallm.testing.reference`` (stack + einsum, plain autograd).
 
 For each: parameters, median forward+backward time (the models run interleaved, and each
 ratio is the median of per-round ratios so that load shared by all of them cancels),
@@ -52,7 +52,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from kallm.core import kan_function
 from kallm.core.layers import KANFeedForward, intermediate_size_for_budget
-from kallm.reference import ReferenceKANFeedForward
+from kallm.testing.reference import ReferenceKANFeedForward
 
 HIDDEN, MLP_INTERMEDIATE = 576, 1536
 #: GPU rows: hidden size -> the intermediate size of the Llama MLP it is compared with (SmolLM2-135M, Llama-3.2-1B)

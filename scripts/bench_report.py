@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from kallm.experiment import portable_paths
+from kallm.recipes.experiment import portable_paths
 
 
 def write_report(report: dict, table: str, json_path: str | None, markdown_path: str | None) -> None:

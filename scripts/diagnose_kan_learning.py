@@ -109,7 +109,7 @@ def _rms(tensor) -> float:
 
 def run_arm(name, config, inputs, args) -> dict:
     import kallm
-    from kallm.sweep import ARM_TRAIN_KEYS, accuracy, arm_settings, batch, build_arm
+    from kallm.recipes.sweep import ARM_TRAIN_KEYS, accuracy, arm_settings, batch, build_arm
 
     arm = arm_settings(config, name)
     model = build_arm(inputs, arm, args.seed)
@@ -172,7 +172,7 @@ def markdown(results, args) -> str:
 
 
 def main(argv=None) -> int:
-    from kallm.sweep import load_data, load_sweep, prepare_inputs, prepare_mini_model
+    from kallm.recipes.sweep import load_data, load_sweep, prepare_inputs, prepare_mini_model
 
     args = parse(argv)
     torch.set_num_threads(args.threads)

@@ -43,7 +43,7 @@ stage "benchmark rows" 210 python scripts/bench_layers.py --device cuda --repeat
   --json "$OUT/bench_layers_gpu.json" --markdown "$OUT/bench_layers_gpu.md"
 stage "training step" 90 python scripts/gpu_train_step.py --json "$OUT/train_step.json"
 if [ -n "${KALLM_DATA_DIR:-}" ] && [ -f "$KALLM_DATA_DIR/chat/oasst_en100/all_paths.jsonl" ]; then
-  stage "shortened research recipe" 150 python -m kallm.cli experiment configs/gpu-check.yaml --out "$OUT/experiment" --restart
+  stage "shortened research recipe" 150 python -m kallm experiment configs/gpu-check.yaml --out "$OUT/experiment" --restart
 else
   echo "== shortened research recipe: skipped, KALLM_DATA_DIR does not hold chat/oasst_en100 (see /work/shared/data)"
 fi

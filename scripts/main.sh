@@ -7,4 +7,4 @@ bash scripts/install.sh
 if [ -z "${KALLM_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
   export KALLM_DATA_DIR="$(cd ../shared/data && pwd)"
 fi
-python -m kallm.cli demo "$@"
+python -m kallm demo "$@"

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import transformers  # noqa: E402
 
 import kallm  # noqa: E402
+from kallm.data.folder import data_folder  # noqa: E402
 
 #: distributions whose versions head the test report, so that a failure names the stack it failed on
 REPORTED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "torchao", "lm_eval",
@@ -147,10 +148,10 @@ def one_thread():
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """``$KALLM_DATA_DIR`` (set by scripts/test.sh); tests needing it skip when absent."""
-    value = os.environ.get("KALLM_DATA_DIR")
-    if not value or not Path(value).is_dir():
+    folder = data_folder()
+    if folder is None:
         pytest.skip("KALLM_DATA_DIR is not set to an existing folder (scripts/test.sh sets it to ../shared/data)")
-    return Path(value)
+    return folder
 
 
 @pytest.fixture(scope="session")

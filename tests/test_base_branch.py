@@ -20,7 +20,7 @@ import kallm
 from kallm.cli import main
 from kallm.core.kan_function import kan_linear
 from kallm.core.layers import KANFeedForward, KANLinear, intermediate_size_for_budget
-from kallm.plot import edge_functions, strongest_edges
+from kallm.eval.plot import edge_functions, strongest_edges
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,7 +65,7 @@ def test_the_branch_adds_its_matrix_times_the_function_of_the_raw_input(base):
 
 @pytest.mark.parametrize("base", BRANCHES)
 def test_the_textbook_reference_copies_the_branch(base):
-    from kallm.reference import ReferenceKANLinear
+    from kallm.testing.reference import ReferenceKANLinear
 
     layer = KANLinear(6, 5, "legendre", 3, base=base)
     x = torch.randn(3, 6)
@@ -327,7 +327,7 @@ def test_the_cli_retrofits_with_a_branch_and_refuses_an_unknown_one(tmp_path, ca
 
 
 def test_onnx_export_of_a_model_with_branches_matches_pytorch(tmp_path):
-    from kallm.onnx_export import ONNX_PACKAGES, check_onnx
+    from kallm.export.onnx import ONNX_PACKAGES, check_onnx
 
     for package in ONNX_PACKAGES:
         pytest.importorskip(package, reason=f"{package} is not installed (pip install 'kallm[onnx]')")

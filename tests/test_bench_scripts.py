@@ -338,7 +338,7 @@ def test_bench_block_ceiling_refuses_bad_learning_rate_scales_while_reading_its_
 def test_diagnose_kan_learning_reports_per_block_numbers_for_each_arm(tmp_path, monkeypatch):
     import yaml
 
-    from kallm.sweep import load_sweep
+    from kallm.recipes.sweep import load_sweep
 
     folder, _, _, _ = fit_bench_inputs(tmp_path)
     rows = [{"text": f"the {['ball', 'bank'][i % 2]} news {i}", "label": i % 2} for i in range(24)]

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import kallm
-import kallm.loading
+import kallm.checkpoints.load
 from kallm.core.layers import KANFeedForward
 from kallm.core.retrofit_config import RetrofitConfig
 
@@ -993,14 +993,14 @@ def _fake_package(monkeypatch, folder):
 def test_bundled_name_resolves_to_the_packaged_gguf(recorded_loads, tmp_path, monkeypatch):
     (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     _fake_package(monkeypatch, tmp_path)
-    assert kallm.loading.resolve_model("smollm2-135m-instruct") == (str(tmp_path), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert kallm.checkpoints.load.resolve_model("smollm2-135m-instruct") == (str(tmp_path), "SmolLM2-135M-Instruct.Q4_1.gguf")
     model, _ = kallm.load_model("smollm2-135m-instruct")
     _, model_source, model_kwargs = recorded_loads[0]
     assert model_source == str(tmp_path)
     assert model_kwargs["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert model_kwargs["quantization_config"].dequantize is True
     assert model.config._name_or_path == "smollm2-135m-instruct"
-    assert kallm.loading.DEFAULT_MODEL == "smollm2-135m-instruct"
+    assert kallm.checkpoints.load.DEFAULT_MODEL == "smollm2-135m-instruct"
 
 
 def test_bundled_name_without_its_package_or_file(tmp_path, monkeypatch):

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 import kallm
 import kallm.cli
 from kallm.cli import main
-from kallm.plot import edge_functions, strongest_edges
-from kallm.surgery.cli import parse_options
+from kallm.cli.retrofit import parse_options
+from kallm.eval.plot import edge_functions, strongest_edges
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_help_imports_only_the_command_it_describes(monkeypatch, capsys):
     assert imported == [] and "retrofit" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["inspect", "--help"])
-    assert imported == ["kallm.surgery.cli_inspect"]
+    assert imported == ["kallm.cli.inspect"]
 
 
 LIGHT_IMPORT = """
@@ -260,13 +260,13 @@ def test_a_local_folder_that_does_not_exist_is_not_taken_for_an_unreachable_hub(
     error = capsys.readouterr().err
     assert refused.value.code == 2 and f"kallm inspect: error: argument model: no such file or folder: {name}" in error
     assert "Hub" not in error and "Traceback" not in error
-    assert kallm.loading.resolve_model("someone/model") == ("someone/model", None)  # no folder someone/ here
+    assert kallm.checkpoints.load.resolve_model("someone/model") == ("someone/model", None)  # no folder someone/ here
 
 
 def test_an_unreachable_hub_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
     import socket
 
-    import kallm.surgery.cli
+    import kallm.cli.retrofit
 
     def unreachable(name):
         try:
@@ -275,7 +275,7 @@ def test_an_unreachable_hub_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, 
             raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.") from cause
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(kallm.surgery.cli, "load_model", unreachable)
+    monkeypatch.setattr(kallm.cli.retrofit, "load_model", unreachable)
     arguments = ["retrofit", "--model", "someone/model", "--out", str(tmp_path / "never")]
     assert main(arguments) == 2
     error = capsys.readouterr().err
@@ -284,7 +284,7 @@ def test_an_unreachable_hub_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, 
     def bug(name):
         raise TypeError("unsupported operand type(s)")
 
-    monkeypatch.setattr(kallm.surgery.cli, "load_model", bug)
+    monkeypatch.setattr(kallm.cli.retrofit, "load_model", bug)
     with pytest.raises(TypeError, match="unsupported operand"):
         main(arguments)
 

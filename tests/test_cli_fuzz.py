@@ -19,8 +19,8 @@ import pytest
 
 import kallm.cli
 from kallm.cli import COMMANDS, build_parser, main
-from kallm.cli_types import Number, existing_path, path_or_hub_id
-from kallm.sweep import seed_list
+from kallm.recipes.sweep import seed_list
+from kallm.values import Number, existing_path, path_or_hub_id
 
 REPO = Path(__file__).resolve().parent.parent
 BAD_NUMBERS = ("-1", "0", "inf", "nan", "ten")

@@ -14,8 +14,8 @@ from test_train_trainer import sums
 from transformers import TrainerCallback
 
 import kallm
+from kallm.cli.train import add_arguments, config_from_args
 from kallm.train import TrainConfig, train
-from kallm.train.cli import add_arguments, config_from_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +132,7 @@ def test_models_whose_stages_cannot_convert_exactly_are_refused_before_training(
 def test_the_curriculum_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
     from test_bench_scripts import load_script
 
-    from kallm.saving import save_checkpoint
+    from kallm.checkpoints.save import save_checkpoint
 
     bench = load_script("bench_curriculum")
     save_checkpoint(tiny_model("llama"), chat_tokenizer(), tmp_path / "base")

@@ -14,8 +14,8 @@ from test_train_data import chat_tokenizer
 from transformers import AutoModelForCausalLM
 
 import kallm
+from kallm.checkpoints.save import save_checkpoint
 from kallm.core.delta_checkpoint import DELTA_MANIFEST, DELTA_WEIGHTS, base_weights_hash
-from kallm.saving import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import json
 from conftest import make_tiny_tokenizer, tiny_model
 
 from kallm.cli import main
-from kallm.demo import format_table
+from kallm.recipes.demo import format_table
 
 
 def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys, monkeypatch):

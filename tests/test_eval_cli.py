@@ -9,7 +9,8 @@ import pytest
 from conftest import make_tiny_tokenizer
 from test_eval_bbh import TOY, chat_model, write_tasks
 
-from kallm.eval import cli, evaluate, is_correct, to_markdown, write_results
+from kallm.cli import eval as cli
+from kallm.eval import evaluate, is_correct, to_markdown, write_results
 from kallm.eval.evaluate import parse_tasks
 
 TEXT = "A tiny text to score, long enough for a couple of windows of a few tokens each.\n"
@@ -112,9 +113,9 @@ def test_command_end_to_end(saved_model, inputs, tmp_path, capsys):
     (["--tasks", "bbh", "--card", "--model", "someone/hub-model"], "--card writes into the model card of a local"),
 ])
 def test_command_rejects_bad_input_before_loading_the_model(argv, message, inputs, monkeypatch):
-    import kallm.loading
+    import kallm.checkpoints.load
 
-    monkeypatch.setattr(kallm.loading, "load_model", lambda *a, **k: pytest.fail("the model should not load"))
+    monkeypatch.setattr(kallm.checkpoints.load, "load_model", lambda *a, **k: pytest.fail("the model should not load"))
     with pytest.raises(ValueError, match=message):
         cli.run(parse(["--bbh-dir", str(inputs["bbh"]), *argv]))
 

@@ -55,14 +55,14 @@ def test_command_merges_harness_results_into_the_report_and_refuses_unknown_task
 
     import lm_eval.tasks
 
-    import kallm.loading
+    import kallm.checkpoints.load
 
     class CatalogueWithoutIt(lm_eval.tasks.TaskManager):  # indexing the whole catalogue takes long; not needed here
         def __init__(self, include_path=None, include_defaults=True):
             super().__init__(include_path=include_path, include_defaults=False)
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", CatalogueWithoutIt)
-    monkeypatch.setattr(kallm.loading, "load_model", lambda *a, **k: pytest.fail("the model should not load"))
+    monkeypatch.setattr(kallm.checkpoints.load, "load_model", lambda *a, **k: pytest.fail("the model should not load"))
     with pytest.raises(ValueError, match="unknown lm-evaluation-harness task.*no_such_task"):
         cli.run(parser.parse_args(["--model", str(folder), "--harness", "no_such_task", "--harness-include",
                                    str(tmp_path / "tasks")]))

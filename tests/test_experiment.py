@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import make_tiny_tokenizer, tiny_model
 
-import kallm.experiment
+import kallm.recipes.experiment
 from kallm.cli import main
-from kallm.experiment import load_experiment, run_experiment, summarize, to_markdown
+from kallm.recipes.experiment import load_experiment, run_experiment, summarize, to_markdown
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -191,14 +191,14 @@ def test_each_run_is_seeded_with_transformers_set_seed(workspace, monkeypatch):
     tmp_path, model_dir, *_ = workspace
     config = load_experiment(write_config(tmp_path, model=str(model_dir)))
     seeds = []
-    monkeypatch.setattr(kallm.experiment, "set_seed", seeds.append)
+    monkeypatch.setattr(kallm.recipes.experiment, "set_seed", seeds.append)
 
     def load_model(name):
         raise StopRun  # seeding comes before anything else, so the run can stop here
 
-    monkeypatch.setattr(kallm.experiment, "load_model", load_model)
+    monkeypatch.setattr(kallm.recipes.experiment, "load_model", load_model)
     with pytest.raises(StopRun):
-        kallm.experiment.run_arm(config, config.arms[0], 7)
+        kallm.recipes.experiment.run_arm(config, config.arms[0], 7)
     assert seeds == [7]
 
 
@@ -212,8 +212,8 @@ def fake_runs(monkeypatch):
         return {"arm": arm.name, "seed": seed, "trainable_parameters": 1, "train_seconds": 0.0,
                 "peak_memory_bytes": None, "losses": [], "eval": {"bbh": {"average": 0.5}}}
 
-    monkeypatch.setattr(kallm.experiment, "run_arm", run_arm)
-    monkeypatch.setattr(kallm.experiment, "plot_results", lambda records, rows, out: [])
+    monkeypatch.setattr(kallm.recipes.experiment, "run_arm", run_arm)
+    monkeypatch.setattr(kallm.recipes.experiment, "plot_results", lambda records, rows, out: [])
     return ran
 
 

@@ -14,7 +14,7 @@ from torch import nn
 import kallm
 from kallm.core.layers import KANFeedForward
 from kallm.surgery import fit
-from kallm.surgery.adapters import adapter_for
+from kallm.surgery.architectures import adapter_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

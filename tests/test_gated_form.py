@@ -18,7 +18,7 @@ from test_retrofit import assert_unchanged, snapshot
 import kallm
 from kallm.cli import main
 from kallm.core.layers import KANFeedForward, KANLinear, intermediate_size_for_budget
-from kallm.reference import ReferenceKANFeedForward
+from kallm.testing.reference import ReferenceKANFeedForward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,7 @@ from test_retrofit import assert_unchanged, snapshot
 
 import kallm
 from kallm.core.function_layers import ChannelFunctions, check_zero_start, is_channel_functions
-from kallm.surgery.adapters import EXACT_ACTIVATIONS
+from kallm.surgery.architectures import EXACT_ACTIVATIONS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -351,7 +351,7 @@ def test_quantize_takes_the_projections_and_refuses_kan_layers_the_form_has_not(
 def test_onnx_export_of_the_glu_form_matches_pytorch(tmp_path):
     for package in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(package, reason=f"{package} is not installed (pip install 'kallm[onnx]')")
-    from kallm.onnx_export import check_onnx
+    from kallm.export.onnx import check_onnx
 
     model = glu(tiny_model("llama"))
     perturb_functions(model)

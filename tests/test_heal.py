@@ -12,9 +12,9 @@ from conftest import TINY_CONFIGS, make_tiny_tokenizer, tiny_model
 from test_train_data import conversation
 
 import kallm
-from kallm.data import tokenize_conversation
-from kallm.surgery.adapters import adapter_for
-from kallm.train.heal import HealConfig, distillation_loss, healing_sequences, shared_prefix_logits
+from kallm.data.chat import tokenize_conversation
+from kallm.heal.loop import HealConfig, distillation_loss, healing_sequences, shared_prefix_logits
+from kallm.surgery.architectures import adapter_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_tokenizer, tiny_model
 
 from kallm import inference
-from kallm.data import IGNORE_INDEX
+from kallm.data.chat import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ from conftest import check_adapter_refused_on_other_kan_blocks, tiny_model
 from transformers import AutoModelForCausalLM
 
 import kallm
-from kallm.surgery.kan_adapter import KANAdapterLayer
+from kallm.finetune.kan_adapter import KANAdapterLayer
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,7 @@ from kallm.core import bases
 from kallm.core.bases import Basis, make_basis, register_basis
 from kallm.core.kan_function import kan_linear
 from kallm.core.layers import KANFeedForward, KANLinear, intermediate_size_for_budget
-from kallm.reference import ReferenceKANFeedForward, ReferenceKANLinear, coefficients_to_weight
+from kallm.testing.reference import ReferenceKANFeedForward, ReferenceKANLinear, coefficients_to_weight
 
 BUILTIN = kallm.list_bases()
 SPECS = BUILTIN + ["cheby2+rbf", "bspline+rational"]

@@ -21,7 +21,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
 
 import kallm
-from kallm.saving import save_checkpoint
+from kallm.checkpoints.save import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

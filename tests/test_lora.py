@@ -14,7 +14,7 @@ from conftest import check_adapter_refused_on_other_kan_blocks, tiny_model
 from transformers import AutoModelForCausalLM
 
 import kallm
-from kallm.surgery.lora import KANLoraLinear
+from kallm.finetune.lora import KANLoraLinear
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,7 +120,7 @@ def test_the_kan_update_is_a_low_rank_change_of_the_coefficient_matrix():
     assert layer.get_delta_weight("default").shape == base.weight.shape
     x = torch.randn(3, 5, base.in_features)
     with torch.no_grad():
-        features = kallm.surgery.lora._features(base, x)
+        features = kallm.finetune.lora._features(base, x)
         expected = base(x) + layer.lora_B["default"](layer.lora_A["default"](features)) * layer.scaling["default"]
         torch.testing.assert_close(layer(x), expected)
 

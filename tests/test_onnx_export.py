@@ -11,10 +11,10 @@ import torch
 from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm
-from kallm import onnx_export
 from kallm.cli import main
 from kallm.core import bases
 from kallm.core.bases import Basis, register_basis
+from kallm.export import onnx as onnx_export
 
 for _package in onnx_export.ONNX_PACKAGES:
     pytest.importorskip(_package, reason=f"{_package} is not installed (pip install 'kallm[onnx]'; the dev extra has it)")

@@ -178,7 +178,7 @@ def test_save_pretrained_of_a_quantized_model_is_refused_before_writing(tmp_path
 
 
 def test_saving_over_the_folder_the_model_was_loaded_from_is_refused(tmp_path):
-    from kallm.saving import save_checkpoint
+    from kallm.checkpoints.save import save_checkpoint
 
     save_checkpoint(_retrofitted(), make_tiny_tokenizer(), tmp_path / "model")
     before = {path.name: path.read_bytes() for path in (tmp_path / "model").iterdir()}

@@ -108,7 +108,7 @@ def test_real_smollm2_from_gguf_through_transformers_retrofits_saves_and_reloads
     does on CPU; those float weights retrofit as kallm.load_model's do, and the tag is not saved."""
     from transformers import AutoModelForCausalLM
 
-    folder, gguf_file = kallm.loading.resolve_model("smollm2-135m-instruct")
+    folder, gguf_file = kallm.checkpoints.load.resolve_model("smollm2-135m-instruct")
     direct = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     assert direct.config.quantization_config.quant_method == "gguf"
     assert {p.dtype for p in direct.parameters()} == {torch.float32}

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, GgufConfig
 import kallm
 from kallm.core.layers import KANFeedForward
 from kallm.core.modeling_kallm import count_parameters, install_kan_feedforwards
-from kallm.surgery.adapters import ADAPTERS
+from kallm.surgery.architectures import ADAPTERS
 
 FAMILIES = sorted(TINY_CONFIGS)
 REPO = Path(__file__).resolve().parents[1]

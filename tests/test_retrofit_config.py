@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import kallm
 from kallm import RetrofitConfig
 from kallm.core.layers import KANFeedForward
-from kallm.surgery.adapters import ArchitectureAdapter
+from kallm.surgery.architectures import ArchitectureAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]

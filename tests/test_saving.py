@@ -1,4 +1,4 @@
-"""``kallm.saving``: a checkpoint is replaced as a whole or not at all."""
+"""``kallm.checkpoints.save``: a checkpoint is replaced as a whole or not at all."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import transformers.modeling_utils
 from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm
-from kallm.saving import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
+from kallm.checkpoints.save import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
 
 IDS = torch.tensor([[1, 5, 9, 17, 33]])
 

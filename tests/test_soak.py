@@ -14,7 +14,7 @@ import torch
 from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm
-from kallm.saving import save_checkpoint
+from kallm.checkpoints.save import save_checkpoint
 from kallm.surgery import retrofitted_blocks
 from kallm.train import TrainConfig, train
 

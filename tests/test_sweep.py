@@ -12,8 +12,8 @@ from conftest import make_tiny_tokenizer, tiny_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kallm.cli import main
-from kallm.experiment import ARM_NAME
-from kallm.sweep import arm_settings, expand_grid, load_sweep, pareto_front, run_sweep, select
+from kallm.recipes.experiment import ARM_NAME
+from kallm.recipes.sweep import arm_settings, expand_grid, load_sweep, pareto_front, run_sweep, select
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -285,7 +285,7 @@ def test_a_tokenizer_without_pad_or_eos_token_is_refused_before_anything_is_writ
 
 def test_arms_are_copies_of_one_loaded_classifier_with_the_head_drawn_from_the_seed(workspace, monkeypatch):
     from kallm.core.layers import KANFeedForward
-    from kallm.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model
+    from kallm.recipes.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model
 
     monkeypatch.setenv("KALLM_TINY", str(workspace))
     config = load_sweep(write_config(workspace))
@@ -332,7 +332,7 @@ def test_eval_every_scores_the_dev_rows_along_the_way_and_plots_the_curves(works
 
 
 def test_a_gated_arm_is_a_gated_kan_feedforward(workspace, monkeypatch):
-    from kallm.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model
+    from kallm.recipes.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model
 
     monkeypatch.setenv("KALLM_TINY", str(workspace))
     config = load_sweep(write_config(workspace, arms={"gated": {"form": "gated", "last_n": 2}}, grid=[]))
@@ -344,7 +344,7 @@ def test_a_gated_arm_is_a_gated_kan_feedforward(workspace, monkeypatch):
 
 
 def test_learning_rate_scales_reach_each_parameter_role(workspace, monkeypatch):
-    from kallm.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model, train_classifier
+    from kallm.recipes.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model, train_classifier
 
     monkeypatch.setenv("KALLM_TINY", str(workspace))
     config = load_sweep(write_config(workspace, grid=[], arms={"kan": {}},
@@ -364,7 +364,7 @@ def test_learning_rate_scales_reach_each_parameter_role(workspace, monkeypatch):
 
 
 def test_an_arms_learning_rate_scales_override_the_configs_for_that_arm_alone(workspace, monkeypatch):
-    import kallm.sweep as sweep
+    import kallm.recipes.sweep as sweep
 
     monkeypatch.setenv("KALLM_TINY", str(workspace))
     config = load_sweep(write_config(
@@ -393,7 +393,7 @@ def test_an_arms_learning_rate_scales_override_the_configs_for_that_arm_alone(wo
 def test_warmup_steps_scale_the_first_updates():
     from types import SimpleNamespace
 
-    from kallm.sweep import train_classifier
+    from kallm.recipes.sweep import train_classifier
 
     class Scorer(torch.nn.Module):  # a classifier's interface over one weight
         def __init__(self):

@@ -17,8 +17,8 @@ from test_train_data import chat_tokenizer
 from test_train_trainer import sums
 
 import kallm
+from kallm.cli.train import add_arguments, run
 from kallm.train import TrainConfig
-from kallm.train.cli import add_arguments, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_two_processes_with_torchrun(workspace, tmp_path):
 
 
 def test_every_config_field_is_a_flag_with_help_and_the_fields_default():
-    from kallm.train.cli import MANUAL_FIELDS, config_from_args
+    from kallm.cli.train import MANUAL_FIELDS, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -150,7 +150,7 @@ def test_every_config_field_is_a_flag_with_help_and_the_fields_default():
 
 
 def test_training_arguments_pass_through_from_flags_and_a_yaml_file(tmp_path):
-    from kallm.train.cli import config_from_args
+    from kallm.cli.train import config_from_args
     from kallm.train.trainer import training_arguments
 
     settings = tmp_path / "args.yaml"
@@ -170,7 +170,7 @@ def test_training_arguments_pass_through_from_flags_and_a_yaml_file(tmp_path):
     ("- a list\n", "must hold a mapping of TrainingArguments fields"),
 ])
 def test_training_args_file_errors_name_the_field(tmp_path, content, message):
-    from kallm.train.cli import config_from_args
+    from kallm.cli.train import config_from_args
 
     settings = tmp_path / "args.yaml"
     settings.write_text(content)

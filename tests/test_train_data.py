@@ -16,7 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import kallm
-from kallm.data import (
+from kallm.data.chat import (
     IGNORE_INDEX,
     ChatCollator,
     clean_messages,

@@ -12,8 +12,8 @@ from test_train_data import chat_tokenizer
 from test_train_trainer import sums
 
 import kallm
+from kallm.cli.train import add_arguments, run
 from kallm.train import TrainConfig, train
-from kallm.train.cli import add_arguments, run
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,7 +102,7 @@ def test_train_lora_leaves_the_base_weights_alone_and_trains_only_the_adapter(wo
     result = train(model, tokenizer, sums(8), config)
     assert isinstance(model, torch.nn.Module) and result.merged_dir is None
     wrapped = model.model.layers[2].mlp.layers[0]
-    assert isinstance(wrapped, kallm.surgery.KANLoraLinear)  # the model was wrapped in place
+    assert isinstance(wrapped, kallm.finetune.KANLoraLinear)  # the model was wrapped in place
     adapters = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
     assert result.trainable_parameters == adapters
     for name, tensor in model.state_dict().items():

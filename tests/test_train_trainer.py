@@ -250,7 +250,7 @@ def test_a_failed_final_save_keeps_the_previous_model_of_the_output_folder(tmp_p
 
 
 def test_the_model_read_and_a_model_that_diverged_are_never_saved_over(tmp_path):
-    from kallm.saving import save_checkpoint
+    from kallm.checkpoints.save import save_checkpoint
 
     tokenizer, data = chat_tokenizer(), sums(8)
     save_checkpoint(retrofitted(), tokenizer, tmp_path / "model")

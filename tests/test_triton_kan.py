@@ -288,7 +288,7 @@ def test_without_triton_the_fused_device_falls_back_to_the_plain_op(monkeypatch)
 def test_the_gpu_check_recipe_is_the_research_recipe_shortened(monkeypatch):
     from pathlib import Path
 
-    from kallm.experiment import load_experiment
+    from kallm.recipes.experiment import load_experiment
 
     monkeypatch.setenv("KALLM_DATA_DIR", "/data")
     configs = Path(__file__).resolve().parent.parent / "configs"

@@ -502,3 +502,9 @@ def _check_size(key, value, owner="kan_config"):
 def _check_text(key, value, owner="kan_config"):
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{owner}.{key} must be a non-empty string, got {value!r}")
+
+
+def retrofitted_blocks(model) -> list[int]:
+    """Indices of the decoder blocks kallm changed (KAN or linear restart); empty if none."""
+    retrofit_config = read_retrofit_config(model.config)
+    return list(retrofit_config.blocks) if retrofit_config else []

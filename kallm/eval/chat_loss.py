@@ -1,6 +1,6 @@
 """Held-out chat loss: the mean loss on assistant tokens of ``messages``-format conversations.
 
-Conversations are read, cleaned and tokenized exactly as for training (``kallm.data``):
+Conversations are read, cleaned and tokenized exactly as for training (``kallm.data.chat``):
 the model's chat template, and a mask that keeps only the assistant replies, so the number
 is directly comparable with the training loss.
 """
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..data import ChatCollator, prepare_chat_dataset
+from ..data.chat import ChatCollator, prepare_chat_dataset
 from ..inference import eval_mode, masked_nll, model_device
 
 

@@ -137,7 +137,7 @@ def card_results(results: dict) -> list:
 
 
 def _public(source: str) -> str:
-    from ..loading import public_source_name
+    from ..checkpoints.load import public_source_name
 
     return public_source_name(source)
 

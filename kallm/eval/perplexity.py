@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import IGNORE_INDEX
+from ..data.chat import IGNORE_INDEX
 from ..inference import eval_mode, masked_nll, model_device
 
 

@@ -11,12 +11,12 @@ import sys
 
 from torch import nn
 
+from ..checkpoints.load import is_dequantized_gguf, quantization_method
 from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SEQUENCE_CLASSIFICATION_CLASSES, KANModelMixin
 from ..core.function_layers import is_retrofitted_feedforward
 from ..core.layers import is_kan_feedforward
 from ..core.retrofit_config import RetrofitConfig, read_retrofit_config
-from ..loading import is_dequantized_gguf, quantization_method
-from .adapters import ArchitectureAdapter, adapter_for
+from .architectures import ArchitectureAdapter, adapter_for
 
 #: parts of the class names of quantized linear layers: bitsandbytes (Linear4bit, Linear8bitLt),
 #: GPTQ (QuantLinear and its kernels' variants), AWQ (WQLinear_GEMM, ...), HQQ, optimum-quanto, fp8, GGUF blocks

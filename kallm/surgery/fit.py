@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..inference import chat_prompt, eval_mode, generate, model_device
-from .adapters import ArchitectureAdapter
+from .architectures import ArchitectureAdapter
 
 logger = logging.getLogger("kallm")
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints.save import check_output_folder, non_finite_tensors, replacing_checkpoint
 from ..core.kan_function import _is_quantized
 from ..core.layers import is_kan_linear
 from ..core.retrofit_config import read_retrofit_config
-from ..saving import check_output_folder, non_finite_tensors, replacing_checkpoint
 from .checks import causal_lm_parts
 
 #: weight formats ``quantize`` offers (torchao weight-only configs that run on CPU)

@@ -10,14 +10,22 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..checkpoints.load import public_source_name, untag_dequantized_gguf
 from ..core import KAN_CONFIG_CLASSES
 from ..core.configuration_kallm import config_as
 from ..core.function_layers import ChannelFunctions, check_zero_start
 from ..core.layers import KANFeedForward, intermediate_size_for_budget
 from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
-from ..core.retrofit_config import AUTO, BLOCK_SETTINGS, FORMS, KINDS, RetrofitConfig, read_retrofit_config
-from ..loading import public_source_name, untag_dequantized_gguf
-from .adapters import EXACT_ACTIVATIONS, ArchitectureAdapter, supported_model_types
+from ..core.retrofit_config import (
+    AUTO,
+    BLOCK_SETTINGS,
+    FORMS,
+    KINDS,
+    RetrofitConfig,
+    read_retrofit_config,
+    retrofitted_blocks,
+)
+from .architectures import EXACT_ACTIVATIONS, ArchitectureAdapter, supported_model_types
 from .checks import causal_lm_parts, check_weights, retrofitted_class, retrofitted_kan_config
 from .fit import check_fit_arguments, fit_new_feedforwards, minimum_calibration_tokens
 
@@ -170,12 +178,6 @@ def retrofit(
     # a model transformers unpacked from a GGUF file to float: it keeps no tag that would refuse save and training
     untag_dequantized_gguf(model)
     return model
-
-
-def retrofitted_blocks(model: nn.Module) -> list[int]:
-    """Indices of the decoder blocks kallm changed (KAN or linear restart); empty if none."""
-    retrofit_config = read_retrofit_config(model.config)
-    return list(retrofit_config.blocks) if retrofit_config else []
 
 
 def retrofitted_layers(model: nn.Module) -> list[int]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from .adapters import adapter_for
+from .architectures import adapter_for
 from .checks import base_model_type
 
 #: config fields holding one token id (or a list of them) that must follow the renumbering

@@ -16,8 +16,8 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..checkpoints.save import save_checkpoint
 from ..core.layers import is_kan_linear
-from ..saving import save_checkpoint
 from ..surgery.convert import convert
 from .trainer import METRICS_FILE, RESULT_FILE, TrainConfig, TrainResult, train
 

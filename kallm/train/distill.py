@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data import IGNORE_INDEX
+from ..data.chat import IGNORE_INDEX
 from .chat_trainer import ChatTrainer
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from ..cli_types import Number, finite_float, finite_int
+from ..values import Number, finite_float, finite_int
 
 
 def option(default=None, help: str = "", valid=None, **argparse_options):
-    """A config field: its default, its help text, its valid values (a ``kallm.cli_types.Number``: the flag
+    """A config field: its default, its help text, its valid values (a ``kallm.values.Number``: the flag
     refuses others while the command line is read, ``check_values`` when the config is made; or another argparse
-    type of ``kallm.cli_types``, for the flag only) and any argparse options (``aliases``, ``choices``,
+    type of ``kallm.values``, for the flag only) and any argparse options (``aliases``, ``choices``,
     ``metavar``)."""
     return dataclasses.field(default=default, metadata={"help": help, **argparse_options,
                                                         **({"valid": valid} if valid else {})})

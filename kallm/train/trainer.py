@@ -20,16 +20,22 @@ from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArgumen
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..cli_types import Number, fraction, non_negative_float, path_or_hub_id, positive_float, positive_int
-from ..cli_types import seed as seed_range
+from ..checkpoints.save import (
+    check_finite,
+    check_output_folder,
+    replacing_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from ..core.layers import is_kan_linear
 from ..core.modeling_kallm import count_parameters
-from ..data import TRUNCATION, ChatCollator, prepare_chat_dataset
+from ..data.chat import TRUNCATION, ChatCollator, prepare_chat_dataset
+from ..finetune.kan_adapter import MERGE_REFUSAL, kan_adapter_config
+from ..finetune.lora import LORA_TARGETS, lora_config
 from ..inference import eval_mode, model_device
-from ..saving import check_finite, check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
-from ..surgery.kan_adapter import MERGE_REFUSAL, kan_adapter_config
-from ..surgery.lora import LORA_TARGETS, lora_config
 from ..surgery.trainable import POLICIES, set_trainable
+from ..values import Number, fraction, non_negative_float, path_or_hub_id, positive_float, positive_int
+from ..values import seed as seed_range
 from .chat_trainer import ChatTrainer
 from .distill import DistillationTrainer
 from .options import check_values, option
@@ -301,7 +307,7 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
 
     ``data``: a local JSONL/JSON/parquet file or folder, a hub dataset id, a
     ``datasets.Dataset`` or a list of rows, each with a ``messages`` list (see
-    ``kallm.data``). Only assistant tokens are targets. Trainable parameters follow
+    ``kallm.data.chat``). Only assistant tokens are targets. Trainable parameters follow
     ``kallm.set_trainable(model, config.trainable)``. With ``teacher`` (usually the original,
     un-retrofitted model), the loss mixes in a KL divergence to the teacher's next-token
     distribution (``config.distill_alpha``, ``config.distill_temperature``).

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core.bases import Basis
-from .core.layers import KANFeedForward, KANLinear
+from ..core.bases import Basis
+from ..core.layers import KANFeedForward, KANLinear
 
 
 def reference_kan_linear(x, coefficients, bias, scale, shift, basis: Basis, basis_params=()):

@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core.kan_function import base_branch, kan_linear
 from ..core.layers import KANLinear, is_kan_linear
-from .checks import causal_lm_parts, check_adapter_fits_kan_blocks, target_names
+from ..surgery.checks import causal_lm_parts, check_adapter_fits_kan_blocks, target_names
 
 LORA_TARGETS = ("kan", "attention", "mlp", "all")
 #: the roles of an MLP layout (``ArchitectureAdapter.mlp_layout``) that are linear projections

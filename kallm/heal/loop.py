@@ -36,15 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..cli_types import Number, non_negative_float, non_negative_int, positive_float, positive_int
-from ..cli_types import seed as seed_range
-from ..core.retrofit_config import read_retrofit_config
-from ..saving import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
+from ..checkpoints.save import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
+from ..core.retrofit_config import read_retrofit_config, retrofitted_blocks
 from ..surgery.checks import causal_lm_parts
 from ..surgery.fit import default_calibration, original_feedforward, outlier_rows, record_feedforwards
-from ..surgery.retrofit import retrofitted_blocks
 from ..surgery.trainable import POLICIES, set_trainable
-from .options import check_values, option
+from ..train.options import check_values, option
+from ..values import Number, non_negative_float, non_negative_int, positive_float, positive_int
+from ..values import seed as seed_range
 
 logger = logging.getLogger("kallm")
 
@@ -326,7 +325,7 @@ def _from_texts(texts: list[str], tokenizer, max_length: int, source: str):
 
 
 def _from_chat(source, tokenizer, config: HealConfig):
-    from ..data import prepare_chat_dataset
+    from ..data.chat import prepare_chat_dataset
 
     # Healing matches every token, so a long conversation is cut into pieces rather than truncated.
     dataset, _ = prepare_chat_dataset(source, tokenizer, max_length=_NO_LIMIT, split=config.split, limit=config.limit)

@@ -14,10 +14,10 @@ import warnings
 
 import torch
 
-from .cli_types import non_negative_int, path_or_hub_id, positive_int
-from .core.layers import KANLinear
-from .core.retrofit_config import kan_config_blocks
-from .loading import load_model
+from ..checkpoints.load import load_model
+from ..core.layers import KANLinear
+from ..core.retrofit_config import kan_config_blocks
+from ..values import non_negative_int, path_or_hub_id, positive_int
 
 
 @torch.no_grad()

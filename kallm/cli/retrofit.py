@@ -8,14 +8,14 @@ from pathlib import Path
 
 import yaml
 
-from ..cli_types import existing_path, finite_int, path_or_hub_id, positive_int
+from ..checkpoints.load import DEFAULT_MODEL, load_model, push_to_hub
+from ..checkpoints.save import check_output_folder, save_checkpoint
 from ..core.kan_function import BASE_BRANCHES
 from ..core.layers import KANFeedForward
-from ..loading import DEFAULT_MODEL, load_model, push_to_hub
-from ..saving import check_output_folder, save_checkpoint
-from .fit import INITS, format_errors
-from .retrofit import FORMS, KINDS, retrofit
-from .trainable import POLICIES, set_trainable, summary
+from ..surgery.fit import INITS, format_errors
+from ..surgery.retrofit import FORMS, KINDS, retrofit
+from ..surgery.trainable import POLICIES, set_trainable, summary
+from ..values import existing_path, finite_int, path_or_hub_id, positive_int
 
 
 def parse_options(pairs: list[str]) -> dict:

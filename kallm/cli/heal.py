@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli_types import existing_path, path_or_hub_id
+from ..values import existing_path, path_or_hub_id
 
 #: the HealConfig fields set by flags written here rather than generated from the field
 MANUAL_FIELDS = ("output_dir", "resume", "progress_bar", "save_model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .heal import HealConfig
-    from .options import add_flags, flag_fields
+    from ..heal.loop import HealConfig
+    from ..train.options import add_flags, flag_fields
 
     parser.add_argument("--model", required=True, type=path_or_hub_id, help="the retrofitted model: a kallm checkpoint folder")
     parser.add_argument("--teacher", type=path_or_hub_id, help="the original model (default: the model the checkpoint was retrofitted "
@@ -32,15 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args):
     """``HealConfig`` from the parsed flags: every field of the same name."""
-    from .heal import HealConfig
-    from .options import field_values
+    from ..heal.loop import HealConfig
+    from ..train.options import field_values
 
     return HealConfig(**{**field_values(args, HealConfig), "output_dir": args.out, "progress_bar": not args.quiet})
 
 
 def run(args) -> int:
-    from ..loading import load_model, recorded_base_model
-    from .heal import CURVE_FILE, heal
+    from ..checkpoints.load import load_model, recorded_base_model
+    from ..heal.loop import CURVE_FILE, heal
 
     config = config_from_args(args)  # bad settings fail before any model loads
     model, tokenizer = load_model(args.model)

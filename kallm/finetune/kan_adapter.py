@@ -34,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core.bases import make_basis
 from ..core.layers import KANLinear, is_kan_linear
-from .checks import check_adapter_fits_kan_blocks, target_names
+from ..surgery.checks import check_adapter_fits_kan_blocks, target_names
 
 PEFT_METHOD = "kan_adapter"
 #: what every parameter name of the adapter contains (PEFT finds an adapter's weights by it)
@@ -111,7 +111,7 @@ def kan_adapter_config(model: nn.Module, which: str = "kan", r: int = 8, alpha: 
     """A causal-LM ``KANAdapterConfig`` targeting ``kallm.lora_targets(model, which)`` (``"kan"``,
     ``"attention"`` or ``"all"``); ``options`` go to ``KANAdapterConfig`` (``basis``, ``degree``, ...). The
     config, the targets and the rank are checked here, before any model is wrapped."""
-    # imported here: this module may load while .lora is still importing PEFT (see kallm._registration)
+    # imported here: this module may load while .lora is still importing PEFT (see kallm._imports)
     from .lora import lora_targets
 
     config = KANAdapterConfig(task_type="CAUSAL_LM", target_modules=lora_targets(model, which), r=r, alpha=alpha,

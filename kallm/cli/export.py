@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_types import path_or_hub_id, positive_int
+from ..values import path_or_hub_id, positive_int
 
 #: formats ``kallm export`` writes
 FORMATS = ("onnx",)
@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .loading import load_model
-    from .onnx_export import check_onnx, export_onnx, require_onnx_packages
+    from ..checkpoints.load import load_model
+    from ..export.onnx import check_onnx, export_onnx, require_onnx_packages
 
     if args.new_tokens < 1:
         raise ValueError(f"--new-tokens must be at least 1, got {args.new_tokens}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli_types import path_or_hub_id
-from ..loading import load_model
-from .trainable import summary
+from ..checkpoints.load import load_model
+from ..surgery.trainable import summary
+from ..values import path_or_hub_id
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

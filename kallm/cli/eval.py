@@ -6,15 +6,15 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli_types import Number, existing_path, non_negative_int, path_or_hub_id, positive_int
+from ..values import Number, existing_path, non_negative_int, path_or_hub_id, positive_int
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..loading import DEFAULT_MODEL
-    from .bbh import DEFAULT_HUB_DATASET, MODES
-    from .evaluate import DEFAULT_TEXT, TASKS
+    from ..checkpoints.load import DEFAULT_MODEL
+    from ..eval.bbh import DEFAULT_HUB_DATASET, MODES
+    from ..eval.evaluate import DEFAULT_TEXT, TASKS
 
     parser.add_argument("--model", default=DEFAULT_MODEL, type=path_or_hub_id,
                         help=f"hub id, folder (kallm checkpoints included), .gguf file or bundled name "
@@ -62,14 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
-    from ..loading import load_model
-    from .bbh import load_bbh
-    from .evaluate import evaluate, parse_tasks, to_markdown, write_results
+    from ..checkpoints.load import load_model
+    from ..eval.bbh import load_bbh
+    from ..eval.evaluate import evaluate, parse_tasks, to_markdown, write_results
 
     # Bad task names, folders or BBH selections fail before the model loads.
     tasks = parse_tasks(args.tasks) if args.tasks or not args.harness else []
     if args.harness:
-        from .harness import check_harness_tasks
+        from ..eval.harness import check_harness_tasks
 
         check_harness_tasks(args.harness, args.harness_include)
     if args.card and not (Path(args.model) / "config.json").is_file():
@@ -90,7 +90,7 @@ def run(args) -> int:
         chat_limit=args.chat_limit, progress=not args.quiet,
     ) if tasks else {}
     if args.harness:
-        from .harness import evaluate_harness
+        from ..eval.harness import evaluate_harness
 
         started = time.perf_counter()
         results["harness"] = evaluate_harness(
@@ -106,7 +106,7 @@ def run(args) -> int:
         print("wrote " + ", ".join(str(path) for path in paths.values()))
     if args.card:
         from ..core.modeling_kallm import write_model_card
-        from .evaluate import card_results
+        from ..eval.evaluate import card_results
 
         write_model_card(model, args.model, eval_results=card_results(results))
         print(f"added the results to {Path(args.model) / 'README.md'}")

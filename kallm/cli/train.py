@@ -15,7 +15,7 @@ import os
 import typing
 from pathlib import Path
 
-from ..cli_types import existing_path, path_or_hub_id
+from ..values import existing_path, path_or_hub_id
 
 #: the TrainConfig fields set by flags written here rather than generated from the field
 MANUAL_FIELDS = ("resume", "progress_bar", "training_arguments")
@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_generated_flags(parser):
     """The flags of ``TrainConfig``'s fields and of the ``PASS_THROUGH`` TrainingArguments fields."""
-    from .options import add_flags, flag_fields
-    from .trainer import TrainConfig
+    from ..train.options import add_flags, flag_fields
+    from ..train.trainer import TrainConfig
 
     add_flags(parser, flag_fields(TrainConfig, "training", MANUAL_FIELDS), _pass_through_fields())
 
@@ -57,8 +57,8 @@ def _pass_through_fields():
     given: ``kallm train`` leaves them to ``--training-args`` and kallm's defaults)."""
     from transformers import TrainingArguments
 
-    from ..cli_types import positive_float, positive_int
-    from .trainer import PASS_THROUGH
+    from ..train.trainer import PASS_THROUGH
+    from ..values import positive_float, positive_int
 
     hints = typing.get_type_hints(TrainingArguments)
     original = {f.name: f for f in dataclasses.fields(TrainingArguments)}
@@ -83,8 +83,8 @@ def _default_of(field):
 def config_from_args(args):
     """``TrainConfig`` from the parsed flags: every field of the same name, and the TrainingArguments fields
     given by flag or in ``--training-args``."""
-    from .options import field_values
-    from .trainer import PASS_THROUGH, TrainConfig
+    from ..train.options import field_values
+    from ..train.trainer import PASS_THROUGH, TrainConfig
 
     training_arguments = _read_training_args(args.training_args) if args.training_args else {}
     training_arguments.update({name: getattr(args, name) for name in PASS_THROUGH if getattr(args, name) is not None})
@@ -111,8 +111,8 @@ def _read_training_args(path: str) -> dict:
 
 
 def run(args) -> int:
-    from ..loading import load_model, recorded_base_model
-    from .trainer import train
+    from ..checkpoints.load import load_model, recorded_base_model
+    from ..train.trainer import train
 
     config = config_from_args(args)  # bad settings fail before any model loads
     if args.teacher and not args.distill:
@@ -121,7 +121,7 @@ def run(args) -> int:
     teacher = _load_teacher(args.teacher or recorded_base_model(model, "--distill")) if args.distill else None
     result = train(model, tokenizer, args.data, config, teacher=teacher)
     if int(os.environ.get("RANK", "0")) == 0:
-        from ..data import DataStats
+        from ..data.chat import DataStats
 
         stats = DataStats(**result.data)
         loss = result.metrics.get("last_logged_loss")
@@ -137,6 +137,6 @@ def run(args) -> int:
 
 
 def _load_teacher(source: str):
-    from ..loading import load_model
+    from ..checkpoints.load import load_model
 
     return load_model(source)[0]  # float32 weights, GGUF files dequantized, like the student

@@ -27,13 +27,13 @@ import torch
 import yaml
 from transformers import set_seed
 
-from .cli_types import existing_path
-from .eval.evaluate import evaluate
-from .loading import DEFAULT_MODEL, load_model
-from .surgery.fit import INITS
-from .surgery.retrofit import retrofit
-from .surgery.trainable import set_trainable
-from .train.trainer import TrainConfig, train
+from ..checkpoints.load import DEFAULT_MODEL, load_model
+from ..eval.evaluate import evaluate
+from ..surgery.fit import INITS
+from ..surgery.retrofit import retrofit
+from ..surgery.trainable import set_trainable
+from ..train.trainer import TrainConfig, train
+from ..values import existing_path
 
 ARM_KINDS = ("baseline", "linear", "kan")
 #: arm names become folder names under the output folder

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .cli_types import Number, existing_path, non_negative_float, non_negative_int, positive_float, positive_int
-from .cli_types import seed as seed_range
-from .core.layers import KANFeedForward
+from ..checkpoints.load import DEFAULT_MODEL
+from ..core.layers import KANFeedForward
+from ..values import Number, existing_path, non_negative_float, non_negative_int, positive_float, positive_int
+from ..values import seed as seed_range
 from .experiment import (
     ARM_NAME,
     ARM_NAME_RULE,
@@ -39,7 +40,6 @@ from .experiment import (
     read_config,
     run_recorded,
 )
-from .loading import DEFAULT_MODEL
 
 #: what an arm does to the mini model's feedforwards: KAN ones, the linear restart, or nothing (MLP retrained)
 SWEEP_KINDS = ("kan", "linear", "mlp")
@@ -157,7 +157,7 @@ def check_sweep(config: SweepConfig) -> None:
         if not isinstance(config.data.get(key, ""), str):
             raise ValueError(f"data.{key} must be a name, got {config.data[key]!r}")
     if "learning_rate_scales" in config.train:
-        from .surgery.trainable import check_role_scales
+        from ..train.parameter_groups import check_role_scales
 
         check_role_scales(config.train["learning_rate_scales"], "train.learning_rate_scales")
     unknown = sorted(set(config.shrink) - {"num_blocks", "blocks", "max_tokens"})
@@ -182,7 +182,7 @@ def arm_settings(config: SweepConfig, name: str) -> dict:
         raise ValueError(f"arm {name!r}: unknown kind {kind!r}; valid choices: {', '.join(SWEEP_KINDS)}")
     settings = {**config.retrofit, **own, "kind": kind}
     if "learning_rate_scales" in own:
-        from .surgery.trainable import check_role_scales
+        from ..train.parameter_groups import check_role_scales
 
         check_role_scales(own["learning_rate_scales"], f"arm {name!r}: learning_rate_scales")
     training = {key: own[key] for key in ARM_TRAIN_KEYS if key in own}
@@ -259,9 +259,9 @@ def rows_digest(*row_lists: list[dict]) -> str:
 
 def prepare_mini_model(config: SweepConfig, train_rows: list[dict]) -> Path:
     """``OUT/mini-model``: the shrunk model and its tokenizer, made once (kept while the settings match)."""
-    from .loading import load_model
-    from .saving import save_checkpoint
-    from .surgery.shrink import shrink
+    from ..checkpoints.load import load_model
+    from ..checkpoints.save import save_checkpoint
+    from ..surgery.shrink import shrink
 
     folder = Path(config.out) / "mini-model"
     settings = {"model": config.model, "shrink": config.shrink, "trim_vocabulary": config.trim_vocabulary,
@@ -314,7 +314,7 @@ def build_arm(inputs: SweepInputs, settings: dict, seed: int):
     """A copy of the mini classifier with its head drawn from ``seed``, its feedforwards changed as the arm says."""
     from transformers import set_seed
 
-    from .surgery.retrofit import retrofit
+    from ..surgery.retrofit import retrofit
 
     set_seed(seed)
     model = copy.deepcopy(inputs.classifier)
@@ -348,7 +348,7 @@ def train_classifier(model, train, pad_id: int, settings: dict, seed: int, score
     coefficients.
     ``eval_every``: ``score(model)`` (dev accuracy) after every that many steps and after the last, as
     ``curve``: ``[[step, accuracy], ...]``; scoring time is not training time."""
-    from .surgery.trainable import parameter_groups
+    from ..train.parameter_groups import parameter_groups
 
     steps, batch_size = settings.get("steps", 100), settings.get("batch_size", 16)
     groups = parameter_groups(model, settings.get("learning_rate", 1e-3), settings.get("learning_rate_scales"))
@@ -392,8 +392,8 @@ def accuracy(model, dev, pad_id: int, batch_size: int) -> float:
 
 
 def run_sweep_arm(config: SweepConfig, name: str, seed: int, inputs: SweepInputs, save_models: bool) -> dict:
-    from .core.modeling_kallm import count_parameters
-    from .saving import save_checkpoint
+    from ..checkpoints.save import save_checkpoint
+    from ..core.modeling_kallm import count_parameters
 
     settings = arm_settings(config, name)
     model = build_arm(inputs, settings, seed)

@@ -1,4 +1,4 @@
-"""``kallm`` command line: one subcommand per stage of the workflow."""
+"""The ``kallm`` command line: one subcommand per stage of the workflow, each in a module of its own here."""
 
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ import os
 import socket
 import sys
 
-from . import __version__
+from .. import __version__
 
 # subcommand -> (module with add_arguments/run, help)
 COMMANDS = {
-    "retrofit": ("kallm.surgery.cli", "replace the MLPs of the last N blocks with KAN feedforwards and save"),
-    "inspect": ("kallm.surgery.cli_inspect", "print the parameter table of a saved model"),
-    "train": ("kallm.train.cli", "train (heal) a retrofitted model on chat data"),
-    "heal": ("kallm.train.cli_heal", "bring a retrofitted model back to its original by distillation, cheaply"),
-    "eval": ("kallm.eval.cli", "evaluate on BIG-Bench Hard, perplexity, chat loss"),
-    "experiment": ("kallm.experiment", "run a research recipe from a YAML config"),
-    "sweep": ("kallm.sweep", "compare many KAN variants of a shrunk mini model on a classification task"),
-    "plot": ("kallm.plot", "draw the learned functions of a KAN layer"),
-    "demo": ("kallm.demo", "the main job: retrofit, heal, evaluate, save, reload, reply"),
-    "export": ("kallm.cli_export", "export a model to ONNX (with its KV cache) and check it against PyTorch"),
+    "retrofit": ("kallm.cli.retrofit", "replace the MLPs of the last N blocks with KAN feedforwards and save"),
+    "inspect": ("kallm.cli.inspect", "print the parameter table of a saved model"),
+    "train": ("kallm.cli.train", "train (heal) a retrofitted model on chat data"),
+    "heal": ("kallm.cli.heal", "bring a retrofitted model back to its original by distillation, cheaply"),
+    "eval": ("kallm.cli.eval", "evaluate on BIG-Bench Hard, perplexity, chat loss"),
+    "experiment": ("kallm.recipes.experiment", "run a research recipe from a YAML config"),
+    "sweep": ("kallm.recipes.sweep", "compare many KAN variants of a shrunk mini model on a classification task"),
+    "plot": ("kallm.eval.plot", "draw the learned functions of a KAN layer"),
+    "demo": ("kallm.recipes.demo", "the main job: retrofit, heal, evaluate, save, reload, reply"),
+    "export": ("kallm.cli.export", "export a model to ONNX (with its KV cache) and check it against PyTorch"),
 }
 
 
@@ -68,7 +68,7 @@ def describe_failure(error: BaseException) -> str:
     """The one line ``kallm`` prints for an expected failure."""
     if not _is_network_failure(error):
         return str(error)
-    from .loading import DEFAULT_MODEL
+    from ..checkpoints.load import DEFAULT_MODEL
 
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
@@ -98,6 +98,3 @@ def _is_network_failure(error: BaseException) -> bool:
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return False
 
-
-if __name__ == "__main__":
-    sys.exit(main())

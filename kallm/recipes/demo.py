@@ -18,21 +18,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .cli_types import Number, existing_path, non_negative_float, path_or_hub_id, positive_int
-from .eval.evaluate import evaluate
-from .inference import chat_prompt, generate_replies
-from .loading import DEFAULT_MODEL, load_model
-from .saving import check_output_folder, save_checkpoint
-from .surgery.fit import INITS, format_errors
-from .surgery.retrofit import retrofit
-from .surgery.trainable import summary
-from .train.heal import CURVE_FILE, heal
+from ..checkpoints.load import DEFAULT_MODEL, load_model
+from ..checkpoints.save import check_output_folder, save_checkpoint
+from ..data.folder import data_folder
+from ..eval.evaluate import evaluate
+from ..heal.loop import CURVE_FILE, heal
+from ..inference import chat_prompt, generate_replies
+from ..surgery.fit import INITS, format_errors
+from ..surgery.retrofit import retrofit
+from ..surgery.trainable import summary
+from ..values import Number, existing_path, non_negative_float, path_or_hub_id, positive_int
 
 PROMPTS = (
     "Explain why the sky looks blue during the day.",
@@ -90,7 +90,7 @@ def healing_texts(tokenizer, conversations_kept: list[dict]) -> list[str]:
     """The demo's healing text: its generated training conversations, plus Tiny Shakespeare and the OpenAssistant
     conversations under ``$KALLM_DATA_DIR`` when present. Never WikiText-2, which scores the result."""
     texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in conversations_kept]
-    data_dir = os.environ.get("KALLM_DATA_DIR")
+    data_dir = data_folder()
     if data_dir:
         shakespeare = Path(data_dir, "text/tinyshakespeare/input.txt")
         if shakespeare.is_file():
@@ -156,7 +156,7 @@ def reload_and_reply(folder: Path, question: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    data_dir = os.environ.get("KALLM_DATA_DIR")
+    data_dir = data_folder()
     wikitext = Path(data_dir, "text/wikitext2/wiki.test.raw") if data_dir else None
     bbh = Path(data_dir, "bbh/bbh") if data_dir else None
     parser.add_argument("--model", default=DEFAULT_MODEL, type=path_or_hub_id,

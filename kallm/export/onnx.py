@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core.function_layers import is_channel_functions
-from .core.kan_function import _is_quantized
-from .core.layers import is_kan_linear
-from .inference import eval_mode
-from .saving import check_output_folder, replacing_checkpoint
-from .surgery.checks import base_model_type, causal_lm_parts
+from ..checkpoints.save import check_output_folder, replacing_checkpoint
+from ..core.function_layers import is_channel_functions
+from ..core.kan_function import _is_quantized
+from ..core.layers import is_kan_linear
+from ..inference import eval_mode
+from ..surgery.checks import base_model_type, causal_lm_parts
 
 #: the packages the export and the check need: ``pip install 'kallm[onnx]'``
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -167,7 +167,7 @@ def _trace(model, family):
     try:
         program, _ = OnnxExporter().export_program(model, example, OnnxConfig(dynamic_shapes=dynamic_shapes))
     except Exception as error:
-        from .core.bases import _BUILTIN_FACTORIES, custom_bases
+        from ..core.bases import _BUILTIN_FACTORIES, custom_bases
 
         bases = sorted(_bases_of(model))
         user_bases = custom_bases("+".join(bases)) if bases else []
@@ -227,7 +227,7 @@ def _versions() -> dict:
     import onnxscript
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"kallm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}

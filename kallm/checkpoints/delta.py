@@ -2,7 +2,7 @@
 
 ``save_delta`` writes a folder of ``config.json`` (the changed model's full config, ``kan_config`` included, with
 the checkpoint code beside it), ``delta.safetensors`` (every tensor that is new, such as the KAN feedforwards, or
-differs from the base's) and ``kallm_delta.json``, the manifest. ``kallm.load_delta`` (in ``kallm.loading``) and,
+differs from the base's) and ``kallm_delta.json``, the manifest. ``kallm.load_delta`` (in ``kallm.checkpoints.load``) and,
 for ``trust_remote_code`` users without kallm, the checkpoint code (``kallm.core.delta_checkpoint``) rebuild the
 model from the base and the delta after checking the base's hash, so a delta never silently lands on another base.
 """
@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.dynamic_module_utils import custom_object_save
 
-from .core.delta_checkpoint import DELTA_FORMAT, DELTA_MANIFEST, DELTA_WEIGHTS, base_weights_hash, named
-from .loading import load_base, recorded_base_model
-from .saving import check_output_folder, replacing_checkpoint
-from .surgery.retrofit import retrofitted_blocks
+from ..core.delta_checkpoint import DELTA_FORMAT, DELTA_MANIFEST, DELTA_WEIGHTS, base_weights_hash, named
+from ..core.retrofit_config import retrofitted_blocks
+from .load import load_base, recorded_base_model
+from .save import check_output_folder, replacing_checkpoint
 
 
 def save_delta(model: nn.Module, folder: str | os.PathLike, base: str | os.PathLike | nn.Module | None = None,

