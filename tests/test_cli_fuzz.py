@@ -19,7 +19,7 @@ import pytest
 
 import kallm.cli
 from kallm.cli import COMMANDS, build_parser, main
-from kallm.recipes.sweep import seed_list
+from kallm.cli.sweep import seed_list
 from kallm.values import Number, existing_path, path_or_hub_id
 
 REPO = Path(__file__).resolve().parent.parent

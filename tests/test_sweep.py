@@ -13,7 +13,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kallm.cli import main
 from kallm.recipes.experiment import ARM_NAME
-from kallm.recipes.sweep import arm_settings, expand_grid, load_sweep, pareto_front, run_sweep, select
+from kallm.cli.sweep import select
+from kallm.recipes.sweep import arm_settings, expand_grid, load_sweep, pareto_front, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,10 +17,10 @@ COMMANDS = {
     "train": ("kallm.cli.train", "train (heal) a retrofitted model on chat data"),
     "heal": ("kallm.cli.heal", "bring a retrofitted model back to its original by distillation, cheaply"),
     "eval": ("kallm.cli.eval", "evaluate on BIG-Bench Hard, perplexity, chat loss"),
-    "experiment": ("kallm.recipes.experiment", "run a research recipe from a YAML config"),
-    "sweep": ("kallm.recipes.sweep", "compare many KAN variants of a shrunk mini model on a classification task"),
-    "plot": ("kallm.eval.plot", "draw the learned functions of a KAN layer"),
-    "demo": ("kallm.recipes.demo", "the main job: retrofit, heal, evaluate, save, reload, reply"),
+    "experiment": ("kallm.cli.experiment", "run a research recipe from a YAML config"),
+    "sweep": ("kallm.cli.sweep", "compare many KAN variants of a shrunk mini model on a classification task"),
+    "plot": ("kallm.cli.plot", "draw the learned functions of a KAN layer"),
+    "demo": ("kallm.cli.demo", "the main job: retrofit, heal, evaluate, save, reload, reply"),
     "export": ("kallm.cli.export", "export a model to ONNX (with its KV cache) and check it against PyTorch"),
 }
 

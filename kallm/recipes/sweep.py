@@ -11,9 +11,7 @@ It shares ``kallm experiment``'s machinery: ``${KALLM_*}`` variables in the conf
 
 from __future__ import annotations
 
-import argparse
 import copy
-import csv
 import hashlib
 import itertools
 import json
@@ -21,7 +19,6 @@ import math
 import os
 import re
 import statistics
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -29,9 +26,12 @@ import torch
 
 from ..checkpoints.load import DEFAULT_MODEL
 from ..core.layers import KANFeedForward
-from ..values import Number, existing_path, non_negative_float, non_negative_int, positive_float, positive_int
+from ..data.classification import encode, read_rows
+from ..eval.classification import accuracy
+from ..train.classifier import train_classifier
+from ..values import Number, non_negative_float, non_negative_int, positive_float, positive_int
 from ..values import seed as seed_range
-from .experiment import (
+from .runs import (
     ARM_NAME,
     ARM_NAME_RULE,
     PeakMemory,
@@ -202,40 +202,6 @@ def arm_settings(config: SweepConfig, name: str) -> dict:
     return settings
 
 
-def read_rows(source: str, split: str, text_column: str, label_column: str, limit: int | None) -> list[dict]:
-    """``[{"text", "label"}]`` from a local .jsonl/.csv file, or a hub dataset's ``split``."""
-    path = Path(source)
-    if path.suffix in (".jsonl", ".csv"):
-        if not path.is_file():
-            raise FileNotFoundError(f"classification data not found: {source}")
-        with open(path, encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle)) if path.suffix == ".csv" else [
-                json.loads(line) for line in handle if line.strip()
-            ]
-    else:
-        import datasets
-
-        rows = list(datasets.load_dataset(source, split=split))
-    if not rows:
-        raise ValueError(f"{source} holds no rows")
-    columns = sorted(rows[0])
-    missing = [column for column in (text_column, label_column) if column not in rows[0]]
-    if missing:
-        raise ValueError(f"{source} has no column {missing}; its columns are {columns}. A classification dataset "
-                         f"needs a text and an integer label column (data.text_column, data.label_column)")
-    result = []
-    for number, row in enumerate(rows[:limit], 1):
-        label = row[label_column]
-        try:
-            label = int(label)
-        except (TypeError, ValueError):
-            raise ValueError(f"{source}, row {number}: label {label!r} is not an integer class index") from None
-        if not isinstance(row[text_column], str):
-            raise ValueError(f"{source}, row {number}: text {row[text_column]!r} is not a string")
-        result.append({"text": row[text_column], "label": label})
-    return result
-
-
 def load_data(config: SweepConfig) -> tuple[list[dict], list[dict], int]:
     """Training rows, dev rows and the number of labels, checked: every label in ``0 .. num_labels - 1``."""
     data = config.data
@@ -323,72 +289,6 @@ def build_arm(inputs: SweepInputs, settings: dict, seed: int):
     if settings["kind"] != "mlp":
         retrofit(model, **{key: value for key, value in settings.items() if key not in ARM_TRAIN_KEYS})
     return model
-
-
-def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], int]]:
-    ids = tokenizer([row["text"] for row in rows], truncation=True, max_length=max_length)["input_ids"]
-    return [(row_ids, row["label"]) for row_ids, row in zip(ids, rows)]
-
-
-def batch(examples, pad_id: int):
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, _) in enumerate(examples):  # right padding: the classifier reads each row's last real token
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention[row, :len(ids)] = 1
-    return input_ids, attention, torch.tensor([label for _, label in examples])
-
-
-def train_classifier(model, train, pad_id: int, settings: dict, seed: int, score=None) -> dict:
-    """Plain AdamW training, every parameter, on batches drawn in a seeded order; returns timings and losses.
-
-    ``warmup_steps``: the learning rate rises linearly to ``learning_rate`` over that many steps, then stays.
-    ``learning_rate_scales``: ``{role: scale}`` by parameter role (``kallm.parameter_groups``), e.g. slower basis
-    coefficients.
-    ``eval_every``: ``score(model)`` (dev accuracy) after every that many steps and after the last, as
-    ``curve``: ``[[step, accuracy], ...]``; scoring time is not training time."""
-    from ..train.parameter_groups import parameter_groups
-
-    steps, batch_size = settings.get("steps", 100), settings.get("batch_size", 16)
-    groups = parameter_groups(model, settings.get("learning_rate", 1e-3), settings.get("learning_rate_scales"))
-    optimizer = torch.optim.AdamW(groups, weight_decay=settings.get("weight_decay", 0.0))
-    warmup = settings.get("warmup_steps", 0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-    every = settings.get("eval_every") if score is not None else None
-    generator = torch.Generator().manual_seed(seed)
-    order = []
-    losses, curve, seconds = [], [], 0.0
-    for step in range(1, steps + 1):
-        started = time.perf_counter()
-        model.train()
-        if len(order) < batch_size:
-            order += torch.randperm(len(train), generator=generator).tolist()
-        chosen, order = order[:batch_size], order[batch_size:]
-        input_ids, attention, labels = batch([train[i] for i in chosen], pad_id)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
-        seconds += time.perf_counter() - started
-        if every and (step % every == 0 or step == steps):
-            curve.append([step, score(model)])
-    record = {"train_seconds": round(seconds, 2), "seconds_per_step": round(seconds / steps, 4), "losses": losses}
-    if every:
-        record["curve"] = curve
-    return record
-
-
-@torch.inference_mode()
-def accuracy(model, dev, pad_id: int, batch_size: int) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(dev), batch_size):
-        input_ids, attention, labels = batch(dev[start:start + batch_size], pad_id)
-        correct += (model(input_ids=input_ids, attention_mask=attention).logits.argmax(-1) == labels).sum().item()
-    return correct / len(dev)
 
 
 def run_sweep_arm(config: SweepConfig, name: str, seed: int, inputs: SweepInputs, save_models: bool) -> dict:
@@ -598,47 +498,3 @@ def _run_settings(config: SweepConfig, name: str, save_models: bool, data_digest
     return json.loads(json.dumps(settings, default=str))
 
 
-def select(config: SweepConfig, arms: str | None, seeds: list[int] | None) -> SweepConfig:
-    """The config narrowed to ``--arms a,b`` and ``--seeds 0,1`` (names and seeds the config holds)."""
-    if arms:
-        chosen = [name.strip() for name in arms.split(",") if name.strip()]
-        unknown = [name for name in chosen if name not in config.arms]
-        if unknown:
-            raise ValueError(f"--arms: {unknown} are not arms of {config.name}; its arms: {', '.join(config.arms)}")
-        config.arms = {name: config.arms[name] for name in chosen}
-    if seeds:
-        config.seeds = seeds
-    return config
-
-
-def seed_list(text: str) -> list[int]:
-    """``--seeds 0,1,2``: distinct seeds, comma-separated."""
-    try:
-        seeds = [seed_range(part.strip()) for part in text.split(",")]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"takes integers in [0, {seed_range.high}] separated by commas, e.g. 0,1; "
-                                         f"got {text!r}") from None
-    try:
-        check_unique_seeds(seeds, "seeds")
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return seeds
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=existing_path, help="YAML sweep config (see configs/sweep-agnews.yaml)")
-    parser.add_argument("--arms", help="run only these arms, comma-separated")
-    parser.add_argument("--seeds", type=seed_list, help="run only these seeds, comma-separated, e.g. 0 or 0,1")
-    parser.add_argument("--out", help="override the config's output folder")
-    parser.add_argument("--save-models", action="store_true",
-                        help="save every trained arm to OUT/models/ARM/seedN (model + trimmed tokenizer)")
-    parser.add_argument("--restart", action="store_true",
-                        help="run every arm again, ignoring the runs OUT/runs.json already holds")
-
-
-def run(args) -> int:
-    config = select(load_sweep(args.config), args.arms, args.seeds)
-    if args.out:
-        config.out = args.out
-    run_sweep(config, restart=args.restart, save_models=args.save_models)
-    return 0
