@@ -1,5 +1,5 @@
-"""kallm's layers import only what sits below them. The order, bottom up (a package may import its own modules and
-every layer below it, never one beside or above it):
+"""kallm's packages stand on levels, and each imports only what stands below it. The levels, bottom up (a package
+may import its own modules and every level below it, never one beside or above it):
 
     0  core, values, _imports     the portable core (ships next to every checkpoint), checked values, import hooks
     1  checkpoints, data          load and save models; read and tokenize data
@@ -11,10 +11,10 @@ every layer below it, never one beside or above it):
     7  eval                       BIG-Bench Hard, perplexity, chat loss, plots
     8  export                     ONNX
     9  testing                    what tests, benchmarks and users' tests share
-       recipes, cli               whole jobs and the command line: they may use every layer
+       recipes, cli               whole jobs and the command line: they may use every level
 
-Every import counts, the lazy ones inside functions too: a layer that reaches up breaks as soon as that
-function runs without the upper layer (the portable core next to a checkpoint has no kallm around it).
+Every import counts, the lazy ones inside functions too: a package that reaches up breaks as soon as that
+function runs without the upper level (the portable core next to a checkpoint has no kallm around it).
 """
 
 import ast
@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kallm"
-#: kallm module or package -> its layer; a module may import from its own package and from the layers below
-LAYERS = {"core": 0, "values": 0, "_imports": 0, "checkpoints": 1, "data": 1, "inference": 2, "surgery": 3,
+#: kallm module or package -> its level; a module may import from its own package and from the levels below
+LEVELS = {"core": 0, "values": 0, "_imports": 0, "checkpoints": 1, "data": 1, "inference": 2, "surgery": 3,
           "finetune": 4, "train": 5, "heal": 6, "eval": 7, "export": 8, "testing": 9,
           "__version__": 0}  # defined in kallm/__init__.py, which imports nothing but _imports
-#: the packages that may use every layer: whole jobs and the command line
+#: the packages that may use every level: whole jobs and the command line
 ENTRY_POINTS = {"recipes", "cli"}
 
 
@@ -45,20 +45,20 @@ def kallm_imports(path: Path) -> list[str]:
     return [name.split(".", 1)[1] for name in names if name.startswith("kallm.")]
 
 
-def layer_of(dotted: str) -> int | None:
-    return LAYERS.get(dotted.split(".")[0])
+def level_of(dotted: str) -> int | None:
+    return LEVELS.get(dotted.split(".")[0])
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
-def test_each_module_imports_only_its_layer_and_below(path):
+def test_each_module_imports_only_its_level_and_below(path):
     package = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
     if package in ENTRY_POINTS or package in ("__init__", "__main__"):
         return
-    own = layer_of(package)
-    assert own is not None, f"{package} has no layer: give it one in LAYERS (and in the docstring's drawing)"
+    own = level_of(package)
+    assert own is not None, f"{package} has no level: give it one in LEVELS (and in the docstring's drawing)"
     not_below = [name for name in kallm_imports(path)
-                 if name.split(".")[0] != package and (layer_of(name) is None or layer_of(name) >= own)]
-    assert not not_below, f"{path.relative_to(PACKAGE)} (layer {own}) imports from beside or above it: {not_below}"
+                 if name.split(".")[0] != package and (level_of(name) is None or level_of(name) >= own)]
+    assert not not_below, f"{path.relative_to(PACKAGE)} (level {own}) imports from beside or above it: {not_below}"
 
 
 def test_the_checker_sees_relative_and_lazy_imports(tmp_path, monkeypatch):
@@ -76,11 +76,11 @@ def test_the_package_root_holds_at_most_three_modules():
     assert len(modules) <= 3, f"kallm/ holds {modules}: give the new module a package of its own"
 
 
-def test_every_package_has_a_layer_or_is_an_entry_point():
+def test_every_package_has_a_level_or_is_an_entry_point():
     packages = {path.name.removesuffix(".py") for path in PACKAGE.iterdir()
                 if (path.is_dir() and (path / "__init__.py").exists()) or path.suffix == ".py"}
     packages -= {"__init__", "__main__"}
-    assert packages - set(LAYERS) - ENTRY_POINTS == set()
+    assert packages - set(LEVELS) - ENTRY_POINTS == set()
 
 
 def _module_name(path: Path) -> str:
