@@ -212,6 +212,15 @@ def test_kallm_heal_stays_callable_once_its_package_is_imported():
         kallm.heal(student, student, make_tiny_tokenizer(), data=TEXTS, max_steps=1, progress_bar=False)
 
 
+def test_a_teacher_of_another_vocabulary_is_refused_even_where_the_policy_trains_the_embeddings():
+    student, teacher = pair()
+    teacher.resize_token_embeddings(256)
+    saved = snapshot(student)
+    with pytest.raises(ValueError, match=r"teacher's vocabulary \(256 tokens\) differs"):
+        kallm.heal(student, teacher, make_tiny_tokenizer(), data=TEXTS, max_steps=1, trainable="all", **QUICK)
+    assert_unchanged(student, saved)
+
+
 def test_a_teacher_may_differ_where_the_policy_trains():
     student, teacher = pair()
     with torch.no_grad():
