@@ -50,6 +50,8 @@ MOVED_NAMES = {
         "KANAdapterConfig", "kan_adapter_config", "KANLoraLinear", "load_adapter", "lora_config", "lora_targets",
         "with_kan_lora")},
     **{("kallm.surgery", name): "kallm.train.parameter_groups" for name in ("PARAMETER_ROLES", "parameter_groups")},
+    **{("kallm.train.trainer", name): "kallm.train.config" for name in (
+        "ADAPTER_TYPES", "DERIVED_ARGUMENTS", "PASS_THROUGH", "SCHEDULERS", "check_training_arguments")},
 }
 
 

@@ -32,7 +32,7 @@ from kallm.eval.chat_loss import chat_loss
 from kallm.finetune.lora import LORA_TARGETS
 from kallm.surgery.checks import causal_lm_parts
 from kallm.train import TrainConfig, train
-from kallm.train.trainer import ADAPTER_TYPES
+from kallm.train.config import ADAPTER_TYPES
 
 
 def default_data(name: str) -> str | None:

@@ -65,16 +65,16 @@ def test_stages_raise_the_degree_with_exact_conversions_and_save_the_final_model
 
 
 def test_each_stage_draws_its_own_data_order(tmp_path, monkeypatch):
-    from kallm.train import curriculum
+    from kallm.train import trainer
 
     seen = []
-    real_train = curriculum.train
+    real_train = trainer.train
 
     def recording_train(model, tokenizer, data, stage_config, **kwargs):
         seen.append(stage_config.seed)
         return real_train(model, tokenizer, data, stage_config, **kwargs)
 
-    monkeypatch.setattr(curriculum, "train", recording_train)
+    monkeypatch.setattr(trainer, "train", recording_train)
     model = kallm.retrofit(tiny_model("llama"), last_n=1, degree=1)
     train(model, chat_tokenizer(), sums(8), config(tmp_path, max_steps=3, seed=5))
     assert seen == [5, 6, 7]

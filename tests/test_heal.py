@@ -13,7 +13,7 @@ from test_train_data import conversation
 
 import kallm
 from kallm.data.chat import tokenize_conversation
-from kallm.heal.loop import HealConfig, distillation_loss, healing_sequences, shared_prefix_logits
+from kallm.heal import HealConfig, distillation_loss, healing_sequences, shared_prefix_logits
 from kallm.surgery.architectures import adapter_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -190,6 +190,35 @@ def test_refused_calls_leave_the_model_untouched(tmp_path):
             kallm.heal(tokenizer=tokenizer, progress_bar=False, **call)
         assert_unchanged(student, saved)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_old_module_path_still_gives_every_name_it_gave():
+    import importlib
+    import sys
+
+    sys.modules.pop("kallm.train.heal", None)
+    with pytest.warns(FutureWarning, match="kallm.train.heal is now kallm.heal"):
+        from kallm.train import heal as old
+    for name in ("heal", "HealConfig", "HealReport", "distillation_loss", "healing_sequences", "shared_prefix_logits",
+                 "prefix_replaced", "plot_curve", "CURVE_FILE", "METRICS_FILE", "REPORT_FILE"):
+        assert getattr(old, name) is getattr(importlib.import_module("kallm.heal"), name), name
+
+
+def test_kallm_heal_stays_callable_once_its_package_is_imported():
+    import kallm.heal.loop  # noqa: F401  (makes the attribute kallm.heal the package)
+
+    student, _ = pair()
+    with pytest.raises(ValueError, match="separate model"):  # the call reached heal's own checks
+        kallm.heal(student, student, make_tiny_tokenizer(), data=TEXTS, max_steps=1, progress_bar=False)
+
+
+def test_a_teacher_of_another_vocabulary_is_refused_even_where_the_policy_trains_the_embeddings():
+    student, teacher = pair()
+    teacher.resize_token_embeddings(256)
+    saved = snapshot(student)
+    with pytest.raises(ValueError, match=r"teacher's vocabulary \(256 tokens\) differs"):
+        kallm.heal(student, teacher, make_tiny_tokenizer(), data=TEXTS, max_steps=1, trainable="all", **QUICK)
+    assert_unchanged(student, saved)
 
 
 def test_a_teacher_may_differ_where_the_policy_trains():

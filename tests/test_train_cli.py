@@ -164,6 +164,17 @@ def test_training_arguments_pass_through_from_flags_and_a_yaml_file(tmp_path):
     assert training_arguments(TrainConfig()).report_to == []  # nothing unless asked for ("none")
 
 
+@pytest.mark.parametrize("name", ["ADAPTER_TYPES", "DERIVED_ARGUMENTS", "PASS_THROUGH", "SCHEDULERS",
+                                  "check_training_arguments"])
+def test_settings_moved_to_train_config_still_import_from_the_trainer_with_a_warning(name):
+    from kallm.train import config, trainer
+
+    with pytest.warns(FutureWarning, match=f"kallm.train.trainer.{name} is now kallm.train.config.{name}"):
+        assert getattr(trainer, name) is getattr(config, name)
+    with pytest.raises(AttributeError, match="has no attribute 'NO_SUCH_NAME'"):
+        trainer.NO_SUCH_NAME  # noqa: B018
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ("learning_rate: 0.1\n", "learning_rate is kallm's setting 'learning_rate', set it there"),
     ("no_such_field: 1\n", "no_such_field is not TrainingArguments fields"),

@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_generated_flags(parser):
     """The flags of ``TrainConfig``'s fields and of the ``PASS_THROUGH`` TrainingArguments fields."""
+    from ..train.config import TrainConfig
     from ..train.options import add_flags, flag_fields
-    from ..train.trainer import TrainConfig
 
     add_flags(parser, flag_fields(TrainConfig, "training", MANUAL_FIELDS), _pass_through_fields())
 
@@ -57,7 +57,7 @@ def _pass_through_fields():
     given: ``kallm train`` leaves them to ``--training-args`` and kallm's defaults)."""
     from transformers import TrainingArguments
 
-    from ..train.trainer import PASS_THROUGH
+    from ..train.config import PASS_THROUGH
     from ..values import positive_float, positive_int
 
     hints = typing.get_type_hints(TrainingArguments)
@@ -83,8 +83,8 @@ def _default_of(field):
 def config_from_args(args):
     """``TrainConfig`` from the parsed flags: every field of the same name, and the TrainingArguments fields
     given by flag or in ``--training-args``."""
+    from ..train.config import PASS_THROUGH, TrainConfig
     from ..train.options import field_values
-    from ..train.trainer import PASS_THROUGH, TrainConfig
 
     training_arguments = _read_training_args(args.training_args) if args.training_args else {}
     training_arguments.update({name: getattr(args, name) for name in PASS_THROUGH if getattr(args, name) is not None})

@@ -7,24 +7,30 @@ coefficients start at zero. Each stage is an ordinary ``train`` run of its share
 schedule across all stages: a stage continues it where the previous stage stopped (warmup once, one decay), so
 the curriculum is one run whose model grows, not a series of warm restarts. The final model goes to
 ``output_dir``.
+
+``train`` hands itself in as the function that runs a stage, so that this module needs nothing of it.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..checkpoints.save import save_checkpoint
 from ..core.layers import is_kan_linear
 from ..surgery.convert import convert
-from .trainer import METRICS_FILE, RESULT_FILE, TrainConfig, TrainResult, train
+from .config import RESULT_FILE, TrainConfig, TrainResult
+from .runs import METRICS_FILE, write_metrics
 
 
-def train_in_degree_stages(model, tokenizer, data, config: TrainConfig, teacher=None, callbacks=None) -> TrainResult:
-    """``train`` in the stages ``config.degree_stages`` (see the module docstring); returns a ``TrainResult``
-    whose ``stages`` list each stage and whose ``metrics_file`` holds every stage's log, ``degree`` added."""
+def train_in_degree_stages(model, tokenizer, data, config: TrainConfig, train: Callable[..., TrainResult],
+                           teacher=None, callbacks=None) -> TrainResult:
+    """``train`` (``kallm.train.train``, which runs each stage) in the stages ``config.degree_stages`` (see the
+    module docstring); returns a ``TrainResult`` whose ``stages`` list each stage and whose ``metrics_file`` holds
+    every stage's log, ``degree`` added."""
     basis, options = _polynomial_basis(model)
     _check_exact(model, basis, options, config.degree_stages)
     output = Path(config.output_dir)
@@ -45,7 +51,7 @@ def train_in_degree_stages(model, tokenizer, data, config: TrainConfig, teacher=
         step_offset += result.global_step
     save_checkpoint(model, tokenizer, output)
     metrics_file = output / METRICS_FILE
-    metrics_file.write_text("".join(json.dumps(entry) + "\n" for entry in log), encoding="utf-8")
+    write_metrics(metrics_file, log)
     combined = TrainResult(
         output_dir=str(output), metrics=result.metrics, data=result.data,
         trainable_parameters=result.trainable_parameters, global_step=step_offset, world_size=result.world_size,

@@ -8,16 +8,17 @@ import torch.nn.functional as F
 
 from ..data.chat import IGNORE_INDEX
 from .chat_trainer import ChatTrainer
+from .losses import kl_per_token, softened_log_probabilities
 
 
 class DistillationTrainer(ChatTrainer):
     """``loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross_entropy``.
 
-    ``_T`` marks distributions softened by the temperature ``T``; the ``T^2`` factor keeps the
-    gradient scale of the KL term independent of ``T``. Both terms are sums over target tokens
-    normalised like transformers normalises its own loss (by the target count of the whole
-    accumulated, and with several processes global, batch), so gradient accumulation and
-    data parallelism give the same result as one big batch. The per-token means of both terms
+    ``_T`` marks distributions softened by the temperature ``T``; the KL is the one ``heal`` uses too
+    (``kallm.train.losses``). Both terms are sums over target tokens normalised like transformers
+    normalises its own loss (by the target count of the whole accumulated, and with several
+    processes global, batch), so gradient accumulation and data parallelism give the same
+    result as one big batch. The per-token means of both terms
     are logged as ``distill_ce`` and ``distill_kl``.
     """
 
@@ -39,8 +40,7 @@ class DistillationTrainer(ChatTrainer):
             teacher = self.teacher(**inputs).logits[:, :-1][mask].float()
         ce = F.cross_entropy(student, targets[mask], reduction="sum")
         t = self.temperature
-        kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
-                      log_target=True, reduction="sum") * (t * t)
+        kl = kl_per_token(softened_log_probabilities(student, t), softened_log_probabilities(teacher, t)).sum() * (t * t)
         tokens = int(mask.sum())
         if model.training:
             self._sums["ce"] += ce.item()

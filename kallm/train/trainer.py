@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import transformers
 from peft import PeftModel, get_peft_model
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .._imports import moved_name
 from ..checkpoints.save import (
     check_finite,
     check_output_folder,
@@ -29,193 +29,18 @@ from ..checkpoints.save import (
 )
 from ..core.layers import is_kan_linear
 from ..core.modeling_kallm import count_parameters
-from ..data.chat import TRUNCATION, ChatCollator, prepare_chat_dataset
-from ..finetune.kan_adapter import MERGE_REFUSAL, kan_adapter_config
-from ..finetune.lora import LORA_TARGETS, lora_config
+from ..data.chat import ChatCollator, prepare_chat_dataset
+from ..finetune.kan_adapter import kan_adapter_config
+from ..finetune.lora import lora_config
 from ..inference import eval_mode, model_device
-from ..surgery.trainable import POLICIES, set_trainable
-from ..values import Number, fraction, non_negative_float, path_or_hub_id, positive_float, positive_int
-from ..values import seed as seed_range
+from ..surgery.trainable import set_trainable
 from .chat_trainer import ChatTrainer
+from .config import MERGED_FOLDER, RESULT_FILE, TrainConfig, TrainResult
+from .curriculum import train_in_degree_stages
 from .distill import DistillationTrainer
-from .options import check_values, option
+from .runs import METRICS_FILE, accelerator_available, append_metrics, check_teacher, write_metrics
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "train_result.json"
-#: where ``merge=True`` saves the model with the trained adapter merged into it, inside output_dir
-MERGED_FOLDER = "merged"
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-#: the adapters ``lora_rank`` trains: PEFT's LoRA, or kallm's KAN adapter
-ADAPTER_TYPES = ("lora", "kan")
-
-
-@dataclass
-class TrainConfig:
-    """Settings of a training run. ``kallm train`` reads its flags from these fields (through transformers'
-    ``HfArgumentParser``): ``--max-steps`` (or ``--max_steps``) for ``max_steps``, plus the short names given as
-    aliases. Any other ``TrainingArguments`` field goes in ``training_arguments``."""
-
-    output_dir: str = option("kallm-train", "folder for checkpoints, metrics.jsonl and the final model",
-                             aliases=["--out"])
-    trainable: str | None = option(None, "which parameters train (a kallm.set_trainable policy); default: "
-                                         "tail+embeddings, or with --lora the adapter alone (a policy then names "
-                                         "the model weights that train besides it)", choices=POLICIES)
-    max_steps: int = option(-1, "optimizer steps; -1 trains for --epochs over the data", Number(int, 1, also=(-1,)))
-    epochs: float = option(1.0, "passes over the data when --max-steps is -1", positive_float)
-    learning_rate: float = option(1e-4, "peak learning rate", positive_float, aliases=["--lr"])
-    lr_scheduler: str = option("cosine", "learning-rate schedule after warmup", aliases=["--scheduler"],
-                               choices=SCHEDULERS)
-    warmup: float = option(0.03, "warmup steps, or a fraction of all steps when below 1", non_negative_float)
-    weight_decay: float = option(0.0, "AdamW weight decay", non_negative_float)
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0: none)", non_negative_float)
-    batch_size: int = option(8, "sequences per device and step; the effective batch is batch size x gradient "
-                                "accumulation x processes", positive_int)
-    grad_accum: int = option(1, "gradient accumulation steps", positive_int)
-    max_length: int = option(1024, "tokens per sequence", Number(int, 2))
-    truncation: str = option("truncate", "what happens to conversations longer than --max-length: truncate "
-                                         "them, or skip them", choices=TRUNCATION)
-    packing: bool = option(False, "pack several conversations into each sequence of --max-length tokens")
-    group_by_length: bool = option(False, "batch conversations of similar length together (less padding; no "
-                                          "effect with --packing)")
-    split: str = option("train", "split of a hub dataset")
-    limit: int | None = option(None, "train on the first N conversations only", positive_int)
-    eval_data: str | None = option(None, "held-out chat data scored during training (eval_loss): a file, folder "
-                                         "or hub dataset id like --data", path_or_hub_id)
-    eval_split: str = option("test", "split of a hub dataset given as --eval-data")
-    eval_fraction: float = option(0.0, "share of the training conversations held out for evaluation instead of "
-                                       "--eval-data (0: none)", Number(float, 0, 1, high_open=True))
-    early_stopping_patience: int | None = option(None, "stop after this many evaluations without a lower "
-                                                       "eval_loss, and keep the best checkpoint (needs "
-                                                       "evaluation data)", positive_int)
-    distill_alpha: float = option(0.5, "with a teacher: weight of the KL term; 1 - alpha weighs cross-entropy",
-                                  fraction)
-    distill_temperature: float = option(2.0, "with a teacher: softmax temperature of both distributions",
-                                        positive_float)
-    bf16: bool = option(False, "bfloat16 mixed precision")
-    fp16: bool = option(False, "float16 mixed precision (GPU)")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    save_steps: int = option(500, "steps between checkpoints (and evaluations, unless --eval_steps says)", positive_int)
-    save_total_limit: int | None = option(2, "checkpoints kept, oldest deleted first (None keeps all)", positive_int)
-    logging_steps: int = option(10, "steps between log lines in metrics.jsonl", positive_int)
-    seed: int = option(42, "random seed of initialisation, data order and dropout", seed_range)
-    #: resume from this checkpoint folder, or True for the latest one in output_dir (``--resume [CHECKPOINT]``)
-    resume: str | bool | None = None
-    num_proc: int | None = option(None, "processes for tokenization (datasets.map)", positive_int)
-    #: a progress bar (``--quiet`` turns it off)
-    progress_bar: bool = True
-    #: other ``TrainingArguments`` fields, passed through: report_to, eval_strategy, optim, torch_compile,
-    #: deepspeed, fsdp, push_to_hub, ... (``kallm train --training-args FILE`` or the flags of ``PASS_THROUGH``)
-    training_arguments: dict = field(default_factory=dict)
-    lora_rank: int | None = option(None, "train a PEFT adapter of this rank (LoRA, or see --adapter) instead of the "
-                                         "model's weights; --out receives the adapter (see kallm.lora_config)", positive_int,
-                                   aliases=["--lora"], metavar="RANK")
-    adapter: str = option("lora", "with --lora: the adapter type, LoRA's low-rank update or a KAN adapter (a small "
-                                  "KAN between a down- and an up-projection; kallm.kan_adapter_config); a KAN "
-                                  "adapter cannot be merged", choices=ADAPTER_TYPES)
-    lora_alpha: float = option(16.0, "adapter scaling numerator: updates are scaled by alpha / rank", positive_float)
-    lora_dropout: float = option(0.0, "dropout on the adapter's input", Number(float, 0, 1, high_open=True))
-    lora_targets: str | None = option(None, "layers that take the adapter: KAN layers, attention projections, "
-                                            "MLP projections (mlp) or KAN layers and attention (all) "
-                                            "(kallm.lora_targets); default: all on a model with KAN layers, "
-                                            "attention on any other", choices=LORA_TARGETS)
-    merge: bool = option(False, "with an adapter, also save the model with the adapter merged into it to "
-                                "OUT/merged")
-    degree_stages: list[int] | None = option(None, "train in stages of rising KAN degree (e.g. 1 2 3): max_steps "
-                                                   "split evenly, the KAN layers converted exactly between stages "
-                                                   "(kallm.train.curriculum)", positive_int, metavar="DEGREE")
-
-    def __post_init__(self):
-        check_values(self)  # every number's range, as declared on its field
-        checks = [
-            (self.trainable is None or self.trainable in POLICIES,
-             f"trainable must be one of {', '.join(POLICIES)}, got {self.trainable!r}"),
-            (self.truncation in TRUNCATION, f"truncation must be one of {', '.join(TRUNCATION)}, "
-                                            f"got {self.truncation!r}"),
-            (self.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, "
-                                              f"got {self.lr_scheduler!r}"),
-            (not (self.bf16 and self.fp16), "choose at most one of bf16 and fp16"),
-            (not (self.eval_data and self.eval_fraction), "give eval_data or eval_fraction, not both"),
-            (self.early_stopping_patience is None or self.eval_data or self.eval_fraction,
-             "early stopping compares evaluations: give eval_data or eval_fraction too"),
-            (self.lora_targets is None or self.lora_targets in LORA_TARGETS,
-             f"lora_targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}"),
-            (self.adapter in ADAPTER_TYPES, f"adapter must be one of {', '.join(ADAPTER_TYPES)}, got {self.adapter!r}"),
-            (self.adapter == "lora" or self.lora_rank is not None, f"adapter={self.adapter!r} needs lora_rank, the "
-                                                                   f"adapter's rank"),
-            (not self.merge or self.lora_rank is not None, "merge needs an adapter to merge: set lora_rank"),
-            (not (self.merge and self.adapter == "kan"), f"merge: {MERGE_REFUSAL}"),
-        ]
-        if self.degree_stages is not None:
-            stages = self.degree_stages
-            checks += [
-                (isinstance(stages, (list, tuple)) and len(stages) >= 1
-                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in stages)
-                 and list(stages) == sorted(set(stages)),
-                 f"degree_stages must be increasing degrees >= 1, such as [1, 2, 3]; got {stages!r}"),
-                (self.max_steps >= len(stages) if isinstance(stages, (list, tuple)) else True,
-                 f"degree_stages needs max_steps (at least one step per stage; they are split evenly), got "
-                 f"{self.max_steps}"),
-                (self.resume in (None, False), "degree_stages cannot resume a run; start it again"),
-                (self.lora_rank is None, "degree_stages changes the KAN layers' shapes, which a LoRA adapter on them "
-                                         "cannot follow; train without lora_rank"),
-            ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        check_training_arguments(self.training_arguments)
-
-
-#: ``TrainingArguments`` fields that kallm derives from ``TrainConfig`` (field -> the setting to use instead)
-DERIVED_ARGUMENTS = {
-    "output_dir": "output_dir", "max_steps": "max_steps", "num_train_epochs": "epochs",
-    "learning_rate": "learning_rate", "lr_scheduler_type": "lr_scheduler", "warmup_steps": "warmup",
-    "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "train_sampling_strategy": "group_by_length", "bf16": "bf16",
-    "fp16": "fp16", "activation_checkpointing": "gradient_checkpointing", "save_steps": "save_steps",
-    "save_total_limit": "save_total_limit", "logging_steps": "logging_steps", "seed": "seed", "data_seed": "seed",
-    "disable_tqdm": "progress_bar", "resume_from_checkpoint": "resume",
-}
-#: ``TrainingArguments`` fields ``kallm train`` offers as flags of their own (with transformers' help text);
-#: every other one can be set in a ``--training-args`` file
-PASS_THROUGH = ("report_to", "eval_strategy", "eval_steps", "per_device_eval_batch_size", "optim", "torch_compile",
-                "deepspeed", "fsdp", "fsdp_config", "push_to_hub", "hub_model_id", "hub_private_repo")
-
-
-def check_training_arguments(values: dict) -> None:
-    """Refuse ``TrainingArguments`` fields that do not exist, or that a ``TrainConfig`` setting governs."""
-    if not isinstance(values, dict):
-        raise TypeError(f"training_arguments must be a dict of TrainingArguments fields, got {type(values).__name__}")
-    known = {f.name for f in fields(TrainingArguments) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"training_arguments: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
-                         f"TrainingArguments fields (transformers {transformers.__version__})")
-    governed = sorted(set(values) & set(DERIVED_ARGUMENTS))
-    if governed:
-        raise ValueError("training_arguments: " + "; ".join(
-            f"{name} is kallm's setting {DERIVED_ARGUMENTS[name]!r}, set it there" for name in governed))
-
-
-@dataclass
-class TrainResult:
-    """What ``train`` returns (also written to ``output_dir/train_result.json``)."""
-
-    output_dir: str
-    #: transformers' final train metrics (train_loss, train_runtime, ...) and the last logged loss
-    metrics: dict
-    #: ``DataStats.as_dict()``: rows kept, skipped by reason, truncated, tokens
-    data: dict
-    trainable_parameters: int
-    global_step: int
-    world_size: int
-    metrics_file: str
-    log_history: list[dict] = field(default_factory=list)
-    #: with ``merge=True``: the folder of the merged model (output_dir holds the adapter)
-    merged_dir: str | None = None
-    #: with ``degree_stages``: per stage its ``degree``, ``output_dir``, ``global_step`` and ``last_logged_loss``
-    stages: list[dict] = field(default_factory=list)
 
 
 class FiniteCheckpointsCallback(TrainerCallback):
@@ -243,18 +68,15 @@ class MetricsFileCallback(TrainerCallback):
             return
         kept = []
         if self.resume_step > 0 and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= self.resume_step:
-                    kept.append(line + "\n")
+            records = map(json.loads, filter(str.strip, self.path.read_text(encoding="utf-8").splitlines()))
+            kept = [record for record in records if record.get("step", 0) <= self.resume_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(kept), encoding="utf-8")
+        write_metrics(self.path, kept)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+        append_metrics(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
 def training_arguments(config: TrainConfig, evaluates: bool = False) -> TrainingArguments:
@@ -286,7 +108,7 @@ def training_arguments(config: TrainConfig, evaluates: bool = False) -> Training
     defaults = dict(
         length_column_name="length",
         # Said explicitly, CPU-only machines get gloo data parallelism under torchrun and bf16 autocast.
-        use_cpu=not _accelerator_available(),
+        use_cpu=not accelerator_available(),
         save_strategy="steps",
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable parameter takes part in the forward pass
@@ -328,14 +150,12 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     """
     config = config or TrainConfig()
     check_output_folder(config.output_dir, (model, teacher))
-    if config.degree_stages:
-        from .curriculum import train_in_degree_stages
-
-        return train_in_degree_stages(model, tokenizer, data, config, teacher=teacher, callbacks=callbacks)
+    if config.degree_stages:  # each stage is a run of this function
+        return train_in_degree_stages(model, tokenizer, data, config, train, teacher=teacher, callbacks=callbacks)
     # transformers' Trainer writes a checkpoint's trainer_state.json last
     resume = resume_checkpoint(config.resume, config.output_dir, f"{PREFIX_CHECKPOINT_DIR}-", TRAINER_STATE_NAME)
     if teacher is not None:
-        _check_teacher(model, teacher)
+        check_teacher(model, teacher)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     evaluates = bool(config.eval_data or config.eval_fraction)
@@ -454,26 +274,11 @@ def _release_from_accelerate(model) -> None:
     model.__dict__.pop("_is_accelerate_prepared", None)
 
 
-def _accelerator_available() -> bool:
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-
-
 def _checkpoint_step(checkpoint: str | None) -> int:
     if checkpoint is None:
         return 0
     state = Path(checkpoint) / "trainer_state.json"
     return json.loads(state.read_text(encoding="utf-8"))["global_step"] if state.is_file() else 0
-
-
-def _check_teacher(model, teacher):
-    student_vocab = model.get_output_embeddings().weight.shape[0]
-    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
-    if student_vocab != teacher_vocab:
-        raise ValueError(f"the teacher's vocabulary ({teacher_vocab} tokens) differs from the student's "
-                         f"({student_vocab}); distillation needs the same tokenizer")
-    if teacher is model:
-        raise ValueError("the teacher must be a separate model (e.g. the original, un-retrofitted one)")
 
 
 @torch.no_grad()
@@ -497,3 +302,7 @@ def check_packing_support(model, atol: float = 1e-4):
         kind = getattr(model.config, "model_type", type(model).__name__)
         raise ValueError(f"{kind} models do not separate packed sequences by position_ids; train without "
                          f"packing (group_by_length reduces padding instead)")
+
+
+def __getattr__(name: str):
+    return moved_name(__name__, name)
