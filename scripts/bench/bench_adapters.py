@@ -7,9 +7,9 @@ runs at every learning rate of --lrs and every seed of --seeds; the table gives 
 rate of each type (lowest mean loss over the seeds). The base model's loss without any adapter is the reference.
 Equal steps make the result independent of how loaded the CPU is; only the times depend on it.
 
-    python scripts/bench/bench_adapters.py [--model smollm2-135m-instruct] [--last-blocks 5] [--lora-rank 8] [--kan-rank 8]
-        [--steps 30]
-        [--lrs 1e-3 3e-3] [--seeds 0] [--json docs/results/bench_adapters.json] [--markdown docs/results/bench_adapters.md]
+    python scripts/bench/bench_adapters.py [--model smollm2-135m-instruct] [--last-blocks 5] [--lora-rank 8]
+        [--kan-rank 8] [--steps 30] [--lrs 1e-3 3e-3] [--seeds 0]
+        [--json docs/results/bench_adapters.json] [--markdown docs/results/bench_adapters.md]
 """
 
 from __future__ import annotations

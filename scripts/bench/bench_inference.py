@@ -17,7 +17,7 @@ weights (CUDA: peak memory of the decode run), and WikiText-2 perplexity on ``--
 All arms run interleaved, round after round (the order rotates), and each number is the median over
 ``--repeats`` rounds, so that load shared by all arms cancels in the ratios.
 
-    python scripts/bench/bench_inference.py --threads 2          # full run, writes docs/results/bench_inference.{json,md}
+    python scripts/bench/bench_inference.py --threads 2   # full run, writes docs/results/bench_inference.{json,md}
 """
 
 from __future__ import annotations

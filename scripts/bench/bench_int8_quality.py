@@ -13,7 +13,8 @@ of 512 tokens, ``kallm.eval.perplexity.perplexity``, as scripts/bench/bench_infe
 
 Each quantized arm's change is given relative to its unquantized model (the target: within 1%).
 
-    KALLM_DATA_DIR=../shared/data python scripts/bench/bench_int8_quality.py   # writes docs/results/bench_int8_quality.{json,md}
+    KALLM_DATA_DIR=../shared/data python scripts/bench/bench_int8_quality.py
+    # writes docs/results/bench_int8_quality.{json,md}
 """
 
 from __future__ import annotations
