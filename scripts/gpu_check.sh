@@ -2,7 +2,7 @@
 # The GPU checks of kallm's fused Triton kernels, in one command, for a machine with one CUDA GPU
 # (see docs/gpu.md). In order, each stage with its own time limit so that the whole stays under 10 minutes:
 #   1. tests/test_triton_kan.py on the GPU (the kernels against the plain op, bf16 included),
-#   2. the GPU rows of scripts/bench_layers.py (bf16, hidden 576 and 2048, N = 4k, 16k, 64k),
+#   2. the GPU rows of scripts/bench/bench_layers.py (bf16, hidden 576 and 2048, N = 4k, 16k, 64k),
 #   3. bf16 training steps of SmolLM2-135M retrofitted: peak memory of the linear and the KAN arm,
 #   4. configs/gpu-check.yaml: the research recipe shortened (needs KALLM_DATA_DIR, else skipped).
 # A stage that fails or runs out of time is reported and the next one still runs. Everything lands in
@@ -39,9 +39,9 @@ stage() {  # stage NAME SECONDS COMMAND...
 
 # Tests tune nothing: one config per kernel keeps the compile time of their many shapes low.
 stage "kernel tests" 150 env KALLM_TRITON_AUTOTUNE=0 python -m pytest -q tests/test_triton_kan.py -p no:cacheprovider
-stage "benchmark rows" 210 python scripts/bench_layers.py --device cuda --repeats 10 --warmup 2 \
+stage "benchmark rows" 210 python scripts/bench/bench_layers.py --device cuda --repeats 10 --warmup 2 \
   --json "$OUT/bench_layers_gpu.json" --markdown "$OUT/bench_layers_gpu.md"
-stage "training step" 90 python scripts/gpu_train_step.py --json "$OUT/train_step.json"
+stage "training step" 90 python scripts/bench/gpu_train_step.py --json "$OUT/train_step.json"
 if [ -n "${KALLM_DATA_DIR:-}" ] && [ -f "$KALLM_DATA_DIR/chat/oasst_en100/all_paths.jsonl" ]; then
   stage "shortened research recipe" 150 python -m kallm experiment configs/gpu-check.yaml --out "$OUT/experiment" --restart
 else

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,13 +14,14 @@ from conftest import make_tiny_tokenizer, tiny_model
 
 from kallm.core.layers import KANFeedForward
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts" / "bench"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_script(name):
-    """The benchmark script ``name`` as a module, its sibling imports (bench_report) found as when it is run."""
+    """The benchmark script ``name`` as a module, its sibling imports (skeleton) found as when it is run."""
     if str(SCRIPTS) not in sys.path:
         sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
@@ -248,11 +250,79 @@ def test_reports_name_data_by_kallm_data_dir_not_by_this_machines_folders(tmp_pa
     data = tmp_path / "shared" / "data"
     data.mkdir(parents=True)
     monkeypatch.setenv("KALLM_DATA_DIR", str(data))
-    report = load_script("bench_report")
+    report = load_script("skeleton")
     report.write_report({"data": str(data / "chat" / "test.jsonl")}, f"data: {data}/text.raw\n",
                         str(tmp_path / "r.json"), str(tmp_path / "r.md"))
     assert json.loads((tmp_path / "r.json").read_text()) == {"data": "${KALLM_DATA_DIR}/chat/test.jsonl"}
     assert (tmp_path / "r.md").read_text() == "data: ${KALLM_DATA_DIR}/text.raw\n"
+
+
+def test_every_benchmark_lives_in_scripts_bench_and_stands_on_the_skeleton():
+    assert sorted(path.name for path in (REPO / "scripts").glob("*.py")) == []
+    benchmarks = sorted(path for path in SCRIPTS.glob("*.py") if path.name != "skeleton.py")
+    assert len(benchmarks) == 15
+    for path in benchmarks:
+        text = path.read_text(encoding="utf-8")
+        assert "from skeleton import" in text, path.name
+        # the data folder is resolved in one place (kallm.data.folder, through the skeleton), never by a script
+        assert not re.search(r"environ\W.*KALLM_DATA_DIR", text) and "sys.path" not in text, path.name
+
+
+def test_reports_go_to_docs_results_where_the_guides_link_them(monkeypatch):
+    monkeypatch.setenv("KALLM_DATA_DIR", str(REPO))  # any folder: the defaults do not depend on it
+    for name in ("bench_heal", "bench_block_ceiling", "diagnose_kan_learning"):
+        output = load_script(name).parse([]).output
+        assert output == str(REPO / "docs" / "results" / name)
+        assert Path(f"{output}.md").is_file() and Path(f"{output}.json").is_file()
+    skeleton = load_script("skeleton")
+    parser = skeleton.argument_parser("A benchmark.\n\nMore.")
+    skeleton.add_report_flags(parser, "bench_layers")
+    args = parser.parse_args([])
+    assert (args.json, args.markdown) == tuple(str(REPO / "docs" / "results" / f"bench_layers.{kind}")
+                                               for kind in ("json", "md"))
+    assert Path(args.json).is_file() and Path(args.markdown).is_file()
+
+
+def test_every_relative_link_of_the_readme_and_the_guides_resolves():
+    broken = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)", page.read_text(encoding="utf-8")):
+            if not target.startswith(("http://", "https://", "mailto:")) and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert broken == []
+
+
+@pytest.mark.parametrize("value", [None, "missing"])
+def test_a_benchmark_without_its_data_exits_with_one_line_naming_kallm_data_dir(value, tmp_path, monkeypatch):
+    if value is None:
+        monkeypatch.delenv("KALLM_DATA_DIR", raising=False)
+    else:
+        monkeypatch.setenv("KALLM_DATA_DIR", str(tmp_path / value))
+    output = tmp_path / "out" / "ceiling"
+    with pytest.raises(SystemExit) as exit_:
+        load_script("bench_block_ceiling").main(["--model", "not-loaded", "--output", str(output)])
+    message = str(exit_.value.code)
+    assert "$KALLM_DATA_DIR" in message and "\n" not in message
+    assert ("is not set" if value is None else "names no folder") in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_chat_benchmarks_refuse_a_data_folder_that_does_not_exist(tmp_path, monkeypatch, capsys):
+    # a KALLM_DATA_DIR naming no folder gives no default paths into it: the run is refused before any training
+    monkeypatch.setenv("KALLM_DATA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(SystemExit):
+        load_script("bench_finetune").parse_args([])
+    assert "set KALLM_DATA_DIR or pass --train-data and --eval-data" in capsys.readouterr().err
+
+
+def test_write_report_makes_missing_folders_and_an_empty_output_prefix_writes_nothing(tmp_path, monkeypatch):
+    skeleton = load_script("skeleton")
+    skeleton.write_report({"rows": [1]}, "| a |\n", str(tmp_path / "a" / "r.json"), str(tmp_path / "b" / "r.md"))
+    assert json.loads((tmp_path / "a" / "r.json").read_text()) == {"rows": [1]}
+    assert (tmp_path / "b" / "r.md").read_text() == "| a |\n"
+    monkeypatch.chdir(tmp_path / "a")
+    skeleton.write_report_at("", {"rows": [2]}, "| b |\n")
+    assert sorted(path.name for path in (tmp_path / "a").iterdir()) == ["r.json"]
 
 
 def test_bench_finetune_trains_each_arm_in_its_own_process_and_writes_its_table(tmp_path, data_dir):

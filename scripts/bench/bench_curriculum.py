@@ -6,32 +6,33 @@ chat data with kallm.train, and are scored by kallm.eval.chat_loss on held-out c
 starts at the first degree of --stages and converts exactly between stages. Prints a markdown table per run and
 the mean over the seeds; --json and --markdown write them (after every run: a stopped benchmark keeps its runs).
 
-    python scripts/bench_curriculum.py [--model smollm2-135m-instruct] [--steps 30] [--stages 1 2 3] [--seeds 0]
-        [--json docs/bench_curriculum.json] [--markdown docs/bench_curriculum.md]
+    python scripts/bench/bench_curriculum.py [--model smollm2-135m-instruct] [--steps 30] [--stages 1 2 3] [--seeds 0]
+        [--json docs/results/bench_curriculum.json] [--markdown docs/results/bench_curriculum.md]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_report import load_average, write_report
+from skeleton import (
+    add_chat_data_flags,
+    add_report_flags,
+    argument_parser,
+    check_chat_data,
+    load_average,
+    parse_arguments,
+    write_report,
+)
 
 import kallm
 from kallm.eval.chat_loss import chat_loss
 from kallm.train import TrainConfig, train
-
-
-def default_data(name: str) -> str | None:
-    folder = os.environ.get("KALLM_DATA_DIR")
-    return str(Path(folder) / "chat" / name) if folder else None
 
 
 def run_arm(base, tokenizer, args, degree: int, stages, intermediate_size: int, seed: int, work: Path) -> dict:
@@ -55,12 +56,9 @@ def run_arm(base, tokenizer, args, degree: int, stages, intermediate_size: int, 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (kallm.load_model name)")
-    parser.add_argument("--train-data", default=default_data("hh_rlhf_helpful/test.jsonl"),
-                        help="chat data to train on (default: $KALLM_DATA_DIR/chat/hh_rlhf_helpful/test.jsonl)")
-    parser.add_argument("--eval-data", default=default_data("oasst_en100/best_path.jsonl"),
-                        help="held-out chat data (default: $KALLM_DATA_DIR/chat/oasst_en100/best_path.jsonl)")
+    add_chat_data_flags(parser)
     parser.add_argument("--train-limit", type=int, default=400, help="conversations to train on")
     parser.add_argument("--eval-limit", type=int, default=40, help="held-out conversations")
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="degrees of the curriculum")
@@ -72,11 +70,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of each arm per seed")
-    parser.add_argument("--json", help="write the settings and runs here")
-    parser.add_argument("--markdown", help="write the tables here")
-    args = parser.parse_args(argv)
-    if not args.train_data or not args.eval_data:
-        parser.error("set KALLM_DATA_DIR or pass --train-data and --eval-data")
+    add_report_flags(parser)
+    args = parse_arguments(parser, argv)
+    check_chat_data(parser, args)
 
     base, tokenizer = kallm.load_model(args.model)
     final = args.stages[-1]

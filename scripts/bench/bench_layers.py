@@ -31,22 +31,20 @@ multiplies must move at least over the time (per layer: forward reads the input 
 backward reads the output grad twice and the input once and writes the input grad; weights are read twice
 and their grads written once), the same count for every arm.
 
-    python scripts/bench_layers.py                      # full run, writes docs/bench_layers.{json,md}
-    python scripts/bench_layers.py --tokens 512 --repeats 5 --json '' --markdown ''   # quick look
-    python scripts/bench_layers.py --device cuda        # GPU rows, writes docs/bench_layers_gpu.{json,md}
+    python scripts/bench/bench_layers.py                      # full run, writes docs/results/bench_layers.{json,md}
+    python scripts/bench/bench_layers.py --tokens 512 --repeats 5 --json '' --markdown ''   # quick look
+    python scripts/bench/bench_layers.py --device cuda        # GPU rows, writes docs/results/bench_layers_gpu.{json,md}
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from bench_report import write_report
+from skeleton import add_report_flags, add_threads_flag, argument_parser, parse_arguments, result_path, write_report
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -57,8 +55,6 @@ from kallm.testing.reference import ReferenceKANFeedForward
 HIDDEN, MLP_INTERMEDIATE = 576, 1536
 #: GPU rows: hidden size -> the intermediate size of the Llama MLP it is compared with (SmolLM2-135M, Llama-3.2-1B)
 GPU_SIZES = {576: 1536, 2048: 8192}
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_JSON, DEFAULT_MARKDOWN = str(ROOT / "docs" / "bench_layers.json"), str(ROOT / "docs" / "bench_layers.md")
 
 
 #: the KAN feedforward arms of the CPU rows: name -> KANFeedForward options beside basis and degree
@@ -317,8 +313,9 @@ def gpu_main(args) -> int:
                         "triton": _triton_version()},
         "rows": rows,
     }
-    json_path = args.json if args.json != DEFAULT_JSON else str(ROOT / "docs" / "bench_layers_gpu.json")
-    markdown_path = args.markdown if args.markdown != DEFAULT_MARKDOWN else str(ROOT / "docs" / "bench_layers_gpu.md")
+    json_path = args.json if args.json != result_path("bench_layers.json") else result_path("bench_layers_gpu.json")
+    markdown_path = (args.markdown if args.markdown != result_path("bench_layers.md")
+                     else result_path("bench_layers_gpu.md"))
     write_report(report, table, json_path, markdown_path)
     return 0
 
@@ -332,7 +329,7 @@ def _triton_version():
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cpu: the CPU rows (and fp32/bf16 CUDA rows where a GPU exists); cuda: the GPU rows")
     parser.add_argument("--tokens", type=int, nargs="+", help="default: 512 2048 8192 (cpu), 4096 16384 65536 (cuda)")
@@ -345,12 +342,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--basis", default="cheby2")
     parser.add_argument("--degree", type=int, default=2)
-    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
-                        help="CPU thread counts to measure (default: torch's choice)")
-    parser.add_argument("--json", default=DEFAULT_JSON, help="'' to skip (--device cuda: docs/bench_layers_gpu.json)")
-    parser.add_argument("--markdown", default=DEFAULT_MARKDOWN,
-                        help="'' to skip (--device cuda: docs/bench_layers_gpu.md)")
-    args = parser.parse_args(argv)
+    add_threads_flag(parser, [torch.get_num_threads()], nargs="+",
+                     help="CPU thread counts to measure (default: torch's choice)")
+    add_report_flags(parser, "bench_layers", note=" (--device cuda: docs/results/bench_layers_gpu.json and .md)")
+    args = parse_arguments(parser, argv)
     if args.device == "cuda":
         args.tokens = args.tokens or [4096, 16384, 65536]
         return gpu_main(args)

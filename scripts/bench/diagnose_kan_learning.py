@@ -16,39 +16,40 @@ and every ``--every`` steps each replaced block reports, on a fixed batch of 64 
 
 with the dev accuracy at those steps.
 
-    KALLM_DATA_DIR=../shared/data python scripts/diagnose_kan_learning.py \\
+    KALLM_DATA_DIR=../shared/data python scripts/bench/diagnose_kan_learning.py \\
         --arms fully-linear-restart,fully-kan-cheby2-d2 --steps 200 --every 25
-    # writes docs/diagnose_kan_learning.{json,md}
+    # writes docs/results/diagnose_kan_learning.{json,md}
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench_report import write_report  # noqa: E402
+from skeleton import (
+    ROOT,
+    add_output_flag,
+    add_threads_flag,
+    argument_parser,
+    parse_arguments,
+    require_data,
+    write_report_at,
+)
 
 SATURATED = 2.65  # tanh(2.65) = 0.99
 
 
 def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--config", default=str(ROOT / "configs" / "sweep-agnews.yaml"))
     parser.add_argument("--arms", default="fully-linear-restart,fully-kan-cheby2-d2")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=str(ROOT / "docs" / "diagnose_kan_learning"), help="writes .json and .md")
-    return parser.parse_args(argv)
+    add_threads_flag(parser, 1)
+    add_output_flag(parser, "diagnose_kan_learning")
+    return parse_arguments(parser, argv)
 
 
 class Probe:
@@ -153,7 +154,7 @@ def run_arm(name, config, inputs, args) -> dict:
 def markdown(results, args) -> str:
     lines = [f"Mini model of `{Path(args.config).name}`, seed {args.seed}, the sweep's training settings; statistics on "
              f"a fixed batch of 64 training texts (see the script's docstring). Command: `python "
-             f"scripts/diagnose_kan_learning.py --arms {args.arms} --steps {args.steps} --every {args.every}`.", "",
+             f"scripts/bench/diagnose_kan_learning.py --arms {args.arms} --steps {args.steps} --every {args.every}`.", "",
              "| arm | step | dev acc. | block | residual rms | in rms | out rms | token spread | saturated | tanh rms | "
              "grad norm | update / weight |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
@@ -175,19 +176,16 @@ def main(argv=None) -> int:
     from kallm.recipes.sweep import load_data, load_sweep, prepare_inputs, prepare_mini_model
 
     args = parse(argv)
-    torch.set_num_threads(args.threads)
     config = load_sweep(args.config)
     data = load_data(config)
     inputs = prepare_inputs(config, prepare_mini_model(config, data[0]), data)
     results = [run_arm(name.strip(), config, inputs, args) for name in args.arms.split(",")]
     report = markdown(results, args)
     print(report)
-    if args.output:
-        write_report({"args": vars(args), "results": results}, report, f"{args.output}.json", f"{args.output}.md")
+    write_report_at(args.output, {"args": vars(args), "results": results}, report)
     return 0
 
 
 if __name__ == "__main__":
-    if not os.environ.get("KALLM_DATA_DIR"):
-        raise SystemExit("set KALLM_DATA_DIR to the data folder (see its README.md)")
+    require_data("diagnose_kan_learning.py (its sweep config reads AG News there)")
     raise SystemExit(main())

@@ -1,7 +1,7 @@
 """What int8 weight-only quantization costs in quality on a fit-init retrofit (WikiText-2 perplexity).
 
 Arms, each scored on the same first ``--perplexity-tokens`` tokens of ``--text`` (WikiText-2 test by default, windows
-of 512 tokens, ``kallm.eval.perplexity.perplexity``, as scripts/bench_inference.py scores):
+of 512 tokens, ``kallm.eval.perplexity.perplexity``, as scripts/bench/bench_inference.py scores):
 
 - ``original`` and ``original int8`` (``kallm.quantize(modules="linear")``: the blocks' linear layers);
 - ``fit last-N``: ``kallm.retrofit(model, last_n=N, init="fit", tokenizer=tokenizer)`` (default calibration: replies
@@ -13,25 +13,30 @@ of 512 tokens, ``kallm.eval.perplexity.perplexity``, as scripts/bench_inference.
 
 Each quantized arm's change is given relative to its unquantized model (the target: within 1%).
 
-    KALLM_DATA_DIR=../shared/data python scripts/bench_int8_quality.py   # writes docs/bench_int8_quality.{json,md}
+    KALLM_DATA_DIR=../shared/data python scripts/bench/bench_int8_quality.py
+    # writes docs/results/bench_int8_quality.{json,md}
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import platform
 import time
 from pathlib import Path
 
 import torch
-from bench_report import write_report
+from skeleton import (
+    add_report_flags,
+    add_threads_flag,
+    argument_parser,
+    data_path,
+    parse_arguments,
+    require_data,
+    write_report,
+)
 
 import kallm
 from kallm.eval.perplexity import perplexity
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_arms(model, tokenizer, last_n: int) -> dict:
@@ -58,21 +63,20 @@ def markdown(rows) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--last-n", type=int, default=5)
     parser.add_argument("--perplexity-tokens", type=int, default=2048)
-    parser.add_argument("--text", help="text to score (default: $KALLM_DATA_DIR/text/wikitext2/wiki.test.raw)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--json", default=str(ROOT / "docs" / "bench_int8_quality.json"), help="'' to skip")
-    parser.add_argument("--markdown", default=str(ROOT / "docs" / "bench_int8_quality.md"), help="'' to skip")
-    args = parser.parse_args(argv)
+    parser.add_argument("--text", default=data_path("text", "wikitext2", "wiki.test.raw"),
+                        help="text to score (default: $KALLM_DATA_DIR/text/wikitext2/wiki.test.raw)")
+    add_threads_flag(parser, torch.get_num_threads())
+    add_report_flags(parser, "bench_int8_quality")
+    args = parse_arguments(parser, argv)
 
-    path = Path(args.text or Path(os.environ.get("KALLM_DATA_DIR", "")) / "text" / "wikitext2" / "wiki.test.raw")
+    path = Path(args.text or require_data("the default --text"))
     if not path.is_file():
         raise SystemExit(f"no text to score at {path}: set KALLM_DATA_DIR or pass --text")
     text = path.read_text(encoding="utf-8")
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = kallm.load_model(args.model)
     started = time.perf_counter()

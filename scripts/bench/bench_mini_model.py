@@ -2,13 +2,12 @@
 classifier (full model against mini model, side by side in one run), tokens per text and language-model loss before and
 after the vocabulary is trimmed.
 
-    python scripts/bench_mini_model.py --data $KALLM_DATA_DIR/classification/ag_news \
-        --json docs/bench_mini_model.json --markdown docs/bench_mini_model.md
+    python scripts/bench/bench_mini_model.py --data $KALLM_DATA_DIR/classification/ag_news \
+        --json docs/results/bench_mini_model.json --markdown docs/results/bench_mini_model.md
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from skeleton import add_report_flags, argument_parser, parse_arguments, write_report
 
 import kallm
 from kallm.core.modeling_kallm import count_parameters
@@ -68,7 +68,7 @@ def classifier_of(causal_lm, num_labels, pad_id):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, whole=True)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--data", required=True, help="folder with train.jsonl and dev.jsonl (text, label)")
     parser.add_argument("--num-blocks", type=int, default=3)
@@ -76,9 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per model (after one warm-up)")
     parser.add_argument("--eval-texts", type=int, default=100, help="training and dev texts to score the language-model loss on")
-    parser.add_argument("--json", required=True)
-    parser.add_argument("--markdown", required=True)
-    args = parser.parse_args(argv)
+    add_report_flags(parser, required=True)
+    args = parse_arguments(parser, argv)
 
     train = read_rows(str(Path(args.data) / "train.jsonl"), "train", "text", "label", None)
     dev = read_rows(str(Path(args.data) / "dev.jsonl"), "test", "text", "label", None)
@@ -127,8 +126,7 @@ def main(argv=None) -> int:
             f"{full['seconds_per_step'] / row['seconds_per_step']:.1f}x | {row['train_bits_per_character']:.3f} | "
             f"{row['train_tokens_per_text']:.1f} | {row['dev_bits_per_character']:.3f} | {row['dev_tokens_per_text']:.1f} |"
         )
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    Path(args.markdown).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_report(results, "\n".join(lines) + "\n", args.json, args.markdown)
     print("\n".join(lines))
     return 0
 

@@ -16,8 +16,8 @@ Forms (parameters against the MLP's; SmolLM2's has 2,654,208):
 - ``gated-half``: ``form="gated"``, ``base="linear"``, half the MLP's parameters, fit init (the MLP's top channels);
 - ``gated``: the same at the MLP's parameter count.
 
-    KALLM_DATA_DIR=../shared/data python scripts/bench_block_ceiling.py --blocks 25 --steps 1500
-    # writes docs/bench_block_ceiling.{json,md}
+    KALLM_DATA_DIR=../shared/data python scripts/bench/bench_block_ceiling.py --blocks 25 --steps 1500
+    # writes docs/results/bench_block_ceiling.{json,md}
 """
 
 from __future__ import annotations
@@ -25,18 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench_heal import data_paths, split_wikitext  # noqa: E402
-from bench_report import write_report  # noqa: E402
+from bench_heal import data_paths, split_wikitext
+from skeleton import add_output_flag, add_threads_flag, argument_parser, parse_arguments, write_report_at
 
 FORMS = {
     "kan": {"share": 0.5},
@@ -48,7 +41,7 @@ FORMS = {
 
 
 def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--blocks", default="25", help="comma-separated block indices")
     parser.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated, of: {', '.join(FORMS)}")
@@ -60,9 +53,9 @@ def parse(argv=None):
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--train-tokens", type=int, default=32768)
     parser.add_argument("--score-tokens", type=int, default=8192)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=str(ROOT / "docs" / "bench_block_ceiling"), help="writes .json and .md")
-    return parser.parse_args(argv)
+    add_threads_flag(parser, 1)
+    add_output_flag(parser, "bench_block_ceiling")
+    return parse_arguments(parser, argv)
 
 
 def record(args):
@@ -164,7 +157,7 @@ def markdown(results, args) -> str:
     lines = [f"Block-local fit of SmolLM2-135M-Instruct's MLPs: fit init, then {args.steps} Adam steps of "
              f"{args.batch} rows (lr {args.lr:g}, cosine) on {args.train_tokens:,} tokens of healing text; relative "
              f"error on those rows (train) and on the first {args.score_tokens:,} tokens of WikiText-2 test "
-             f"(held-out). Command: `python scripts/bench_block_ceiling.py --blocks {args.blocks} --steps "
+             f"(held-out). Command: `python scripts/bench/bench_block_ceiling.py --blocks {args.blocks} --steps "
              f"{args.steps}" + scales + "`.", "",
              "| block | form | parameters | x MLP | train: init | train: end | held-out: init | held-out: best | "
              "held-out: end |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -179,7 +172,6 @@ def markdown(results, args) -> str:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    torch.set_num_threads(args.threads)
     unknown = sorted(set(args.forms.split(",")) - set(FORMS))
     if unknown:
         raise SystemExit(f"unknown forms {unknown}; valid: {', '.join(FORMS)}")
@@ -196,12 +188,9 @@ def main(argv=None) -> int:
                             "curve": train(feedforward, data, args)})
     report = markdown(results, args)
     print(report)
-    if args.output:
-        write_report({"args": vars(args), "results": results}, report, f"{args.output}.json", f"{args.output}.md")
+    write_report_at(args.output, {"args": vars(args), "results": results}, report)
     return 0
 
 
 if __name__ == "__main__":
-    if not os.environ.get("KALLM_DATA_DIR"):
-        raise SystemExit("set KALLM_DATA_DIR to the data folder (see its README.md)")
     raise SystemExit(main())

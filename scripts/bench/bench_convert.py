@@ -2,17 +2,17 @@
 of polynomial bases, and the reported error and logit gap of lossy ones. Prints the markdown tables of
 docs/transfer.md.
 
-    python scripts/bench_convert.py [--bases cheby2 legendre ...]
+    python scripts/bench/bench_convert.py [--bases cheby2 legendre ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import warnings
 
 import torch
 import transformers
+from skeleton import argument_parser
 
 import kallm
 from kallm.core.bases import RecurrenceBasis, make_basis
@@ -117,7 +117,7 @@ def format_tables(exact: list[dict], lossy: list[dict]) -> str:
 
 def main(argv=None):
     polynomials = [name for name in kallm.list_bases() if isinstance(make_basis(name, 2), RecurrenceBasis)]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--bases", nargs="+", default=polynomials, help="polynomial bases to convert between")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -17,7 +17,7 @@ weights (CUDA: peak memory of the decode run), and WikiText-2 perplexity on ``--
 All arms run interleaved, round after round (the order rotates), and each number is the median over
 ``--repeats`` rounds, so that load shared by all arms cancels in the ratios.
 
-    python scripts/bench_inference.py --threads 2          # full run, writes docs/bench_inference.{json,md}
+    python scripts/bench/bench_inference.py --threads 2   # full run, writes docs/results/bench_inference.{json,md}
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 
 import torch
-from bench_report import write_report
+from skeleton import add_report_flags, add_threads_flag, argument_parser, data_path, parse_arguments, write_report
 
 import kallm
 from kallm.eval.perplexity import perplexity
 from kallm.surgery.retrofit import retrofit
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 16
 
 
@@ -104,7 +103,7 @@ def markdown(rows, args) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--last-n", type=int, default=5)
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
@@ -113,14 +112,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each number is their median")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 weight-only arms")
     parser.add_argument("--perplexity-tokens", type=int, default=2048, help="0 to skip perplexity")
-    parser.add_argument("--text", help="text to score (default: $KALLM_DATA_DIR/text/wikitext2/wiki.test.raw)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--text", default=data_path("text", "wikitext2", "wiki.test.raw"),
+                        help="text to score (default: $KALLM_DATA_DIR/text/wikitext2/wiki.test.raw)")
+    add_threads_flag(parser, torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default=str(ROOT / "docs" / "bench_inference.json"), help="'' to skip")
-    parser.add_argument("--markdown", default=str(ROOT / "docs" / "bench_inference.md"), help="'' to skip")
-    args = parser.parse_args(argv)
+    add_report_flags(parser, "bench_inference")
+    args = parse_arguments(parser, argv)
 
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model, tokenizer = kallm.load_model(args.model)
@@ -128,11 +126,11 @@ def main(argv=None) -> int:
     vocab = model.config.vocab_size
     text = None
     if args.perplexity_tokens:
-        path = args.text or (Path(os.environ.get("KALLM_DATA_DIR", "")) / "text" / "wikitext2" / "wiki.test.raw")
-        if Path(path).is_file():
-            text = Path(path).read_text(encoding="utf-8")
+        if args.text and Path(args.text).is_file():
+            text = Path(args.text).read_text(encoding="utf-8")
         else:
-            print(f"no text to score at {path} (set KALLM_DATA_DIR or --text): perplexity skipped")
+            print(f"no text to score at {args.text or '$KALLM_DATA_DIR'} (set KALLM_DATA_DIR or --text): perplexity "
+                  "skipped")
 
     load_before = os.getloadavg()
     names = list(arms)

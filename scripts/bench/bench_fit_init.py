@@ -16,20 +16,19 @@ tokens: each retrofitted block alone fitted, alone deleted (its MLP replaced by 
 on the calibration), alone replaced by a ridge-linear map of the calibration, and all of them at
 once each way; and each fit's error on the calibration next to its error on the scored text.
 
-    KALLM_DATA_DIR=../shared/data python scripts/bench_fit_init.py       # writes docs/bench_fit_init.{json,md}
+    KALLM_DATA_DIR=../shared/data python scripts/bench/bench_fit_init.py  # writes docs/results/bench_fit_init.{json,md}
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+from skeleton import add_report_flags, add_threads_flag, argument_parser, data_path, parse_arguments, write_report
 from torch import nn
 
 import kallm
@@ -37,13 +36,12 @@ from kallm.eval.perplexity import perplexity
 from kallm.surgery.architectures import adapter_for
 from kallm.surgery.fit import default_calibration, ordinary_token_error, outlier_rows, record_feedforwards
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--text", help="text file to score (default: $KALLM_DATA_DIR/text/wikitext2/wiki.test.raw)")
+    parser.add_argument("--text", default=data_path("text", "wikitext2", "wiki.test.raw"),
+                        help="text file to score (default: $KALLM_DATA_DIR/text/wikitext2/wiki.test.raw)")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--last-n", type=int, default=5)
@@ -51,19 +49,12 @@ def main(argv=None) -> int:
                         help="extra fit-init arms at these KAN intermediate sizes")
     parser.add_argument("--per-block", action="store_true", help="also the block-by-block table (slow)")
     parser.add_argument("--per-block-tokens", type=int, default=4096, help="tokens scored by the per-block table")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", default=str(ROOT / "docs" / "bench_fit_init.json"), help="'' to skip")
-    parser.add_argument("--markdown", default=str(ROOT / "docs" / "bench_fit_init.md"), help="'' to skip")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    text_path = args.text
-    if text_path is None:
-        data = os.environ.get("KALLM_DATA_DIR")
-        if not data:
-            parser.error("give --text or set KALLM_DATA_DIR")
-        text_path = str(Path(data) / "text" / "wikitext2" / "wiki.test.raw")
-    text = Path(text_path).read_text(encoding="utf-8")
+    add_threads_flag(parser, None, help="torch CPU threads (default: torch's choice)")
+    add_report_flags(parser, "bench_fit_init")
+    args = parse_arguments(parser, argv)
+    if args.text is None:
+        parser.error("give --text or set KALLM_DATA_DIR")
+    text = Path(args.text).read_text(encoding="utf-8")
 
     base, tokenizer = kallm.load_model(args.model)
     base.eval()
@@ -109,7 +100,7 @@ def main(argv=None) -> int:
         arm["ratio_to_original"] = arm["perplexity"] / original
     result = {
         "model": args.model,
-        "text": Path(text_path).name,
+        "text": Path(args.text).name,
         "scored_tokens": arms[0]["tokens"],
         "max_length": args.max_length,
         "retrofit": {key: kan_config[key] for key in ("blocks", "basis", "degree", "intermediate_size")},
@@ -117,14 +108,11 @@ def main(argv=None) -> int:
         "per_block": blocks,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-        "command": "python scripts/bench_fit_init.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "command": "python scripts/bench/bench_fit_init.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
     }
     table = markdown(result)
     print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    write_report(result, table, args.json, args.markdown)
     return 0
 
 

@@ -2,17 +2,17 @@
 as retrofitted and after training with a trainable policy (every tensor the policy trains moved a little, as
 training moves it), with the largest logit gap after kallm.load_delta. Prints a markdown table.
 
-    python scripts/bench_delta.py [--model smollm2-135m-instruct] [--last-n 5] [--policy tail+embeddings]
+    python scripts/bench/bench_delta.py [--model smollm2-135m-instruct] [--last-n 5] [--policy tail+embeddings]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 from pathlib import Path
 
 import torch
+from skeleton import argument_parser
 
 import kallm
 from kallm.checkpoints.save import save_checkpoint
@@ -34,7 +34,7 @@ def measure(model, base, tokens, work: Path, name: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (kallm.load_model name)")
     parser.add_argument("--last-n", type=int, default=5, help="blocks to retrofit (default %(default)s)")
     parser.add_argument("--policy", default="tail+embeddings", help="trainable policy of the trained variant")

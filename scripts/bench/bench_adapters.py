@@ -7,25 +7,31 @@ runs at every learning rate of --lrs and every seed of --seeds; the table gives 
 rate of each type (lowest mean loss over the seeds). The base model's loss without any adapter is the reference.
 Equal steps make the result independent of how loaded the CPU is; only the times depend on it.
 
-    python scripts/bench_adapters.py [--model smollm2-135m-instruct] [--last-blocks 5] [--lora-rank 8] [--kan-rank 8]
-        [--steps 30]
-        [--lrs 1e-3 3e-3] [--seeds 0] [--json docs/bench_adapters.json] [--markdown docs/bench_adapters.md]
+    python scripts/bench/bench_adapters.py [--model smollm2-135m-instruct] [--last-blocks 5] [--lora-rank 8]
+        [--kan-rank 8] [--steps 30] [--lrs 1e-3 3e-3] [--seeds 0]
+        [--json docs/results/bench_adapters.json] [--markdown docs/results/bench_adapters.md]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_report import load_average, write_report
 from peft import get_peft_model
+from skeleton import (
+    add_chat_data_flags,
+    add_report_flags,
+    argument_parser,
+    check_chat_data,
+    load_average,
+    parse_arguments,
+    write_report,
+)
 
 import kallm
 from kallm.eval.chat_loss import chat_loss
@@ -33,11 +39,6 @@ from kallm.finetune.lora import LORA_TARGETS
 from kallm.surgery.checks import causal_lm_parts
 from kallm.train import TrainConfig, train
 from kallm.train.config import ADAPTER_TYPES
-
-
-def default_data(name: str) -> str | None:
-    folder = os.environ.get("KALLM_DATA_DIR")
-    return str(Path(folder) / "chat" / name) if folder else None
 
 
 def adapter_config(model, kind: str, args):
@@ -116,7 +117,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (kallm.load_model name)")
     parser.add_argument("--retrofit-last-n", type=int, default=0,
                         help="retrofit the last N blocks first (default 0: the plain model)")
@@ -124,10 +125,7 @@ def main(argv=None) -> int:
                         help="kallm.lora_targets choice for both adapters (default %(default)s)")
     parser.add_argument("--last-blocks", type=int, default=5,
                         help="only the targets in the last N decoder blocks (default %(default)s)")
-    parser.add_argument("--train-data", default=default_data("hh_rlhf_helpful/test.jsonl"),
-                        help="chat data to train on (default: $KALLM_DATA_DIR/chat/hh_rlhf_helpful/test.jsonl)")
-    parser.add_argument("--eval-data", default=default_data("oasst_en100/best_path.jsonl"),
-                        help="held-out chat data (default: $KALLM_DATA_DIR/chat/oasst_en100/best_path.jsonl)")
+    add_chat_data_flags(parser)
     parser.add_argument("--train-limit", type=int, default=400, help="conversations to train on")
     parser.add_argument("--eval-limit", type=int, default=40, help="held-out conversations")
     parser.add_argument("--lora-rank", type=int, default=8)
@@ -142,11 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="learning rates to try")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--adapters", nargs="+", default=list(ADAPTER_TYPES), choices=ADAPTER_TYPES)
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--markdown", help="write the tables here")
-    args = parser.parse_args(argv)
-    if not args.train_data or not args.eval_data:
-        parser.error("set KALLM_DATA_DIR or pass --train-data and --eval-data")
+    add_report_flags(parser)
+    args = parse_arguments(parser, argv)
+    check_chat_data(parser, args)
 
     base, tokenizer = kallm.load_model(args.model)
     if args.retrofit_last_n:

@@ -4,24 +4,24 @@ Both score in log-likelihood mode: kallm's ``evaluate_bbh(mode="loglik")``, and 
 written as local task YAMLs by ``kallm.eval.harness.write_bbh_tasks`` (the question as the chat's user turn,
 each answer of the closed set right after the prompt). Offline; needs ``kallm[harness]`` and a BBH folder.
 
-    python scripts/compare_harness.py --bbh-dir $KALLM_DATA_DIR/bbh/bbh --limit 12
+    python scripts/bench/compare_harness.py --bbh-dir $KALLM_DATA_DIR/bbh/bbh --limit 12
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
+
+from skeleton import argument_parser, data_path
 
 DEFAULT_TASKS = "boolean_expressions,navigate,causal_judgement,hyperbaton,formal_fallacies"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model to score (kallm.load_model)")
-    data_dir = os.environ.get("KALLM_DATA_DIR")
-    parser.add_argument("--bbh-dir", default=os.path.join(data_dir, "bbh", "bbh") if data_dir else None,
+    parser.add_argument("--bbh-dir", default=data_path("bbh", "bbh"),
                         help="folder of BBH task JSON files (default: $KALLM_DATA_DIR/bbh/bbh)")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="BBH tasks, comma-separated")
     parser.add_argument("--limit", type=int, default=12, help="first N examples of each task")

@@ -20,8 +20,8 @@ held-out chat loss at the end of the budget next to BBH (log-likelihood, local t
 arm also reports, per retrofitted block, its feedforward's relative error on the scored text before and
 after healing, and the perplexity with that block alone retrofitted (the others original).
 
-    KALLM_DATA_DIR=../shared/data python scripts/bench_heal.py --minutes 8 --eval-every 2
-    # writes docs/bench_heal.{json,md,png}
+    KALLM_DATA_DIR=../shared/data python scripts/bench/bench_heal.py --minutes 8 --eval-every 2
+    # writes docs/results/bench_heal.{json,md,png}
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -37,15 +36,23 @@ import time
 from pathlib import Path
 
 import torch
+from skeleton import (
+    ROOT,
+    add_output_flag,
+    add_threads_flag,
+    argument_parser,
+    parse_arguments,
+    require_data,
+    write_report_at,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("original", "kan-fit+heal", "kan-random+heal", "linear+heal", "kan-fit+train", "kan-fit+heal-tail")
 DEFAULT_ARMS = ARMS[:5]
 BBH_TASKS = "boolean_expressions,navigate,causal_judgement,hyperbaton,formal_fallacies"
 
 
 def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
     parser.add_argument("--minutes", type=float, default=8.0, help="healing budget of each arm")
@@ -60,20 +67,17 @@ def parse(argv=None):
     parser.add_argument("--chat-limit", type=int, default=48, help="HH-RLHF conversations for the chat loss")
     parser.add_argument("--retrofit-option", action="append", default=[], metavar="FIELD=VALUE",
                         help="a kallm.retrofit keyword for the KAN arms, e.g. intermediate_size=1148 (repeatable)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_threads_flag(parser, 2)
     parser.add_argument("--no-blocks", action="store_true",
                         help="skip the per-block errors of the kan-fit+heal arm (saves a few minutes)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench_heal"), help="folder for per-arm results")
-    parser.add_argument("--output", default=str(ROOT / "docs" / "bench_heal"), help="writes .json, .md and .png")
+    add_output_flag(parser, "bench_heal", writes=".json, .md and .png")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parse_arguments(parser, argv)
 
 
 def data_paths():
-    data = os.environ.get("KALLM_DATA_DIR")
-    if not data:
-        raise SystemExit("set KALLM_DATA_DIR to the data folder (see its README.md)")
-    data = Path(data)
+    data = require_data("the healing benchmark")
     return {"wikitext": data / "text/wikitext2/wiki.test.raw", "shakespeare": data / "text/tinyshakespeare/input.txt",
             "oasst": data / "chat/oasst_en100/all_paths.jsonl", "hh": data / "chat/hh_rlhf_helpful/test.jsonl",
             "bbh": data / "bbh/bbh"}
@@ -93,7 +97,6 @@ def run_arm(args, arm: str) -> dict:
     import kallm
     from kallm.eval.perplexity import perplexity
 
-    torch.set_num_threads(args.threads)
     paths = data_paths()
     teacher, tokenizer = kallm.load_model(args.model)
     teacher.eval()
@@ -376,14 +379,11 @@ def main(argv=None) -> int:
         subprocess.run(command, check=True)
         results.append(json.loads((work / f"{arm}.json").read_text(encoding="utf-8")))
         print(f"   done in {time.perf_counter() - started:.0f} s", flush=True)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(results, args)
     print("\n" + table)
-    output.with_suffix(".md").write_text(table, encoding="utf-8")
-    output.with_suffix(".json").write_text(json.dumps({"settings": vars(args), "arms": results}, indent=2),
-                                           encoding="utf-8")
-    plot(results, output.with_suffix(".png"))
+    write_report_at(args.output, {"settings": vars(args), "arms": results}, table)
+    if args.output:
+        plot(results, Path(f"{args.output}.png"))
     return 0
 
 

@@ -12,7 +12,7 @@ Arms (--arms): untouched; glu-last5 and glu-all (form="glu" on the last --last-b
 there at the rank whose trainable count is closest to glu-last5's); full-mlp (those MLPs fully trained: form="glu"
 under the "retrofitted" policy, which trains the projections and the functions).
 
-    KALLM_DATA_DIR=../shared/data python scripts/bench_finetune.py [--steps 60] [--lrs 1e-3 3e-3]
+    KALLM_DATA_DIR=../shared/data python scripts/bench/bench_finetune.py [--steps 60] [--lrs 1e-3 3e-3]
         [--json docs/results/bench_finetune.json] [--markdown docs/results/bench_finetune.md]
 """
 
@@ -30,14 +30,18 @@ import time
 from pathlib import Path
 
 import torch
-from bench_report import load_average, write_report
+from skeleton import (
+    add_chat_data_flags,
+    add_report_flags,
+    argument_parser,
+    check_chat_data,
+    data_path,
+    load_average,
+    parse_arguments,
+    write_report,
+)
 
 ARMS = ("untouched", "glu-last5", "glu-all", "lora-r8", "lora-matched", "full-mlp")
-
-
-def data_path(*parts: str) -> str | None:
-    folder = os.environ.get("KALLM_DATA_DIR")
-    return str(Path(folder, *parts)) if folder else None
 
 
 def mlp_projections(model, blocks) -> list[str]:
@@ -183,12 +187,11 @@ def best_per_arm(runs: list[dict]) -> list[dict]:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: all)")
     parser.add_argument("--last-blocks", type=int, default=5, help="the blocks the 'last5' arms change")
-    parser.add_argument("--train-data", default=data_path("chat", "hh_rlhf_helpful", "test.jsonl"))
-    parser.add_argument("--eval-data", default=data_path("chat", "oasst_en100", "best_path.jsonl"))
+    add_chat_data_flags(parser)
     parser.add_argument("--held-out-from", type=int,
                         help="score the --eval-limit conversations of --train-data from this line on instead")
     parser.add_argument("--text", default=data_path("text", "wikitext2", "wiki.test.raw"))
@@ -206,14 +209,12 @@ def parse_args(argv):
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--one", nargs=2, metavar=("ARM", "LR"), help=argparse.SUPPRESS)  # a child process's run
-    parser.add_argument("--json")
-    parser.add_argument("--markdown")
-    args = parser.parse_args(argv)
+    add_report_flags(parser)
+    args = parse_arguments(parser, argv)
     unknown = sorted(set(args.arms.split(",")) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; valid choices: {', '.join(ARMS)}")
-    if not args.train_data or not args.eval_data:
-        parser.error("set KALLM_DATA_DIR or pass --train-data and --eval-data")
+    check_chat_data(parser, args)
     if args.held_out_from is not None and args.held_out_from < args.train_limit:
         parser.error(f"--held-out-from {args.held_out_from} would score conversations trained on (the first "
                      f"--train-limit {args.train_limit})")
