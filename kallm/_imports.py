@@ -34,7 +34,7 @@ MOVED_MODULES = {
     "kallm.surgery.cli_inspect": "kallm.cli.inspect",
     "kallm.train.cli": "kallm.cli.train",
     "kallm.train.cli_heal": "kallm.cli.heal",
-    "kallm.train.heal": "kallm.heal",
+    "kallm.train.heal": "kallm.healing",
     "kallm.eval.cli": "kallm.cli.eval",
     "kallm.cli_export": "kallm.cli.export",
     "kallm.onnx_export": "kallm.export.onnx",

@@ -13,7 +13,7 @@ from test_train_data import conversation
 
 import kallm
 from kallm.data.chat import tokenize_conversation
-from kallm.heal import HealConfig, distillation_loss, healing_sequences, shared_prefix_logits
+from kallm.healing import HealConfig, distillation_loss, healing_sequences, shared_prefix_logits
 from kallm.surgery.architectures import adapter_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,15 +197,15 @@ def test_the_old_module_path_still_gives_every_name_it_gave():
     import sys
 
     sys.modules.pop("kallm.train.heal", None)
-    with pytest.warns(FutureWarning, match="kallm.train.heal is now kallm.heal"):
-        from kallm.train import heal as old
+    with pytest.warns(FutureWarning, match="kallm.train.heal is now kallm.healing"):
+        old = importlib.import_module("kallm.train.heal")
     for name in ("heal", "HealConfig", "HealReport", "distillation_loss", "healing_sequences", "shared_prefix_logits",
                  "prefix_replaced", "plot_curve", "CURVE_FILE", "METRICS_FILE", "REPORT_FILE"):
-        assert getattr(old, name) is getattr(importlib.import_module("kallm.heal"), name), name
+        assert getattr(old, name) is getattr(importlib.import_module("kallm.healing"), name), name
 
 
 def test_kallm_heal_stays_callable_once_its_package_is_imported():
-    import kallm.heal.loop  # noqa: F401  (makes the attribute kallm.heal the package)
+    import kallm.healing.loop  # noqa: F401  (the package's name is not the function's, so kallm.heal stays it)
 
     student, _ = pair()
     with pytest.raises(ValueError, match="separate model"):  # the call reached heal's own checks

@@ -7,7 +7,7 @@ may import its own modules and every level below it, never one beside or above i
     3  surgery                    architecture descriptions, retrofit, fit init, convert, shrink, quantize
     4  finetune                   LoRA on KAN layers and the KAN adapter (PEFT)
     5  train                      the Trainer-based loop, its options, distillation, parameter groups
-    6  heal                       distillation back to the original model
+    6  healing                    distillation back to the original model (kallm.heal)
     7  eval                       BIG-Bench Hard, perplexity, chat loss, plots
     8  export                     ONNX
     9  testing                    what tests, benchmarks and users' tests share
@@ -25,7 +25,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "kallm"
 #: kallm module or package -> its level; a module may import from its own package and from the levels below
 LEVELS = {"core": 0, "values": 0, "_imports": 0, "checkpoints": 1, "data": 1, "inference": 2, "surgery": 3,
-          "finetune": 4, "train": 5, "heal": 6, "eval": 7, "export": 8, "testing": 9,
+          "finetune": 4, "train": 5, "healing": 6, "eval": 7, "export": 8, "testing": 9,
           "__version__": 0}  # defined in kallm/__init__.py, which imports nothing but _imports
 #: the packages that may use every level: whole jobs and the command line
 ENTRY_POINTS = {"recipes", "cli"}

@@ -12,8 +12,8 @@ from conftest import make_tiny_tokenizer, tiny_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kallm.cli import main
-from kallm.recipes.experiment import ARM_NAME
 from kallm.cli.sweep import select
+from kallm.recipes.runs import ARM_NAME
 from kallm.recipes.sweep import arm_settings, expand_grid, load_sweep, pareto_front, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -345,7 +345,8 @@ def test_a_gated_arm_is_a_gated_kan_feedforward(workspace, monkeypatch):
 
 
 def test_learning_rate_scales_reach_each_parameter_role(workspace, monkeypatch):
-    from kallm.recipes.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model, train_classifier
+    from kallm.recipes.sweep import build_arm, load_data, prepare_inputs, prepare_mini_model
+    from kallm.train.classifier import train_classifier
 
     monkeypatch.setenv("KALLM_TINY", str(workspace))
     config = load_sweep(write_config(workspace, grid=[], arms={"kan": {}},
@@ -394,7 +395,7 @@ def test_an_arms_learning_rate_scales_override_the_configs_for_that_arm_alone(wo
 def test_warmup_steps_scale_the_first_updates():
     from types import SimpleNamespace
 
-    from kallm.recipes.sweep import train_classifier
+    from kallm.train.classifier import train_classifier
 
     class Scorer(torch.nn.Module):  # a classifier's interface over one weight
         def __init__(self):

@@ -13,7 +13,7 @@ MANUAL_FIELDS = ("output_dir", "resume", "progress_bar", "save_model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..heal import HealConfig
+    from ..healing import HealConfig
     from ..train.options import add_flags, flag_fields
 
     parser.add_argument("--model", required=True, type=path_or_hub_id, help="the retrofitted model: a kallm checkpoint folder")
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args):
     """``HealConfig`` from the parsed flags: every field of the same name."""
-    from ..heal import HealConfig
+    from ..healing import HealConfig
     from ..train.options import field_values
 
     return HealConfig(**{**field_values(args, HealConfig), "output_dir": args.out, "progress_bar": not args.quiet})
@@ -40,7 +40,7 @@ def config_from_args(args):
 
 def run(args) -> int:
     from ..checkpoints.load import load_model, recorded_base_model
-    from ..heal import CURVE_FILE, heal
+    from ..healing import CURVE_FILE, heal
 
     config = config_from_args(args)  # bad settings fail before any model loads
     model, tokenizer = load_model(args.model)

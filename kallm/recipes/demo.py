@@ -26,7 +26,7 @@ from ..checkpoints.load import load_model
 from ..checkpoints.save import check_output_folder, save_checkpoint
 from ..data.folder import data_folder
 from ..eval.evaluate import evaluate
-from ..heal import CURVE_FILE, heal
+from ..healing import CURVE_FILE, heal
 from ..inference import chat_prompt, generate_replies
 from ..surgery.fit import format_errors
 from ..surgery.retrofit import retrofit

@@ -5,7 +5,7 @@ contracts it with an ``(in, out, K)`` coefficient tensor by ``einsum``; plain au
 differentiates it. That is the formulation most KAN code uses: easy to read and to
 trust, but autograd keeps ``t``, every recurrence step and the stacked features alive
 until backward. kallm's tests compare the fused op against it and
-``scripts/bench_layers.py`` measures both.
+``scripts/bench/bench_layers.py`` measures both.
 
 Not part of the portable core: checkpoints never need it.
 """

@@ -21,7 +21,7 @@ from skeleton import add_report_flags, argument_parser, parse_arguments, write_r
 
 import kallm
 from kallm.core.modeling_kallm import count_parameters
-from kallm.recipes.sweep import batch, encode, read_rows
+from kallm.data.classification import batch, encode, read_rows
 
 
 def seconds_per_step(model, examples, pad_id, batch_size, steps, warmup=1) -> float:

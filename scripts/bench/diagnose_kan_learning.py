@@ -110,7 +110,9 @@ def _rms(tensor) -> float:
 
 def run_arm(name, config, inputs, args) -> dict:
     import kallm
-    from kallm.recipes.sweep import ARM_TRAIN_KEYS, accuracy, arm_settings, batch, build_arm
+    from kallm.data.classification import batch
+    from kallm.eval.classification import accuracy
+    from kallm.recipes.sweep import ARM_TRAIN_KEYS, arm_settings, build_arm
 
     arm = arm_settings(config, name)
     model = build_arm(inputs, arm, args.seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kallm.data.folder import data_folder, require_data_folder
-from kallm.recipes.experiment import portable_paths
+from kallm.recipes.runs import portable_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"

@@ -2,11 +2,11 @@
 
 Two stages share one budget (wall-clock minutes and/or end-to-end steps):
 
-1. Block-local (``kallm.heal.local``): each new feedforward learns, on its own, the original MLP's outputs
+1. Block-local (``kallm.healing.local``): each new feedforward learns, on its own, the original MLP's outputs
    for the inputs it saw. No LM head, no attention, no backward through blocks.
 2. End-to-end (this module). KL(original || retrofit) on next-token distributions (plus optional
    cross-entropy). The blocks before the first retrofitted one are identical in both
-   models, so they run once per batch, in the teacher (``kallm.heal.prefix``): the student's prefix blocks
+   models, so they run once per batch, in the teacher (``kallm.healing.prefix``): the student's prefix blocks
    are replaced, for the duration of its forward, by stand-ins that return the teacher's hidden
    state, and backward runs through the tail only.
 
