@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .padding import pad_sequences
+
 
 def read_rows(source: str, split: str, text_column: str, label_column: str, limit: int | None) -> list[dict]:
     """``[{"text", "label"}]`` from a local .jsonl/.csv file, or a hub dataset's ``split``."""
@@ -50,10 +52,7 @@ def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int]
 
 
 def batch(examples, pad_id: int):
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, _) in enumerate(examples):  # right padding: the classifier reads each row's last real token
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention[row, :len(ids)] = 1
+    """``(input_ids, attention_mask, labels)`` of ``[(ids, label), ...]``, right padded: the classifier reads each
+    row's last real token."""
+    input_ids, attention = pad_sequences([ids for ids, _ in examples], pad_id)
     return input_ids, attention, torch.tensor([label for _, label in examples])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.padding import pad_sequences
 from ..inference import chat_prompt, eval_mode, generate_replies, model_device
 
 #: the 27 tasks of BIG-Bench Hard
@@ -363,12 +364,7 @@ def _cache_argument(model) -> str:
 
 def _score_batch(model, tokenizer, prompts, choices, pad, device) -> list[list[float]]:
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    width = max(map(len, prompt_ids))
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompt_ids):  # left padding keeps every prompt's end at the last column
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        mask[row, width - len(ids):] = 1
+    input_ids, mask = pad_sequences(prompt_ids, pad, side="left")  # every prompt ends at the last column
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)

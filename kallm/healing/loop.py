@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoints.save import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
+from ..data.padding import pad_sequences
 from ..surgery.fit import original_feedforward
 from ..surgery.trainable import set_trainable
 from ..train.losses import distillation_loss
@@ -264,12 +265,7 @@ class _Healer:
         return self._order
 
     def _batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        width = max(self.sequences[r].numel() for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for k, r in enumerate(rows):
-            ids[k, :self.sequences[r].numel()] = self.sequences[r]
-            mask[k, :self.sequences[r].numel()] = 1
+        ids, mask = pad_sequences([self.sequences[r] for r in rows], self.pad)
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def _logits(self, wrapped, inputs, rows, cache):
