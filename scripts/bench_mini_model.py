@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import kallm
-from kallm.core.modeling_kallm import count_parameters
+from kallm.core.layers import count_parameters
 from kallm.recipes.sweep import batch, encode, read_rows
 
 

@@ -21,8 +21,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GgufConfig
 
 import kallm
-from kallm.core.layers import KANFeedForward
-from kallm.core.modeling_kallm import count_parameters, install_kan_feedforwards
+from kallm.core.layers import KANFeedForward, count_parameters
+from kallm.core.modeling_kallm import install_kan_feedforwards
 from kallm.surgery.architectures import ADAPTERS
 
 FAMILIES = sorted(TINY_CONFIGS)

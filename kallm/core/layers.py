@@ -241,6 +241,12 @@ def intermediate_size_for_budget(hidden_size: int, budget: int, basis: str = "ch
     return low
 
 
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of ``module`` (of those that train, with ``trainable_only``); ``Module.parameters`` yields a
+    tied tensor once, so tied embeddings count once."""
+    return sum(param.numel() for param in module.parameters() if param.requires_grad or not trainable_only)
+
+
 def _plan(hidden_size, intermediate_size, basis, options):
     """``(stage spec, (in, out), KANLinear options)`` for each layer of a ``KANFeedForward``.
 

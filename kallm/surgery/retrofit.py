@@ -14,8 +14,8 @@ from ..checkpoints.load import public_source_name, untag_dequantized_gguf
 from ..core import KAN_CONFIG_CLASSES
 from ..core.configuration_kallm import config_as
 from ..core.function_layers import ChannelFunctions, check_zero_start
-from ..core.layers import KANFeedForward, intermediate_size_for_budget
-from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
+from ..core.layers import KANFeedForward, count_parameters, intermediate_size_for_budget
+from ..core.modeling_kallm import install_kan_feedforwards
 from ..core.retrofit_config import (
     AUTO,
     BLOCK_SETTINGS,

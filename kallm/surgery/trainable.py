@@ -7,8 +7,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..core.function_layers import is_channel_functions, is_function_form
-from ..core.layers import is_kan_feedforward
-from ..core.modeling_kallm import count_parameters
+from ..core.layers import count_parameters, is_kan_feedforward
 from ..core.retrofit_config import read_retrofit_config, retrofitted_blocks
 from .checks import causal_lm_parts, feedforward_attributes
 
