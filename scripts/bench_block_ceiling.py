@@ -69,7 +69,7 @@ def record(args):
     """``{block: {"train": (x, y), "held_out": (x, y), "original": mlp}}`` from the bundled model."""
     import kallm
     from kallm.surgery.architectures import adapter_for
-    from kallm.surgery.fit import record_feedforwards
+    from kallm.surgery.calibration import record_feedforwards
 
     paths = data_paths()
     model, tokenizer = kallm.load_model(args.model)

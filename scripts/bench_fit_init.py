@@ -35,7 +35,8 @@ from torch import nn
 import kallm
 from kallm.eval.perplexity import perplexity
 from kallm.surgery.architectures import adapter_for
-from kallm.surgery.fit import default_calibration, ordinary_token_error, outlier_rows, record_feedforwards
+from kallm.surgery.calibration import default_calibration, record_feedforwards
+from kallm.surgery.fit import ordinary_token_error, outlier_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 

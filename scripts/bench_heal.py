@@ -247,7 +247,8 @@ def block_errors(student, teacher, tokenizer, scored: str) -> dict:
     states (teacher forced), over all tokens and over ordinary (non-outlier) tokens."""
     from kallm.core.retrofit_config import retrofitted_blocks
     from kallm.surgery.architectures import adapter_for
-    from kallm.surgery.fit import ordinary_token_error, original_feedforward, record_feedforwards
+    from kallm.surgery.calibration import original_feedforward, record_feedforwards
+    from kallm.surgery.fit import ordinary_token_error
 
     adapter = adapter_for(teacher.config.model_type)
     layers = retrofitted_blocks(student)

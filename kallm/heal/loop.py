@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.save import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
 from ..core.retrofit_config import read_retrofit_config, retrofitted_blocks
+from ..surgery.calibration import default_calibration, original_feedforward, record_feedforwards
 from ..surgery.checks import causal_lm_parts
-from ..surgery.fit import default_calibration, original_feedforward, outlier_rows, record_feedforwards
+from ..surgery.fit import outlier_rows
 from ..surgery.trainable import POLICIES, set_trainable
 from ..train.options import check_values, option
 from ..values import Number, non_negative_float, non_negative_int, positive_float, positive_int

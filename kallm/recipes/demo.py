@@ -25,11 +25,12 @@ from pathlib import Path
 
 from ..checkpoints.load import DEFAULT_MODEL, load_model
 from ..checkpoints.save import check_output_folder, save_checkpoint
+from ..core.retrofit_config import INITS
 from ..data.folder import data_folder
 from ..eval.evaluate import evaluate
 from ..heal.loop import CURVE_FILE, heal
 from ..inference import chat_prompt, generate_replies
-from ..surgery.fit import INITS, format_errors
+from ..surgery.fit import format_errors
 from ..surgery.retrofit import retrofit
 from ..surgery.trainable import summary
 from ..values import Number, existing_path, non_negative_float, path_or_hub_id, positive_int

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 
 @dataclass(frozen=True)
 class ArchitectureAdapter:
@@ -102,3 +105,32 @@ def adapter_for(model_type: str) -> ArchitectureAdapter:
             f"See {ADDING_AN_ADAPTER_DOC} to add one."
         ) from None
 
+
+def swiglu_parts(original: nn.Module, layout: dict[str, str]) -> tuple[nn.Linear, nn.Linear, nn.Module]:
+    """``(gate, up, down)`` projections of a SwiGLU MLP (a fused ``gate_up`` projection split in two); refuses an
+    MLP that is not one."""
+    activation = getattr(original, layout.get("activation", ""), None)
+    probe = torch.linspace(-6, 6, 97)
+    if "down" not in layout or not ({"gate", "up"} <= set(layout) or "gate_up" in layout) or activation is None:
+        raise ValueError(f"fit init of form='gated' copies the channels of a gated MLP (SwiGLU); this MLP's parts "
+                         f"are {layout}; use init='random'")
+    if not torch.allclose(activation(probe), torch.nn.functional.silu(probe), atol=1e-5):
+        raise ValueError(f"fit init of form='gated' copies the channels of a SwiGLU MLP, whose gate goes through "
+                         f"silu; this MLP's activation is {type(activation).__name__}; use init='random'")
+    if "gate_up" in layout:
+        fused = getattr(original, layout["gate_up"])
+        half = fused.out_features // 2
+        halves = []
+        for rows in (slice(0, half), slice(half, None)):  # the gate's channels first, as the MLP chunks them
+            linear = nn.Linear(fused.in_features, half, bias=fused.bias is not None, device=fused.weight.device,
+                               dtype=fused.weight.dtype)
+            linear.weight.data = fused.weight.data[rows]
+            if fused.bias is not None:
+                linear.bias.data = fused.bias.data[rows]
+            halves.append(linear)
+        return (*halves, getattr(original, layout["down"]))
+    gate, up = getattr(original, layout["gate"]), getattr(original, layout["up"])
+    if not isinstance(gate, nn.Linear) or not isinstance(up, nn.Linear):
+        raise ValueError(f"fit init of form='gated' reads the MLP's gate and up projections as nn.Linear; this "
+                         f"MLP's are {type(gate).__name__} and {type(up).__name__}; use init='random'")
+    return gate, up, getattr(original, layout["down"])
