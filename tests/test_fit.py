@@ -14,7 +14,7 @@ from torch import nn
 import kallm
 from kallm.core.layers import KANFeedForward
 from kallm.surgery import calibration, fit
-from kallm.surgery.architectures import adapter_for
+from kallm.surgery.architectures import architecture_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,14 +32,14 @@ def token_ids(seed=0, rows=16, length=48):
 
 def block_errors(model, original, ids):
     """Relative error of each retrofitted feedforward against the original one on ``ids``."""
-    adapter = adapter_for(original.config.model_type)
+    architecture = architecture_for(original.config.model_type)
     layers = kallm.surgery.retrofitted_blocks(model)
-    records = calibration.record_feedforwards(original, adapter, layers, list(ids), progress=False)
-    blocks = model.get_submodule(adapter.blocks_path)
+    records = calibration.record_feedforwards(original, architecture, layers, list(ids), progress=False)
+    blocks = model.get_submodule(architecture.blocks_path)
     errors = {}
     with torch.no_grad():
         for index, (inputs, outputs) in records.items():
-            prediction = getattr(blocks[index], adapter.mlp_attribute)(inputs)
+            prediction = getattr(blocks[index], architecture.mlp_attribute)(inputs)
             errors[index] = float((prediction - outputs).norm() / outputs.norm())
     return errors
 
@@ -213,7 +213,7 @@ def test_input_scale_and_shift_are_set_from_the_data():
     ids = token_ids(0)
     model = kallm.retrofit(copy.deepcopy(original), last_n=1, init="fit", calibration=ids)
     first = model.model.layers[2].mlp.layers[0]
-    inputs, _ = calibration.record_feedforwards(original, adapter_for("llama"), [2], list(ids), progress=False)[2]
+    inputs, _ = calibration.record_feedforwards(original, architecture_for("llama"), [2], list(ids), progress=False)[2]
     z = inputs * first.input_scale.detach() + first.input_shift.detach()
     assert not torch.allclose(first.input_scale, torch.ones_like(first.input_scale))
     # each channel centred on its median and spread to about one unit, never past the cap

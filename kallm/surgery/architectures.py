@@ -1,6 +1,6 @@
-"""Where each supported architecture keeps its decoder blocks and feedforwards.
+"""Where each supported architecture keeps its decoder blocks and feedforwards, and how its MLP is laid out.
 
-Adapters are data: adding an architecture is one entry here plus a config/model class
+The descriptions are data: adding an architecture is one entry here plus a config/model class
 pair in ``kallm/core`` (see docs/adding-an-architecture.md).
 """
 
@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._imports import moved_name
+
 
 @dataclass(frozen=True)
-class ArchitectureAdapter:
+class Architecture:
     """How to find the pieces kallm touches in one model family.
 
     blocks_path: dotted path from the causal LM to the list of decoder blocks.
@@ -56,30 +58,30 @@ EXACT_ACTIVATIONS = (
     "sigmoid", "silu", "swish", "tanh",
 )
 
-_DECODER = ArchitectureAdapter(blocks_path="model.layers")
+_DECODER = Architecture(blocks_path="model.layers")
 
-ADAPTERS: dict[str, ArchitectureAdapter] = {
+ARCHITECTURES: dict[str, Architecture] = {
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
     "qwen3": _DECODER,
     "gemma": _DECODER,
-    "gemma2": ArchitectureAdapter(blocks_path="model.layers", activation_config="hidden_activation"),
-    "phi3": ArchitectureAdapter(  # fused gate_up_proj: the whole mlp module is replaced
+    "gemma2": Architecture(blocks_path="model.layers", activation_config="hidden_activation"),
+    "phi3": Architecture(  # fused gate_up_proj: the whole mlp module is replaced
         blocks_path="model.layers",
         mlp_layout=(("gate_up", "gate_up_proj"), ("down", "down_proj"), ("activation", "activation_fn")),
     ),
-    "gpt2": ArchitectureAdapter(
+    "gpt2": Architecture(
         blocks_path="transformer.h", hidden_size="n_embd", final_norm_path="transformer.ln_f",
         attention_attribute="attn",
         mlp_layout=(("up", "c_fc"), ("down", "c_proj"), ("activation", "act"), ("dropout", "dropout")),
         activation_config="activation_function",
     ),
-    "gpt_neox": ArchitectureAdapter(
+    "gpt_neox": Architecture(
         blocks_path="gpt_neox.layers", final_norm_path="gpt_neox.final_layer_norm", attention_attribute="attention",
         mlp_layout=(("up", "dense_h_to_4h"), ("down", "dense_4h_to_h"), ("activation", "act")),
     ),
-    "opt": ArchitectureAdapter(
+    "opt": Architecture(
         blocks_path="model.decoder.layers",
         mlp_attribute="fc1",
         bypassed_attributes=("activation_fn", "fc2"),
@@ -89,20 +91,20 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     ),
 }
 
-ADDING_AN_ADAPTER_DOC = "docs/adding-an-architecture.md"
+ADDING_AN_ARCHITECTURE_DOC = "docs/adding-an-architecture.md"
 
 
 def supported_model_types() -> list[str]:
-    return sorted(ADAPTERS)
+    return sorted(ARCHITECTURES)
 
 
-def adapter_for(model_type: str) -> ArchitectureAdapter:
+def architecture_for(model_type: str) -> Architecture:
     try:
-        return ADAPTERS[model_type]
+        return ARCHITECTURES[model_type]
     except KeyError:
         raise ValueError(
             f"kallm has no adapter for model_type {model_type!r}; supported: {', '.join(supported_model_types())}. "
-            f"See {ADDING_AN_ADAPTER_DOC} to add one."
+            f"See {ADDING_AN_ARCHITECTURE_DOC} to add one."
         ) from None
 
 
@@ -134,3 +136,7 @@ def swiglu_parts(original: nn.Module, layout: dict[str, str]) -> tuple[nn.Linear
         raise ValueError(f"fit init of form='gated' reads the MLP's gate and up projections as nn.Linear; this "
                          f"MLP's are {type(gate).__name__} and {type(up).__name__}; use init='random'")
     return gate, up, getattr(original, layout["down"])
+
+
+def __getattr__(name: str):
+    return moved_name(__name__, name)

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..inference import chat_prompt, eval_mode, generate, model_device
-from .architectures import ArchitectureAdapter
+from .architectures import Architecture
 
 #: generic requests for the default calibration text, answered by the original model itself:
 #: encyclopedic prose (the register of most pretraining text) and everyday assistant work
@@ -123,14 +123,14 @@ def default_calibration(model, tokenizer, prompts: Sequence[str] | None = None, 
     return [torch.cat([prompt, reply]) for prompt, reply in conversations]
 
 
-def original_feedforward(block: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
+def original_feedforward(block: nn.Module, architecture: Architecture) -> nn.Module:
     """The block's feedforward as one module (OPT spreads it over several attributes)."""
-    modules = [getattr(block, name) for name in (adapter.mlp_attribute, *adapter.bypassed_attributes)]
+    modules = [getattr(block, name) for name in (architecture.mlp_attribute, *architecture.bypassed_attributes)]
     return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
 
 
 @torch.no_grad()
-def record_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int], sequences: list[torch.Tensor],
+def record_feedforwards(model, architecture: Architecture, indices: list[int], sequences: list[torch.Tensor],
                         batch_size: int = 8, progress: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """``{block: (inputs, outputs)}`` of the feedforwards of ``indices``, one row per token.
 
@@ -138,7 +138,7 @@ def record_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int],
     give real tokens the same states as without it). The forward stops after the last
     recorded block, so the rest of the model and its LM head are never run.
     """
-    blocks = model.get_submodule(adapter.blocks_path)
+    blocks = model.get_submodule(architecture.blocks_path)
     last = max(indices)
     records = {i: ([], []) for i in indices}
     keep = None  # boolean mask of real tokens in the current batch, flattened
@@ -154,7 +154,7 @@ def record_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int],
         return hook
 
     for index in indices:
-        names = (adapter.mlp_attribute, *adapter.bypassed_attributes)
+        names = (architecture.mlp_attribute, *architecture.bypassed_attributes)
         hooks.append(getattr(blocks[index], names[0]).register_forward_hook(hook_for(index, 0)))
         hooks.append(getattr(blocks[index], names[-1]).register_forward_hook(hook_for(index, 1)))
     device = model_device(model)

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.retrofit_config import INITS
-from .architectures import ArchitectureAdapter, swiglu_parts
+from .architectures import Architecture, swiglu_parts
 from .calibration import calibration_sequences, check_calibration, original_feedforward, record_feedforwards
 
 logger = logging.getLogger("kallm")
@@ -38,7 +38,7 @@ def check_fit_arguments(init: str, calibration, tokenizer) -> None:
     check_calibration(calibration, tokenizer)
 
 
-def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int], install: Callable[[], None],
+def fit_new_feedforwards(model, architecture: Architecture, indices: list[int], install: Callable[[], None],
                          template: nn.Module, calibration=None, tokenizer=None, progress: bool = True) -> dict:
     """Record the feedforwards of ``indices`` on calibration text, run ``install`` (which swaps
     in the KAN feedforwards), then fit each new one to the module it replaced.
@@ -54,12 +54,12 @@ def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int]
     ``ordinary_token_error`` leaves out the few tokens with massive activations, which can hold
     most of a block's output energy and so hide a poor fit of every other token.
     """
-    blocks = model.get_submodule(adapter.blocks_path)
-    originals = {i: original_feedforward(blocks[i], adapter) for i in indices}
+    blocks = model.get_submodule(architecture.blocks_path)
+    originals = {i: original_feedforward(blocks[i], architecture) for i in indices}
     sequences = calibration_sequences(model, calibration, tokenizer, progress=progress)
     tokens = sum(int(s.numel()) for s in sequences)
     _check_calibration_size(template, tokens)
-    records = record_feedforwards(model, adapter, indices, sequences, progress=progress)
+    records = record_feedforwards(model, architecture, indices, sequences, progress=progress)
     for index, (inputs, _) in records.items():
         _check_spread(index, inputs, tokens)
     install()
@@ -67,10 +67,10 @@ def fit_new_feedforwards(model, adapter: ArchitectureAdapter, indices: list[int]
     bar = tqdm(sorted(indices), desc="kallm fit: blocks", disable=not progress, unit="block")
     for index in bar:
         inputs, outputs = records.pop(index)
-        feedforward = getattr(blocks[index], adapter.mlp_attribute)
+        feedforward = getattr(blocks[index], architecture.mlp_attribute)
         if getattr(feedforward, "gate", None) is not None:
             errors[index] = fit_gated_feedforward(feedforward, inputs, outputs, originals.pop(index),
-                                                  dict(adapter.mlp_layout))
+                                                  dict(architecture.mlp_layout))
         else:
             errors[index] = fit_feedforward(feedforward, inputs, outputs, originals.pop(index))
         ordinary[index] = ordinary_token_error(feedforward, inputs, outputs)
