@@ -93,6 +93,7 @@ def model_card(model: nn.Module, tags=(), location: str = "PATH_OR_REPO", datase
     own_settings = "".join(f"| block {index}'s own settings | {settings} |\n"
                            for index, settings in sorted(config.block_settings.items()))
     name = model.__class__.__name__
+    # the model classes import this module, so the class tables stay with them (KANModelMixin.kan_auto_class)
     auto_class = getattr(model, "kan_auto_class", "AutoModelForCausalLM")
     metadata = card_metadata(model, tags, datasets, eval_results, name=location if location != "PATH_OR_REPO"
                              else kan["base_model"].split("/")[-1] + "-kan")
