@@ -44,24 +44,32 @@ MOVED_MODULES = {
     "kallm.experiment": "kallm.recipes.experiment",
     "kallm.sweep": "kallm.recipes.sweep",
 }
-#: (package, name) of the previous release -> the module that defines it now
+#: (module, name) of the previous release -> where it lives now, as ``module.name`` (a renamed one has a new name)
 MOVED_NAMES = {
-    **{("kallm.surgery", name): "kallm.finetune" for name in (
+    **{("kallm.surgery", name): f"kallm.finetune.{name}" for name in (
         "KANAdapterConfig", "kan_adapter_config", "KANLoraLinear", "load_adapter", "lora_config", "lora_targets",
         "with_kan_lora")},
-    **{("kallm.surgery", name): "kallm.train.parameter_groups" for name in ("PARAMETER_ROLES", "parameter_groups")},
-    **{("kallm.train.trainer", name): "kallm.train.config" for name in (
+    **{("kallm.surgery", name): f"kallm.train.parameter_groups.{name}" for name in (
+        "PARAMETER_ROLES", "parameter_groups")},
+    # the architecture descriptions were called adapters, a word kallm now keeps for PEFT's and its KAN adapter
+    **{(module, old): f"kallm.surgery.architectures.{new}"
+       for module in ("kallm.surgery", "kallm.surgery.architectures")
+       for old, new in (("ArchitectureAdapter", "Architecture"), ("ADAPTERS", "ARCHITECTURES"))},
+    ("kallm.surgery.architectures", "adapter_for"): "kallm.surgery.architectures.architecture_for",
+    ("kallm.surgery.architectures", "ADDING_AN_ADAPTER_DOC"): "kallm.surgery.architectures.ADDING_AN_ARCHITECTURE_DOC",
+    **{("kallm.train.trainer", name): f"kallm.train.config.{name}" for name in (
         "ADAPTER_TYPES", "DERIVED_ARGUMENTS", "PASS_THROUGH", "SCHEDULERS", "check_training_arguments")},
 }
 
 
-def moved_name(package: str, name: str):
-    """``name`` of ``package`` from its new home, with a warning; AttributeError when it never lived there."""
-    home = MOVED_NAMES.get((package, name))
-    if home is None:
-        raise AttributeError(f"module {package!r} has no attribute {name!r}")
-    _warn_moved(f"{package}.{name}", f"{home}.{name}", stacklevel=4)
-    return getattr(importlib.import_module(home), name)
+def moved_name(module: str, name: str):
+    """``name`` of ``module`` from where it lives now, with a warning; AttributeError when it never lived there."""
+    new = MOVED_NAMES.get((module, name))
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    _warn_moved(f"{module}.{name}", new, stacklevel=4)
+    home, _, new_name = new.rpartition(".")
+    return getattr(importlib.import_module(home), new_name)
 
 
 def _warn_moved(old: str, new: str, stacklevel: int = 3) -> None:

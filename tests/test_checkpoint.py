@@ -30,7 +30,7 @@ from kallm.core.retrofit_config import RetrofitConfig
 REPO = Path(__file__).resolve().parents[1]
 CODE_FILES = (
     "modeling_kallm.py", "configuration_kallm.py", "retrofit_config.py", "layers.py", "bases.py", "kan_function.py",
-    "delta_checkpoint.py", "function_layers.py",
+    "delta_checkpoint.py", "function_layers.py", "model_card.py",
 )
 
 # name -> (family, retrofit options); every family plus bases and options that change the module tree
@@ -331,6 +331,19 @@ def test_weights_saved_without_kan_settings_still_load(saved, tmp_path):
         assert "kallm_kan_settings" not in weights.metadata()
     expected = torch.load(saved["llama"][2])
     assert torch.equal(logits_of(AutoModelForCausalLM.from_pretrained(folder), expected["ids"]), expected["logits"])
+
+
+def test_a_folder_saved_before_the_model_card_had_its_own_module_loads_and_resaves_the_whole_code(saved, tmp_path):
+    """A folder saved by an earlier kallm holds the code files of its day (no model_card.py): kallm loads it with its
+    own classes, whatever code lies beside the weights, and saving it again writes today's files."""
+    folder = copy_checkpoint(saved, tmp_path)
+    (folder / "model_card.py").unlink()
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(loaded).__module__ == "kallm.core.modeling_kallm"
+    expected = torch.load(saved["llama"][2])
+    assert torch.equal(logits_of(loaded, expected["ids"]), expected["logits"])
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert {path.name for path in (tmp_path / "resaved").glob("*.py")} == set(CODE_FILES)
 
 
 def test_sharded_weights_record_and_check_the_kan_settings(saved, tmp_path):
@@ -719,7 +732,7 @@ def test_model_card_names_a_hub_base_model():
     model = tiny_model("llama")
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     kallm.retrofit(model, last_n=1)
-    card = kallm.core.modeling_kallm.model_card(model, tags=["chat"], location="me/kan-smol")
+    card = kallm.core.model_card.model_card(model, tags=["chat"], location="me/kan-smol")
     metadata = ModelCard(card).data
     assert metadata.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert metadata.tags == ["kallm", "kan", "kolmogorov-arnold", "chat"]
@@ -902,7 +915,7 @@ def test_save_replaces_its_own_section_when_the_model_changed(saved, tmp_path):
     text = (folder / "README.md").read_text()
     assert "| retrofitted blocks | [0, 2] |" in text and "| retrofitted blocks | [2] |" not in text
     assert text.rstrip().endswith("keep me") and _count(text, "# ") - _count(text, "## ") >= 1
-    assert _count(text, kallm.core.modeling_kallm.CARD_BEGIN) == 1
+    assert _count(text, kallm.core.model_card.CARD_BEGIN) == 1
 
 
 def test_a_card_without_front_matter_gets_kallms(saved, tmp_path):

@@ -13,8 +13,8 @@ from torch import nn
 
 import kallm
 from kallm.core.layers import KANFeedForward
-from kallm.surgery import fit
-from kallm.surgery.architectures import adapter_for
+from kallm.surgery import calibration, fit
+from kallm.surgery.architectures import architecture_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,14 +32,14 @@ def token_ids(seed=0, rows=16, length=48):
 
 def block_errors(model, original, ids):
     """Relative error of each retrofitted feedforward against the original one on ``ids``."""
-    adapter = adapter_for(original.config.model_type)
+    architecture = architecture_for(original.config.model_type)
     layers = kallm.surgery.retrofitted_blocks(model)
-    records = fit.record_feedforwards(original, adapter, layers, list(ids), progress=False)
-    blocks = model.get_submodule(adapter.blocks_path)
+    records = calibration.record_feedforwards(original, architecture, layers, list(ids), progress=False)
+    blocks = model.get_submodule(architecture.blocks_path)
     errors = {}
     with torch.no_grad():
         for index, (inputs, outputs) in records.items():
-            prediction = getattr(blocks[index], adapter.mlp_attribute)(inputs)
+            prediction = getattr(blocks[index], architecture.mlp_attribute)(inputs)
             errors[index] = float((prediction - outputs).norm() / outputs.norm())
     return errors
 
@@ -92,8 +92,8 @@ def test_calibration_as_texts_needs_a_tokenizer(tiny_tokenizer):
 
 
 def test_calibration_as_one_long_row_of_token_ids():
-    ids = token_ids(0, rows=1, length=3 * fit.MAX_SEQUENCE_LENGTH // 4)[0]
-    pieces = fit.calibration_sequences(tiny_model("llama"), ids, None, max_length=100)
+    ids = token_ids(0, rows=1, length=3 * calibration.MAX_SEQUENCE_LENGTH // 4)[0]
+    pieces = calibration.calibration_sequences(tiny_model("llama"), ids, None, max_length=100)
     assert [len(p) for p in pieces] == [100] * 3 + [84]
     assert torch.equal(torch.cat(pieces), ids)
     model = kallm.retrofit(tiny_model("llama"), last_n=1, init="fit", calibration=ids)
@@ -102,12 +102,12 @@ def test_calibration_as_one_long_row_of_token_ids():
 
 def test_default_calibration_is_the_models_own_deterministic_replies(tiny_tokenizer, monkeypatch):
     original = tiny_model("llama")
-    monkeypatch.setattr(fit, "DEFAULT_PROMPTS", ("Hi.", "Tell me a story.", "Why?"))
-    monkeypatch.setattr(fit, "DEFAULT_NEW_TOKENS", 12)
-    first = fit.default_calibration(original, tiny_tokenizer)
-    second = fit.default_calibration(original, tiny_tokenizer)
+    monkeypatch.setattr(calibration, "DEFAULT_PROMPTS", ("Hi.", "Tell me a story.", "Why?"))
+    monkeypatch.setattr(calibration, "DEFAULT_NEW_TOKENS", 12)
+    first = calibration.default_calibration(original, tiny_tokenizer)
+    second = calibration.default_calibration(original, tiny_tokenizer)
     assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, second))
-    for prompt, sequence in zip(fit.DEFAULT_PROMPTS, first):
+    for prompt, sequence in zip(calibration.DEFAULT_PROMPTS, first):
         chat = tiny_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         prompt_ids = chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "keys") else chat
         assert sequence[: len(prompt_ids)].tolist() == list(prompt_ids)  # no padding leaked in
@@ -213,7 +213,7 @@ def test_input_scale_and_shift_are_set_from_the_data():
     ids = token_ids(0)
     model = kallm.retrofit(copy.deepcopy(original), last_n=1, init="fit", calibration=ids)
     first = model.model.layers[2].mlp.layers[0]
-    inputs, _ = fit.record_feedforwards(original, adapter_for("llama"), [2], list(ids), progress=False)[2]
+    inputs, _ = calibration.record_feedforwards(original, architecture_for("llama"), [2], list(ids), progress=False)[2]
     z = inputs * first.input_scale.detach() + first.input_shift.detach()
     assert not torch.allclose(first.input_scale, torch.ones_like(first.input_scale))
     # each channel centred on its median and spread to about one unit, never past the cap

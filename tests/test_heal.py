@@ -14,7 +14,7 @@ from test_train_data import conversation
 import kallm
 from kallm.data.chat import tokenize_conversation
 from kallm.healing import HealConfig, distillation_loss, healing_sequences, shared_prefix_logits
-from kallm.surgery.architectures import adapter_for
+from kallm.surgery.architectures import architecture_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,8 +53,8 @@ def assert_unchanged(model, saved):
 def test_shared_prefix_gives_the_loss_and_gradients_of_full_forwards(family):
     student, teacher = pair(family)
     kallm.set_trainable(student, "retrofitted")
-    adapter = adapter_for(family)
-    blocks = student.get_submodule(adapter.blocks_path)
+    architecture = architecture_for(family)
+    blocks = student.get_submodule(architecture.blocks_path)
     inputs = inputs_for(student)
 
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_full_forwards(family):
     prefix_calls = []
     hooks = [m.register_forward_hook(lambda *a: prefix_calls.append(1)) for m in blocks[:2].modules()
              if m not in (blocks[0], blocks[1])]
-    student_logits, shared_teacher_logits, hidden = shared_prefix_logits(student, teacher, adapter.blocks_path, 2,
+    student_logits, shared_teacher_logits, hidden = shared_prefix_logits(student, teacher, architecture.blocks_path, 2,
                                                                          inputs)
     for hook in hooks:
         hook.remove()

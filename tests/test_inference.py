@@ -76,14 +76,14 @@ def test_masked_nll_sums_next_token_losses_over_targets_only():
 
 def test_long_steps_show_progress_bars(capsys, monkeypatch):
     from kallm.eval.perplexity import perplexity
-    from kallm.surgery import fit
+    from kallm.surgery import calibration
 
     model, tokenizer = tiny_model("llama"), make_tiny_tokenizer()
-    monkeypatch.setattr(fit, "DEFAULT_PROMPTS", ("Hi.",))
+    monkeypatch.setattr(calibration, "DEFAULT_PROMPTS", ("Hi.",))
     perplexity(model, tokenizer, "quiet text " * 4, max_length=8)
-    fit.default_calibration(model, tokenizer, max_new_tokens=2)
+    calibration.default_calibration(model, tokenizer, max_new_tokens=2)
     assert capsys.readouterr().err == ""
-    fit.default_calibration(model, tokenizer, max_new_tokens=2, progress=True)
+    calibration.default_calibration(model, tokenizer, max_new_tokens=2, progress=True)
     perplexity(model, tokenizer, "some text to score " * 4, max_length=8, progress=True)
     shown = capsys.readouterr().err
     assert "kallm fit: generating calibration text" in shown and "perplexity" in shown

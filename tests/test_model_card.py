@@ -8,7 +8,7 @@ from huggingface_hub import EvalResult, ModelCard
 
 import kallm
 from kallm.checkpoints.load import BUNDLED_MODELS
-from kallm.core.modeling_kallm import BUNDLED_BASE_MODELS, merge_model_card, model_card
+from kallm.core.model_card import BUNDLED_BASE_MODELS, merge_model_card, model_card
 
 
 def retrofitted(base_model: str):

@@ -4,6 +4,7 @@ plus the research parameter counts on a model of SmolLM2-135M's exact shape."""
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import re
@@ -21,9 +22,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GgufConfig
 
 import kallm
-from kallm.core.layers import KANFeedForward
-from kallm.core.modeling_kallm import count_parameters, install_kan_feedforwards
-from kallm.surgery.architectures import ADAPTERS
+from kallm.core.layers import KANFeedForward, count_parameters
+from kallm.core.modeling_kallm import install_kan_feedforwards
+from kallm.surgery.architectures import ARCHITECTURES
 
 FAMILIES = sorted(TINY_CONFIGS)
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +39,10 @@ def token_ids(batch=2, length=6, seed=1):
 
 
 def feedforward_prefixes(model_type, layers):
-    adapter = ADAPTERS[model_type]
+    architecture = ARCHITECTURES[model_type]
     return tuple(
-        f"{adapter.blocks_path}.{i}.{name}." for i in layers for name in (adapter.mlp_attribute, *adapter.bypassed_attributes)
+        f"{architecture.blocks_path}.{i}.{name}."
+        for i in layers for name in (architecture.mlp_attribute, *architecture.bypassed_attributes)
     )
 
 
@@ -84,12 +86,12 @@ def test_retrofit_replaces_only_the_chosen_feedforwards(model_type):
     kan_config = model.config.kan_config
     assert kan_config["blocks"] == [1, 2]
     assert kan_config["base_model_type"] == model_type
-    adapter = ADAPTERS[model_type]
-    blocks = model.get_submodule(adapter.blocks_path)
-    assert not isinstance(getattr(blocks[0], adapter.mlp_attribute), KANFeedForward)
+    architecture = ARCHITECTURES[model_type]
+    blocks = model.get_submodule(architecture.blocks_path)
+    assert not isinstance(getattr(blocks[0], architecture.mlp_attribute), KANFeedForward)
     for index in (1, 2):
-        assert isinstance(getattr(blocks[index], adapter.mlp_attribute), KANFeedForward)
-        for name in adapter.bypassed_attributes:
+        assert isinstance(getattr(blocks[index], architecture.mlp_attribute), KANFeedForward)
+        for name in architecture.bypassed_attributes:
             assert isinstance(getattr(blocks[index], name), nn.Identity)
 
     prefixes = feedforward_prefixes(model_type, [1, 2])
@@ -373,6 +375,32 @@ def test_linear_restart_refuses_mixing_arms_and_overlaps():
     assert kallm.surgery.retrofitted_layers(model) == [0, 2]
 
 
+@pytest.mark.parametrize("old, new", [
+    ("kallm.surgery.ArchitectureAdapter", "kallm.surgery.architectures.Architecture"),
+    ("kallm.surgery.ADAPTERS", "kallm.surgery.architectures.ARCHITECTURES"),
+    ("kallm.surgery.architectures.ArchitectureAdapter", "kallm.surgery.architectures.Architecture"),
+    ("kallm.surgery.architectures.ADAPTERS", "kallm.surgery.architectures.ARCHITECTURES"),
+    ("kallm.surgery.architectures.adapter_for", "kallm.surgery.architectures.architecture_for"),
+    ("kallm.surgery.architectures.ADDING_AN_ADAPTER_DOC", "kallm.surgery.architectures.ADDING_AN_ARCHITECTURE_DOC"),
+    ("kallm.surgery.lora_config", "kallm.finetune.lora_config"),  # moved, same name
+])
+def test_old_names_still_import_for_one_release_with_a_warning_naming_the_new_one(old, new):
+    old_module, _, old_name = old.rpartition(".")
+    new_module, _, new_name = new.rpartition(".")
+    with pytest.warns(FutureWarning, match=rf"^{re.escape(old)} is now {re.escape(new)}; the old path is kept") as seen:
+        value = getattr(importlib.import_module(old_module), old_name)
+    assert value is getattr(importlib.import_module(new_module), new_name)
+    assert seen[0].filename == __file__  # the warning points at the code that uses the old name
+    with pytest.raises(AttributeError, match=rf"module '{re.escape(old_module)}' has no attribute 'never_defined'"):
+        importlib.import_module(old_module).never_defined  # noqa: B018 (the access is the test)
+
+
+def test_an_old_name_imports_with_from_import_too():
+    with pytest.warns(FutureWarning, match="adapter_for is now kallm.surgery.architectures.architecture_for"):
+        from kallm.surgery.architectures import adapter_for
+    assert adapter_for("llama") is ARCHITECTURES["llama"]
+
+
 def test_unsupported_architecture_names_supported_ones_and_the_doc():
     config = transformers.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -432,7 +460,7 @@ def test_trainable_policies_pick_the_right_parameters(kind):
     assert count == sum(p.numel() for p in model.parameters())
 
 
-def test_trainable_policies_follow_each_adapter():
+def test_trainable_policies_follow_each_architecture():
     opt = kallm.retrofit(tiny_model("opt"), last_n=1, kind="linear")
     kallm.set_trainable(opt, "retrofitted")
     assert _trainable_names(opt) == {f"model.decoder.layers.2.{m}.{p}" for m in ("fc1", "fc2") for p in ("weight", "bias")}

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import kallm
 from kallm import RetrofitConfig
 from kallm.core.layers import KANFeedForward
-from kallm.surgery.architectures import ArchitectureAdapter
+from kallm.surgery.architectures import Architecture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def test_a_restart_saved_by_older_kallm_still_loads_and_counts(tmp_path):
 
 def test_the_adapter_in_adding_an_architecture_builds():
     text = (REPO / "docs" / "adding-an-architecture.md").read_text()
-    example = re.search(r'"falcon": (ArchitectureAdapter\(.*?\n\)),', text, re.S).group(1)
-    adapter = eval(example, {"ArchitectureAdapter": ArchitectureAdapter})  # the doc's own snippet
-    assert adapter.blocks_path == "transformer.h"
-    assert not hasattr(adapter, "intermediate_size")
+    example = re.search(r'"falcon": (Architecture\(.*?\n\)),', text, re.S).group(1)
+    architecture = eval(example, {"Architecture": Architecture})  # the doc's own snippet
+    assert architecture.blocks_path == "transformer.h"
+    assert not hasattr(architecture, "intermediate_size")

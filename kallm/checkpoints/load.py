@@ -22,7 +22,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def _is_hub_id(name: str) -> bool:
-    from ..core.modeling_kallm import HUB_ID  # the core's pattern, imported when needed: kallm --help stays fast
+    from ..core.model_card import HUB_ID  # the core's pattern, imported when needed: kallm --help stays fast
 
     return HUB_ID.fullmatch(name) is not None
 

@@ -105,7 +105,7 @@ def run(args) -> int:
         paths = write_results(results, args.out)
         print("wrote " + ", ".join(str(path) for path in paths.values()))
     if args.card:
-        from ..core.modeling_kallm import write_model_card
+        from ..core.model_card import write_model_card
         from ..eval.evaluate import card_results
 
         write_model_card(model, args.model, eval_results=card_results(results))

@@ -12,7 +12,8 @@ from ..checkpoints.load import DEFAULT_MODEL, load_model, push_to_hub
 from ..checkpoints.save import check_output_folder, save_checkpoint
 from ..core.kan_function import BASE_BRANCHES
 from ..core.layers import KANFeedForward
-from ..surgery.fit import INITS, format_errors
+from ..core.retrofit_config import INITS
+from ..surgery.fit import format_errors
 from ..surgery.retrofit import FORMS, KINDS, retrofit
 from ..surgery.trainable import POLICIES, set_trainable, summary
 from ..values import existing_path, finite_int, path_or_hub_id, positive_int

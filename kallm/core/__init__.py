@@ -1,4 +1,4 @@
-"""kallm's portable core: bases, KAN layers, the fused op, config and model classes.
+"""kallm's portable core: bases, KAN layers, the fused op, config and model classes, the model card.
 
 Every module in this folder imports only torch, transformers and its siblings, because
 ``save_pretrained`` copies these files next to each checkpoint so that

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .bases import Basis, make_basis
-from .layers import is_kan_feedforward
+from .layers import check_size, is_kan_feedforward
 
 #: the initial input map ``t = tanh(z / INITIAL_INPUT_RANGE)``: SmolLM2-135M's gate and up values have a per-channel
 #: 99th percentile of |z| between 1.1 and 3 in most channels (docs/retrofitting.md), which this maps to
@@ -48,8 +48,8 @@ class ChannelFunctions(nn.Module):
     def __init__(self, channels: int, basis: str = "cheby2", degree: int = 2, groups: int | None = None,
                  device=None, dtype=None, **basis_options):
         super().__init__()
-        self.channels = _positive("channels", channels)
-        self.groups = channels if groups is None else _positive("function_groups", groups)
+        self.channels = check_size("channels", channels)
+        self.groups = channels if groups is None else check_size("function_groups", groups)
         if channels % self.groups:
             raise ValueError(f"function_groups={groups} must divide the MLP's {channels} channels")
         self.basis: Basis = function_basis(basis, degree, **basis_options)
@@ -213,8 +213,3 @@ def is_channel_functions(module: nn.Module) -> bool:
     return any(cls.__name__ == "ChannelFunctions" and cls.__module__.rpartition(".")[2] == "function_layers"
                for cls in type(module).__mro__)
 
-
-def _positive(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value

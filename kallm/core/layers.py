@@ -181,8 +181,8 @@ class KANFeedForward(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, basis: str = "cheby2", degree: int = 2,
                  gated: bool = False, **options):
         super().__init__()
-        _check_size("hidden_size", hidden_size)
-        _check_size("intermediate_size", intermediate_size)
+        check_size("hidden_size", hidden_size)
+        check_size("intermediate_size", intermediate_size)
         _check_gated(gated)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         plan = _plan(hidden_size, intermediate_size, basis, options)
@@ -219,8 +219,8 @@ def intermediate_size_for_budget(hidden_size: int, budget: int, basis: str = "ch
     The count grows with the intermediate size (quadratically once a spec has three stages),
     so the answer is found by bisection on ``KANFeedForward.count_parameters``.
     """
-    _check_size("hidden_size", hidden_size)
-    if not isinstance(budget, int) or isinstance(budget, bool):
+    check_size("hidden_size", hidden_size)
+    if not is_int(budget):
         raise TypeError(f"budget must be an integer number of parameters, got {budget!r}")
 
     def fits(size):
@@ -239,6 +239,12 @@ def intermediate_size_for_budget(hidden_size: int, budget: int, basis: str = "ch
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of ``module`` (of those that train, with ``trainable_only``); ``Module.parameters`` yields a
+    tied tensor once, so tied embeddings count once."""
+    return sum(param.numel() for param in module.parameters() if param.requires_grad or not trainable_only)
 
 
 def _plan(hidden_size, intermediate_size, basis, options):
@@ -263,9 +269,16 @@ def _plan(hidden_size, intermediate_size, basis, options):
     return list(zip(stages, zip(sizes[:-1], sizes[1:]), per_stage))
 
 
-def _check_size(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def is_int(value) -> bool:
+    """An integer and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_size(name: str, value) -> int:
+    """``value``, refused unless it is a positive integer (a size or a count named ``name`` in the error)."""
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def check_base(base, owner: str = "base") -> None:
@@ -281,8 +294,8 @@ def _check_gated(gated):
 
 
 def _check_layer_arguments(in_features, out_features, input_map, bias, base):
-    _check_size("in_features", in_features)
-    _check_size("out_features", out_features)
+    check_size("in_features", in_features)
+    check_size("out_features", out_features)
     if not isinstance(input_map, str) or input_map not in INPUT_MAPS:
         raise ValueError(f"unknown input_map {input_map!r}; valid choices: {', '.join(INPUT_MAPS)}")
     if not isinstance(bias, bool):

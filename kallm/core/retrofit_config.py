@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .function_layers import ChannelFunctions, check_layout
-from .layers import INPUT_MAPS, KANFeedForward, check_base
+from .layers import INPUT_MAPS, KANFeedForward, check_base, check_size, is_int
 
 SCHEMA_VERSION = 4
 KINDS = ("kan", "linear")
@@ -168,7 +168,7 @@ class RetrofitConfig:
         if not isinstance(data, dict):
             raise ValueError(f"kan_config must be a dict (a JSON object) or null, got {data!r}")
         version = data.get("schema_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        if not is_int(version) or version < 1:
             raise ValueError(
                 f"kan_config has no integer schema_version >= 1 (got {version!r}); it was not written by kallm"
             )
@@ -230,18 +230,18 @@ class RetrofitConfig:
             )
         for name in bypassed:
             _check_text("bypassed_attributes", name)
-        _check_size("hidden_size", self.hidden_size)
+        check_size("kan_config.hidden_size", self.hidden_size)
         if self.form == "glu" and not isinstance(self.mlp_layout, dict):
             raise ValueError(f"kan_config.mlp_layout must be a dict of MLP parts by role for form='glu', got "
                              f"{self.mlp_layout!r}")
         if self.kind == "kan":
             for index in blocks:
-                _check_size("intermediate_size", self.settings(index)["intermediate_size"])
+                check_size("kan_config.intermediate_size", self.settings(index)["intermediate_size"])
                 self._check_builds(index)
 
     def _check_fields(self):
         """Every field by type and value, as far as they can be checked without the model."""
-        if self.last_n is not None and not _is_int(self.last_n):
+        if self.last_n is not None and not is_int(self.last_n):
             raise ValueError(f"last_n must be an integer between 1 and the model's block count, got {self.last_n!r}")
         if self.kind not in KINDS:
             raise ValueError(f"unknown kind {self.kind!r}; valid choices: {', '.join(KINDS)}")
@@ -249,7 +249,7 @@ class RetrofitConfig:
             raise ValueError(f"unknown init {self.init!r}; valid choices: {', '.join(INITS)}")
         self._check_form()
         if self.blocks == AUTO:
-            if not _is_int(self.num_blocks) or self.num_blocks < 1:
+            if not is_int(self.num_blocks) or self.num_blocks < 1:
                 raise ValueError(f"blocks='auto' needs num_blocks, how many blocks to retrofit (a positive "
                                  f"integer), got {self.num_blocks!r}")
             if self.block_settings:
@@ -261,13 +261,13 @@ class RetrofitConfig:
                 raise TypeError(f"blocks must be a list of block indices, a dict of block index -> settings, or "
                                 f"'auto', got {self.blocks!r}")
             for index in self.blocks:
-                if not _is_int(index):
+                if not is_int(index):
                     raise TypeError(f"block indices must be integers, got {index!r}")
         for key in ("base_model_type", "base_model", "blocks_path", "mlp_attribute"):
             if getattr(self, key) is not None:
                 _check_text(key, getattr(self, key))
         if self.hidden_size is not None:
-            _check_size("hidden_size", self.hidden_size)
+            check_size("kan_config.hidden_size", self.hidden_size)
         if self.selection is not None and not isinstance(self.selection, dict):
             raise ValueError(f"kan_config.selection must be a dict (a JSON object) or null, got {self.selection!r}")
         self._check_settings("kan_config", {name: getattr(self, name) for name in BLOCK_SETTINGS})
@@ -290,10 +290,10 @@ class RetrofitConfig:
     def _check_settings(owner: str, settings: dict):
         if "basis" in settings:
             _check_text("basis", settings["basis"], owner)
-        if "degree" in settings and not _is_int(settings["degree"]):
+        if "degree" in settings and not is_int(settings["degree"]):
             raise ValueError(f"{owner}.degree must be a positive integer, got {settings['degree']!r}")
         if settings.get("intermediate_size") is not None:
-            _check_size("intermediate_size", settings["intermediate_size"], owner)
+            check_size(f"{owner}.intermediate_size", settings["intermediate_size"])
         if "input_map" in settings and settings["input_map"] not in INPUT_MAPS:
             raise ValueError(f"unknown input_map {settings['input_map']!r}; valid choices: {', '.join(INPUT_MAPS)}")
         if "bias" in settings and not isinstance(settings["bias"], bool):
@@ -328,7 +328,7 @@ class RetrofitConfig:
         if self.function_groups is not None:
             if self.form != "glu":
                 raise ValueError(f"function_groups={self.function_groups!r} is a setting of form='glu'")
-            _check_size("function_groups", self.function_groups)
+            check_size("kan_config.function_groups", self.function_groups)
         if self.mlp_layout:  # empty for a layout whose mlp_attribute is the activation itself
             check_layout(self.mlp_layout)
         if self.form == "gated":
@@ -450,7 +450,7 @@ def _upgrade_version_1(data: dict) -> dict:
 
 
 def _check_block_list(key, blocks):
-    valid = isinstance(blocks, list) and blocks and all(_is_int(i) and i >= 0 for i in blocks)
+    valid = isinstance(blocks, list) and blocks and all(is_int(i) and i >= 0 for i in blocks)
     if not valid or blocks != sorted(set(blocks)):
         raise ValueError(
             f"kan_config.{key} must be a non-empty, sorted list of distinct non-negative block indices, got {blocks!r}"
@@ -481,22 +481,13 @@ def _block_key(key) -> int:
     """A ``block_settings`` key as an int (JSON objects have string keys)."""
     if isinstance(key, str) and key.lstrip("-").isdigit():
         return int(key)
-    if _is_int(key):
+    if is_int(key):
         return key
     raise ValueError(f"kan_config.block_settings keys must be block indices, got {key!r}")
 
 
 def _copy(value):
     return json.loads(json.dumps(value)) if isinstance(value, (dict, list)) else value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_size(key, value, owner="kan_config"):
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{owner}.{key} must be a positive integer, got {value!r}")
 
 
 def _check_text(key, value, owner="kan_config"):

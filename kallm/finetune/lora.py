@@ -30,7 +30,7 @@ from ..core.layers import KANLinear, is_kan_linear
 from ..surgery.checks import causal_lm_parts, check_adapter_fits_kan_blocks, target_names
 
 LORA_TARGETS = ("kan", "attention", "mlp", "all")
-#: the roles of an MLP layout (``ArchitectureAdapter.mlp_layout``) that are linear projections
+#: the roles of an MLP layout (``Architecture.mlp_layout``) that are linear projections
 PROJECTION_ROLES = ("gate", "up", "gate_up", "down")
 
 
@@ -43,20 +43,20 @@ def lora_targets(model: nn.Module, which: str = "kan") -> list[str]:
     """
     if which not in LORA_TARGETS:
         raise ValueError(f"unknown LoRA targets {which!r}; valid choices: {', '.join(LORA_TARGETS)}")
-    _, adapter, blocks = causal_lm_parts(model, "lora_targets")
+    _, architecture, blocks = causal_lm_parts(model, "lora_targets")
     names = []
     if which in ("attention", "all"):
         for index, block in enumerate(blocks):
-            prefix = f"{adapter.blocks_path}.{index}.{adapter.attention_attribute}"
-            attention = getattr(block, adapter.attention_attribute)
+            prefix = f"{architecture.blocks_path}.{index}.{architecture.attention_attribute}"
+            attention = getattr(block, architecture.attention_attribute)
             names += [f"{prefix}.{name}" for name, m in attention.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
     if which == "mlp":
         # an MLP spread over its block (OPT) has its projections on the block itself
-        holder_name = "" if adapter.bypassed_attributes else adapter.mlp_attribute
+        holder_name = "" if architecture.bypassed_attributes else architecture.mlp_attribute
         for index, block in enumerate(blocks):
             holder = block.get_submodule(holder_name)
-            prefix = ".".join(filter(None, (f"{adapter.blocks_path}.{index}", holder_name)))
-            names += [f"{prefix}.{name}" for role, name in adapter.mlp_layout  # form="kan" blocks have none left
+            prefix = ".".join(filter(None, (f"{architecture.blocks_path}.{index}", holder_name)))
+            names += [f"{prefix}.{name}" for role, name in architecture.mlp_layout  # form="kan" blocks have none left
                       if role in PROJECTION_ROLES and isinstance(getattr(holder, name, None), (nn.Linear, Conv1D))]
     if which in ("kan", "all"):
         kan = [name for name, module in model.named_modules() if is_kan_linear(module)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..surgery.fit import default_calibration
+from ..surgery.calibration import default_calibration
 from .config import HealConfig
 
 _TEXT_SUFFIXES = (".txt", ".text", ".raw", ".md")

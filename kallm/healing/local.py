@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..surgery.fit import original_feedforward, outlier_rows, record_feedforwards
+from ..surgery.calibration import original_feedforward, record_feedforwards
+from ..surgery.fit import outlier_rows
 
 logger = logging.getLogger("kallm")
 

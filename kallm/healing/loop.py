@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.save import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
 from ..data.padding import pad_sequences
-from ..surgery.fit import original_feedforward
+from ..surgery.calibration import original_feedforward
 from ..surgery.trainable import set_trainable
 from ..train.losses import distillation_loss
 from ..train.runs import METRICS_FILE, accelerator_available, append_metrics, write_metrics

@@ -24,8 +24,8 @@ import torch
 from transformers import set_seed
 
 from ..checkpoints.load import DEFAULT_MODEL, load_model
+from ..core.retrofit_config import INITS
 from ..eval.evaluate import evaluate
-from ..surgery.fit import INITS
 from ..surgery.retrofit import retrofit
 from ..surgery.trainable import set_trainable
 from ..train.trainer import TrainConfig, train

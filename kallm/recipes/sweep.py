@@ -293,7 +293,7 @@ def build_arm(inputs: SweepInputs, settings: dict, seed: int):
 
 def run_sweep_arm(config: SweepConfig, name: str, seed: int, inputs: SweepInputs, save_models: bool) -> dict:
     from ..checkpoints.save import save_checkpoint
-    from ..core.modeling_kallm import count_parameters
+    from ..core.layers import count_parameters
 
     settings = arm_settings(config, name)
     model = build_arm(inputs, settings, seed)

@@ -16,7 +16,7 @@ from ..core import KAN_CONFIG_CLASSES, KAN_MODEL_CLASSES, KAN_SEQUENCE_CLASSIFIC
 from ..core.function_layers import is_retrofitted_feedforward
 from ..core.layers import is_kan_feedforward
 from ..core.retrofit_config import RetrofitConfig, read_retrofit_config
-from .architectures import ArchitectureAdapter, adapter_for
+from .architectures import Architecture, architecture_for
 
 #: parts of the class names of quantized linear layers: bitsandbytes (Linear4bit, Linear8bitLt),
 #: GPTQ (QuantLinear and its kernels' variants), AWQ (WQLinear_GEMM, ...), HQQ, optimum-quanto, fp8, GGUF blocks
@@ -28,8 +28,8 @@ LISTED_NAMES = 4
 
 def causal_lm_parts(
     model: nn.Module, action: str, allow_adapters: bool = False
-) -> tuple[str, ArchitectureAdapter, nn.ModuleList]:
-    """``(base model_type, adapter, decoder blocks)`` of a supported causal LM or sequence classifier.
+) -> tuple[str, Architecture, nn.ModuleList]:
+    """``(base model_type, architecture, decoder blocks)`` of a supported causal LM or sequence classifier.
 
     ``action`` names the caller in error messages ("retrofit", "set_trainable", ...). Models with
     PEFT adapters inside are refused unless ``allow_adapters`` (callers that unwrap a PeftModel).
@@ -40,7 +40,7 @@ def causal_lm_parts(
     if config is None or not hasattr(config, "model_type"):
         raise TypeError(f"{action} needs a transformers causal LM, got {type(model).__name__}")
     base_type = base_model_type(config)
-    adapter = adapter_for(base_type)
+    architecture = architecture_for(base_type)
     family_classes = retrofittable_classes(base_type)
     if not isinstance(model, tuple(family_classes)):
         names = " or ".join(cls.__name__ for cls in family_classes)
@@ -49,7 +49,7 @@ def causal_lm_parts(
             f"{type(model).__name__}; load the model with AutoModelForCausalLM or AutoModelForSequenceClassification, "
             f"not AutoModel or another task's class"
         )
-    return base_type, adapter, model.get_submodule(adapter.blocks_path)
+    return base_type, architecture, model.get_submodule(architecture.blocks_path)
 
 
 def base_model_type(config) -> str:
@@ -96,13 +96,13 @@ def _is_peft_module(module: nn.Module) -> bool:
     return tuners is not None and isinstance(module, tuners.BaseTunerLayer)
 
 
-def retrofitted_kan_config(model, adapter: ArchitectureAdapter, blocks) -> RetrofitConfig | None:
+def retrofitted_kan_config(model, architecture: Architecture, blocks) -> RetrofitConfig | None:
     """The model's ``RetrofitConfig`` if it has KAN blocks (else None), checked against the blocks
     that actually hold KAN feedforwards, whoever built or loaded the model."""
     recorded = read_retrofit_config(model.config)
     kan_config = recorded if recorded is not None and recorded.kind == "kan" else None
     listed = sorted(kan_config.blocks) if kan_config else []
-    attribute = kan_config.mlp_attribute if kan_config else adapter.mlp_attribute  # form="glu" may take another
+    attribute = kan_config.mlp_attribute if kan_config else architecture.mlp_attribute  # form="glu" may take another
     found = [i for i, block in enumerate(blocks) if is_retrofitted_feedforward(getattr(block, attribute, None))]
     if listed != found:
         raise ValueError(
@@ -113,16 +113,16 @@ def retrofitted_kan_config(model, adapter: ArchitectureAdapter, blocks) -> Retro
     return kan_config
 
 
-def feedforward_attributes(model, adapter: ArchitectureAdapter) -> tuple[str, ...]:
+def feedforward_attributes(model, architecture: Architecture) -> tuple[str, ...]:
     """The block attributes a retrofit replaced, as the model's config records them (``form="glu"`` replaces OPT's
-    activation alone), else the adapter's."""
+    activation alone), else the architecture's."""
     recorded = read_retrofit_config(model.config)
     if recorded is not None and recorded.kind == "kan":
         return (recorded.mlp_attribute, *recorded.bypassed_attributes)
-    return (adapter.mlp_attribute, *adapter.bypassed_attributes)
+    return (architecture.mlp_attribute, *architecture.bypassed_attributes)
 
 
-def check_weights(model, adapter: ArchitectureAdapter, blocks, indices: list[int], runs_model: bool) -> None:
+def check_weights(model, architecture: Architecture, blocks, indices: list[int], runs_model: bool) -> None:
     """Refuse offloaded (meta-device) and quantized weights, which retrofit cannot replace.
 
     A model whose every tensor is on the meta device is a shape-only skeleton (parameter
@@ -131,7 +131,7 @@ def check_weights(model, adapter: ArchitectureAdapter, blocks, indices: list[int
     tensors = [*model.named_parameters(), *model.named_buffers()]
     on_meta = [name for name, tensor in tensors if tensor.is_meta]
     if on_meta and len(on_meta) < len(tensors):
-        prefix = re.escape(adapter.blocks_path) + r"\.(\d+)\."
+        prefix = re.escape(architecture.blocks_path) + r"\.(\d+)\."
         meta_blocks = sorted({int(m.group(1)) for name in on_meta if (m := re.match(prefix, name))})
         raise ValueError(
             f"{len(on_meta)} of this model's tensors are on the meta device ({_some(on_meta)}"
@@ -145,10 +145,10 @@ def check_weights(model, adapter: ArchitectureAdapter, blocks, indices: list[int
             "init='fit' runs the model on calibration text, but all its weights are on the meta device (a "
             "shape-only model); load the weights first, or use init='random'"
         )
-    _refuse_quantized(model, adapter, blocks, indices)
+    _refuse_quantized(model, architecture, blocks, indices)
 
 
-def _refuse_quantized(model, adapter, blocks, indices):
+def _refuse_quantized(model, architecture, blocks, indices):
     way_out = (
         "kallm replaces float feedforwards by float KAN layers and cannot retrofit quantized weights: load the "
         "model unquantized (without quantization_config, load_in_4bit or load_in_8bit), or dequantize it first "
@@ -160,9 +160,9 @@ def _refuse_quantized(model, adapter, blocks, indices):
         raise ValueError(f"this model is quantized (quantization_config, method {quantization_method(model)!r}); "
                          f"{way_out}")
     for index in indices:
-        for attribute in (adapter.mlp_attribute, *adapter.bypassed_attributes):
+        for attribute in (architecture.mlp_attribute, *architecture.bypassed_attributes):
             feedforward = getattr(blocks[index], attribute)
-            prefix = f"{adapter.blocks_path}.{index}.{attribute}"
+            prefix = f"{architecture.blocks_path}.{index}.{attribute}"
             for name, module in feedforward.named_modules(prefix=prefix):
                 layer_class = type(module).__name__
                 if any(marker in layer_class for marker in QUANTIZED_LAYER_MARKERS):
@@ -185,12 +185,13 @@ def check_adapter_fits_kan_blocks(model: nn.Module, names, source=None) -> None:
     retrofit has no KAN layers of kallm's, so nothing is checked.
     """
     try:
-        _, adapter, blocks = causal_lm_parts(model, "load_adapter", allow_adapters=True)
+        _, architecture, blocks = causal_lm_parts(model, "load_adapter", allow_adapters=True)
     except (TypeError, KeyError, ValueError):
         return
-    kan_layer = re.compile(rf"(?:^|\.)(\d+)\.{re.escape(adapter.mlp_attribute)}\.(?:layers\.\d+|gate)(?:\.|$)")
+    kan_layer = re.compile(rf"(?:^|\.)(\d+)\.{re.escape(architecture.mlp_attribute)}\.(?:layers\.\d+|gate)(?:\.|$)")
     adapted = sorted({int(match.group(1)) for name in names if (match := kan_layer.search(name))})
-    retrofitted = [i for i, block in enumerate(blocks) if is_kan_feedforward(getattr(block, adapter.mlp_attribute))]
+    retrofitted = [i for i, block in enumerate(blocks)
+                   if is_kan_feedforward(getattr(block, architecture.mlp_attribute))]
     lost = [i for i in adapted if i not in retrofitted]
     if lost:
         named = f"the adapter in {source}" if source else "the adapter"

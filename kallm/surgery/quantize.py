@@ -65,8 +65,8 @@ def quantize(
         raise ValueError(f"unknown modules {modules!r}; valid choices: {', '.join(MODULE_CHOICES)}")
     if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
         raise ValueError(f"group_size must be a positive integer or None (one scale per row), got {group_size!r}")
-    _, adapter, _ = causal_lm_parts(model, "quantize")
-    targets = _targets(model, adapter.blocks_path, modules)
+    _, architecture, _ = causal_lm_parts(model, "quantize")
+    targets = _targets(model, architecture.blocks_path, modules)
     if not targets:
         if modules == "kan" and _retrofit_form(model) == "glu":
             raise ValueError(

@@ -14,8 +14,8 @@ from ..checkpoints.load import public_source_name, untag_dequantized_gguf
 from ..core import KAN_CONFIG_CLASSES
 from ..core.configuration_kallm import config_as
 from ..core.function_layers import ChannelFunctions, check_zero_start
-from ..core.layers import KANFeedForward, intermediate_size_for_budget
-from ..core.modeling_kallm import count_parameters, install_kan_feedforwards
+from ..core.layers import KANFeedForward, count_parameters, intermediate_size_for_budget
+from ..core.modeling_kallm import install_kan_feedforwards
 from ..core.retrofit_config import (
     AUTO,
     BLOCK_SETTINGS,
@@ -25,7 +25,7 @@ from ..core.retrofit_config import (
     read_retrofit_config,
     retrofitted_blocks,
 )
-from .architectures import EXACT_ACTIVATIONS, ArchitectureAdapter, supported_model_types
+from .architectures import EXACT_ACTIVATIONS, Architecture, supported_model_types
 from .checks import causal_lm_parts, check_weights, retrofitted_class, retrofitted_kan_config
 from .fit import check_fit_arguments, fit_new_feedforwards, minimum_calibration_tokens
 
@@ -96,12 +96,12 @@ def retrofit(
     if request.blocks == AUTO and request.init != "fit":
         raise ValueError("blocks='auto' ranks the blocks by the error of fit init: pass init='fit' (with "
                          "tokenizer= or calibration=), or choose the blocks yourself")
-    base_type, adapter, blocks = causal_lm_parts(model, "retrofit")
+    base_type, architecture, blocks = causal_lm_parts(model, "retrofit")
     indices, own_settings = _select_blocks(len(blocks), request)
     if filter_fn is not None:
-        mlp = adapter.mlp_attribute
-        indices = [i for i in indices if filter_fn(getattr(blocks[i], mlp), f"{adapter.blocks_path}.{i}.{mlp}")]
-    existing = retrofitted_kan_config(model, adapter, blocks)
+        mlp = architecture.mlp_attribute
+        indices = [i for i in indices if filter_fn(getattr(blocks[i], mlp), f"{architecture.blocks_path}.{i}.{mlp}")]
+    existing = retrofitted_kan_config(model, architecture, blocks)
     if request.blocks == AUTO and existing:
         indices = [i for i in indices if i not in existing.blocks]
     if not indices:
@@ -110,29 +110,30 @@ def retrofit(
         raise ValueError(f"num_blocks={request.num_blocks} but only {len(indices)} candidate blocks {indices} are "
                          f"left for blocks='auto'")
     _check_kind_consistency(model, request.kind, indices)
-    check_weights(model, adapter, blocks, indices, runs_model=request.init == "fit")
+    check_weights(model, architecture, blocks, indices, runs_model=request.init == "fit")
 
-    hidden = getattr(model.config, adapter.hidden_size)
-    structure = {"mlp_attribute": adapter.mlp_attribute, "bypassed_attributes": list(adapter.bypassed_attributes)}
+    hidden = getattr(model.config, architecture.hidden_size)
+    structure = {"mlp_attribute": architecture.mlp_attribute,
+                 "bypassed_attributes": list(architecture.bypassed_attributes)}
     if request.form == "glu":
-        structure = _function_form_structure(model, base_type, adapter, blocks, indices, request)
+        structure = _function_form_structure(model, base_type, architecture, blocks, indices, request)
     resolved = dataclasses.replace(
         request, blocks=sorted(indices), last_n=None, num_blocks=None, selection=None,
         block_settings={i: settings for i, settings in own_settings.items() if i in indices and settings},
         base_model_type=base_type,
         base_model=public_source_name(getattr(model.config, "_name_or_path", "")) or base_type,
-        blocks_path=adapter.blocks_path, hidden_size=hidden, **structure,
+        blocks_path=architecture.blocks_path, hidden_size=hidden, **structure,
     )
     if request.kind == "linear":
         previous = read_retrofit_config(model.config)
         resolved = dataclasses.replace(resolved, blocks=sorted(set(previous.blocks if previous else ()) | set(indices)))
-        _restart_feedforwards(model, adapter, indices)
+        _restart_feedforwards(model, architecture, indices)
         _record(model.config, resolved)
         untag_dequantized_gguf(model)
         return model
 
     if request.form != "glu":
-        resolved = _resolve_sizes(resolved, existing, blocks, adapter)
+        resolved = _resolve_sizes(resolved, existing, blocks, architecture)
     # Build one module per distinct setting first so that bad basis options fail before the model is touched.
     templates = {}
     for index in indices:
@@ -160,11 +161,11 @@ def retrofit(
             _convert_class(model, base_type, new_config.to_dict())
             install_kan_feedforwards(model, new_config.to_dict())
 
-    saved = _SavedState(model, adapter, indices)
+    saved = _SavedState(model, architecture, indices)
     try:
         if request.init == "fit":
             template = max(templates.values(), key=minimum_calibration_tokens)
-            report = fit_new_feedforwards(model, adapter, indices, install, template, calibration, tokenizer)
+            report = fit_new_feedforwards(model, architecture, indices, install, template, calibration, tokenizer)
             if request.blocks == AUTO:
                 _keep_the_best_fits(model, new_config, report, request.num_blocks, saved)
         else:
@@ -247,12 +248,12 @@ def _select_blocks(count, request: RetrofitConfig) -> tuple[list[int], dict[int,
     return list(range(count - last_n, count)), {}
 
 
-def _resolve_sizes(config: RetrofitConfig, existing: RetrofitConfig | None, blocks, adapter) -> RetrofitConfig:
+def _resolve_sizes(config: RetrofitConfig, existing: RetrofitConfig | None, blocks, architecture) -> RetrofitConfig:
     """``config`` with every intermediate size decided: given; else, when extending, the one in use (so that
     all KAN blocks stay alike); else the largest within ``DEFAULT_PARAMETER_SHARE`` of the MLP it replaces,
     computed for each block with settings of its own."""
     def budget_size(index, settings):
-        replaced = _feedforward_parameters(blocks[index], adapter)
+        replaced = _feedforward_parameters(blocks[index], architecture)
         return intermediate_size_for_budget(
             config.hidden_size, int(replaced * DEFAULT_PARAMETER_SHARE), settings["basis"], settings["degree"],
             input_map=settings["input_map"], bias=settings["bias"], base=settings["base"],
@@ -276,23 +277,24 @@ def _resolve_sizes(config: RetrofitConfig, existing: RetrofitConfig | None, bloc
     return dataclasses.replace(config, intermediate_size=size, block_settings=own_settings)
 
 
-def _function_form_structure(model, base_type, adapter: ArchitectureAdapter, blocks, indices, request) -> dict:
+def _function_form_structure(model, base_type, architecture: Architecture, blocks, indices, request) -> dict:
     """``form="glu"``: the ``RetrofitConfig`` fields saying where the functions go (``mlp_attribute``, the MLP's
     ``mlp_layout``, its channel count as ``intermediate_size``); refuses an MLP kallm cannot rebuild exactly."""
     if request.intermediate_size is not None:
         raise ValueError(f"form='glu' keeps the MLP's {request.intermediate_size!r} channels as they are, so it takes "
                          f"no intermediate_size")
-    activation = getattr(model.config, adapter.activation_config, None)
+    activation = getattr(model.config, architecture.activation_config, None)
     if activation not in EXACT_ACTIVATIONS:
         raise ValueError(
             f"form='glu' adds its functions to the output of the MLP's own activation, which is exact only for "
-            f"activations that act on each value alone; this {base_type} model's {adapter.activation_config} is "
+            f"activations that act on each value alone; this {base_type} model's {architecture.activation_config} is "
             f"{activation!r}. Supported activations: {', '.join(EXACT_ACTIVATIONS)}; supported families: "
             f"{', '.join(supported_model_types())}"
         )
-    layout = dict(adapter.mlp_layout)
-    spread = bool(adapter.bypassed_attributes)  # the MLP's parts are the block's own attributes (OPT)
-    holders = {index: blocks[index] if spread else getattr(blocks[index], adapter.mlp_attribute) for index in indices}
+    layout = dict(architecture.mlp_layout)
+    spread = bool(architecture.bypassed_attributes)  # the MLP's parts are the block's own attributes (OPT)
+    holders = {index: blocks[index] if spread else getattr(blocks[index], architecture.mlp_attribute)
+               for index in indices}
     for index, holder in holders.items():
         missing = [name for name in layout.values() if not isinstance(getattr(holder, name, None), nn.Module)]
         if missing:
@@ -306,7 +308,7 @@ def _function_form_structure(model, base_type, adapter: ArchitectureAdapter, blo
     if spread:  # only the activation is replaced; the projections stay where they are
         return {"mlp_attribute": layout["activation"], "bypassed_attributes": [], "mlp_layout": {},
                 "intermediate_size": channels}
-    return {"mlp_attribute": adapter.mlp_attribute, "bypassed_attributes": [], "mlp_layout": layout,
+    return {"mlp_attribute": architecture.mlp_attribute, "bypassed_attributes": [], "mlp_layout": layout,
             "intermediate_size": channels}
 
 
@@ -341,8 +343,8 @@ def _check_exact_start(model, saved: _SavedState, index: int) -> None:
         )
 
 
-def _feedforward_parameters(block, adapter: ArchitectureAdapter) -> int:
-    names = (adapter.mlp_attribute, *adapter.bypassed_attributes)
+def _feedforward_parameters(block, architecture: Architecture) -> int:
+    names = (architecture.mlp_attribute, *architecture.bypassed_attributes)
     return sum(count_parameters(getattr(block, name)) for name in names)
 
 
@@ -402,14 +404,14 @@ class _SavedState:
     """The class, configs and feedforwards ``model`` has now, to put back in whole (``undo``) or for some
     blocks (``restore_feedforwards``)."""
 
-    def __init__(self, model, adapter: ArchitectureAdapter, indices):
+    def __init__(self, model, architecture: Architecture, indices):
         self.model, self.model_class = model, type(model)
         self.kan_config = getattr(model.config, "kan_config", None)
         self.configs = [(module, module.config) for module in model.modules()
                         if isinstance(getattr(module, "config", None), PretrainedConfig)]
-        blocks = model.get_submodule(adapter.blocks_path)
-        self.feedforwards = {i: [(blocks[i], name, getattr(blocks[i], name))
-                                 for name in (adapter.mlp_attribute, *adapter.bypassed_attributes)] for i in indices}
+        blocks = model.get_submodule(architecture.blocks_path)
+        names = (architecture.mlp_attribute, *architecture.bypassed_attributes)
+        self.feedforwards = {i: [(blocks[i], name, getattr(blocks[i], name)) for name in names] for i in indices}
 
     def restore_feedforwards(self, indices):
         for index in indices:
@@ -454,12 +456,12 @@ def _convert_class(model, base_type, kan_config):
 
 
 @torch.no_grad()
-def _restart_feedforwards(model, adapter, indices):
+def _restart_feedforwards(model, architecture, indices):
     """The research's "linear restart": fresh weights in the original MLP shape."""
     std = getattr(model.config, "initializer_range", None) or 0.02
-    blocks = model.get_submodule(adapter.blocks_path)
+    blocks = model.get_submodule(architecture.blocks_path)
     for index in indices:
-        for name in (adapter.mlp_attribute, *adapter.bypassed_attributes):
+        for name in (architecture.mlp_attribute, *architecture.bypassed_attributes):
             for module in getattr(blocks[index], name).modules():
                 weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
                 if isinstance(weight, torch.Tensor):

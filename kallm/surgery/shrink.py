@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from .architectures import adapter_for
+from .architectures import architecture_for
 from .checks import base_model_type
 
 #: config fields holding one token id (or a list of them) that must follow the renumbering
@@ -61,8 +61,8 @@ def shrink(
         raise ValueError("shrink works on the original model: this one is already retrofitted; shrink the model it "
                          "came from, then retrofit the small one")
     base_type = base_model_type(model.config)
-    adapter = adapter_for(base_type)
-    decoder_blocks = model.get_submodule(adapter.blocks_path)
+    architecture = architecture_for(base_type)
+    decoder_blocks = model.get_submodule(architecture.blocks_path)
     kept_blocks = _blocks_to_keep(len(decoder_blocks), num_blocks, blocks)
     if max_tokens is not None and vocab_from is None:
         raise ValueError("max_tokens chooses among the tokens of vocab_from texts; pass vocab_from too")
@@ -93,7 +93,7 @@ def shrink(
     config.kallm_shrunk_from = {"blocks": kept_blocks, "num_blocks": old_blocks, "vocab_size": embedding_rows}
 
     small = type(model)(config).to(model.dtype)
-    small.load_state_dict(_cut_state(model, adapter.blocks_path, kept_blocks, kept_ids), strict=True)
+    small.load_state_dict(_cut_state(model, architecture.blocks_path, kept_blocks, kept_ids), strict=True)
     generation = getattr(model, "generation_config", None)
     if generation is not None and kept_ids is not None:
         small.generation_config = copy.deepcopy(generation)

@@ -7,13 +7,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..core.function_layers import is_channel_functions, is_function_form
-from ..core.layers import is_kan_feedforward
-from ..core.modeling_kallm import count_parameters
+from ..core.layers import count_parameters, is_kan_feedforward
 from ..core.retrofit_config import read_retrofit_config, retrofitted_blocks
 from .checks import causal_lm_parts, feedforward_attributes
 
 POLICIES = ("retrofitted", "functions", "tail", "tail+embeddings", "all")
-#: the roles of an MLP layout (``ArchitectureAdapter.mlp_layout``) that hold its weights
+#: the roles of an MLP layout (``Architecture.mlp_layout``) that hold its weights
 PROJECTION_ROLES = ("gate", "up", "gate_up", "down")
 
 
@@ -37,7 +36,7 @@ def set_trainable(model: nn.Module, policy: str = "tail+embeddings") -> int:
     if policy not in POLICIES:
         raise ValueError(f"unknown trainable policy {policy!r}; valid choices: {', '.join(POLICIES)}")
     base, adapter_parameters = _unwrap_peft(model)
-    _, adapter, blocks = causal_lm_parts(base, "set_trainable", allow_adapters=base is not model)
+    _, architecture, blocks = causal_lm_parts(base, "set_trainable", allow_adapters=base is not model)
     if policy != "all" and not retrofitted_blocks(base):
         raise ValueError(f"policy {policy!r} needs a retrofitted model; call kallm.retrofit first (or use 'all')")
     if policy == "functions":
@@ -48,13 +47,13 @@ def set_trainable(model: nn.Module, policy: str = "tail+embeddings") -> int:
                              f"this model was retrofitted with {retrofitted}, which has none: train its blocks with "
                              f"'retrofitted' (valid policies: {', '.join(POLICIES)})")
     adapters_trainable = [p.requires_grad for p in adapter_parameters]
-    _apply_policy(base, adapter, blocks, policy)
+    _apply_policy(base, architecture, blocks, policy)
     for parameter, trainable in zip(adapter_parameters, adapters_trainable):
         parameter.requires_grad_(trainable)
     return count_parameters(model, trainable_only=True)
 
 
-def _apply_policy(model, adapter, blocks, policy):
+def _apply_policy(model, architecture, blocks, policy):
     if policy == "all":
         model.requires_grad_(True)
         return
@@ -62,7 +61,7 @@ def _apply_policy(model, adapter, blocks, policy):
     for index in retrofitted_blocks(model):
         block = blocks[index]
         if policy == "retrofitted":
-            for name in feedforward_attributes(model, adapter):
+            for name in feedforward_attributes(model, architecture):
                 getattr(block, name).requires_grad_(True)
         elif policy == "functions":
             for module in block.modules():
@@ -75,7 +74,7 @@ def _apply_policy(model, adapter, blocks, policy):
         output = model.get_output_embeddings()
         if output is not None:
             output.requires_grad_(True)
-        model.get_submodule(adapter.final_norm_path).requires_grad_(True)
+        model.get_submodule(architecture.final_norm_path).requires_grad_(True)
 
 
 def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -102,9 +101,9 @@ def summary(model: nn.Module, print_table: bool = True) -> dict:
     on (0 without such blocks).
     """
     base, adapter_parameters = _unwrap_peft(model)
-    _, adapter, blocks = causal_lm_parts(base, "summary", allow_adapters=base is not model)
+    _, architecture, blocks = causal_lm_parts(base, "summary", allow_adapters=base is not model)
     retrofitted = set(retrofitted_blocks(base))
-    attribute = feedforward_attributes(base, adapter)[0]
+    attribute = feedforward_attributes(base, architecture)[0]
     rows = []
     projections = 0
     for index, block in enumerate(blocks):
@@ -113,7 +112,7 @@ def summary(model: nn.Module, print_table: bool = True) -> dict:
             label = "kan"
         elif is_function_form(feedforward):
             label = "glu"
-            projections += _projection_parameters(block, adapter)
+            projections += _projection_parameters(block, architecture)
         else:
             label = "linear restart" if index in retrofitted else "original"
         rows.append({
@@ -139,11 +138,12 @@ def summary(model: nn.Module, print_table: bool = True) -> dict:
     return result
 
 
-def _projection_parameters(block, adapter) -> int:
-    """Parameters of the projections of a block's MLP, found by the adapter's layout (in the block itself when the
+def _projection_parameters(block, architecture) -> int:
+    """Parameters of the projections of a block's MLP, found by the architecture's layout (in the block itself when the
     MLP is spread over it, as in OPT)."""
-    holder = block if adapter.bypassed_attributes else getattr(block, adapter.mlp_attribute)
-    return sum(count_parameters(getattr(holder, name)) for role, name in adapter.mlp_layout if role in PROJECTION_ROLES)
+    holder = block if architecture.bypassed_attributes else getattr(block, architecture.mlp_attribute)
+    return sum(count_parameters(getattr(holder, name))
+               for role, name in architecture.mlp_layout if role in PROJECTION_ROLES)
 
 
 def format_summary(result: dict) -> str:

@@ -12,7 +12,7 @@ from transformers import Trainer
 from transformers.optimization import get_scheduler
 
 from ..checkpoints.load import public_source_name
-from ..core.modeling_kallm import HUB_ID, write_model_card
+from ..core.model_card import HUB_ID, write_model_card
 from ..core.retrofit_config import kan_config_blocks
 
 

@@ -27,8 +27,7 @@ from ..checkpoints.save import (
     resume_checkpoint,
     save_checkpoint,
 )
-from ..core.layers import is_kan_linear
-from ..core.modeling_kallm import count_parameters
+from ..core.layers import count_parameters, is_kan_linear
 from ..data.chat import ChatCollator, prepare_chat_dataset
 from ..finetune.kan_adapter import kan_adapter_config
 from ..finetune.lora import lora_config

@@ -61,8 +61,8 @@ def parse(argv=None):
 def record(args):
     """``{block: {"train": (x, y), "held_out": (x, y), "original": mlp}}`` from the bundled model."""
     import kallm
-    from kallm.surgery.architectures import adapter_for
-    from kallm.surgery.fit import record_feedforwards
+    from kallm.surgery.architectures import architecture_for
+    from kallm.surgery.calibration import record_feedforwards
 
     paths = data_paths()
     model, tokenizer = kallm.load_model(args.model)
@@ -74,19 +74,19 @@ def record(args):
     train_ids = [tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:share]
                  for text in (texts[0], texts[1], "".join(texts[2:]))]
     held_ids = tokenizer(scored, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    adapter = adapter_for(model.config.model_type)
+    architecture = architecture_for(model.config.model_type)
     blocks = [int(b) for b in args.blocks.split(",")]
 
     def pieces(ids_list):
         return [ids[s:s + 512] for ids in ids_list for s in range(0, ids.numel(), 512)]
 
-    train = record_feedforwards(model, adapter, blocks, pieces(train_ids), progress=False)
-    held = record_feedforwards(model, adapter, blocks, pieces([held_ids]), progress=False)
-    layers = model.get_submodule(adapter.blocks_path)
-    return {b: {"train": train[b], "held_out": held[b], "original": layers[b].mlp} for b in blocks}, adapter
+    train = record_feedforwards(model, architecture, blocks, pieces(train_ids), progress=False)
+    held = record_feedforwards(model, architecture, blocks, pieces([held_ids]), progress=False)
+    layers = model.get_submodule(architecture.blocks_path)
+    return {b: {"train": train[b], "held_out": held[b], "original": layers[b].mlp} for b in blocks}, architecture
 
 
-def build(form: str, original, x, y, adapter):
+def build(form: str, original, x, y, architecture):
     from kallm.core.layers import KANFeedForward, intermediate_size_for_budget
     from kallm.surgery.fit import fit_feedforward, fit_gated_feedforward
 
@@ -96,7 +96,7 @@ def build(form: str, original, x, y, adapter):
     size = intermediate_size_for_budget(hidden, budget, "cheby2", 2, **options)
     feedforward = KANFeedForward(hidden, size, "cheby2", 2, **options)
     if spec.get("gated"):
-        fit_gated_feedforward(feedforward, x, y, original, dict(adapter.mlp_layout))
+        fit_gated_feedforward(feedforward, x, y, original, dict(architecture.mlp_layout))
     else:
         fit_feedforward(feedforward, x, y, original)
     return feedforward
@@ -175,13 +175,13 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.forms.split(",")) - set(FORMS))
     if unknown:
         raise SystemExit(f"unknown forms {unknown}; valid: {', '.join(FORMS)}")
-    records, adapter = record(args)
+    records, architecture = record(args)
     results = []
     for block, data in records.items():
         for form in args.forms.split(","):
             print(f"== block {block}, {form}", flush=True)
             torch.manual_seed(0)
-            feedforward = build(form, data["original"], *data["train"], adapter)
+            feedforward = build(form, data["original"], *data["train"], architecture)
             results.append({"block": block, "form": form, "intermediate_size": feedforward.intermediate_size,
                             "parameters": mlp_parameters(feedforward),
                             "mlp_parameters": mlp_parameters(data["original"]),

@@ -33,8 +33,9 @@ from torch import nn
 
 import kallm
 from kallm.eval.perplexity import perplexity
-from kallm.surgery.architectures import adapter_for
-from kallm.surgery.fit import default_calibration, ordinary_token_error, outlier_rows, record_feedforwards
+from kallm.surgery.architectures import architecture_for
+from kallm.surgery.calibration import default_calibration, record_feedforwards
+from kallm.surgery.fit import ordinary_token_error, outlier_rows
 
 
 def main(argv=None) -> int:
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
 
     base, tokenizer = kallm.load_model(args.model)
     base.eval()
-    adapter = adapter_for(base.config.model_type)
+    architecture = architecture_for(base.config.model_type)
 
     def score(model):
         return perplexity(model, tokenizer, text, max_length=args.max_length, max_tokens=args.max_tokens)
@@ -68,8 +69,8 @@ def main(argv=None) -> int:
     def record(name, model, seconds=None, report=None):
         started = time.perf_counter()
         result = score(model)
-        last_block = model.get_submodule(adapter.blocks_path)[-1]
-        feedforward = getattr(last_block, adapter.mlp_attribute)
+        last_block = model.get_submodule(architecture.blocks_path)[-1]
+        feedforward = getattr(last_block, architecture.mlp_attribute)
         arm = {"arm": name, **result, "feedforward_parameters": sum(p.numel() for p in feedforward.parameters()),
                "retrofit_seconds": seconds, "score_seconds": time.perf_counter() - started}
         if report is not None:
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     model = kallm.retrofit(copy.deepcopy(base), last_n=args.last_n, init="fit", tokenizer=tokenizer)
     record("fit init", model, time.perf_counter() - started, model.kallm_fit_report)
     kan_config = model.config.kan_config
-    blocks = per_block(base, model, adapter, tokenizer, text, args) if args.per_block else None
+    blocks = per_block(base, model, architecture, tokenizer, text, args) if args.per_block else None
     for size in args.sizes:
         del model
         started = time.perf_counter()
@@ -169,18 +170,18 @@ class RidgeLinear(nn.Module):
         return (x.float() @ self.weight + self.bias).to(x.dtype)
 
 
-def per_block(base, fitted, adapter, tokenizer, text, args) -> dict:
+def per_block(base, fitted, architecture, tokenizer, text, args) -> dict:
     """The ``--per-block`` table: perplexity with blocks swapped one at a time and all at once,
     for the fitted KAN feedforwards, deletion and a linear map, and the fit errors on the
     calibration (the default one, as the fit used) and on the scored text."""
-    if adapter.bypassed_attributes:
+    if architecture.bypassed_attributes:
         raise SystemExit("--per-block needs a model whose feedforward is one module (not OPT-style)")
     indices = fitted.config.kan_config["blocks"]
-    fitted_blocks = fitted.get_submodule(adapter.blocks_path)
-    kans = {i: getattr(fitted_blocks[i], adapter.mlp_attribute) for i in indices}
-    calibration = record_feedforwards(base, adapter, indices, default_calibration(base, tokenizer), progress=False)
+    fitted_blocks = fitted.get_submodule(architecture.blocks_path)
+    kans = {i: getattr(fitted_blocks[i], architecture.mlp_attribute) for i in indices}
+    calibration = record_feedforwards(base, architecture, indices, default_calibration(base, tokenizer), progress=False)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][: args.per_block_tokens]
-    scored = record_feedforwards(base, adapter, indices, list(ids.split(args.max_length)), progress=False)
+    scored = record_feedforwards(base, architecture, indices, list(ids.split(args.max_length)), progress=False)
     ordinary = {i: ~outlier_rows(outputs) for i, (_, outputs) in calibration.items()}
     deleted = {i: MeanOutput(outputs[ordinary[i]]) for i, (_, outputs) in calibration.items()}
     linear = {i: RidgeLinear(inputs[ordinary[i]], outputs[ordinary[i]]) for i, (inputs, outputs) in calibration.items()}
@@ -189,7 +190,7 @@ def per_block(base, fitted, adapter, tokenizer, text, args) -> dict:
     def score(replacements):
         model = copy.deepcopy(base)
         for i, module in replacements.items():
-            setattr(model.get_submodule(adapter.blocks_path)[i], adapter.mlp_attribute, module)
+            setattr(model.get_submodule(architecture.blocks_path)[i], architecture.mlp_attribute, module)
         return perplexity(model, tokenizer, text, max_length=args.max_length,
                           max_tokens=args.per_block_tokens)["perplexity"]
 

@@ -249,18 +249,19 @@ def block_errors(student, teacher, tokenizer, scored: str) -> dict:
     """Relative error ||f(x) - y|| / ||y|| of each retrofitted feedforward on the scored text's hidden
     states (teacher forced), over all tokens and over ordinary (non-outlier) tokens."""
     from kallm.core.retrofit_config import retrofitted_blocks
-    from kallm.surgery.architectures import adapter_for
-    from kallm.surgery.fit import ordinary_token_error, original_feedforward, record_feedforwards
+    from kallm.surgery.architectures import architecture_for
+    from kallm.surgery.calibration import original_feedforward, record_feedforwards
+    from kallm.surgery.fit import ordinary_token_error
 
-    adapter = adapter_for(teacher.config.model_type)
+    architecture = architecture_for(teacher.config.model_type)
     layers = retrofitted_blocks(student)
     ids = tokenizer(scored, add_special_tokens=False, return_tensors="pt").input_ids[0]
     sequences = [ids[s:s + 512] for s in range(0, ids.numel(), 512)]
-    records = record_feedforwards(teacher, adapter, layers, sequences, progress=False)
-    blocks = student.get_submodule(adapter.blocks_path)
+    records = record_feedforwards(teacher, architecture, layers, sequences, progress=False)
+    blocks = student.get_submodule(architecture.blocks_path)
     errors = {}
     for index, (x, y) in records.items():
-        feedforward = original_feedforward(blocks[index], adapter)
+        feedforward = original_feedforward(blocks[index], architecture)
         prediction = torch.cat([feedforward(x[s:s + 4096]) for s in range(0, len(x), 4096)])
         errors[index] = {"all": float((prediction - y).norm() / y.norm()),
                          "ordinary": ordinary_token_error(feedforward, x, y)}
@@ -272,16 +273,16 @@ def blocks_alone(student, teacher, score) -> dict:
     from torch import nn
 
     from kallm.core.retrofit_config import retrofitted_blocks
-    from kallm.surgery.architectures import adapter_for
+    from kallm.surgery.architectures import architecture_for
 
-    adapter = adapter_for(teacher.config.model_type)
+    architecture = architecture_for(teacher.config.model_type)
     alone = {}
     for index in retrofitted_blocks(student):
         model = copy.deepcopy(teacher)
-        block = model.get_submodule(adapter.blocks_path)[index]
-        new = student.get_submodule(adapter.blocks_path)[index]
-        setattr(block, adapter.mlp_attribute, getattr(new, adapter.mlp_attribute))
-        for name in adapter.bypassed_attributes:
+        block = model.get_submodule(architecture.blocks_path)[index]
+        new = student.get_submodule(architecture.blocks_path)[index]
+        setattr(block, architecture.mlp_attribute, getattr(new, architecture.mlp_attribute))
+        for name in architecture.bypassed_attributes:
             setattr(block, name, nn.Identity())
         alone[index] = score(model)
     return alone

@@ -20,7 +20,7 @@ import torch
 from skeleton import add_report_flags, argument_parser, parse_arguments, write_report
 
 import kallm
-from kallm.core.modeling_kallm import count_parameters
+from kallm.core.layers import count_parameters
 from kallm.data.classification import batch, encode, read_rows
 
 
