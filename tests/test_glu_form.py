@@ -174,7 +174,7 @@ def test_a_family_outside_the_architecture_table_is_refused_naming_the_supported
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2))
     before = snapshot(model)
-    with pytest.raises(ValueError, match="kallm has no adapter for model_type 'bloom'; supported: " +
+    with pytest.raises(ValueError, match="kallm has no architecture description for model_type 'bloom'; supported: " +
                                          ", ".join(kallm.supported_model_types())):
         glu(model)
     assert_unchanged(model, before)

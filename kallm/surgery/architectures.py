@@ -103,7 +103,7 @@ def architecture_for(model_type: str) -> Architecture:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise ValueError(
-            f"kallm has no adapter for model_type {model_type!r}; supported: {', '.join(supported_model_types())}. "
+            f"kallm has no architecture description for model_type {model_type!r}; supported: {', '.join(supported_model_types())}. "
             f"See {ADDING_AN_ARCHITECTURE_DOC} to add one."
         ) from None
 
