@@ -30,7 +30,7 @@ INITS = ("random", "fit")
 AUTO = "auto"
 #: settings one block may set for itself (``blocks={25: {"degree": 3}}``)
 BLOCK_SETTINGS = ("basis", "degree", "intermediate_size", "input_map", "bias", "base", "basis_options")
-#: fields ``retrofit`` fills in from the model and its architecture adapter
+#: fields ``retrofit`` fills in from the model and its architecture description
 MODEL_FIELDS = ("base_model_type", "base_model", "blocks_path", "mlp_attribute", "bypassed_attributes", "hidden_size",
                 "mlp_layout")
 #: KAN feedforward settings that ``form="glu"`` has no use for (it keeps the MLP's projections)
