@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_model
 
 from kallm.core.layers import KANFeedForward
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 

@@ -9,15 +9,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 import transformers
-from conftest import TINY_CONFIGS, tiny_model
 from huggingface_hub import ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -26,12 +23,11 @@ import kallm
 import kallm.checkpoints.load
 from kallm.core.layers import KANFeedForward
 from kallm.core.retrofit_config import RetrofitConfig
+from kallm.testing.compare import logits_of
+from kallm.testing.models import TINY_CONFIGS, tiny_model
+from kallm.testing.processes import CODE_FILES, run_fresh_processes
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_FILES = (
-    "modeling_kallm.py", "configuration_kallm.py", "retrofit_config.py", "layers.py", "bases.py", "kan_function.py",
-    "delta_checkpoint.py", "function_layers.py",
-)
 
 # name -> (family, retrofit options); every family plus bases and options that change the module tree
 CASES = {family: (family, {"last_n": 2}) for family in sorted(TINY_CONFIGS)}
@@ -44,9 +40,6 @@ CASES.update({
     "qwen2-gated": ("qwen2", {"last_n": 2, "form": "gated", "base": "linear"}),
 })
 TOKENIZER_CASE = "llama"
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_tokenizer():
@@ -73,11 +66,6 @@ def perturb_kan(model):
 
 def kan_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if ".mlp." in k or ".fc1." in k}
-
-
-def logits_of(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 @pytest.fixture(scope="module")
@@ -538,90 +526,6 @@ def test_config_without_schema_version_is_refused(saved, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ fresh processes
-
-# Runs in a fresh interpreter, cwd outside the repository. With "block_kallm", a meta path
-# finder makes every kallm import fail, so only the code saved in the folder can be used.
-FRESH_PROCESS = r"""
-import importlib.abc, json, sys
-request = json.loads(sys.argv[1])
-if request["block_kallm"]:
-    class BlockKallm(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "kallm" or name.startswith("kallm."):
-                raise ImportError("kallm is blocked in this process")
-    sys.meta_path.insert(0, BlockKallm())
-    load_kwargs = {"trust_remote_code": True}
-else:
-    import kallm  # registers the retrofitted classes with transformers
-    load_kwargs = {}
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-results = {"models": {}}
-for name, (folder, reference) in request["models"].items():
-    model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs).eval()
-    ref = torch.load(reference)
-    with torch.no_grad():
-        logits = model(ref["ids"]).logits
-    state = model.state_dict()
-    entry = results["models"][name] = {
-        "max_abs_diff": (logits - ref["logits"]).abs().max().item(),
-        "module": type(model).__module__,
-        "class": type(model).__name__,
-        "kan_tensors_equal": all(torch.equal(state[k], v) for k, v in ref["kan_state"].items()),
-        "tied": model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr(),
-    }
-    if request.get("generate"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, **load_kwargs)
-        output = model.generate(ref["ids"], max_new_tokens=request["generate"], do_sample=False)
-        entry["new_tokens"] = output[0, ref["ids"].shape[1]:].tolist()
-        entry["reply"] = tokenizer.decode(entry["new_tokens"], skip_special_tokens=True)
-if "tokenizer_folder" in request:
-    tokenizer = AutoTokenizer.from_pretrained(request["tokenizer_folder"], **load_kwargs)
-    results["tokenizer_ids"] = tokenizer("w1 w5")["input_ids"]
-results["refused"] = {}
-for name, folder in request.get("refused", {}).items():
-    try:
-        AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
-        results["refused"][name] = None
-    except ValueError as error:
-        results["refused"][name] = str(error)
-try:
-    import kallm  # noqa: F811
-    results["kallm_importable"] = True
-except ImportError:
-    results["kallm_importable"] = False
-print("\nRESULTS " + json.dumps(results))
-"""
-
-
-def run_fresh_processes(requests: dict, tmp_path) -> dict:
-    """Run FRESH_PROCESS on each request (models: name -> [folder, reference file]) side by
-    side, each in its own folder; their results by the same keys."""
-    running = {}
-    for key, request in requests.items():
-        folder = tmp_path / key
-        folder.mkdir(parents=True)
-        env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
-        # The reference logits were computed here: the same thread count keeps a CPU's matrix kernels summing in
-        # the same order, so that any difference is the load path's.
-        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(folder / "hf_modules"),
-                   OMP_NUM_THREADS=str(torch.get_num_threads()))
-        if not request["block_kallm"]:
-            env["PYTHONPATH"] = str(REPO)
-        running[key] = subprocess.Popen(
-            [sys.executable, "-c", FRESH_PROCESS, json.dumps(request)], cwd=folder, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-    results = {}
-    for key, process in running.items():
-        stdout, stderr = process.communicate(timeout=600)
-        assert "Do you wish to run the custom code" not in stdout, f"{key}: a load path asked for trust_remote_code"
-        assert process.returncode == 0, f"{key}: {stderr[-4000:]}"
-        line = next(line for line in stdout.splitlines() if line.startswith("RESULTS "))
-        results[key] = json.loads(line[len("RESULTS "):])
-    return results
-
 
 # saved folders every load path must refuse -> what the error says
 REFUSED_IN_FRESH_PROCESSES = {

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from conftest import make_tiny_tokenizer, tiny_model
-
 from kallm.cli import main
 from kallm.recipes.demo import format_table
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 
 def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys, monkeypatch):

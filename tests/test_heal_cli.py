@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_model
-from test_heal import TEXTS
 
 import kallm
 from kallm.cli import main
+from kallm.testing.data import TEXTS
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

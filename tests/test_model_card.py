@@ -3,12 +3,12 @@ model-index, and merging into a README already there."""
 
 from __future__ import annotations
 
-from conftest import tiny_model
 from huggingface_hub import EvalResult, ModelCard
 
 import kallm
 from kallm.checkpoints.load import BUNDLED_MODELS
 from kallm.core.modeling_kallm import BUNDLED_BASE_MODELS, merge_model_card, model_card
+from kallm.testing.models import tiny_model
 
 
 def retrofitted(base_model: str):

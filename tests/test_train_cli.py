@@ -12,18 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_train_data import chat_tokenizer
-from test_train_trainer import sums
 
 import kallm
 from kallm.cli.train import add_arguments, run
+from kallm.testing.data import sums
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import chat_tokenizer
 from kallm.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
