@@ -20,6 +20,7 @@ pytest.register_assert_rewrite("kallm.testing")
 import kallm  # noqa: E402
 from kallm.data.folder import data_folder  # noqa: E402
 from kallm.testing import threads  # noqa: E402
+from kallm.testing.checkpoints import save_cases  # noqa: E402
 from kallm.testing.tokenizers import make_tiny_tokenizer  # noqa: E402
 
 #: distributions whose versions head the test report, so that a failure names the stack it failed on
@@ -71,6 +72,13 @@ def real_model_available():
 def smollm2(real_model_available):
     """The real SmolLM2-135M-Instruct (float32), loaded once per session; do not mutate it."""
     return kallm.load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """Every kallm.testing.checkpoints case retrofitted, perturbed and saved once per session (the checkpoint tests
+    of several files read them; do not change them): name -> (folder, model, reference file)."""
+    return save_cases(tmp_path_factory.mktemp("saved"))
 
 
 @pytest.fixture
