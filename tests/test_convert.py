@@ -41,7 +41,8 @@ def test_polynomial_conversions_at_equal_and_higher_degree_keep_the_logits(sourc
     for target in POLYNOMIALS:
         for degree in (2, 3):
             converted = kallm.convert(copy.deepcopy(model), basis=target, degree=degree)
-            torch.testing.assert_close(logits_of(converted, TOKENS), reference, msg=f"{source} -> {target} at degree {degree}")
+            torch.testing.assert_close(logits_of(converted, TOKENS),
+                                       reference, msg=f"{source} -> {target} at degree {degree}")
             assert converted.kallm_conversion_report.exact
             kan_config = converted.config.kan_config
             assert (kan_config["basis"], kan_config["degree"]) == (target, degree)

@@ -49,7 +49,9 @@ def test_a_delta_holds_only_what_changed_and_rebuilds_the_model_exactly(tmp_path
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert loaded.config.kan_config == model.config.kan_config
-    torch.testing.assert_close(logits_of(base, TOKENS), logits_of(tiny_model("llama"), TOKENS), rtol=0, atol=0)  # the base is untouched
+    # the base is untouched
+    torch.testing.assert_close(logits_of(base, TOKENS),
+                               logits_of(tiny_model("llama"), TOKENS), rtol=0, atol=0)
 
 
 def test_the_recorded_base_loads_by_name_with_the_tokenizer(tmp_path, monkeypatch):
@@ -178,7 +180,8 @@ def test_a_delta_and_a_full_checkpoint_replace_each_other_in_a_folder(tmp_path):
     assert json.loads((tmp_path / "out" / DELTA_MANIFEST).read_text())["format"] == 1
     save_checkpoint(model, chat_tokenizer(), tmp_path / "out")
     assert not (tmp_path / "out" / DELTA_MANIFEST).exists() and not (tmp_path / "out" / DELTA_WEIGHTS).exists()
-    torch.testing.assert_close(logits_of(kallm.load_model(str(tmp_path / "out"))[0], TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(kallm.load_model(str(tmp_path / "out"))[0], TOKENS),
+                               logits_of(model, TOKENS), rtol=0, atol=0)
 
 
 def test_tied_embeddings_that_trained_are_stored_once_and_stay_tied(tmp_path):
@@ -218,7 +221,8 @@ def test_a_delta_over_the_folder_of_its_base_or_model_is_refused_before_anything
         with pytest.raises(ValueError, match=f"cannot write to {re.escape(str(folder))}: it (is|lies inside|holds)"):
             kallm.save_delta(model, folder, base=str(tmp_path / "base"))
     assert folder_bytes(tmp_path / "base") == before and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
-    torch.testing.assert_close(logits_of(kallm.load_model(str(tmp_path / "base"))[0], TOKENS), logits_of(base, TOKENS), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(kallm.load_model(str(tmp_path / "base"))[0], TOKENS),
+                               logits_of(base, TOKENS), rtol=0, atol=0)
 
 
 def test_a_base_that_is_the_model_shares_its_tensors_or_is_retrofitted_alike_is_refused(tmp_path):
@@ -243,7 +247,8 @@ def test_without_base_the_recorded_one_is_used_and_must_still_be_there(tmp_path)
     model.config.kan_config["base_model"] = str(tmp_path / "base")  # as retrofit records a hub or bundled base
     manifest = kallm.save_delta(model, tmp_path / "delta")
     assert manifest["base_model"] == str(tmp_path / "base")
-    torch.testing.assert_close(logits_of(kallm.load_delta(tmp_path / "delta")[0], TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(kallm.load_delta(tmp_path / "delta")[0], TOKENS),
+                               logits_of(model, TOKENS), rtol=0, atol=0)
 
     (tmp_path / "base").rename(tmp_path / "moved")
     with pytest.raises(FileNotFoundError, match=r"save_delta needs base=: the model this one was retrofitted from is "

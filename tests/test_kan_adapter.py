@@ -90,7 +90,8 @@ def test_an_adapter_saves_and_reloads_logit_for_logit(tmp_path):
         torch.testing.assert_close(logits_of(loaded.eval(), TOKENS), expected, rtol=0, atol=0)
         assert kallm.summary(loaded, print_table=False)["trainable"] == 0
     # transformers' own PEFT integration: the adapter folder given to AutoModelForCausalLM
-    torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval(), TOKENS), expected,
+    torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval(), TOKENS),
+                               expected,
                                rtol=0, atol=0)
     trainable = peft.PeftModel.from_pretrained(fresh(), tmp_path / "adapter", is_trainable=True)
     assert all("kan_adapter_" in name for name, p in trainable.named_parameters() if p.requires_grad)

@@ -51,7 +51,8 @@ def test_a_new_folder_is_created_with_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     assert sorted(os.listdir(folder.parent)) == ["model"]
-    assert torch.equal(logits_of(kallm.load_model(str(folder))[0].eval(), IDS), logits_of(tiny_model("llama").eval(), IDS))
+    assert torch.equal(logits_of(kallm.load_model(str(folder))[0].eval(), IDS),
+                       logits_of(tiny_model("llama").eval(), IDS))
 
 
 def test_the_model_files_are_replaced_as_a_set_and_other_entries_stay(tmp_path):
