@@ -320,6 +320,7 @@ def test_the_cli_retrofits_with_a_branch_and_refuses_an_unknown_one(tmp_path, ca
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.integration  # slow: exports and runs in onnxruntime
 def test_onnx_export_of_a_model_with_branches_matches_pytorch(tmp_path):
     from kallm.export.onnx import ONNX_PACKAGES, check_onnx
 

@@ -102,6 +102,7 @@ def test_load_model_and_from_pretrained_rebuild_a_delta_in_one_call(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "full", base_model=base)
 
 
+@pytest.mark.integration  # slow: two fresh processes
 def test_a_fresh_process_rebuilds_a_delta_with_or_without_kallm(tmp_path):
     from kallm.testing.processes import run_fresh_processes
 

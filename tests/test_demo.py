@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kallm.cli import main
 from kallm.recipes.demo import format_table
 from kallm.testing.models import tiny_model
@@ -48,6 +50,7 @@ def test_format_table_shows_only_measured_columns():
     assert "| healed | 1.250 |" in table
 
 
+@pytest.mark.integration  # slow: the whole demo in a fresh process
 def test_demo_as_the_readme_runs_it_relative_paths_in_a_subprocess(tmp_path):
     """scripts/main.sh runs ``python -m kallm.cli demo`` with the default, relative ``--out``:
     the fresh-process reload must still find the saved model (it once took the relative

@@ -70,6 +70,7 @@ def test_heal_command_errors(workspace, tmp_path, capsys):
     assert not (tmp_path / "x" / "config.json").exists()
 
 
+@pytest.mark.integration  # slow: starts torchrun and two workers
 def test_two_processes_with_torchrun(workspace, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

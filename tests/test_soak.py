@@ -20,6 +20,8 @@ from kallm.testing.models import tiny_model
 from kallm.testing.tokenizers import make_tiny_tokenizer
 from kallm.train import TrainConfig, train
 
+pytestmark = pytest.mark.integration  # slow: the whole chain, three times over
+
 PROMPT_IDS = [[1, 40, 50, 60, 41, 70, 33]]
 PROMPT = torch.tensor(PROMPT_IDS)
 

@@ -103,6 +103,7 @@ def test_distill_never_guesses_a_teacher_from_a_local_folder_name(workspace, tmp
                   "--max-steps", 1, "--out", tmp_path / "out"))
 
 
+@pytest.mark.integration  # slow: starts torchrun and two workers
 def test_two_processes_with_torchrun(workspace, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
