@@ -5,9 +5,14 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
+
+from kallm.testing.threads import one_thread
 
 TESTS = Path(__file__).resolve().parent
 TESTING = TESTS.parent / "kallm" / "testing"
+#: torch's thread count while pytest collects this file, before any fixture runs
+THREADS_OUTSIDE_TESTS = torch.get_num_threads()
 
 
 def imported_modules(path: Path, top_level_only: bool = False) -> list[str]:
@@ -43,3 +48,26 @@ def test_no_test_file_imports_another_test_file_or_conftest(path):
 def test_kallm_testing_imports_pytest_only_inside_the_functions_that_need_it(path):
     assert "pytest" not in [name.split(".")[0] for name in imported_modules(path, top_level_only=True)], (
         f"kallm/testing/{path.name} imports pytest at module level: users' tests may not have it")
+
+
+def test_every_test_runs_on_one_thread():
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.all_threads
+def test_a_test_marked_all_threads_keeps_torchs_thread_count():
+    assert torch.get_num_threads() == THREADS_OUTSIDE_TESTS
+
+
+@pytest.mark.all_threads
+def test_one_thread_gives_back_the_thread_count_it_found():
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_thread():
+            raise RuntimeError("a failing test")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(THREADS_OUTSIDE_TESTS)
