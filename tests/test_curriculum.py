@@ -15,6 +15,7 @@ from kallm.cli.train import add_arguments, config_from_args
 from kallm.testing.compare import logits_of
 from kallm.testing.data import sums
 from kallm.testing.models import tiny_model
+from kallm.testing.processes import load_script
 from kallm.testing.tokenizers import chat_tokenizer
 from kallm.train import TrainConfig, train
 
@@ -125,7 +126,6 @@ def test_models_whose_stages_cannot_convert_exactly_are_refused_before_training(
 
 def test_the_curriculum_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
     from kallm.checkpoints.save import save_checkpoint
-    from kallm.testing.processes import load_script
 
     bench = load_script("bench_curriculum")
     save_checkpoint(tiny_model("llama"), chat_tokenizer(), tmp_path / "base")

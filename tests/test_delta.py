@@ -16,6 +16,7 @@ from kallm.checkpoints.save import save_checkpoint
 from kallm.core.delta_checkpoint import DELTA_MANIFEST, DELTA_WEIGHTS, base_weights_hash
 from kallm.testing.compare import logits_of
 from kallm.testing.models import tiny_model
+from kallm.testing.processes import load_script, run_fresh_processes
 from kallm.testing.tokenizers import chat_tokenizer
 
 TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -104,8 +105,6 @@ def test_load_model_and_from_pretrained_rebuild_a_delta_in_one_call(tmp_path):
 
 @pytest.mark.integration  # slow: two fresh processes
 def test_a_fresh_process_rebuilds_a_delta_with_or_without_kallm(tmp_path):
-    from kallm.testing.processes import run_fresh_processes
-
     base, tokenizer = tiny_model("llama"), chat_tokenizer()
     save_checkpoint(base, tokenizer, tmp_path / "base")
     model = retrofitted_and_trained(base)
@@ -199,8 +198,6 @@ def test_tied_embeddings_that_trained_are_stored_once_and_stay_tied(tmp_path):
 
 
 def test_the_size_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
-    from kallm.testing.processes import load_script
-
     bench = load_script("bench_delta")
     save_checkpoint(tiny_model("llama"), chat_tokenizer(), tmp_path / "base")
     assert bench.main(["--model", str(tmp_path / "base"), "--last-n", "1"]) == 0

@@ -13,9 +13,10 @@ import kallm
 from kallm.core.function_layers import ChannelFunctions, check_zero_start, is_channel_functions
 from kallm.surgery.architectures import EXACT_ACTIVATIONS
 from kallm.testing.compare import assert_unchanged, logits_of, snapshot
+from kallm.testing.data import conversation
 from kallm.testing.models import TINY_CONFIGS, tiny_model
 from kallm.testing.processes import run_fresh_processes
-from kallm.testing.tokenizers import make_tiny_tokenizer
+from kallm.testing.tokenizers import chat_tokenizer, make_tiny_tokenizer
 
 FAMILIES = sorted(TINY_CONFIGS)
 IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -381,8 +382,6 @@ def test_the_cli_retrofits_with_form_glu_and_plot_refuses_it(tmp_path, capsys):
 
 
 def test_kallm_train_with_the_functions_policy_moves_only_the_functions_and_saves_them(tmp_path):
-    from kallm.testing.data import conversation
-    from kallm.testing.tokenizers import chat_tokenizer
     from kallm.train import TrainConfig, train
 
     model = glu(tiny_model("llama"))
