@@ -1,7 +1,7 @@
 """The base branch of a KAN layer (``base="silu"`` or ``"linear"``): what it computes, its gradients and saved
 memory, its init and parameter count, the retrofit setting and config, and what takes a model that has it
 (fit init, convert, quantize, delta checkpoints, plot, the CLI). Saving and loading, with kallm and in fresh
-processes without it, is a case of tests/test_checkpoint.py (``llama-base-branches``)."""
+processes without it, is a case of kallm.testing.checkpoints (``llama-base-branches``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_compiles_as_one_graph, make_tiny_tokenizer, tiny_model
-from test_fit import block_errors, token_ids
-from test_retrofit import assert_unchanged, snapshot
 from transformers import AutoModelForCausalLM
 
 import kallm
@@ -21,16 +18,13 @@ from kallm.cli import main
 from kallm.core.kan_function import kan_linear
 from kallm.core.layers import KANFeedForward, KANLinear, intermediate_size_for_budget
 from kallm.eval.plot import edge_functions, strongest_edges
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.compare import assert_unchanged, block_errors, check_compiles_as_one_graph, logits_of, snapshot
+from kallm.testing.data import token_ids
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 BRANCHES = {"silu": F.silu, "linear": lambda x: x}
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 def kan_layers(model):
@@ -253,13 +247,13 @@ def test_convert_carries_the_branch_unchanged():
     for layer in kan_layers(model):
         with torch.no_grad():
             layer.bias.uniform_(-0.5, 0.5)
-    expected = logits(model)
+    expected = logits_of(model, IDS)
     branches = [layer.base_weight.clone() for layer in kan_layers(model)]
     kallm.convert(model, "legendre", degree=3)
     assert model.kallm_conversion_report.exact
     assert all(layer.basis.name == "legendre" and layer.base == "silu" for layer in kan_layers(model))
     assert all(torch.equal(layer.base_weight, before) for layer, before in zip(kan_layers(model), branches))
-    torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_of(model, IDS), expected, rtol=1e-4, atol=1e-4)
     assert model.config.kan_config["base"] == "silu"
 
 
@@ -286,7 +280,7 @@ def test_a_delta_checkpoint_holds_the_branch_and_rebuilds_the_model(tmp_path):
     manifest = kallm.save_delta(model, tmp_path / "delta", base=base)
     assert sum("base_weight" in name for name in manifest["changed_tensors"]) == 4
     loaded, _ = kallm.load_delta(tmp_path / "delta", base=base)
-    assert torch.equal(logits(loaded), logits(model))
+    assert torch.equal(logits_of(loaded, IDS), logits_of(model, IDS))
 
 
 def test_plot_draws_the_edge_function_with_its_branch():
@@ -326,6 +320,7 @@ def test_the_cli_retrofits_with_a_branch_and_refuses_an_unknown_one(tmp_path, ca
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.integration  # slow: exports and runs in onnxruntime
 def test_onnx_export_of_a_model_with_branches_matches_pytorch(tmp_path):
     from kallm.export.onnx import ONNX_PACKAGES, check_onnx
 
@@ -341,14 +336,14 @@ def test_lora_on_layers_with_branches_adapts_the_coefficients_and_keeps_the_bran
     import peft
 
     model = kallm.retrofit(tiny_model("llama"), last_n=2, base="silu")
-    expected = logits(model)
+    expected = logits_of(model, IDS)
     model = peft.get_peft_model(model, kallm.lora_config(model, "kan", r=4, lora_dropout=0.5)).eval()
-    torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)  # a fresh adapter changes nothing
+    torch.testing.assert_close(logits_of(model, IDS), expected, rtol=0, atol=0)  # a fresh adapter changes nothing
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-    adapted = logits(model)
+    adapted = logits_of(model, IDS)
     layer = model.get_base_model().model.layers[2].mlp.layers[0]
     x = torch.randn(2, 4, layer.get_base_layer().in_features)
     with torch.no_grad():
@@ -359,4 +354,4 @@ def test_lora_on_layers_with_branches_adapts_the_coefficients_and_keeps_the_bran
         layer.eval()
     merged = model.merge_and_unload()
     assert all(layer.base == "silu" for layer in kan_layers(merged))
-    torch.testing.assert_close(logits(merged), adapted, rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(merged, IDS), adapted, rtol=0, atol=0)

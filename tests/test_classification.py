@@ -11,13 +11,13 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import BLOCK_KALLM, TINY_CONFIGS, make_tiny_tokenizer, tiny_model
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 import kallm
 from kallm.core.layers import KANFeedForward
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.models import TINY_CONFIGS, tiny_model
+from kallm.testing.processes import BLOCK_KALLM
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModel")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 
 import kallm
@@ -19,6 +18,8 @@ import kallm.cli
 from kallm.cli import main
 from kallm.cli.retrofit import parse_options
 from kallm.eval.plot import edge_functions, strongest_edges
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

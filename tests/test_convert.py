@@ -6,21 +6,15 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 import kallm
 from kallm.core.bases import RecurrenceBasis, make_basis
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.compare import logits_of
+from kallm.testing.models import tiny_model
 
 POLYNOMIALS = [name for name in kallm.list_bases() if isinstance(make_basis(name, 2), RecurrenceBasis)]
 TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(TOKENS).logits
 
 
 def _retrofitted(basis="cheby2", degree=2, **options):
@@ -43,11 +37,12 @@ def test_the_polynomial_bases_are_the_recurrence_families():
 @pytest.mark.parametrize("source", POLYNOMIALS)
 def test_polynomial_conversions_at_equal_and_higher_degree_keep_the_logits(source):
     model = _retrofitted(source)
-    reference = _logits(model)
+    reference = logits_of(model, TOKENS)
     for target in POLYNOMIALS:
         for degree in (2, 3):
             converted = kallm.convert(copy.deepcopy(model), basis=target, degree=degree)
-            torch.testing.assert_close(_logits(converted), reference, msg=f"{source} -> {target} at degree {degree}")
+            torch.testing.assert_close(logits_of(converted, TOKENS),
+                                       reference, msg=f"{source} -> {target} at degree {degree}")
             assert converted.kallm_conversion_report.exact
             kan_config = converted.config.kan_config
             assert (kan_config["basis"], kan_config["degree"]) == (target, degree)
@@ -57,9 +52,9 @@ def test_polynomial_conversions_at_equal_and_higher_degree_keep_the_logits(sourc
 
 def test_basis_options_of_the_target_reach_the_layers_and_the_config(tmp_path):
     model = _retrofitted("gegenbauer", alpha=0.7)
-    reference = _logits(model)
+    reference = logits_of(model, TOKENS)
     converted = kallm.convert(model, basis="jacobi", degree=3, alpha=0.5, beta=2.0)
-    torch.testing.assert_close(_logits(converted), reference)
+    torch.testing.assert_close(logits_of(converted, TOKENS), reference)
     assert converted.config.kan_config["basis_options"] == {"alpha": 0.5, "beta": 2.0}
     assert converted.model.layers[1].mlp.layers[0].basis.describe() == {
         "basis": "jacobi", "degree": 3, "alpha": 0.5, "beta": 2.0
@@ -71,7 +66,7 @@ def test_a_converted_model_saves_and_reloads_identically(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.kan_config["basis"] == "legendre" and loaded.config.kan_config["degree"] == 4
-    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(loaded, TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
 
 
 def test_a_layer_is_converted_into_a_new_layer_and_keeps_its_input_map():
@@ -94,30 +89,30 @@ def test_polynomials_inside_bsplines_of_a_higher_order_are_exact_too():
     converted = kallm.convert(copy.deepcopy(model), basis="bspline", degree=3, grid_size=4)
     report = converted.kallm_conversion_report
     assert report.exact and report.max_relative_error < 1e-12
-    torch.testing.assert_close(_logits(converted), _logits(model))
+    torch.testing.assert_close(logits_of(converted, TOKENS), logits_of(model, TOKENS))
 
 
 def test_a_lossy_conversion_is_refused_with_its_error_and_changes_nothing():
     model = _retrofitted("cheby2", degree=3)
-    reference, kan_config = _logits(model), copy.deepcopy(model.config.kan_config)
+    reference, kan_config = logits_of(model, TOKENS), copy.deepcopy(model.config.kan_config)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"lossy.*relative error \d.*allow_lossy=True"):
         kallm.convert(model, basis="legendre", degree=2)
     assert model.config.kan_config == kan_config
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    torch.testing.assert_close(_logits(model), reference, rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(model, TOKENS), reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("basis", "degree"), [("legendre", 2), ("rbf", 6), ("bspline", 1)])
 def test_an_allowed_lossy_conversion_warns_and_reports_its_error(basis, degree):
     model = _retrofitted("cheby2", degree=3)
-    reference = _logits(model)
+    reference = logits_of(model, TOKENS)
     with pytest.warns(UserWarning, match="lossy KAN conversion"):
         converted = kallm.convert(model, basis=basis, degree=degree, allow_lossy=True)
     report = converted.kallm_conversion_report
     assert not report.exact and 1e-6 < report.max_relative_error < 1
     assert set(report.layers) == {f"model.layers.{b}.mlp.layers.{i}" for b in (1, 2) for i in (0, 1)}
-    assert not torch.allclose(_logits(converted), reference)
+    assert not torch.allclose(logits_of(converted, TOKENS), reference)
     assert converted.config.kan_config["basis"] == basis
 
 
@@ -145,10 +140,10 @@ def test_without_a_bias_the_constants_cannot_move_so_a_basis_change_is_lossy():
 
 def test_a_three_stage_feedforward_keeps_three_stages():
     model = _retrofitted("cheby2>legendre>cheby1")
-    reference = _logits(model)
+    reference = logits_of(model, TOKENS)
     converted = kallm.convert(model, basis="hermite", degree=3)
     assert converted.config.kan_config["basis"] == "hermite>hermite>hermite"
-    torch.testing.assert_close(_logits(converted), reference)
+    torch.testing.assert_close(logits_of(converted, TOKENS), reference)
 
 
 @pytest.mark.parametrize(

@@ -8,23 +8,18 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_train_data import chat_tokenizer
-from test_train_trainer import sums
 from transformers import TrainerCallback
 
 import kallm
 from kallm.cli.train import add_arguments, config_from_args
+from kallm.testing.compare import logits_of
+from kallm.testing.data import sums
+from kallm.testing.models import tiny_model
+from kallm.testing.processes import load_script
+from kallm.testing.tokenizers import chat_tokenizer
 from kallm.train import TrainConfig, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 TOKENS = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model.eval()(TOKENS).logits
 
 
 class LogitsAtEachStart(TrainerCallback):
@@ -33,7 +28,7 @@ class LogitsAtEachStart(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         was_training = model.training
-        self.starts.append(logits(model))
+        self.starts.append(logits_of(model.eval(), TOKENS))
         model.train(was_training)
 
 
@@ -53,13 +48,13 @@ def test_stages_raise_the_degree_with_exact_conversions_and_save_the_final_model
     # each stage starts from the model the previous one saved, moved to the next degree without changing its outputs
     for stage, start in zip(result.stages[:-1], starts.starts[1:]):
         previous, _ = kallm.load_model(stage["output_dir"])
-        torch.testing.assert_close(start, logits(previous), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(start, logits_of(previous.eval(), TOKENS), rtol=1e-4, atol=1e-5)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [(r["step"], r["degree"]) for r in records if "loss" in r]
     assert losses == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3), (7, 3)]
     final, _ = kallm.load_model(str(tmp_path / "run"))
     assert final.config.kan_config["degree"] == 3
-    torch.testing.assert_close(logits(final), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(final.eval(), TOKENS), logits_of(model.eval(), TOKENS), rtol=0, atol=0)
     summary = json.loads((tmp_path / "run" / "train_result.json").read_text())
     assert summary["config"]["degree_stages"] == [1, 2, 3] and len(summary["stages"]) == 3
 
@@ -130,8 +125,6 @@ def test_models_whose_stages_cannot_convert_exactly_are_refused_before_training(
 
 
 def test_the_curriculum_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
-    from test_bench_scripts import load_script
-
     from kallm.checkpoints.save import save_checkpoint
 
     bench = load_script("bench_curriculum")

@@ -9,22 +9,17 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_train_data import chat_tokenizer
 from transformers import AutoModelForCausalLM
 
 import kallm
 from kallm.checkpoints.save import save_checkpoint
 from kallm.core.delta_checkpoint import DELTA_MANIFEST, DELTA_WEIGHTS, base_weights_hash
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.compare import logits_of
+from kallm.testing.models import tiny_model
+from kallm.testing.processes import load_script, run_fresh_processes
+from kallm.testing.tokenizers import chat_tokenizer
 
 TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(TOKENS).logits
 
 
 def retrofitted_and_trained(base):
@@ -51,11 +46,13 @@ def test_a_delta_holds_only_what_changed_and_rebuilds_the_model_exactly(tmp_path
 
     loaded, tokenizer = kallm.load_delta(tmp_path / "delta", base=base)
     assert type(loaded) is type(model) and tokenizer is None
-    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(loaded, TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert loaded.config.kan_config == model.config.kan_config
-    torch.testing.assert_close(logits(base), logits(tiny_model("llama")), rtol=0, atol=0)  # the base is untouched
+    # the base is untouched
+    torch.testing.assert_close(logits_of(base, TOKENS),
+                               logits_of(tiny_model("llama"), TOKENS), rtol=0, atol=0)
 
 
 def test_the_recorded_base_loads_by_name_with_the_tokenizer(tmp_path, monkeypatch):
@@ -68,7 +65,7 @@ def test_the_recorded_base_loads_by_name_with_the_tokenizer(tmp_path, monkeypatc
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     loaded, loaded_tokenizer = kallm.load_delta(tmp_path / "delta")
-    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(loaded, TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
 
 
@@ -80,14 +77,14 @@ def test_load_model_and_from_pretrained_rebuild_a_delta_in_one_call(tmp_path):
     delta = str(tmp_path / "delta")
 
     loaded, loaded_tokenizer = kallm.load_model(delta)
-    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(loaded, TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert kallm.load_model(delta, dtype=torch.bfloat16)[0].dtype == torch.bfloat16
     # transformers' own entry point, on the recorded base or on one given loaded
     for options in ({}, {"base_model": base}, {"base_model": str(tmp_path / "base")}):
         auto = AutoModelForCausalLM.from_pretrained(delta, **options)
         assert type(auto) is type(model)
-        torch.testing.assert_close(logits(auto), logits(model), rtol=0, atol=0)
+        torch.testing.assert_close(logits_of(auto, TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
 
     with pytest.raises(ValueError, match=r"from_pretrained options \(device_map\) do not apply"):
         kallm.load_model(delta, device_map="cpu")
@@ -95,7 +92,7 @@ def test_load_model_and_from_pretrained_rebuild_a_delta_in_one_call(tmp_path):
     routed = AutoModelForCausalLM.from_pretrained(delta, device_map="cpu", attn_implementation="eager",
                                                   trust_remote_code=True, _from_pipeline="x")
     assert routed.config._attn_implementation == "eager"  # eager attention sums in another order than sdpa
-    torch.testing.assert_close(logits(routed), logits(model), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(routed, TOKENS), logits_of(model, TOKENS), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"is a delta checkpoint, rebuilt on its base; from_pretrained got "
                                          r"max_memory, which it cannot honour there \(it takes config, base_model"):
         AutoModelForCausalLM.from_pretrained(delta, max_memory={"cpu": "1GB"})
@@ -106,9 +103,8 @@ def test_load_model_and_from_pretrained_rebuild_a_delta_in_one_call(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "full", base_model=base)
 
 
+@pytest.mark.integration  # slow: two fresh processes
 def test_a_fresh_process_rebuilds_a_delta_with_or_without_kallm(tmp_path):
-    from test_checkpoint import run_fresh_processes
-
     base, tokenizer = tiny_model("llama"), chat_tokenizer()
     save_checkpoint(base, tokenizer, tmp_path / "base")
     model = retrofitted_and_trained(base)
@@ -117,7 +113,7 @@ def test_a_fresh_process_rebuilds_a_delta_with_or_without_kallm(tmp_path):
     kallm.save_delta(model, tmp_path / "delta-on-changed-base", base=str(tmp_path / "base-later-changed"))
     save_checkpoint(tiny_model("llama", seed=1), tokenizer, tmp_path / "base-later-changed")
     reference = tmp_path / "reference.pt"
-    torch.save({"ids": TOKENS, "logits": logits(model),
+    torch.save({"ids": TOKENS, "logits": logits_of(model, TOKENS),
                 "kan_state": {k: v for k, v in model.state_dict().items() if ".mlp.layers." in k}}, reference)
     request = {"models": {"delta": [str(tmp_path / "delta"), str(reference)]},
                "refused": {"changed-base": str(tmp_path / "delta-on-changed-base")}}
@@ -184,7 +180,8 @@ def test_a_delta_and_a_full_checkpoint_replace_each_other_in_a_folder(tmp_path):
     assert json.loads((tmp_path / "out" / DELTA_MANIFEST).read_text())["format"] == 1
     save_checkpoint(model, chat_tokenizer(), tmp_path / "out")
     assert not (tmp_path / "out" / DELTA_MANIFEST).exists() and not (tmp_path / "out" / DELTA_WEIGHTS).exists()
-    torch.testing.assert_close(logits(kallm.load_model(str(tmp_path / "out"))[0]), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(kallm.load_model(str(tmp_path / "out"))[0], TOKENS),
+                               logits_of(model, TOKENS), rtol=0, atol=0)
 
 
 def test_tied_embeddings_that_trained_are_stored_once_and_stay_tied(tmp_path):
@@ -196,13 +193,11 @@ def test_tied_embeddings_that_trained_are_stored_once_and_stay_tied(tmp_path):
     assert manifest["tied_tensors"] == {"lm_head.weight": "model.embed_tokens.weight"}
     assert "lm_head.weight" not in manifest["changed_tensors"]
     loaded, _ = kallm.load_delta(tmp_path / "delta", base=base)
-    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(loaded, TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
 def test_the_size_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
-    from test_bench_scripts import load_script
-
     bench = load_script("bench_delta")
     save_checkpoint(tiny_model("llama"), chat_tokenizer(), tmp_path / "base")
     assert bench.main(["--model", str(tmp_path / "base"), "--last-n", "1"]) == 0
@@ -224,7 +219,8 @@ def test_a_delta_over_the_folder_of_its_base_or_model_is_refused_before_anything
         with pytest.raises(ValueError, match=f"cannot write to {re.escape(str(folder))}: it (is|lies inside|holds)"):
             kallm.save_delta(model, folder, base=str(tmp_path / "base"))
     assert folder_bytes(tmp_path / "base") == before and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
-    torch.testing.assert_close(logits(kallm.load_model(str(tmp_path / "base"))[0]), logits(base), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(kallm.load_model(str(tmp_path / "base"))[0], TOKENS),
+                               logits_of(base, TOKENS), rtol=0, atol=0)
 
 
 def test_a_base_that_is_the_model_shares_its_tensors_or_is_retrofitted_alike_is_refused(tmp_path):
@@ -249,7 +245,8 @@ def test_without_base_the_recorded_one_is_used_and_must_still_be_there(tmp_path)
     model.config.kan_config["base_model"] = str(tmp_path / "base")  # as retrofit records a hub or bundled base
     manifest = kallm.save_delta(model, tmp_path / "delta")
     assert manifest["base_model"] == str(tmp_path / "base")
-    torch.testing.assert_close(logits(kallm.load_delta(tmp_path / "delta")[0]), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(kallm.load_delta(tmp_path / "delta")[0], TOKENS),
+                               logits_of(model, TOKENS), rtol=0, atol=0)
 
     (tmp_path / "base").rename(tmp_path / "moved")
     with pytest.raises(FileNotFoundError, match=r"save_delta needs base=: the model this one was retrofitted from is "
@@ -269,7 +266,7 @@ def test_a_base_folder_without_a_tokenizer_serves_as_a_base(tmp_path):
     kallm.save_delta(model, tmp_path / "delta", base=str(tmp_path / "base"))
     loaded, tokenizer = kallm.load_delta(tmp_path / "delta")
     assert tokenizer is None
-    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(loaded, TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
 
 
 def test_a_delta_holding_nan_or_recording_itself_as_base_is_refused_at_load(tmp_path):

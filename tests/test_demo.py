@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
-from conftest import make_tiny_tokenizer, tiny_model
+import pytest
 
 from kallm.cli import main
 from kallm.recipes.demo import format_table
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 
 def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys, monkeypatch):
@@ -48,6 +50,7 @@ def test_format_table_shows_only_measured_columns():
     assert "| healed | 1.250 |" in table
 
 
+@pytest.mark.integration  # slow: the whole demo in a fresh process
 def test_demo_as_the_readme_runs_it_relative_paths_in_a_subprocess(tmp_path):
     """scripts/main.sh runs ``python -m kallm.cli demo`` with the default, relative ``--out``:
     the fresh-process reload must still find the saved model (it once took the relative

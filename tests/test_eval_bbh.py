@@ -6,27 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_model
 
 from kallm.eval import bbh
-
-
-def write_tasks(folder, tasks: dict[str, list[dict]]):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, examples in tasks.items():
-        (folder / f"{name}.json").write_text(json.dumps({"canary": "x", "examples": examples}))
-    return folder
-
-
-TOY = {
-    "boolean_expressions": [{"input": "True and False is", "target": "False"},
-                            {"input": "not False is", "target": "True"},
-                            {"input": "True or False is", "target": "True"}],
-    "hyperbaton": [{"input": "Which?\nOptions:\n(A) red big\n(B) big red", "target": "(B)"},
-                   {"input": "Which?\nOptions:\n(A) old car\n(B) car old", "target": "(A)"}],
-    "object_counting": [{"input": "I have a cat and a dog. How many?", "target": "2"}],
-}
-
+from kallm.testing.data import TOY, write_tasks
+from kallm.testing.models import chat_model, tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 # ----------------------------------------------------------------------------- loading
 
@@ -133,19 +117,6 @@ def test_build_prompt_uses_the_chat_template(tiny_tokenizer):
     tiny_tokenizer.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         bbh.build_prompt(tiny_tokenizer, "Is it?")
-
-
-def chat_model(family: str):
-    """A tiny random model whose vocabulary is the tiny tokenizer's, so every id it emits
-    decodes; large weights make its replies varied instead of one repeated token."""
-    model = tiny_model(family)
-    model.resize_token_embeddings(len(make_tiny_tokenizer()))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0, 0.3)
-    return model
 
 
 QUESTIONS = ["Is 1+1 2?", "(A) one (B) two", "hello there, kenobi?", "x", "not ( True ) is"]

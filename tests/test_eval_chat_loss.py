@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from kallm.eval.chat_loss import chat_loss
+from kallm.testing.models import tiny_model
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],

@@ -6,12 +6,13 @@ import argparse
 import json
 
 import pytest
-from conftest import make_tiny_tokenizer
-from test_eval_bbh import TOY, chat_model, write_tasks
 
 from kallm.cli import eval as cli
 from kallm.eval import evaluate, is_correct, to_markdown, write_results
 from kallm.eval.evaluate import parse_tasks
+from kallm.testing.data import TOY, write_tasks
+from kallm.testing.models import chat_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 TEXT = "A tiny text to score, long enough for a couple of windows of a few tokens each.\n"
 CHATS = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},

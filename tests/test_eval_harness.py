@@ -7,13 +7,14 @@ import argparse
 import json
 
 import pytest
-from conftest import make_tiny_tokenizer
-from test_eval_bbh import TOY, chat_model
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional extra kallm[harness] (in dev)")
 
 from kallm.eval import bbh, cli  # noqa: E402
 from kallm.eval.harness import evaluate_harness, write_bbh_tasks  # noqa: E402
+from kallm.testing.data import TOY
+from kallm.testing.models import chat_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 #: more closed-answer examples than TOY, so that equal accuracies mean something
 BOOLEAN = [{"input": f"{a} {op} {b} is", "target": str(a and b if op == "and" else a or b)}

@@ -11,11 +11,13 @@ import subprocess
 import sys
 
 import torch
-from conftest import BLOCK_KALLM, make_tiny_tokenizer
-from test_eval_bbh import TOY, chat_model
 
 import kallm
 from kallm.eval import bbh
+from kallm.testing.data import TOY
+from kallm.testing.models import chat_model
+from kallm.testing.processes import BLOCK_KALLM
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 HARNESS_LIKE = BLOCK_KALLM + r"""
 import json

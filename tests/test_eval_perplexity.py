@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from kallm.eval.perplexity import load_text, perplexity
+from kallm.testing.models import tiny_model
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
 

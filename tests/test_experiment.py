@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm.recipes.experiment
 from kallm.cli import main
 from kallm.recipes.experiment import load_experiment, run_experiment, summarize, to_markdown
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -7,16 +7,15 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_retrofit import assert_unchanged, snapshot
 from torch import nn
 
 import kallm
 from kallm.core.layers import KANFeedForward
 from kallm.surgery import calibration, fit
 from kallm.surgery.architectures import architecture_for
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.compare import assert_unchanged, block_errors, snapshot
+from kallm.testing.data import token_ids
+from kallm.testing.models import tiny_model
 
 TEXTS = [
     "The river flows through the old town and past the mill.",
@@ -24,24 +23,6 @@ TEXTS = [
     "A lighthouse keeper watched the storm roll in from the sea.",
     "def is_prime(n): return n > 1 and all(n % d for d in range(2, n))",
 ] * 3
-
-
-def token_ids(seed=0, rows=16, length=48):
-    return torch.randint(5, 128, (rows, length), generator=torch.Generator().manual_seed(seed))
-
-
-def block_errors(model, original, ids):
-    """Relative error of each retrofitted feedforward against the original one on ``ids``."""
-    architecture = architecture_for(original.config.model_type)
-    layers = kallm.surgery.retrofitted_blocks(model)
-    records = calibration.record_feedforwards(original, architecture, layers, list(ids), progress=False)
-    blocks = model.get_submodule(architecture.blocks_path)
-    errors = {}
-    with torch.no_grad():
-        for index, (inputs, outputs) in records.items():
-            prediction = getattr(blocks[index], architecture.mlp_attribute)(inputs)
-            errors[index] = float((prediction - outputs).norm() / outputs.norm())
-    return errors
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "phi3"])

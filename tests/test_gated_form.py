@@ -1,7 +1,7 @@
 """``form="gated"``: a KAN feedforward whose first layer is gated by a third KAN layer, ``down(silu(gate(x)) *
 up(x))``, the product a SwiGLU MLP computes. What it computes and its gradients, its parameter count and default
 size, fit init (the MLP's most important channels, exact at full width), what takes a model that has it, and bad
-input. Saving and loading, with kallm and in fresh processes without it, is a case of tests/test_checkpoint.py
+input. Saving and loading, with kallm and in fresh processes without it, is a case of kallm.testing.checkpoints (run by tests/test_checkpoint_*.py and tests/test_remote_code.py)
 (``qwen2-gated``)."""
 
 from __future__ import annotations
@@ -11,23 +11,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_tokenizer, tiny_model
-from test_fit import block_errors, token_ids
-from test_retrofit import assert_unchanged, snapshot
 
 import kallm
 from kallm.cli import main
 from kallm.core.layers import KANFeedForward, KANLinear, intermediate_size_for_budget
+from kallm.testing.compare import assert_unchanged, block_errors, logits_of, snapshot
+from kallm.testing.data import token_ids
+from kallm.testing.models import tiny_model
 from kallm.testing.reference import ReferenceKANFeedForward
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 def mlp_parameters(model, index):
@@ -113,7 +107,7 @@ def test_retrofit_builds_gated_feedforwards_within_half_the_mlps_parameters_by_d
     assert isinstance(feedforward, KANFeedForward) and feedforward.gate is not None
     assert model.config.kan_config["form"] == "gated"
     assert mlp_parameters(model, 2) <= replaced // 2
-    assert logits(model).isfinite().all()
+    assert logits_of(model, IDS).isfinite().all()
 
 
 def test_the_gated_form_trains():
@@ -136,7 +130,7 @@ def test_fit_init_at_full_width_starts_exactly_at_the_original(family):
     model = kallm.retrofit(copy.deepcopy(original), last_n=2, form="gated", base="linear", init="fit",
                            intermediate_size=width, calibration=token_ids())
     assert max(model.kallm_fit_report["relative_error"].values()) < 1e-5
-    torch.testing.assert_close(logits(model), logits(original), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits_of(model, IDS), logits_of(original, IDS), atol=1e-4, rtol=0)
     for index in (1, 2):  # the copy lives in the base branches; the basis functions start at zero in gate and up
         feedforward = model.model.layers[index].mlp
         assert not feedforward.gate.weight.any() and not feedforward.layers[0].weight.any()
@@ -197,13 +191,13 @@ def test_convert_quantize_and_lora_reach_the_gate():
     assert "model.layers.2.mlp.gate" in names and "model.layers.2.mlp.layers.0" in names
     converted = kallm.convert(copy.deepcopy(model), basis="legendre")
     assert converted.model.layers[2].mlp.gate.basis.name == "legendre"
-    torch.testing.assert_close(logits(converted), logits(model), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits_of(converted, IDS), logits_of(model, IDS), atol=1e-4, rtol=0)
     pytest.importorskip("torchao", reason="torchao is not installed (pip install 'kallm[quant]')")
     from kallm.core.kan_function import _is_quantized
 
     quantized = kallm.quantize(copy.deepcopy(model))
     assert _is_quantized(quantized.model.layers[2].mlp.gate.weight)
-    assert (logits(quantized) - logits(model)).norm() < 0.05 * logits(model).norm()
+    assert (logits_of(quantized, IDS) - logits_of(model, IDS)).norm() < 0.05 * logits_of(model, IDS).norm()
 
 
 def test_the_cli_retrofits_the_gated_form(tmp_path):

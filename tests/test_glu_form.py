@@ -8,24 +8,19 @@ import copy
 import pytest
 import torch
 import transformers
-from conftest import TINY_CONFIGS, make_tiny_tokenizer, tiny_model
-from test_checkpoint import run_fresh_processes
-from test_retrofit import assert_unchanged, snapshot
 
 import kallm
 from kallm.core.function_layers import ChannelFunctions, check_zero_start, is_channel_functions
 from kallm.surgery.architectures import EXACT_ACTIVATIONS
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.compare import assert_unchanged, logits_of, snapshot
+from kallm.testing.data import conversation
+from kallm.testing.models import TINY_CONFIGS, tiny_model
+from kallm.testing.processes import run_fresh_processes
+from kallm.testing.tokenizers import chat_tokenizer, make_tiny_tokenizer
 
 FAMILIES = sorted(TINY_CONFIGS)
 IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 CHANNELS = 64  # the intermediate size of the tiny Llama, Qwen2 and Phi-3
-
-
-def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def glu(model, **options):
@@ -53,9 +48,9 @@ def function_parameter_names(model):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_retrofit_starts_exactly_at_the_original_in_float32(family):
     model = tiny_model(family)
-    before = logits(model)
+    before = logits_of(model, IDS)
     glu(model)
-    after = logits(model)
+    after = logits_of(model, IDS)
     assert (after - before).abs().max().item() <= 1e-4
     assert torch.equal(after, before)  # the zero functions add exactly 0
 
@@ -63,10 +58,10 @@ def test_the_retrofit_starts_exactly_at_the_original_in_float32(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_retrofit_starts_exactly_at_the_original_in_bfloat16(family):
     model = tiny_model(family).to(torch.bfloat16)
-    before = logits(model)
+    before = logits_of(model, IDS)
     glu(model, function_groups=8)
     assert next(m for m in model.modules() if is_channel_functions(m)).coefficients.dtype == torch.bfloat16
-    assert torch.equal(logits(model), before)
+    assert torch.equal(logits_of(model, IDS), before)
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "opt"])
@@ -87,9 +82,9 @@ def test_the_default_form_is_todays_kan_feedforward_and_a_config_object_takes_th
     assert model.config.kan_config["form"] == "kan"
     assert type(model.model.layers[2].mlp).__name__ == "KANFeedForward"
     model = tiny_model("llama")
-    expected = logits(model)
+    expected = logits_of(model, IDS)
     kallm.retrofit(model, kallm.RetrofitConfig(last_n=1, form="glu", function_groups=4))
-    assert model.config.kan_config["form"] == "glu" and torch.equal(logits(model), expected)
+    assert model.config.kan_config["form"] == "glu" and torch.equal(logits_of(model, IDS), expected)
 
 
 def test_kan_config_records_the_form_and_the_mlp_layout():
@@ -243,13 +238,13 @@ def test_heal_moves_only_the_functions(tmp_path):
 def test_save_and_load_round_trip_is_bit_identical(family, tmp_path):
     model = glu(tiny_model(family), function_groups=16)
     perturb_functions(model)
-    expected = logits(model)
+    expected = logits_of(model, IDS)
     model.save_pretrained(tmp_path / family)
     card = (tmp_path / family / "README.md").read_text()
     assert "given learnable univariate functions" in card and "KAN feedforward sizes" not in card
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / family)
     assert type(loaded) is type(model)
-    assert torch.equal(logits(loaded), expected)
+    assert torch.equal(logits_of(loaded, IDS), expected)
 
 
 def test_a_fresh_process_without_kallm_loads_the_glu_form_with_trust_remote_code(tmp_path):
@@ -260,7 +255,7 @@ def test_a_fresh_process_without_kallm_loads_the_glu_form_with_trust_remote_code
         folder = tmp_path / f"saved-{family}"
         model.save_pretrained(folder)
         state = model.state_dict()
-        torch.save({"ids": IDS, "logits": logits(model),
+        torch.save({"ids": IDS, "logits": logits_of(model, IDS),
                     "kan_state": {name: state[name] for name in function_parameter_names(model)}},
                    tmp_path / f"{family}.pt")
         models[family] = [str(folder), str(tmp_path / f"{family}.pt")]
@@ -288,11 +283,11 @@ def test_lora_on_the_mlp_projections_starts_at_the_model_and_trains_beside_the_f
 
     model = glu(tiny_model(family))
     perturb_functions(model)
-    expected = logits(model)
+    expected = logits_of(model, IDS)
     targets = kallm.lora_targets(model, "mlp")
     assert len(targets) == 3 * (3 if family == "llama" else 2)  # three blocks; Phi-3 fuses gate and up
     peft_model = get_peft_model(model, LoraConfig(target_modules=targets, r=2))
-    assert torch.equal(logits(peft_model), expected)  # LoRA's B starts at zero too
+    assert torch.equal(logits_of(peft_model, IDS), expected)  # LoRA's B starts at zero too
     count = kallm.set_trainable(peft_model, "functions")
     report = kallm.summary(peft_model, print_table=False)
     assert count == report["functions"] + report["adapters"]
@@ -307,10 +302,10 @@ def test_lora_mlp_targets_skip_blocks_whose_mlp_a_kan_feedforward_replaced():
 def test_convert_changes_the_functions_basis_exactly_and_records_it():
     model = glu(tiny_model("llama"), function_groups=16)
     perturb_functions(model)
-    expected = logits(model)
+    expected = logits_of(model, IDS)
     kallm.convert(model, "legendre", 3)
     assert model.kallm_conversion_report.exact
-    assert (logits(model) - expected).abs().max().item() < 1e-5
+    assert (logits_of(model, IDS) - expected).abs().max().item() < 1e-5
     assert (model.config.kan_config["basis"], model.config.kan_config["degree"]) == ("legendre", 3)
     functions = [m for m in model.modules() if is_channel_functions(m)]
     assert all(m.basis.describe() == {"basis": "legendre", "degree": 3} and m.groups == 16 for m in functions)
@@ -333,7 +328,7 @@ def test_a_delta_holds_only_the_functions_and_rebuilds_the_model(tmp_path):
     assert manifest["changed_tensors"] == function_parameter_names(model)
     assert len(manifest["changed_tensors"]) == 2 * 2 * 3  # blocks x functions x (coefficients, bias, input scale)
     loaded, _ = kallm.load_delta(tmp_path / "delta", base=base)
-    assert torch.equal(logits(loaded), logits(model))
+    assert torch.equal(logits_of(loaded, IDS), logits_of(model, IDS))
 
 
 def test_quantize_takes_the_projections_and_refuses_kan_layers_the_form_has_not():
@@ -341,11 +336,11 @@ def test_quantize_takes_the_projections_and_refuses_kan_layers_the_form_has_not(
     with pytest.raises(ValueError, match="retrofitted with form='glu', which keeps the MLPs' nn.Linear projections "
                                          "and has no KAN layers: pass modules='linear'"):
         kallm.quantize(model)
-    expected = logits(model)
+    expected = logits_of(model, IDS)
     kallm.quantize(model, modules="linear")
     assert type(model.model.layers[2].mlp.gate_proj.weight).__name__ != "Parameter"
     assert next(m for m in model.modules() if is_channel_functions(m)).coefficients.dtype == torch.float32
-    assert (logits(model) - expected).abs().max().item() < 0.05
+    assert (logits_of(model, IDS) - expected).abs().max().item() < 0.05
 
 
 def test_onnx_export_of_the_glu_form_matches_pytorch(tmp_path):
@@ -381,14 +376,12 @@ def test_the_cli_retrofits_with_form_glu_and_plot_refuses_it(tmp_path, capsys):
     assert "in learnable functions" in printed
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert (loaded.config.kan_config["form"], loaded.config.kan_config["function_groups"]) == ("glu", 8)
-    assert torch.equal(logits(loaded), logits(tiny_model("llama")))
+    assert torch.equal(logits_of(loaded, IDS), logits_of(tiny_model("llama"), IDS))
     assert main(["plot", str(out), "--block", "2"]) == 2
     assert "form='glu', whose blocks keep their MLPs" in capsys.readouterr().err
 
 
 def test_kallm_train_with_the_functions_policy_moves_only_the_functions_and_saves_them(tmp_path):
-    from test_train_data import chat_tokenizer, conversation
-
     from kallm.train import TrainConfig, train
 
     model = glu(tiny_model("llama"))
@@ -400,4 +393,4 @@ def test_kallm_train_with_the_functions_policy_moves_only_the_functions_and_save
     moved = sorted(name for name, p in model.named_parameters() if not torch.equal(p, before[name]))
     assert moved and set(moved) <= set(function_parameter_names(model))
     reloaded, _ = kallm.load_model(str(tmp_path / "run"))
-    assert torch.equal(logits(reloaded), logits(model))
+    assert torch.equal(logits_of(reloaded, IDS), logits_of(model, IDS))

@@ -8,18 +8,15 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, make_tiny_tokenizer, tiny_model
-from test_train_data import conversation
 
 import kallm
 from kallm.data.chat import tokenize_conversation
 from kallm.healing import HealConfig, distillation_loss, healing_sequences, shared_prefix_logits
 from kallm.surgery.architectures import architecture_for
+from kallm.testing.data import TEXTS, conversation
+from kallm.testing.models import TINY_CONFIGS, tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-TEXTS = ["the quick brown fox jumps over the lazy dog. " * 12, "hello world, how are you today? " * 16,
-         "a stitch in time saves nine; many hands make light work. " * 10]
 QUICK = dict(max_length=32, batch_size=2, progress_bar=False, learning_rate=3e-3, local_tokens=512)
 
 

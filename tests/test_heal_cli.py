@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_model
-from test_heal import TEXTS
 
 import kallm
 from kallm.cli import main
+from kallm.testing.data import TEXTS
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +70,7 @@ def test_heal_command_errors(workspace, tmp_path, capsys):
     assert not (tmp_path / "x" / "config.json").exists()
 
 
+@pytest.mark.integration  # slow: starts torchrun and two workers
 def test_two_processes_with_torchrun(workspace, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_model
 
 from kallm import inference
 from kallm.data.chat import IGNORE_INDEX
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 
 def test_eval_mode_restores_the_training_flag_even_when_the_block_fails():

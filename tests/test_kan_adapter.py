@@ -4,24 +4,21 @@ refuses what it cannot do."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
-from conftest import check_adapter_refused_on_other_kan_blocks, tiny_model
 from transformers import AutoModelForCausalLM
 
 import kallm
 from kallm.finetune.kan_adapter import KANAdapterLayer
+from kallm.testing.adapters import check_adapter_refused_on_other_kan_blocks
+from kallm.testing.compare import logits_of
+from kallm.testing.models import tiny_model
 
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(TOKENS).logits
 
 
 def _retrofitted(seed=0):
@@ -40,7 +37,7 @@ def _trained_looking(model):
 
 def test_a_fresh_kan_adapter_on_linear_and_kan_layers_leaves_the_logits_unchanged():
     base = _retrofitted()
-    reference = _logits(base)
+    reference = logits_of(base, TOKENS)
     config = kallm.kan_adapter_config(base, "all", r=4)
     assert config.peft_type == "KAN_ADAPTER" and config.task_type == "CAUSAL_LM"
     model = peft.get_peft_model(base, config).eval()
@@ -49,11 +46,11 @@ def test_a_fresh_kan_adapter_on_linear_and_kan_layers_leaves_the_logits_unchange
     assert isinstance(wrapped.layers[1].mlp.layers[0], KANAdapterLayer)  # KANLinear
     kan = wrapped.layers[1].mlp.layers[0].kan_adapter_kan["default"]
     assert (kan.in_features, kan.out_features, kan.basis.name, kan.basis.degree) == (4, 4, "cheby2", 2)
-    assert torch.equal(_logits(model), reference)
+    assert torch.equal(logits_of(model, TOKENS), reference)
     gpt2 = tiny_model("gpt2").eval()  # Conv1D projections
-    expected = _logits(gpt2)
+    expected = logits_of(gpt2, TOKENS)
     adapted = peft.get_peft_model(gpt2, kallm.kan_adapter_config(gpt2, "attention", r=4)).eval()
-    assert torch.equal(_logits(adapted), expected)
+    assert torch.equal(logits_of(adapted, TOKENS), expected)
 
 
 def test_training_lowers_the_loss_and_moves_only_the_adapters():
@@ -81,8 +78,8 @@ def test_an_adapter_saves_and_reloads_logit_for_logit(tmp_path):
     _retrofitted().save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     model = _trained_looking(peft.get_peft_model(base, kallm.kan_adapter_config(base, "all", r=4, dropout=0.1)))
-    expected = _logits(model)
-    assert not torch.allclose(expected, _logits(_retrofitted()))
+    expected = logits_of(model, TOKENS)
+    assert not torch.allclose(expected, logits_of(_retrofitted(), TOKENS))
     model.save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "KAN_ADAPTER" and (saved["r"], saved["basis"], saved["degree"]) == (4, "cheby2", 2)
@@ -90,10 +87,11 @@ def test_an_adapter_saves_and_reloads_logit_for_logit(tmp_path):
     for loaded in (peft.PeftModel.from_pretrained(fresh(), tmp_path / "adapter"),
                    kallm.load_adapter(fresh(), tmp_path / "adapter"),
                    peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")):
-        torch.testing.assert_close(_logits(loaded.eval()), expected, rtol=0, atol=0)
+        torch.testing.assert_close(logits_of(loaded.eval(), TOKENS), expected, rtol=0, atol=0)
         assert kallm.summary(loaded, print_table=False)["trainable"] == 0
     # transformers' own PEFT integration: the adapter folder given to AutoModelForCausalLM
-    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()), expected,
+    torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval(), TOKENS),
+                               expected,
                                rtol=0, atol=0)
     trainable = peft.PeftModel.from_pretrained(fresh(), tmp_path / "adapter", is_trainable=True)
     assert all("kan_adapter_" in name for name, p in trainable.named_parameters() if p.requires_grad)
@@ -103,28 +101,28 @@ def test_an_adapter_trained_on_other_kan_blocks_is_refused_naming_the_blocks_on_
     base = _retrofitted()  # KAN feedforwards in blocks 1 and 2
     model = _trained_looking(peft.get_peft_model(base, kallm.kan_adapter_config(base, "all", r=4)))
     model.save_pretrained(tmp_path)
-    check_adapter_refused_on_other_kan_blocks(tmp_path, _logits, _logits(model))
+    check_adapter_refused_on_other_kan_blocks(tmp_path, partial(logits_of, ids=TOKENS), logits_of(model, TOKENS))
 
 
 def test_merging_is_refused_before_anything_changes_and_unload_gives_the_base_back():
     base = _retrofitted()
-    reference = _logits(base)
+    reference = logits_of(base, TOKENS)
     model = _trained_looking(peft.get_peft_model(base, kallm.kan_adapter_config(base, "kan", r=4)))
-    adapted = _logits(model)
+    adapted = logits_of(model, TOKENS)
     for merge in (model.merge_and_unload, model.merge_adapter):
         with pytest.raises(ValueError, match="a KAN adapter cannot be merged into the model's weights: its KAN layer"):
             merge()
-        assert torch.equal(_logits(model), adapted)
+        assert torch.equal(logits_of(model, TOKENS), adapted)
     with model.disable_adapter():
-        assert torch.equal(_logits(model), reference)
+        assert torch.equal(logits_of(model, TOKENS), reference)
     unloaded = model.unload()
     assert not any("kan_adapter" in name for name in unloaded.state_dict())
-    assert torch.equal(_logits(unloaded), reference)
+    assert torch.equal(logits_of(unloaded, TOKENS), reference)
 
 
 def test_bad_targets_ranks_and_settings_are_refused_before_the_model_changes():
     model = _retrofitted()
-    reference = _logits(model)
+    reference = logits_of(model, TOKENS)
     with pytest.raises(ValueError, match="unknown LoRA targets 'ffn'; valid choices: kan, attention, mlp, all"):
         kallm.kan_adapter_config(model, "ffn")
     with pytest.raises(ValueError, match="has no KAN layers to target"):
@@ -150,7 +148,7 @@ def test_bad_targets_ranks_and_settings_are_refused_before_the_model_changes():
         with pytest.raises(error, match=message):
             peft.get_peft_model(model, config)
         assert not any(isinstance(m, KANAdapterLayer) for m in model.modules())
-        assert torch.equal(_logits(model), reference)
+        assert torch.equal(logits_of(model, TOKENS), reference)
 
 
 def test_dropout_acts_on_the_adapter_input_in_training_only():

@@ -16,14 +16,14 @@ import sys
 
 import pytest
 import torch
-from conftest import BLOCK_KALLM, TINY_CONFIGS, make_tiny_tokenizer, tiny_model
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
 
 import kallm
 from kallm.checkpoints.save import save_checkpoint
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.models import TINY_CONFIGS, tiny_model
+from kallm.testing.processes import BLOCK_KALLM
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 IDS = torch.randint(5, 100, (1, 9), generator=torch.Generator().manual_seed(3))
 NEW_TOKENS = 4

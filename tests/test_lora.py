@@ -6,26 +6,23 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import check_adapter_refused_on_other_kan_blocks, tiny_model
 from transformers import AutoModelForCausalLM
 
 import kallm
 from kallm.finetune.lora import KANLoraLinear
+from kallm.testing.adapters import check_adapter_refused_on_other_kan_blocks
+from kallm.testing.compare import logits_of
+from kallm.testing.models import tiny_model
 
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 KAN_LAYERS = [f"model.layers.{b}.mlp.layers.{i}" for b in (1, 2) for i in (0, 1)]
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(TOKENS).logits
 
 
 def _retrofitted(seed=0):
@@ -89,10 +86,10 @@ def test_auto_peft_model_and_auto_model_load_a_kan_adapter_from_its_folder(tmp_p
         tmp_path / "base")
     loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
     assert isinstance(loaded.get_base_model().model.layers[2].mlp.layers[0], KANLoraLinear)
-    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(loaded, TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
     # transformers' own PEFT integration: the adapter folder given to AutoModelForCausalLM
-    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()),
-                               _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval(), TOKENS),
+                               logits_of(model, TOKENS), rtol=0, atol=0)
 
 
 def test_an_adapter_saved_without_a_task_type_loads_with_kallm_in_the_import_allowlist(tmp_path):
@@ -103,13 +100,13 @@ def test_an_adapter_saved_without_a_task_type_loads_with_kallm_in_the_import_all
     with pytest.raises(ValueError, match="'kallm.core.modeling_kallm' which is not in the import allowlist"):
         peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     loaded = peft.AutoPeftModel.from_pretrained(tmp_path / "adapter", import_allowlist=["kallm"]).eval()
-    torch.testing.assert_close(_logits(loaded), _logits(model.eval()), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(loaded, TOKENS), logits_of(model.eval(), TOKENS), rtol=0, atol=0)
 
 
 def test_a_fresh_adapter_leaves_the_model_unchanged():
-    reference = _logits(_retrofitted())
+    reference = logits_of(_retrofitted(), TOKENS)
     model = peft.get_peft_model(_retrofitted(), kallm.lora_config(_retrofitted(), "all", r=4)).eval()
-    torch.testing.assert_close(_logits(model), reference, rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(model, TOKENS), reference, rtol=0, atol=0)
 
 
 def test_the_kan_update_is_a_low_rank_change_of_the_coefficient_matrix():
@@ -128,39 +125,39 @@ def test_the_kan_update_is_a_low_rank_change_of_the_coefficient_matrix():
 @pytest.mark.parametrize("which", ["kan", "all"])
 def test_merge_and_unload_gives_a_plain_kallm_model_with_the_same_logits(which):
     model = _with_adapter(which)
-    adapted = _logits(model)
-    assert not torch.allclose(adapted, _logits(_retrofitted()))
+    adapted = logits_of(model, TOKENS)
+    assert not torch.allclose(adapted, logits_of(_retrofitted(), TOKENS))
     merged = model.merge_and_unload()
     assert type(merged).__name__ == "KALlamaForCausalLM"
     assert type(merged.model.layers[2].mlp.layers[1]) is kallm.KANLinear
     # KAN layers merge bit for bit; PEFT's own Linear layers merge to float rounding
     tolerance = {"rtol": 0, "atol": 0} if which == "kan" else {}
-    torch.testing.assert_close(_logits(merged), adapted, **tolerance)
+    torch.testing.assert_close(logits_of(merged, TOKENS), adapted, **tolerance)
 
 
 def test_unmerge_restores_the_adapter_and_the_base():
     model = _with_adapter("kan")
-    adapted, base = _logits(model), _logits(_retrofitted())
+    adapted, base = logits_of(model, TOKENS), logits_of(_retrofitted(), TOKENS)
     model.merge_adapter()
-    torch.testing.assert_close(_logits(model), adapted, rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(model, TOKENS), adapted, rtol=0, atol=0)
     model.unmerge_adapter()
-    torch.testing.assert_close(_logits(model), adapted)
+    torch.testing.assert_close(logits_of(model, TOKENS), adapted)
     with model.disable_adapter():
-        torch.testing.assert_close(_logits(model), base)
+        torch.testing.assert_close(logits_of(model, TOKENS), base)
 
 
 def test_an_adapter_saves_and_loads_onto_a_fresh_base(tmp_path):
     model = _with_adapter("all")
     model.save_pretrained(tmp_path)
     loaded = kallm.load_adapter(_retrofitted(), tmp_path)
-    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(loaded, TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
     assert kallm.summary(loaded, print_table=False)["trainable"] == 0
 
 
 def test_an_adapter_trained_on_other_kan_blocks_is_refused_naming_the_blocks_on_each_side(tmp_path):
     model = _with_adapter("all")  # LoRA on the KAN layers of blocks 1 and 2, and on the attention
     model.save_pretrained(tmp_path)
-    check_adapter_refused_on_other_kan_blocks(tmp_path, _logits, _logits(model))
+    check_adapter_refused_on_other_kan_blocks(tmp_path, partial(logits_of, ids=TOKENS), logits_of(model, TOKENS))
 
 
 def test_a_saved_base_and_adapter_reload_from_disk(tmp_path):
@@ -168,9 +165,9 @@ def test_a_saved_base_and_adapter_reload_from_disk(tmp_path):
     model = _with_adapter("kan")
     model.save_pretrained(tmp_path / "adapter")
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
-    torch.testing.assert_close(_logits(fresh), _logits(_retrofitted()), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(fresh, TOKENS), logits_of(_retrofitted(), TOKENS), rtol=0, atol=0)
     loaded = kallm.load_adapter(fresh, tmp_path / "adapter")
-    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(loaded, TOKENS), logits_of(model, TOKENS), rtol=0, atol=0)
 
 
 def test_training_moves_only_the_adapters_and_trains_through_the_kan_layers():
@@ -221,8 +218,8 @@ def test_lora_bias_merges_into_the_kan_bias():
         for name, parameter in model.named_parameters():
             if "lora_B" in name and name.endswith("bias"):
                 parameter.normal_(0.0, 0.1)
-    adapted = _logits(model)
-    torch.testing.assert_close(_logits(model.merge_and_unload()), adapted, rtol=0, atol=0)
+    adapted = logits_of(model, TOKENS)
+    torch.testing.assert_close(logits_of(model.merge_and_unload(), TOKENS), adapted, rtol=0, atol=0)
 
 
 def test_set_trainable_on_a_peft_model_keeps_the_adapters_training():
@@ -299,7 +296,7 @@ def test_trust_remote_code_users_get_attention_lora_from_peft_and_kan_lora_from_
                       for which in ("attention", "kan"))
     attention.save_pretrained(tmp_path / "attention")
     kan.save_pretrained(tmp_path / "kan")
-    kan_logits = _logits(kan)
+    kan_logits = logits_of(kan, TOKENS)
     kan.merge_and_unload().save_pretrained(tmp_path / "merged")
     kan_type = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval(),
                                    kallm.KANAdapterConfig(task_type="CAUSAL_LM", r=4, target_modules=KAN_LAYERS))
@@ -308,7 +305,7 @@ def test_trust_remote_code_users_get_attention_lora_from_peft_and_kan_lora_from_
             if "kan_adapter_up" in name:
                 parameter.normal_(0, 0.1)
     kan_type.save_pretrained(tmp_path / "kan_type")
-    kan_type_logits = _logits(kan_type.eval())
+    kan_type_logits = logits_of(kan_type.eval(), TOKENS)
     env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     env.update(PYTHONPATH=str(Path(kallm.__file__).parent.parent), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
@@ -319,7 +316,7 @@ def test_trust_remote_code_users_get_attention_lora_from_peft_and_kan_lora_from_
     result = json.loads(next(line for line in process.stdout.splitlines() if line.startswith("RESULTS "))[8:])
     assert result["remote_class"].startswith("transformers_modules.")
     for key in ("attention", "auto_attention"):
-        torch.testing.assert_close(torch.tensor(result[key]), _logits(attention), rtol=0, atol=0)
+        torch.testing.assert_close(torch.tensor(result[key]), logits_of(attention, TOKENS), rtol=0, atol=0)
     assert "is not supported" in result["kan_without_kallm"]
     for key in ("merged", "kan", "auto_kan"):
         torch.testing.assert_close(torch.tensor(result[key]), kan_logits, rtol=0, atol=0)

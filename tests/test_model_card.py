@@ -1,14 +1,15 @@
-"""kallm's model card: metadata through huggingface_hub's ModelCardData, the bundled model's origin, results as
-model-index, and merging into a README already there."""
+"""kallm's model card: what a saved checkpoint's card says, metadata through huggingface_hub's ModelCardData, the
+bundled model's origin, results as model-index, and merging into a README already there (a user's own card)."""
 
 from __future__ import annotations
 
-from conftest import tiny_model
 from huggingface_hub import EvalResult, ModelCard
 
 import kallm
 from kallm.checkpoints.load import BUNDLED_MODELS
+from kallm.core.layers import KANFeedForward
 from kallm.core.model_card import BUNDLED_BASE_MODELS, merge_model_card, model_card
+from kallm.testing.models import tiny_model
 
 
 def retrofitted(base_model: str):
@@ -66,3 +67,94 @@ def test_results_become_model_index_and_a_merge_keeps_the_users_other_results():
     assert values == {("mine", "accuracy"): 0.5, ("wikitext", "perplexity"): 35.0}  # kallm's replaced, not added
     assert merged.data.datasets == ["me/my-data", "HuggingFaceTB/smol-smoltalk"]
     assert merged.data.license == "mit"  # the user's metadata stays
+
+
+def test_model_card_describes_the_retrofit_and_both_load_paths(saved):
+    folder, model, _ = saved["gpt2-rational"]
+    card = (folder / "README.md").read_text()
+    kan_config = model.config.kan_config
+    total = sum(p.numel() for p in model.parameters())
+    kan_total = sum(p.numel() for m in model.modules() if isinstance(m, KANFeedForward) for p in m.parameters())
+    metadata = ModelCard(card).data
+    assert metadata.library_name == "transformers" and "kallm" in metadata.tags
+    assert metadata.base_model is None  # "gpt2" here is a local tiny model, no Hub repo
+    assert metadata.kan_config == kan_config
+    assert "| base model | `gpt2` (gpt2) |" in card
+    assert "| retrofitted blocks | [0, 2] |" in card
+    assert "| basis | `rational`, degree 2 |" in card
+    assert f"| KAN feedforward sizes | 32 -> {kan_config['intermediate_size']} -> 32 |" in card
+    assert "| basis options | denominator_degree=2 |" in card and "| input map, bias | affine, True |" in card
+    assert f"| parameters | {total:,} in all, {kan_total:,} in KAN feedforwards |" in card
+    assert "import kallm" in card and 'AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")' in card
+    assert 'from_pretrained("PATH_OR_REPO", trust_remote_code=True)' in card
+
+
+def test_model_card_names_a_hub_base_model():
+    model = tiny_model("llama")
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    kallm.retrofit(model, last_n=1)
+    card = kallm.core.model_card.model_card(model, tags=["chat"], location="me/kan-smol")
+    metadata = ModelCard(card).data
+    assert metadata.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert metadata.tags == ["kallm", "kan", "kolmogorov-arnold", "chat"]
+    assert 'from_pretrained("me/kan-smol", trust_remote_code=True)' in card
+
+
+USER_CARD = """---
+license: mit
+tags:
+- mine
+---
+# My tiny model
+
+Trained by me, on my data.
+"""
+
+
+def _count(text, fragment):
+    return text.count(fragment)
+
+
+def test_save_keeps_a_users_card_and_merges_kallms_section_once(saved, tmp_path):
+    from huggingface_hub import ModelCard
+
+    _, model, _ = saved["gpt2"]
+    folder = tmp_path / "with-card"
+    folder.mkdir()
+    (folder / "README.md").write_text(USER_CARD)
+    model.save_pretrained(folder)
+    first = (folder / "README.md").read_text()
+    card = ModelCard(first)
+    assert card.data.license == "mit"
+    assert card.data.tags == ["mine", "kallm", "kan", "kolmogorov-arnold"]
+    assert card.data.library_name == "transformers"
+    assert card.text.startswith("# My tiny model\n\nTrained by me, on my data.\n")
+    assert "| retrofitted blocks | [1, 2] |" in card.text
+    model.save_pretrained(folder)  # re-saving replaces kallm's section, it does not add another
+    second = (folder / "README.md").read_text()
+    assert second == first
+    assert _count(second, "| retrofitted blocks |") == 1 and _count(second, "# My tiny model") == 1
+
+
+def test_save_replaces_its_own_section_when_the_model_changed(saved, tmp_path):
+    folder = tmp_path / "changing"
+    model = kallm.retrofit(tiny_model("llama"), layers=[2])
+    model.save_pretrained(folder)
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\n## My notes\n\nkeep me\n")
+    kallm.retrofit(model, layers=[0])
+    model.save_pretrained(folder)
+    text = (folder / "README.md").read_text()
+    assert "| retrofitted blocks | [0, 2] |" in text and "| retrofitted blocks | [2] |" not in text
+    assert text.rstrip().endswith("keep me") and _count(text, "# ") - _count(text, "## ") >= 1
+    assert _count(text, kallm.core.model_card.CARD_BEGIN) == 1
+
+
+def test_a_card_without_front_matter_gets_kallms(saved, tmp_path):
+    _, model, _ = saved["gpt2"]
+    folder = tmp_path / "plain-card"
+    folder.mkdir()
+    (folder / "README.md").write_text("# Notes\n\nJust text.\n")
+    model.save_pretrained(folder)
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n") and "kallm" in text.split("---")[1]
+    assert "# Notes\n\nJust text.\n" in text and "| retrofitted blocks |" in text

@@ -8,18 +8,18 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm
 from kallm.cli import main
 from kallm.core import bases
 from kallm.core.bases import Basis, register_basis
 from kallm.export import onnx as onnx_export
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 for _package in onnx_export.ONNX_PACKAGES:
     pytest.importorskip(_package, reason=f"{_package} is not installed (pip install 'kallm[onnx]'; the dev extra has it)")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: two rows, so the batch axis is checked dynamic; neither the traced batch (2) and lengths (3 past, 2 new) alone
 IDS = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))

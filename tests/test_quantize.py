@@ -7,26 +7,22 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm
 from kallm.core.kan_function import _is_quantized
 from kallm.core.layers import KANLinear
+from kallm.testing.compare import logits_of
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 pytest.importorskip("torchao", reason="torchao is not installed (pip install 'kallm[quant]'; the dev extra has it)")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
 def _retrofitted(basis="cheby2", **options):
     return kallm.retrofit(tiny_model("llama"), last_n=2, basis=basis, **options)
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 def _kan_layers(model):
@@ -37,13 +33,13 @@ def _kan_layers(model):
 def test_int8_quantizes_every_kan_layer_and_stays_close(basis):
     model = _retrofitted(basis)
     original = {id(layer): copy.deepcopy(layer) for layer in _kan_layers(model)}
-    before = _logits(model)
+    before = logits_of(model, IDS)
     assert kallm.quantize(model) is model
     layers = _kan_layers(model)
     assert len(layers) == 4 and all(_is_quantized(layer.weight) for layer in layers)
     assert all(not _is_quantized(layer.input_scale) for layer in layers)
     assert all(type(m.weight) is torch.nn.Parameter for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert not torch.equal(_logits(model), before)
+    assert not torch.equal(logits_of(model, IDS), before)
     x = torch.randn(16, layers[0].in_features, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for layer in layers[:2]:
@@ -69,7 +65,7 @@ def test_linear_and_all_modules_quantize_the_decoder_linears_but_not_the_head():
 
 def test_save_and_load_round_trip(tmp_path):
     model = kallm.quantize(_retrofitted("rational", intermediate_size=256))  # weights large next to metadata
-    expected = _logits(model)
+    expected = logits_of(model, IDS)
     kallm.save_quantized(model, tmp_path / "q")
     settings = json.loads((tmp_path / "q" / "kallm_quantization.json").read_text())
     assert settings["weights"] == "int8" and settings["modules"] == ["kan"]
@@ -77,7 +73,7 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = kallm.load_quantized(tmp_path / "q")
     assert all(_is_quantized(layer.weight) for layer in _kan_layers(loaded))
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    torch.testing.assert_close(_logits(loaded), expected)
+    torch.testing.assert_close(logits_of(loaded, IDS), expected)
     kallm.save_quantized(loaded, tmp_path / "again")  # a loaded model saves again
     plain = _retrofitted("rational", intermediate_size=256)
     torch.save(plain.state_dict(), tmp_path / "plain.pt")

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-from test_checkpoint import CODE_FILES, run_fresh_processes
 
 import kallm
 from kallm.core.layers import KANFeedForward
+from kallm.testing.processes import CODE_FILES, run_fresh_processes
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.all_threads]
 
 NEW_TOKENS = 8
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import TINY_CONFIGS, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM, GgufConfig
 
@@ -25,12 +24,11 @@ import kallm
 from kallm.core.layers import KANFeedForward, count_parameters
 from kallm.core.modeling_kallm import install_kan_feedforwards
 from kallm.surgery.architectures import ARCHITECTURES
+from kallm.testing.compare import assert_unchanged, snapshot
+from kallm.testing.models import TINY_CONFIGS, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
 REPO = Path(__file__).resolve().parents[1]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_ids(batch=2, length=6, seed=1):
@@ -44,30 +42,6 @@ def feedforward_prefixes(model_type, layers):
         f"{architecture.blocks_path}.{i}.{name}."
         for i in layers for name in (architecture.mlp_attribute, *architecture.bypassed_attributes)
     )
-
-
-def snapshot(model):
-    """Everything a refused retrofit call must leave as it was."""
-    return {
-        "class": type(model),
-        "config": copy.deepcopy(model.config.to_dict()),
-        "modules": [(name, id(module)) for name, module in model.named_modules()],
-        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
-        "restarted": list(getattr(model.config, "kallm_restarted_layers", None) or []),
-    }
-
-
-def assert_unchanged(model, before):
-    after = snapshot(model)
-    assert after["class"] is before["class"]
-    assert after["config"] == before["config"]
-    assert after["modules"] == before["modules"]
-    assert after["restarted"] == before["restarted"]
-    assert after["tensors"].keys() == before["tensors"].keys()
-    for key, value in before["tensors"].items():
-        assert after["tensors"][key].device == value.device and after["tensors"][key].shape == value.shape, key
-        if not value.is_meta:  # meta tensors hold no values to compare
-            assert torch.equal(after["tensors"][key], value), key
 
 
 # ------------------------------------------------------------------------------------ every family
@@ -832,7 +806,6 @@ def test_kan_layers_take_the_models_compute_dtype():
 def _peft_wrapped(model):
     peft = pytest.importorskip("peft")
     return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-
 
 
 def _kan_adapted(model):

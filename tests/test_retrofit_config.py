@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_retrofit import assert_unchanged, snapshot
 from transformers import AutoModelForCausalLM
 
 import kallm
 from kallm import RetrofitConfig
 from kallm.core.layers import KANFeedForward
 from kallm.surgery.architectures import Architecture
+from kallm.testing.compare import assert_unchanged, snapshot
+from kallm.testing.models import tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 

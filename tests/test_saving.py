@@ -8,17 +8,14 @@ import stat
 import pytest
 import torch
 import transformers.modeling_utils
-from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm
 from kallm.checkpoints.save import check_output_folder, replacing_checkpoint, resume_checkpoint, save_checkpoint
+from kallm.testing.compare import logits_of
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 IDS = torch.tensor([[1, 5, 9, 17, 33]])
-
-
-def logits(model):
-    with torch.no_grad():
-        return model.eval()(IDS).logits
 
 
 def failing_weights_writer(monkeypatch):
@@ -44,7 +41,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ["model"]  # no temporary folder left behind
     monkeypatch.undo()
     reloaded, _ = kallm.load_model(str(folder))
-    assert torch.equal(logits(reloaded), logits(old))
+    assert torch.equal(logits_of(reloaded.eval(), IDS), logits_of(old.eval(), IDS))
 
 
 def test_a_new_folder_is_created_with_ordinary_permissions(tmp_path):
@@ -54,7 +51,8 @@ def test_a_new_folder_is_created_with_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     assert sorted(os.listdir(folder.parent)) == ["model"]
-    assert torch.equal(logits(kallm.load_model(str(folder))[0]), logits(tiny_model("llama")))
+    assert torch.equal(logits_of(kallm.load_model(str(folder))[0].eval(), IDS),
+                       logits_of(tiny_model("llama").eval(), IDS))
 
 
 def test_the_model_files_are_replaced_as_a_set_and_other_entries_stay(tmp_path):
@@ -71,7 +69,7 @@ def test_the_model_files_are_replaced_as_a_set_and_other_entries_stay(tmp_path):
     assert {"checkpoint-10", "metrics.jsonl", "model.safetensors", "config.json", "tokenizer.json"} <= names
     assert not any(name.startswith("model-0000") or name.endswith(".index.json") for name in names)
     assert (folder / "checkpoint-10" / "config.json").read_text() == "{}"
-    assert torch.equal(logits(kallm.load_model(str(folder))[0]), logits(new))
+    assert torch.equal(logits_of(kallm.load_model(str(folder))[0].eval(), IDS), logits_of(new.eval(), IDS))
     assert os.listdir(tmp_path) == ["run"]
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, make_tiny_tokenizer, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import kallm
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.models import TINY_CONFIGS, tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 TEXTS = ["the cat sat on the mat", "a dog ran", "Hello, world!"]
 

@@ -11,16 +11,19 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_model
 
 import kallm
 from kallm.checkpoints.save import save_checkpoint
 from kallm.surgery import retrofitted_blocks
+from kallm.testing.compare import logits_of
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 from kallm.train import TrainConfig, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.integration  # slow: the whole chain, three times over
 
 PROMPT_IDS = [[1, 40, 50, 60, 41, 70, 33]]
+PROMPT = torch.tensor(PROMPT_IDS)
 
 # Runs where kallm cannot be imported (cwd is the checkpoint, PYTHONPATH cleared): the remote-code path.
 FRESH_PROCESS = """
@@ -41,11 +44,6 @@ print(json.dumps({"class": type(model).__name__, "reply": reply[0].tolist()}))
 def conversations():
     return [{"messages": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b)}]}
             for a in range(4) for b in range(4)]
-
-
-def logits(model):
-    with torch.no_grad():
-        return model.eval()(torch.tensor(PROMPT_IDS)).logits
 
 
 def reload_in_a_fresh_process(folder, tmp_dir):
@@ -82,12 +80,13 @@ def test_the_whole_chain_three_times_without_drift_or_leftovers(tmp_path, monkey
                              warmup=0, logging_steps=1, save_steps=1000, progress_bar=False, seed=round_number,
                              bf16=round_number != 1)  # autocast in rounds 0 and 2: the model must come back unwrapped
         train(model, tokenizer, data, config)
-        expected = logits(model)
+        expected = logits_of(model.eval(), PROMPT)
         save_checkpoint(model, tokenizer, folder)
 
         in_process, _ = kallm.load_model(str(folder))
-        assert torch.equal(logits(in_process), expected)
-        assert torch.equal(logits(kallm.load_model(str(run_dir))[0]), expected)  # train's own final save
+        assert torch.equal(logits_of(in_process.eval(), PROMPT), expected)
+        # train's own final save
+        assert torch.equal(logits_of(kallm.load_model(str(run_dir))[0].eval(), PROMPT), expected)
         fresh, answer = reload_in_a_fresh_process(folder, tmp_dir)
         assert torch.equal(fresh, expected), f"round {round_number}: the fresh process computes other logits"
         assert answer["class"] == type(model).__name__ and answer["reply"][: len(PROMPT_IDS[0])] == PROMPT_IDS[0]
@@ -98,9 +97,9 @@ def test_the_whole_chain_three_times_without_drift_or_leftovers(tmp_path, monkey
         if len(blocks) < 3:
             kallm.retrofit(model, layers=[min(blocks) - 1])  # extend by one block, same settings
             assert retrofitted_blocks(model) == [min(blocks) - 1, *blocks]
-        extended = logits(model)
+        extended = logits_of(model.eval(), PROMPT)
         save_checkpoint(model, tokenizer, folder)
-        assert torch.equal(logits(kallm.load_model(str(folder))[0]), extended)
+        assert torch.equal(logits_of(kallm.load_model(str(folder))[0].eval(), PROMPT), extended)
         assert json.loads((folder / "config.json").read_text())["kan_config"]["blocks"] == retrofitted_blocks(model)
 
         assert sorted(os.listdir(work)) == ["model", "run"], f"round {round_number}: left behind in {work}"

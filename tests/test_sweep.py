@@ -8,15 +8,14 @@ import re
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_tokenizer, tiny_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kallm.cli import main
 from kallm.cli.sweep import select
 from kallm.recipes.runs import ARM_NAME
 from kallm.recipes.sweep import arm_settings, expand_grid, load_sweep, pareto_front, run_sweep
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import make_tiny_tokenizer
 
 WORDS = {0: ["ball", "goal", "team"], 1: ["bank", "stock", "price"]}
 
@@ -171,7 +170,6 @@ def test_subset_selection_refuses_unknown_arms(workspace, monkeypatch):
     config = load_sweep(write_config(workspace))
     with pytest.raises(ValueError, match="--arms: \\['nope'\\] are not arms of tiny-sweep; its arms: cheby2-d2"):
         select(config, "nope,mlp", None)
-
 
 
 @pytest.mark.parametrize("seeds, message", [

@@ -12,18 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_train_data import chat_tokenizer
-from test_train_trainer import sums
 
 import kallm
 from kallm.cli.train import add_arguments, run
+from kallm.testing.data import sums
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import chat_tokenizer
 from kallm.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +103,7 @@ def test_distill_never_guesses_a_teacher_from_a_local_folder_name(workspace, tmp
                   "--max-steps", 1, "--out", tmp_path / "out"))
 
 
+@pytest.mark.integration  # slow: starts torchrun and two workers
 def test_two_processes_with_torchrun(workspace, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

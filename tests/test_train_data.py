@@ -1,19 +1,11 @@
-"""Chat data for training: loading, bad rows, assistant-only masks, packing, batching.
-
-Also home of ``chat_tokenizer``, a tiny character-level tokenizer with a ChatML chat
-template (like SmolLM2's) that the other training tests share.
-"""
+"""Chat data for training: loading, bad rows, assistant-only masks, packing, batching."""
 
 from __future__ import annotations
 
 import json
-import string
 
 import pytest
 import torch
-from conftest import tiny_model
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import kallm
 from kallm.data.chat import (
@@ -26,35 +18,10 @@ from kallm.data.chat import (
     render_segments,
     tokenize_conversation,
 )
+from kallm.testing.data import conversation
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import chat_tokenizer
 from kallm.train import check_packing_support
-
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def chat_tokenizer(template: str = CHATML_TEMPLATE):
-    """One token per character plus ChatML markers: 103 ids, fits the vocab-128 tiny models."""
-    characters = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + characters)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    tokenizer.chat_template = template
-    return tokenizer
-
-
-def conversation(*turns):
-    roles = ["user", "assistant"]
-    return {"messages": [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]}
 
 
 def write_jsonl(path, rows):

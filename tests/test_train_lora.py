@@ -7,16 +7,16 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_train_data import chat_tokenizer
-from test_train_trainer import sums
 
 import kallm
 from kallm.cli.train import add_arguments, run
+from kallm.testing.compare import logits_of
+from kallm.testing.data import sums
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import chat_tokenizer
 from kallm.train import TrainConfig, train
 
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKENS = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -44,11 +44,6 @@ def train_command(workspace, model, out, *options):
                      "--max-steps", 3, "--batch-size", 4, "--logging-steps", 1, "--lr", 1e-2, "--quiet", *options))
 
 
-def logits(model):
-    with torch.no_grad():
-        return model(TOKENS).logits
-
-
 def test_train_lora_saves_an_adapter_and_a_merged_checkpoint_with_the_same_logits(workspace, tmp_path, capsys):
     out = tmp_path / "out"
     assert train_command(workspace, "retrofitted", out, "--lora", 4, "--lora-alpha", 8, "--merge") == 0
@@ -64,15 +59,15 @@ def test_train_lora_saves_an_adapter_and_a_merged_checkpoint_with_the_same_logit
     assert summary["config"]["trainable"] is None and summary["merged_dir"] == str(out / "merged")
 
     base, _ = kallm.load_model(str(workspace / "retrofitted"))
-    reference = logits(base)
+    reference = logits_of(base, TOKENS)
     adapted = kallm.load_adapter(base, out).eval()
     assert kallm.summary(adapted, print_table=False)["adapters"] == summary["trainable_parameters"]
-    adapted_logits = logits(adapted)
+    adapted_logits = logits_of(adapted, TOKENS)
     assert not torch.allclose(adapted_logits, reference)  # the adapter trained
     merged, _ = kallm.load_model(str(out / "merged"))
     assert type(merged).__name__ == "KALlamaForCausalLM"
     assert not any("lora" in name for name in merged.state_dict())
-    torch.testing.assert_close(logits(merged), adapted_logits)  # attention LoRA merges to float rounding
+    torch.testing.assert_close(logits_of(merged, TOKENS), adapted_logits)  # attention LoRA merges to float rounding
 
 
 def test_train_kan_adapter_saves_an_adapter_that_reloads_logit_for_logit(workspace, tmp_path, capsys):
@@ -85,13 +80,13 @@ def test_train_kan_adapter_saves_an_adapter_that_reloads_logit_for_logit(workspa
     summary = json.loads((out / "train_result.json").read_text())
 
     base, _ = kallm.load_model(str(workspace / "retrofitted"))
-    reference = logits(base)
+    reference = logits_of(base, TOKENS)
     adapted = kallm.load_adapter(base, out).eval()
     assert kallm.summary(adapted, print_table=False)["adapters"] == summary["trainable_parameters"]
-    adapted_logits = logits(adapted)
+    adapted_logits = logits_of(adapted, TOKENS)
     assert not torch.allclose(adapted_logits, reference)  # the adapter trained
     auto = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()
-    torch.testing.assert_close(logits(auto), adapted_logits, rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(auto, TOKENS), adapted_logits, rtol=0, atol=0)
 
 
 def test_train_lora_leaves_the_base_weights_alone_and_trains_only_the_adapter(workspace, tmp_path):

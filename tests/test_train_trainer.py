@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import shutil
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_train_data import chat_tokenizer, conversation
 from transformers import TrainerCallback
 
 import kallm
+from kallm.testing.data import sums
+from kallm.testing.models import tiny_model
+from kallm.testing.tokenizers import chat_tokenizer
 from kallm.train import TrainConfig, train
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def sums(count=48, seed=0):
-    rng = random.Random(seed)
-    return [conversation(f"{a}+{b}=", str(a + b)) for a, b in ((rng.randint(0, 9), rng.randint(0, 9))
-                                                                   for _ in range(count))]
 
 
 def retrofitted(seed=0):

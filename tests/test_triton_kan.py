@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import torch
-from conftest import check_compiles_as_one_graph
 
 from kallm.core import kan_function
 from kallm.core.bases import Chebyshev2, RecurrenceBasis, make_basis
 from kallm.core.layers import KANFeedForward, KANLinear
+from kallm.testing.compare import check_compiles_as_one_graph
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(
@@ -28,8 +28,6 @@ needs_triton = pytest.mark.skipif(
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 ON_INTERPRETER = DEVICE == "cpu"
 F64 = torch.float64
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
