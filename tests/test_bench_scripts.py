@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,23 +11,11 @@ import torch
 
 from kallm.core.layers import KANFeedForward
 from kallm.testing.models import tiny_model
+from kallm.testing.processes import load_script
 from kallm.testing.tokenizers import make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts" / "bench"
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def load_script(name):
-    """The benchmark script ``name`` as a module, its sibling imports (skeleton) found as when it is run."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def fit_bench_inputs(tmp_path):
     """A saved tiny Llama with its tokenizer, a text to score, and where the tables go."""
@@ -136,6 +122,7 @@ def test_bench_convert_measures_exact_and_lossy_conversions():
     assert "| hermite |" in table and "| cheby2 3 -> legendre 2 | no |" in table
 
 
+@pytest.mark.integration  # a whole healing run per arm, ~35 s
 def test_bench_heal_runs_its_arms_and_writes_table_json_and_curve(tmp_path, data_dir, monkeypatch):
     import shutil
 
@@ -326,6 +313,7 @@ def test_write_report_makes_missing_folders_and_an_empty_output_prefix_writes_no
     assert sorted(path.name for path in (tmp_path / "a").iterdir()) == ["r.json"]
 
 
+@pytest.mark.integration  # a training process per arm, ~35 s
 def test_bench_finetune_trains_each_arm_in_its_own_process_and_writes_its_table(tmp_path, data_dir):
     folder, text, out_json, out_md = fit_bench_inputs(tmp_path)
     chat = first_conversations(data_dir, tmp_path)

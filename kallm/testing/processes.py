@@ -15,7 +15,7 @@ import torch
 #: the folder that holds the kallm package: a fresh process that may import kallm finds it there
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 #: the benchmark scripts of a source checkout
-SCRIPTS = PACKAGE_ROOT / "scripts"
+SCRIPTS = PACKAGE_ROOT / "scripts" / "bench"
 
 #: the portable modules a retrofitted checkpoint carries for ``trust_remote_code=True`` users
 CODE_FILES = (
@@ -119,7 +119,7 @@ def run_fresh_processes(requests: dict, tmp_path) -> dict:
 
 
 def load_script(name):
-    """The benchmark script ``name`` as a module, its sibling imports (bench_report) found as when it is run."""
+    """The benchmark script ``name`` as a module, its sibling imports (skeleton) found as when it is run."""
     if str(SCRIPTS) not in sys.path:
         sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
