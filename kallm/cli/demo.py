@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..checkpoints.load import DEFAULT_MODEL
+from ..core.retrofit_config import INITS
 from ..data.folder import data_folder
 from ..recipes.demo import HEAL_MINUTES, QUESTION, run_demo
-from ..surgery.fit import INITS
 from ..values import Number, existing_path, non_negative_float, path_or_hub_id, positive_int
 
 

@@ -1,5 +1,6 @@
 """Training and evaluation data: chat conversations read, cleaned, rendered with a chat template and tokenized with
-their assistant turns marked (``chat``)."""
+their assistant turns marked (``chat``); labelled rows of a classification task (``classification``); token
+sequences padded into batches (``padding``); the data folder ``$KALLM_DATA_DIR`` names (``folder``)."""
 
 from .chat import (
     IGNORE_INDEX,
