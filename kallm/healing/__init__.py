@@ -4,7 +4,7 @@ hides the function).
 
 ``config`` holds the settings, the report and the file names; ``data`` the healing text; ``prefix`` the shared
 prefix (the blocks both models have in common run once); ``local`` the block-local stage; ``loop`` the
-end-to-end stage and ``heal`` itself; ``plot`` the curve. The distillation loss is ``kallm.train.losses``'.
+end-to-end stage and ``heal`` itself; ``plot`` the curve. The distillation loss comes from ``kallm.train.losses``.
 """
 
 from ..train.losses import distillation_loss

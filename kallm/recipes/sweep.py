@@ -5,8 +5,9 @@ The model is shrunk once (``kallm.shrink``: a few blocks, the vocabulary of the 
 linear restart, or none: the original MLP retrained), trains on the training rows and is scored on the dev rows.
 ``results.md``, ``results.json`` and ``accuracy_vs_time.png`` (with the Pareto front) are written at the end.
 
-It shares ``kallm experiment``'s machinery: ``${KALLM_*}`` variables in the config, arm names, and ``runs.json``
-(an interrupted sweep resumes from the runs it recorded; ``--restart`` runs everything again).
+It shares what ``kallm experiment`` uses too (``runs``): ``${KALLM_*}`` variables in the config, arm names, and
+``runs.json`` (an interrupted sweep resumes from the runs it recorded; ``--restart`` runs everything again). It
+trains through ``kallm.train.classifier`` and scores through ``kallm.eval.classification``.
 """
 
 from __future__ import annotations
