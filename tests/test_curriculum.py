@@ -104,7 +104,7 @@ def test_the_command_line_takes_degree_stages():
     (dict(degree_stages=[0, 1]), "degree_stages must be an integer >= 1 each, got \\[0, 1\\]"),
     (dict(max_steps=-1), "degree_stages needs max_steps"),
     (dict(resume=True), "degree_stages cannot resume"),
-    (dict(lora_rank=2), "train without lora_rank"),
+    (dict(adapter_rank=2), "train without adapter_rank"),
 ])
 def test_bad_settings_are_refused_when_the_config_is_made(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):

@@ -1,4 +1,4 @@
-"""``kallm train --lora``: an adapter trained through transformers' Trainer, saved, reloaded and merged."""
+"""``kallm train --adapter-rank``: an adapter trained through transformers' Trainer, saved, reloaded and merged."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kallm
-from kallm.cli.train import add_arguments, run
+from kallm.cli.train import add_arguments, config_from_args, run
 from kallm.testing.compare import logits_of
 from kallm.testing.data import sums
 from kallm.testing.models import tiny_model
@@ -46,7 +46,7 @@ def train_command(workspace, model, out, *options):
 
 def test_train_lora_saves_an_adapter_and_a_merged_checkpoint_with_the_same_logits(workspace, tmp_path, capsys):
     out = tmp_path / "out"
-    assert train_command(workspace, "retrofitted", out, "--lora", 4, "--lora-alpha", 8, "--merge") == 0
+    assert train_command(workspace, "retrofitted", out, "--adapter-rank", 4, "--adapter-alpha", 8, "--merge") == 0
     printed = capsys.readouterr().out
     assert f"adapter and tokenizer saved to {out}" in printed and f"merged into it saved to {out / 'merged'}" in printed
     config = json.loads((out / "adapter_config.json").read_text())
@@ -72,7 +72,7 @@ def test_train_lora_saves_an_adapter_and_a_merged_checkpoint_with_the_same_logit
 
 def test_train_kan_adapter_saves_an_adapter_that_reloads_logit_for_logit(workspace, tmp_path, capsys):
     out = tmp_path / "out"
-    assert train_command(workspace, "retrofitted", out, "--lora", 4, "--adapter", "kan") == 0
+    assert train_command(workspace, "retrofitted", out, "--adapter-rank", 4, "--adapter", "kan") == 0
     assert f"adapter and tokenizer saved to {out}" in capsys.readouterr().out
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "KAN_ADAPTER" and config["r"] == 4 and config["task_type"] == "CAUSAL_LM"
@@ -93,7 +93,7 @@ def test_train_lora_leaves_the_base_weights_alone_and_trains_only_the_adapter(wo
     model, tokenizer = kallm.load_model(str(workspace / "retrofitted"))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     config = TrainConfig(output_dir=str(tmp_path / "out"), max_steps=2, batch_size=4, learning_rate=1e-2,
-                         progress_bar=False, lora_rank=2, lora_targets="kan")
+                         progress_bar=False, adapter_rank=2, adapter_targets="kan")
     result = train(model, tokenizer, sums(8), config)
     assert isinstance(model, torch.nn.Module) and result.merged_dir is None
     wrapped = model.model.layers[2].mlp.layers[0]
@@ -107,7 +107,7 @@ def test_train_lora_leaves_the_base_weights_alone_and_trains_only_the_adapter(wo
 
 def test_train_lora_on_a_plain_model_targets_the_attention(workspace, tmp_path):
     out = tmp_path / "out"
-    assert train_command(workspace, "plain", out, "--lora", 2) == 0
+    assert train_command(workspace, "plain", out, "--adapter-rank", 2) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert sorted({name.rsplit(".", 1)[1] for name in config["target_modules"]}) == ["k_proj", "o_proj", "q_proj",
                                                                                       "v_proj"]
@@ -122,18 +122,18 @@ def test_a_user_peft_model_trains_its_adapter_with_a_policy_for_the_base(workspa
     feedforward = sum(p.numel() for p in model.model.layers[2].mlp.parameters())
     assert result.trainable_parameters == feedforward  # the adapter lives inside the KAN feedforward
     with pytest.raises(ValueError, match="already carries PEFT adapters"):
-        train(wrapped, tokenizer, sums(8), TrainConfig(output_dir=str(tmp_path / "again"), lora_rank=2))
+        train(wrapped, tokenizer, sums(8), TrainConfig(output_dir=str(tmp_path / "again"), adapter_rank=2))
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(merge=True), "merge needs an adapter to merge: set lora_rank"),
-    (dict(lora_rank=0), "lora_rank must be an integer >= 1, got 0"),
-    (dict(lora_rank=2, lora_dropout=1.0), r"lora_dropout must be a finite number in \[0, 1\), got 1.0"),
-    (dict(lora_rank=2, lora_alpha=0), "lora_alpha must be a finite number > 0, got 0"),
-    (dict(lora_rank=2, lora_targets="ffn"), "lora_targets must be one of kan, attention, mlp, all, got 'ffn'"),
-    (dict(lora_rank=2, adapter="dora"), "adapter must be one of lora, kan, got 'dora'"),
-    (dict(adapter="kan"), "adapter='kan' needs lora_rank, the adapter's rank"),
-    (dict(lora_rank=2, adapter="kan", merge=True), "merge: a KAN adapter cannot be merged into the model's weights"),
+    (dict(merge=True), "merge needs an adapter to merge: set adapter_rank"),
+    (dict(adapter_rank=0), "adapter_rank must be an integer >= 1, got 0"),
+    (dict(adapter_rank=2, adapter_dropout=1.0), r"adapter_dropout must be a finite number in \[0, 1\), got 1.0"),
+    (dict(adapter_rank=2, adapter_alpha=0), "adapter_alpha must be a finite number > 0, got 0"),
+    (dict(adapter_rank=2, adapter_targets="ffn"), "adapter_targets must be one of kan, attention, mlp, all, got 'ffn'"),
+    (dict(adapter_rank=2, adapter="dora"), "adapter must be one of lora, kan, got 'dora'"),
+    (dict(adapter="kan"), "adapter='kan' needs adapter_rank, the adapter's rank"),
+    (dict(adapter_rank=2, adapter="kan", merge=True), "merge: a KAN adapter cannot be merged into the model's weights"),
 ])
 def test_lora_settings_are_checked_when_the_config_is_made(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -143,13 +143,27 @@ def test_lora_settings_are_checked_when_the_config_is_made(settings, message):
 def test_bad_lora_targets_fail_before_anything_is_written(workspace, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="has no KAN layers to target"):
-        train_command(workspace, "plain", out, "--lora", 2, "--lora-targets", "kan")
+        train_command(workspace, "plain", out, "--adapter-rank", 2, "--adapter-targets", "kan")
     with pytest.raises(ValueError, match=r"LoRA rank r=40 is too large .* allows at most"):
-        train_command(workspace, "retrofitted", out, "--lora", 40)
+        train_command(workspace, "retrofitted", out, "--adapter-rank", 40)
     with pytest.raises(SystemExit):
-        parse("--model", "m", "--data", "d", "--lora", 2, "--lora-targets", "ffn")
+        parse("--model", "m", "--data", "d", "--adapter-rank", 2, "--adapter-targets", "ffn")
     with pytest.raises(ValueError, match="merge: a KAN adapter cannot be merged"):
-        train_command(workspace, "retrofitted", out, "--lora", 2, "--adapter", "kan", "--merge")
+        train_command(workspace, "retrofitted", out, "--adapter-rank", 2, "--adapter", "kan", "--merge")
     with pytest.raises(ValueError, match=r"KAN adapter rank r=40 is too large .* allows at most"):
-        train_command(workspace, "retrofitted", out, "--lora", 40, "--adapter", "kan")
+        train_command(workspace, "retrofitted", out, "--adapter-rank", 40, "--adapter", "kan")
     assert not out.exists()
+
+
+def test_the_old_adapter_flags_and_fields_still_work_for_one_release_with_a_warning(workspace, tmp_path):
+    with pytest.warns(FutureWarning, match="kallm train --lora is now --adapter-rank"):
+        config = config_from_args(parse("--model", "m", "--data", "d", "--out", tmp_path, "--lora", 4,
+                                        "--lora-alpha", 8))
+    assert (config.adapter_rank, config.adapter_alpha) == (4, 8)
+    with pytest.warns(FutureWarning, match="TrainConfig.lora_targets is now adapter_targets"):
+        config = TrainConfig(output_dir=str(tmp_path), lora_rank=2, lora_targets="kan")
+    assert (config.adapter_rank, config.adapter_targets) == (2, "kan")
+    with pytest.warns(FutureWarning, match="TrainConfig.lora_rank is now adapter_rank"):
+        assert config.lora_rank == 2
+    with pytest.raises(TypeError, match="give adapter_rank or its old name lora_rank, not both"):
+        TrainConfig(lora_rank=2, adapter_rank=2)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import typing
+import warnings
 from pathlib import Path
 
 from ..values import existing_path, path_or_hub_id
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chat data with a 'messages' column: .jsonl/.json/.parquet file, folder or glob, "
                              "or hub dataset id[:config] (e.g. HuggingFaceTB/smol-smoltalk)")
     _add_generated_flags(parser)
+    _add_renamed_flags(parser)
     distill = parser.add_argument_group("distillation")
     distill.add_argument("--distill", action="store_true",
                          help="mix in a KL divergence to a teacher (default teacher: the model the checkpoint "
@@ -50,6 +52,30 @@ def _add_generated_flags(parser):
     from ..train.options import add_flags, flag_fields
 
     add_flags(parser, flag_fields(TrainConfig, "training", MANUAL_FIELDS), _pass_through_fields())
+
+
+def _add_renamed_flags(parser):
+    """The flags of the previous release's field names (``--lora``, ``--lora-alpha``, ...), hidden, kept for one
+    release: ``config_from_args`` moves their values to the field's name now, with a FutureWarning."""
+    from ..train.config import RENAMED_FIELDS
+
+    actions = {action.dest: action for action in parser._actions}
+    for old, new in RENAMED_FIELDS.items():
+        flags = [f"--{old}", f"--{old.replace('_', '-')}"] + (["--lora"] if new == "adapter_rank" else [])
+        parser.add_argument(*flags, dest=f"renamed_{old}", type=actions[new].type, choices=actions[new].choices,
+                            default=None, help=argparse.SUPPRESS)
+
+
+def _move_renamed_flags(args) -> None:
+    from ..train.config import RENAMED_FIELDS
+
+    for old, new in RENAMED_FIELDS.items():
+        value = getattr(args, f"renamed_{old}", None)
+        if value is not None:
+            flag, now = ("--lora" if new == "adapter_rank" else f"--{old.replace('_', '-')}"), new.replace("_", "-")
+            warnings.warn(f"kallm train {flag} is now --{now}; the old flag is kept for this release only",
+                          FutureWarning, stacklevel=2)
+            setattr(args, new, value)
 
 
 def _pass_through_fields():
@@ -86,6 +112,7 @@ def config_from_args(args):
     from ..train.config import PASS_THROUGH, TrainConfig
     from ..train.options import field_values
 
+    _move_renamed_flags(args)
     training_arguments = _read_training_args(args.training_args) if args.training_args else {}
     training_arguments.update({name: getattr(args, name) for name in PASS_THROUGH if getattr(args, name) is not None})
     return TrainConfig(**{**field_values(args, TrainConfig), "training_arguments": training_arguments})
@@ -129,7 +156,7 @@ def run(args) -> int:
         print(f"trained {result.global_step} steps on {result.world_size} process(es), "
               f"{result.trainable_parameters:,} trainable parameters"
               + (f", last logged loss {loss:.4f}" if loss is not None else ""))
-        saved = "adapter" if config.lora_rank else "model"
+        saved = "adapter" if config.adapter_rank else "model"
         print(f"{saved} and tokenizer saved to {result.output_dir}; metrics in {result.metrics_file}")
         if result.merged_dir:
             print(f"model with the adapter merged into it saved to {result.merged_dir}")

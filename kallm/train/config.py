@@ -14,16 +14,20 @@ from ..finetune.lora import LORA_TARGETS
 from ..surgery.trainable import POLICIES
 from ..values import Number, fraction, non_negative_float, path_or_hub_id, positive_float, positive_int
 from ..values import seed as seed_range
-from .options import check_values, option
+from .options import check_values, option, renamed_fields
 
 RESULT_FILE = "train_result.json"
 #: where ``merge=True`` saves the model with the trained adapter merged into it, inside output_dir
 MERGED_FOLDER = "merged"
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-#: the adapters ``lora_rank`` trains: PEFT's LoRA, or kallm's KAN adapter
+#: the adapters ``adapter_rank`` trains: PEFT's LoRA, or kallm's KAN adapter
 ADAPTER_TYPES = ("lora", "kan")
+#: the adapter fields were named after LoRA, though they set the KAN adapter too: old name -> name now
+RENAMED_FIELDS = {"lora_rank": "adapter_rank", "lora_alpha": "adapter_alpha", "lora_dropout": "adapter_dropout",
+                  "lora_targets": "adapter_targets"}
 
 
+@renamed_fields(RENAMED_FIELDS)
 @dataclass
 class TrainConfig:
     """Settings of a training run. ``kallm train`` reads its flags from these fields (through transformers'
@@ -33,8 +37,8 @@ class TrainConfig:
     output_dir: str = option("kallm-train", "folder for checkpoints, metrics.jsonl and the final model",
                              aliases=["--out"])
     trainable: str | None = option(None, "which parameters train (a kallm.set_trainable policy); default: "
-                                         "tail+embeddings, or with --lora the adapter alone (a policy then names "
-                                         "the model weights that train besides it)", choices=POLICIES)
+                                         "tail+embeddings, or with --adapter-rank the adapter alone (a policy "
+                                         "then names the model weights that train besides it)", choices=POLICIES)
     max_steps: int = option(-1, "optimizer steps; -1 trains for --epochs over the data", Number(int, 1, also=(-1,)))
     epochs: float = option(1.0, "passes over the data when --max-steps is -1", positive_float)
     learning_rate: float = option(1e-4, "peak learning rate", positive_float, aliases=["--lr"])
@@ -81,18 +85,19 @@ class TrainConfig:
     #: other ``TrainingArguments`` fields, passed through: report_to, eval_strategy, optim, torch_compile,
     #: deepspeed, fsdp, push_to_hub, ... (``kallm train --training-args FILE`` or the flags of ``PASS_THROUGH``)
     training_arguments: dict = field(default_factory=dict)
-    lora_rank: int | None = option(None, "train a PEFT adapter of this rank (LoRA, or see --adapter) instead of the "
-                                         "model's weights; --out receives the adapter (see kallm.lora_config)", positive_int,
-                                   aliases=["--lora"], metavar="RANK")
-    adapter: str = option("lora", "with --lora: the adapter type, LoRA's low-rank update or a KAN adapter (a small "
-                                  "KAN between a down- and an up-projection; kallm.kan_adapter_config); a KAN "
+    adapter_rank: int | None = option(None, "train a PEFT adapter of this rank (LoRA, or see --adapter) instead of "
+                                            "the model's weights; --out receives the adapter (see kallm.lora_config)",
+                                      positive_int, metavar="RANK")
+    adapter: str = option("lora", "with --adapter-rank: the adapter type, LoRA's low-rank update or a KAN adapter (a "
+                                  "small KAN between a down- and an up-projection; kallm.kan_adapter_config); a KAN "
                                   "adapter cannot be merged", choices=ADAPTER_TYPES)
-    lora_alpha: float = option(16.0, "adapter scaling numerator: updates are scaled by alpha / rank", positive_float)
-    lora_dropout: float = option(0.0, "dropout on the adapter's input", Number(float, 0, 1, high_open=True))
-    lora_targets: str | None = option(None, "layers that take the adapter: KAN layers, attention projections, "
-                                            "MLP projections (mlp) or KAN layers and attention (all) "
-                                            "(kallm.lora_targets); default: all on a model with KAN layers, "
-                                            "attention on any other", choices=LORA_TARGETS)
+    adapter_alpha: float = option(16.0, "adapter scaling numerator: updates are scaled by alpha / rank",
+                                  positive_float)
+    adapter_dropout: float = option(0.0, "dropout on the adapter's input", Number(float, 0, 1, high_open=True))
+    adapter_targets: str | None = option(None, "layers that take the adapter: KAN layers, attention projections, "
+                                               "MLP projections (mlp) or KAN layers and attention (all) "
+                                               "(kallm.lora_targets); default: all on a model with KAN layers, "
+                                               "attention on any other", choices=LORA_TARGETS)
     merge: bool = option(False, "with an adapter, also save the model with the adapter merged into it to "
                                 "OUT/merged")
     degree_stages: list[int] | None = option(None, "train in stages of rising KAN degree (e.g. 1 2 3): max_steps "
@@ -112,12 +117,12 @@ class TrainConfig:
             (not (self.eval_data and self.eval_fraction), "give eval_data or eval_fraction, not both"),
             (self.early_stopping_patience is None or self.eval_data or self.eval_fraction,
              "early stopping compares evaluations: give eval_data or eval_fraction too"),
-            (self.lora_targets is None or self.lora_targets in LORA_TARGETS,
-             f"lora_targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}"),
+            (self.adapter_targets is None or self.adapter_targets in LORA_TARGETS,
+             f"adapter_targets must be one of {', '.join(LORA_TARGETS)}, got {self.adapter_targets!r}"),
             (self.adapter in ADAPTER_TYPES, f"adapter must be one of {', '.join(ADAPTER_TYPES)}, got {self.adapter!r}"),
-            (self.adapter == "lora" or self.lora_rank is not None, f"adapter={self.adapter!r} needs lora_rank, the "
-                                                                   f"adapter's rank"),
-            (not self.merge or self.lora_rank is not None, "merge needs an adapter to merge: set lora_rank"),
+            (self.adapter == "lora" or self.adapter_rank is not None, f"adapter={self.adapter!r} needs adapter_rank, "
+                                                                      f"the adapter's rank"),
+            (not self.merge or self.adapter_rank is not None, "merge needs an adapter to merge: set adapter_rank"),
             (not (self.merge and self.adapter == "kan"), f"merge: {MERGE_REFUSAL}"),
         ]
         if self.degree_stages is not None:
@@ -131,8 +136,8 @@ class TrainConfig:
                  f"degree_stages needs max_steps (at least one step per stage; they are split evenly), got "
                  f"{self.max_steps}"),
                 (self.resume in (None, False), "degree_stages cannot resume a run; start it again"),
-                (self.lora_rank is None, "degree_stages changes the KAN layers' shapes, which a LoRA adapter on them "
-                                         "cannot follow; train without lora_rank"),
+                (self.adapter_rank is None, "degree_stages changes the KAN layers' shapes, which an adapter on them "
+                                            "cannot follow; train without adapter_rank"),
             ]
         for ok, message in checks:
             if not ok:

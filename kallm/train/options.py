@@ -4,7 +4,9 @@ once, on the field, and ``HfArgumentParser`` turns them into ``kallm train``'s a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
+import warnings
 
 from ..values import Number, finite_float, finite_int
 
@@ -58,3 +60,41 @@ def add_flags(parser, *dataclasses_):
 def field_values(args, config_class) -> dict:
     """The parsed flags named like ``config_class``'s fields."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+
+
+def renamed_fields(renamed: dict[str, str]):
+    """A config class decorator: the fields' names of the previous release (``{old: new}``) still work for one
+    release, as keywords and as attributes, with a FutureWarning that names the new one."""
+
+    def decorate(config_class):
+        init = config_class.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            for old, new in renamed.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"give {new} or its old name {old}, not both")
+                    _warn_renamed(config_class, old, new)
+                    kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        def old_attribute(new, old):
+            def read(self):
+                _warn_renamed(config_class, old, new)
+                return getattr(self, new)
+
+            return property(read)
+
+        config_class.__init__ = __init__
+        for old, new in renamed.items():
+            setattr(config_class, old, old_attribute(new, old))
+        config_class.renamed_fields = dict(renamed)
+        return config_class
+
+    return decorate
+
+
+def _warn_renamed(config_class, old: str, new: str) -> None:
+    warnings.warn(f"{config_class.__name__}.{old} is now {new}; the old name is kept for this release only",
+                  FutureWarning, stacklevel=4)

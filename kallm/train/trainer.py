@@ -133,8 +133,8 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, teacher=Non
     un-retrofitted model), the loss mixes in a KL divergence to the teacher's next-token
     distribution (``config.distill_alpha``, ``config.distill_temperature``).
 
-    With ``config.lora_rank``, ``model`` is wrapped in place with a PEFT LoRA adapter
-    (``kallm.lora_config(model, config.lora_targets, ...)``), or with ``config.adapter="kan"`` a KAN adapter
+    With ``config.adapter_rank``, ``model`` is wrapped in place with a PEFT LoRA adapter
+    (``kallm.lora_config(model, config.adapter_targets, ...)``), or with ``config.adapter="kan"`` a KAN adapter
     (``kallm.kan_adapter_config``), and only the adapter trains, plus the model
     weights that ``config.trainable`` names if set; a ``PeftModel`` passed in trains the same way. The
     adapter is what ``output_dir`` then receives (``kallm.load_adapter`` or ``AutoPeftModelForCausalLM``
@@ -242,20 +242,20 @@ def _hold_out(dataset, fraction: float, seed: int):
 
 
 def _with_adapter(model, config: TrainConfig):
-    """``model`` wrapped with the adapter (LoRA or KAN) ``config`` asks for (or as it is without ``lora_rank``);
+    """``model`` wrapped with the adapter (LoRA or KAN) ``config`` asks for (or as it is without ``adapter_rank``);
     every check runs before the model changes."""
-    if config.lora_rank is None:
+    if config.adapter_rank is None:
         return model
     if isinstance(model, PeftModel):
-        raise ValueError("the model already carries PEFT adapters; train it without lora_rank (its adapters "
+        raise ValueError("the model already carries PEFT adapters; train it without adapter_rank (its adapters "
                          "train), or pass the model without them")
-    targets = config.lora_targets or ("all" if any(map(is_kan_linear, model.modules())) else "attention")
+    targets = config.adapter_targets or ("all" if any(map(is_kan_linear, model.modules())) else "attention")
     if config.adapter == "kan":
-        adapter = kan_adapter_config(model, targets, r=config.lora_rank, alpha=config.lora_alpha,
-                                     dropout=config.lora_dropout)
+        adapter = kan_adapter_config(model, targets, r=config.adapter_rank, alpha=config.adapter_alpha,
+                                     dropout=config.adapter_dropout)
     else:
-        adapter = lora_config(model, targets, r=config.lora_rank, lora_alpha=config.lora_alpha,
-                              lora_dropout=config.lora_dropout)
+        adapter = lora_config(model, targets, r=config.adapter_rank, lora_alpha=config.adapter_alpha,
+                              lora_dropout=config.adapter_dropout)
     return get_peft_model(model, adapter)
 
 
