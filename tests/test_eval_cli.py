@@ -169,6 +169,7 @@ def inputs_of(data_dir, record) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.all_threads  # the real model gains from every core
 def test_real_model_on_two_bbh_tasks(smollm2, data_dir, tmp_path):
     model, tokenizer = smollm2
     tasks = "boolean_expressions,hyperbaton"

@@ -113,6 +113,7 @@ def test_shared_wikitext_file_loads(data_dir):
 
 
 @pytest.mark.integration
+@pytest.mark.all_threads  # the real model gains from every core
 def test_real_model_perplexity_on_wikitext(smollm2, data_dir):
     model, tokenizer = smollm2
     text = load_text(str(data_dir / "text" / "wikitext2" / "wiki.test.raw"))

@@ -278,6 +278,7 @@ def test_extending_a_retrofitted_model_with_fit_init():
 
 
 @pytest.mark.integration
+@pytest.mark.all_threads  # the real model gains from every core
 def test_real_smollm2_fit_init_still_answers(smollm2):
     base, tokenizer = smollm2
     model = kallm.retrofit(copy.deepcopy(base), last_n=5, init="fit", tokenizer=tokenizer).eval()

@@ -78,6 +78,7 @@ def test_template_that_rewrites_history_is_skipped_not_mislabelled():
 
 
 @pytest.mark.integration
+@pytest.mark.all_threads  # the real model gains from every core
 def test_smollm2_template_mask(smollm2, data_dir):
     _, tokenizer = smollm2
     rows = [json.loads(line) for line in (data_dir / "chat/oasst_en100/best_path.jsonl").read_text().splitlines()]

@@ -89,7 +89,6 @@ def renamed_fields(renamed: dict[str, str]):
         config_class.__init__ = __init__
         for old, new in renamed.items():
             setattr(config_class, old, old_attribute(new, old))
-        config_class.renamed_fields = dict(renamed)
         return config_class
 
     return decorate
