@@ -96,4 +96,4 @@ def renamed_fields(renamed: dict[str, str]):
 
 def _warn_renamed(config_class, old: str, new: str) -> None:
     warnings.warn(f"{config_class.__name__}.{old} is now {new}; the old name is kept for this release only",
-                  FutureWarning, stacklevel=4)
+                  FutureWarning, stacklevel=3)
